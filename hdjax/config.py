@@ -1,0 +1,169 @@
+"""Frozen model configuration, its constructors from GGUF/HF metadata, and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from hdjax.errors import HdjaxError
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3 style frequency-dependent RoPE scaling."""
+
+  factor: float = 8.0
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
+  original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Shape and numerics of a LLaMA-family decoder. Hashable, so it can be a static jit argument."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  ffn_dim: int
+  rope_theta: float = 10000.0
+  rms_eps: float = 1e-5
+  max_seq_len: int = 4096
+  tie_embeddings: bool = False
+  rope_scaling: RopeScaling | None = None
+  bos_id: int = 1
+  eos_ids: tuple[int, ...] = (2,)
+  pad_id: int = 0
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise HdjaxError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+  @property
+  def q_per_kv(self) -> int:
+    return self.n_heads // self.n_kv_heads
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    per_layer = (2 * self.d_model + self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+                 + 3 * self.d_model * self.ffn_dim)
+    head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
+    return self.vocab_size * self.d_model + self.n_layers * per_layer + self.d_model + head
+
+  @classmethod
+  def from_gguf_fields(cls, fields: Mapping[str, Any], has_output_weight: bool) -> "LlamaConfig":
+    """Builds a config from GGUF key/values (already decoded to Python values)."""
+    arch = fields.get("general.architecture")
+    if arch != "llama":
+      raise HdjaxError(f"unsupported GGUF architecture {arch!r}: only 'llama' is supported")
+    p = "llama."
+    try:
+      d_model = int(fields[p + "embedding_length"])
+      n_heads = int(fields[p + "attention.head_count"])
+      vocab = int(fields.get(p + "vocab_size") or len(fields["tokenizer.ggml.tokens"]))
+      eos = fields.get("tokenizer.ggml.eos_token_id", 2)
+      scaling = None
+      if fields.get(p + "rope.scaling.type") == "llama3" or p + "rope.scaling.factor" in fields:
+        scaling = RopeScaling(
+            factor=float(fields.get(p + "rope.scaling.factor", 8.0)),
+            low_freq_factor=float(fields.get(p + "rope.scaling.low_freq_factor", 1.0)),
+            high_freq_factor=float(fields.get(p + "rope.scaling.high_freq_factor", 4.0)),
+            original_max_position=int(fields.get(p + "rope.scaling.original_context_length", 8192)))
+      return cls(
+          vocab_size=vocab,
+          d_model=d_model,
+          n_layers=int(fields[p + "block_count"]),
+          n_heads=n_heads,
+          n_kv_heads=int(fields.get(p + "attention.head_count_kv", n_heads)),
+          head_dim=int(fields.get(p + "rope.dimension_count", d_model // n_heads)),
+          ffn_dim=int(fields[p + "feed_forward_length"]),
+          rope_theta=float(fields.get(p + "rope.freq_base", 10000.0)),
+          rms_eps=float(fields.get(p + "attention.layer_norm_rms_epsilon", 1e-5)),
+          max_seq_len=int(fields.get(p + "context_length", 4096)),
+          tie_embeddings=not has_output_weight,
+          rope_scaling=scaling,
+          bos_id=int(fields.get("tokenizer.ggml.bos_token_id", 1)),
+          eos_ids=(int(eos),),
+          pad_id=int(fields.get("tokenizer.ggml.padding_token_id", eos)),
+      )
+    except KeyError as e:
+      raise HdjaxError(f"GGUF metadata lacks required key {e.args[0]!r}") from None
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaConfig":
+    """Builds a config from a HF `config.json` dict."""
+    if hf.get("model_type") not in ("llama", "mistral") and "LlamaForCausalLM" not in hf.get("architectures", []):
+      raise HdjaxError(f"unsupported HF model_type {hf.get('model_type')!r}: only LLaMA-family is supported")
+    scaling = None
+    rs = hf.get("rope_scaling") or {}
+    if rs.get("rope_type", rs.get("type")) == "llama3":
+      scaling = RopeScaling(float(rs["factor"]), float(rs.get("low_freq_factor", 1.0)),
+                            float(rs.get("high_freq_factor", 4.0)),
+                            int(rs.get("original_max_position_embeddings", 8192)))
+    elif rs:
+      raise HdjaxError(f"unsupported rope_scaling {rs!r}")
+    eos = hf.get("eos_token_id", 2)
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    n_heads = int(hf["num_attention_heads"])
+    pad = hf.get("pad_token_id")
+    return cls(
+        vocab_size=int(hf["vocab_size"]),
+        d_model=int(hf["hidden_size"]),
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
+        ffn_dim=int(hf["intermediate_size"]),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
+        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        rope_scaling=scaling,
+        bos_id=int(hf.get("bos_token_id") or 1),
+        eos_ids=eos_ids,
+        pad_id=int(pad if pad is not None else eos_ids[0]),
+    )
+
+  def to_hf(self) -> dict[str, Any]:
+    """The HF `config.json` dict of this config (used to write test fixtures)."""
+    out = dict(
+        model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=self.vocab_size,
+        hidden_size=self.d_model, num_hidden_layers=self.n_layers, num_attention_heads=self.n_heads,
+        num_key_value_heads=self.n_kv_heads, head_dim=self.head_dim, intermediate_size=self.ffn_dim,
+        rope_theta=self.rope_theta, rms_norm_eps=self.rms_eps, max_position_embeddings=self.max_seq_len,
+        tie_word_embeddings=self.tie_embeddings, bos_token_id=self.bos_id, eos_token_id=list(self.eos_ids),
+        pad_token_id=self.pad_id, hidden_act="silu", torch_dtype="float32")
+    if self.rope_scaling:
+      rs = self.rope_scaling
+      out["rope_scaling"] = dict(rope_type="llama3", factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+                                 high_freq_factor=rs.high_freq_factor,
+                                 original_max_position_embeddings=rs.original_max_position)
+    return out
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    "smollm2-135m": LlamaConfig(
+        vocab_size=49152, d_model=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
+        rope_theta=100000.0, rms_eps=1e-5, max_seq_len=8192, tie_embeddings=True, bos_id=1, eos_ids=(2,),
+        pad_id=2),
+    "llama-2-7b": LlamaConfig(
+        vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, head_dim=128, ffn_dim=11008,
+        rope_theta=10000.0, rms_eps=1e-5, max_seq_len=4096, bos_id=1, eos_ids=(2,), pad_id=0),
+    "llama-3-8b": LlamaConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+        rope_theta=500000.0, rms_eps=1e-5, max_seq_len=8192, bos_id=128000, eos_ids=(128001, 128009),
+        pad_id=128001, rope_scaling=None),
+    "llama-3.1-8b": LlamaConfig(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
+        rope_theta=500000.0, rms_eps=1e-5, max_seq_len=131072, bos_id=128000, eos_ids=(128001, 128008, 128009),
+        pad_id=128001, rope_scaling=RopeScaling()),
+    "tiny": LlamaConfig(
+        vocab_size=128, d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
+        rope_theta=10000.0, rms_eps=1e-5, max_seq_len=512, tie_embeddings=False, bos_id=1, eos_ids=(2,), pad_id=0),
+}

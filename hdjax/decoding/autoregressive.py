@@ -1,0 +1,100 @@
+"""Jitted prefill and the autoregressive `lax.while_loop`, with static shapes and a donated cache."""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hdjax import model
+from hdjax.attention import causal_mask
+from hdjax.config import LlamaConfig
+from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.kvcache import KVCache, init_cache
+
+# How many times each jitted step was traced: tests assert recompiles stay bounded.
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+  return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+def last_token_logits(params, cfg: LlamaConfig, h_btd: jax.Array, lengths_b: jax.Array) -> jax.Array:
+  """Logits [B, V] at each sequence's last real token (the LM head runs on B rows, not B*T)."""
+  last_bd = jnp.take_along_axis(h_btd, (lengths_b - 1)[:, None, None], axis=1)
+  return model.unembed(params, cfg, last_bd)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_slots"))
+def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array, num_slots: int
+            ) -> tuple[jax.Array, KVCache]:
+  """Runs right-padded prompts [B, T] into a fresh cache of `num_slots` slots.
+
+  Returns the logits [B, V] after each prompt's last token and the cache with lengths = prompt lengths.
+  Padding rows go to an out-of-range slot, so they are never written.
+  """
+  TRACE_COUNTS["prefill"] += 1
+  batch, t = tokens_bt.shape
+  cache = init_cache(cfg, batch, num_slots)
+  positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  slots_bt = jnp.where(positions_bt < lengths_b[:, None], positions_bt, num_slots)
+  h_btd, cache = model.forward(params, cfg, tokens_bt, positions_bt, causal_mask(positions_bt, num_slots), cache,
+                               slots_bt)
+  return last_token_logits(params, cfg, h_btd, lengths_b), cache.replace(lengths=lengths_b.astype(jnp.int32))
+
+
+def decode_one(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array, active_b: jax.Array
+               ) -> tuple[jax.Array, KVCache]:
+  """One token per sequence at slot = position = cache.lengths; inactive rows write nothing and stay put.
+  Returns logits [B, V] and the cache advanced by one for active rows."""
+  pos_b1 = cache.lengths[:, None]
+  slots_b1 = jnp.where(active_b[:, None], pos_b1, cache.num_slots)
+  h_b1d, cache = model.forward(params, cfg, tokens_b[:, None], pos_b1, causal_mask(pos_b1, cache.num_slots),
+                               cache, slots_b1)
+  logits_bv = model.unembed(params, cfg, h_b1d)[:, 0]
+  return logits_bv, cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32))
+
+
+def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+  return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+
+
+class DecodeOut(NamedTuple):
+  tokens_bn: jax.Array  # generated ids, eos included, padded with -1
+  num_b: jax.Array  # how many of tokens_bn are real
+  steps: jax.Array  # forward passes after prefill
+  cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "out_len"), donate_argnames=("cache",))
+def decode_loop(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, max_new: jax.Array, key: jax.Array,
+                sampling: SamplingConfig, out_len: int) -> DecodeOut:
+  """Greedy or sampled decoding from the prefill's first tokens until EOS, `max_new` tokens or a full cache."""
+  TRACE_COUNTS["decode_loop"] += 1
+  batch = first_b.shape[0]
+  tokens_bn = jnp.full((batch, out_len), -1, jnp.int32).at[:, 0].set(first_b)
+  num_b = jnp.ones((batch,), jnp.int32)
+  done_b = is_eos(first_b, cfg.eos_ids) | (max_new <= 1)
+
+  def cond(state):
+    _, _, done, cache, _, _, _ = state
+    room = jnp.all(done | (cache.lengths < cache.num_slots))
+    return jnp.any(~done) & room
+
+  def body(state):
+    tokens, num, done, cache, cur, key, steps = state
+    key, sub = jax.random.split(key)
+    logits_bv, cache = decode_one(params, cfg, cache, cur, ~done)
+    nxt = select_token(logits_bv, sub, sampling)
+    tokens = tokens.at[jnp.arange(batch), jnp.where(done, out_len, num)].set(nxt, mode="drop")
+    num = num + (~done).astype(jnp.int32)
+    done = done | is_eos(nxt, cfg.eos_ids) | (num >= max_new)
+    return tokens, num, done, cache, jnp.where(done, cur, nxt), key, steps + 1
+
+  tokens_bn, num_b, _, cache, _, _, steps = jax.lax.while_loop(
+      cond, body, (tokens_bn, num_b, done_b, cache, first_b, key, jnp.int32(0)))
+  return DecodeOut(tokens_bn, num_b, steps, cache)

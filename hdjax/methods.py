@@ -1,0 +1,1 @@
+"""Imports every decoding method so that it registers itself in `hdjax.api.METHODS`."""

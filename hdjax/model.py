@@ -1,0 +1,195 @@
+"""LLaMA as Flax Linen modules used purely: params and KV cache are explicit pytrees.
+
+Shape letters: B batch, T new tokens, S cache slots, D d_model, N query heads, K kv heads, G query heads
+per kv head, H head_dim, F ffn_dim, V vocab, L layers.
+
+Decoder layers are stacked on a leading L axis and run with `lax.scan` over any static range [start, end).
+Every step writes its new K/V rows into the cache at explicit `slots` (out-of-range slots are dropped) and
+attends through an explicit boolean mask [B, T, S], so prefill, decoding, draft trees and pruned prefill
+differ only in their positions, slots and mask.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from hdjax.attention import apply_rope, rope_sin_cos
+from hdjax.config import LlamaConfig
+from hdjax.kvcache import KVCache
+
+Params = dict[str, Any]
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x_btd):
+    scale_d = self.param("scale", nn.initializers.ones, (x_btd.shape[-1],), jnp.float32)
+    x = x_btd.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_d).astype(self.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm decoder layer. Reads and writes the full stacked cache at layer `layer_idx`."""
+
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbskh, v_lbskh, slots_bt, layer_idx):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    init = nn.initializers.normal(0.02)
+    d, n, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+    q_dnh = self.param("q_dnh", init, (d, n, hd), dtype)
+    k_dkh = self.param("k_dkh", init, (d, k, hd), dtype)
+    v_dkh = self.param("v_dkh", init, (d, k, hd), dtype)
+    o_nhd = self.param("o_nhd", init, (n, hd, d), dtype)
+    gate_df = self.param("gate_df", init, (d, f), dtype)
+    up_df = self.param("up_df", init, (d, f), dtype)
+    down_fd = self.param("down_fd", init, (f, d), dtype)
+
+    x_btd = RMSNorm(cfg.rms_eps, dtype, name="attn_norm")(h_btd)
+    q_btnh = apply_rope(jnp.einsum("BTD,DNH->BTNH", x_btd, q_dnh), sin_bth, cos_bth)
+    k_btkh = apply_rope(jnp.einsum("BTD,DKH->BTKH", x_btd, k_dkh), sin_bth, cos_bth)
+    v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, v_dkh)
+
+    b_idx = jnp.arange(h_btd.shape[0])[:, None]
+    k_lbskh = k_lbskh.at[layer_idx, b_idx, slots_bt].set(k_btkh.astype(k_lbskh.dtype), mode="drop")
+    v_lbskh = v_lbskh.at[layer_idx, b_idx, slots_bt].set(v_btkh.astype(v_lbskh.dtype), mode="drop")
+    keys_bskh = k_lbskh[layer_idx]
+    values_bskh = v_lbskh[layer_idx]
+
+    b, t = q_btnh.shape[:2]
+    q_btkgh = q_btnh.reshape(b, t, k, cfg.q_per_kv, hd)
+    # [B, K, G, T, S]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, keys_bskh, preferred_element_type=jnp.float32)
+    logits = logits * (hd ** -0.5)
+    logits = jnp.where(mask_bts[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    # [B, T, K, G, H]
+    attn_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values_bskh)
+    h_btd = h_btd + jnp.einsum("BTNH,NHD->BTD", attn_btkgh.reshape(b, t, n, hd), o_nhd)
+
+    x_btd = RMSNorm(cfg.rms_eps, dtype, name="mlp_norm")(h_btd)
+    gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, gate_df)
+    up_btf = jnp.einsum("BTD,DF->BTF", x_btd, up_df)
+    h_btd = h_btd + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, down_fd)
+    return h_btd, k_lbskh, v_lbskh
+
+
+class Embedder(nn.Module):
+  """Token embedding, final norm and LM head (tied to the embedding when the config says so)."""
+
+  cfg: LlamaConfig
+
+  def setup(self):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    self.embedding_vd = self.param("embedding_vd", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                                   dtype)
+    self.final_norm = RMSNorm(cfg.rms_eps, dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head_dv = self.param("lm_head_dv", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
+                                   dtype)
+
+  def encode(self, tokens_bt):
+    return jnp.take(self.embedding_vd, tokens_bt, axis=0)
+
+  def normalize(self, h_btd):
+    return self.final_norm(h_btd)
+
+  def decode(self, x_btd):
+    """Logits [B, T, V] in fp32 from already-normalized hidden states."""
+    if self.cfg.tie_embeddings:
+      return jnp.einsum("BTD,VD->BTV", x_btd, self.embedding_vd, preferred_element_type=jnp.float32)
+    return jnp.einsum("BTD,DV->BTV", x_btd, self.lm_head_dv, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_bt):
+    h = self.encode(tokens_bt)
+    return self.decode(self.normalize(h))
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
+  """Random params: {'embedder': ..., 'layers': stacked with leading L}."""
+  k_emb, k_layers = jax.random.split(key)
+  embedder = Embedder(cfg).init(k_emb, jnp.zeros((1, 1), jnp.int32))["params"]
+  layer = DecoderLayer(cfg)
+  dummy = _dummy_layer_inputs(cfg)
+  layers = jax.vmap(lambda k: layer.init(k, *dummy)["params"])(jax.random.split(k_layers, cfg.n_layers))
+  return {"embedder": embedder, "layers": layers}
+
+
+def _dummy_layer_inputs(cfg: LlamaConfig):
+  dtype = jnp.dtype(cfg.dtype)
+  kv = jnp.zeros((1, 1, 1, cfg.n_kv_heads, cfg.head_dim), dtype)
+  hd = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
+  return (jnp.zeros((1, 1, cfg.d_model), dtype), hd, hd, jnp.ones((1, 1, 1), bool), kv, kv,
+          jnp.zeros((1, 1), jnp.int32), 0)
+
+
+def param_shapes(cfg: LlamaConfig) -> Params:
+  """Abstract params (ShapeDtypeStructs), e.g. an orbax restore target."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
+  return Embedder(cfg).apply({"params": params["embedder"]}, tokens_bt, method=Embedder.encode)
+
+
+def final_norm(params: Params, cfg: LlamaConfig, h_btd: jax.Array) -> jax.Array:
+  return Embedder(cfg).apply({"params": params["embedder"]}, h_btd, method=Embedder.normalize)
+
+
+def lm_head(params: Params, cfg: LlamaConfig, x_btd: jax.Array) -> jax.Array:
+  """Logits [B, T, V] fp32 from hidden states that already went through `final_norm`."""
+  return Embedder(cfg).apply({"params": params["embedder"]}, x_btd, method=Embedder.decode)
+
+
+def unembed(params: Params, cfg: LlamaConfig, h_btd: jax.Array) -> jax.Array:
+  """Final norm then LM head: logits [B, T, V] fp32."""
+  return lm_head(params, cfg, final_norm(params, cfg, h_btd))
+
+
+class LayerOut(NamedTuple):
+  h_btd: jax.Array
+  cache: KVCache
+  hidden_lbtd: jax.Array | None  # state after each layer of the range, when requested
+
+
+def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+               cache: KVCache, slots_bt: jax.Array, start: int = 0, end: int | None = None,
+               collect_hidden: bool = False) -> LayerOut:
+  """Runs decoder layers [start, end) with `lax.scan`. `start`/`end` must be static.
+
+  positions_bt: RoPE positions of the T tokens. slots_bt: cache slots their K/V rows go to (>= S drops the
+  row). mask_bts: which cache slots each token attends to, including the slots written in this call.
+  Does not move `cache.lengths`: committing is the caller's decision.
+  """
+  end = cfg.n_layers if end is None else end
+  sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
+  layer = DecoderLayer(cfg)
+  layer_params = jax.tree.map(lambda x: x[start:end], params["layers"])
+
+  def body(carry, xs):
+    h, k_cache, v_cache = carry
+    p, idx = xs
+    h, k_cache, v_cache = layer.apply({"params": p}, h, sin_bth, cos_bth, mask_bts, k_cache, v_cache, slots_bt, idx)
+    return (h, k_cache, v_cache), (h if collect_hidden else None)
+
+  (h_btd, k, v), hidden = jax.lax.scan(body, (h_btd, cache.k, cache.v),
+                                       (layer_params, jnp.arange(start, end)))
+  return LayerOut(h_btd, cache.replace(k=k, v=v), hidden)
+
+
+def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+            cache: KVCache, slots_bt: jax.Array) -> tuple[jax.Array, KVCache]:
+  """All layers; returns final hidden states [B, T, D] (before the final norm) and the written cache."""
+  out = run_layers(params, cfg, embed(params, cfg, tokens_bt), positions_bt, mask_bts, cache, slots_bt)
+  return out.h_btd, out.cache

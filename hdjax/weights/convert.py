@@ -1,0 +1,64 @@
+"""HF-named state dicts <-> hdjax params (stacked layers, einsum-ready shapes)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hdjax.config import LlamaConfig
+from hdjax.errors import HdjaxError
+from hdjax.model import Params
+
+
+def _layer_entries(cfg: LlamaConfig):
+  """(hdjax layer key, HF module, to_hdjax, to_hf) for every per-layer weight; HF matrices are [out, in]."""
+  d, n, k, h = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+  return [
+      ("attn_norm", "input_layernorm", lambda w: w, lambda w: w),
+      ("mlp_norm", "post_attention_layernorm", lambda w: w, lambda w: w),
+      ("q_dnh", "self_attn.q_proj", lambda w: w.T.reshape(d, n, h), lambda w: w.reshape(d, n * h).T),
+      ("k_dkh", "self_attn.k_proj", lambda w: w.T.reshape(d, k, h), lambda w: w.reshape(d, k * h).T),
+      ("v_dkh", "self_attn.v_proj", lambda w: w.T.reshape(d, k, h), lambda w: w.reshape(d, k * h).T),
+      ("o_nhd", "self_attn.o_proj", lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T),
+      ("gate_df", "mlp.gate_proj", lambda w: w.T, lambda w: w.T),
+      ("up_df", "mlp.up_proj", lambda w: w.T, lambda w: w.T),
+      ("down_fd", "mlp.down_proj", lambda w: w.T, lambda w: w.T),
+  ]
+
+
+def _is_norm(key: str) -> bool:
+  return key.endswith("norm")
+
+
+def params_from_hf_state(cfg: LlamaConfig, state: dict[str, np.ndarray]) -> Params:
+  """fp32 numpy params from an HF-named state dict."""
+
+  def get(name):
+    if name not in state:
+      raise HdjaxError(f"weights lack tensor {name}")
+    return np.asarray(state[name], np.float32)
+
+  layers = {}
+  for key, module, to_ours, _ in _layer_entries(cfg):
+    stacked = np.stack([to_ours(get(f"model.layers.{i}.{module}.weight")) for i in range(cfg.n_layers)])
+    layers[key] = {"scale": stacked} if _is_norm(key) else stacked
+  embedder = {"embedding_vd": get("model.embed_tokens.weight"), "final_norm": {"scale": get("model.norm.weight")}}
+  if embedder["embedding_vd"].shape != (cfg.vocab_size, cfg.d_model):
+    raise HdjaxError(f"embedding shape {embedder['embedding_vd'].shape} does not match config "
+                     f"({cfg.vocab_size}, {cfg.d_model})")
+  if not cfg.tie_embeddings:
+    embedder["lm_head_dv"] = get("lm_head.weight").T
+  return {"embedder": embedder, "layers": layers}
+
+
+def hf_state_from_params(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
+  """The inverse of `params_from_hf_state` (fp32 numpy)."""
+  layers = params["layers"]
+  state = {"model.embed_tokens.weight": np.asarray(params["embedder"]["embedding_vd"], np.float32),
+           "model.norm.weight": np.asarray(params["embedder"]["final_norm"]["scale"], np.float32)}
+  if not cfg.tie_embeddings:
+    state["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["embedder"]["lm_head_dv"], np.float32).T)
+  for key, module, _, to_hf in _layer_entries(cfg):
+    stacked = layers[key]["scale"] if _is_norm(key) else layers[key]
+    for i in range(cfg.n_layers):
+      state[f"model.layers.{i}.{module}.weight"] = np.ascontiguousarray(to_hf(np.asarray(stacked[i], np.float32)))
+  return state
