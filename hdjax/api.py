@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import model
+from hdjax import model, sharding
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
@@ -96,7 +96,8 @@ class LM:
     t = min(ar.next_pow2(n), max(n, self.cfg.max_seq_len))
     tokens = np.full((1, t), self.cfg.pad_id, np.int32)
     tokens[0, :n] = ids
-    return np.asarray(_full_logits(self.params, self.cfg, jnp.asarray(tokens))[0, :n])
+    with sharding.use_mesh(self.mesh):
+      return np.asarray(_full_logits(self.params, self.cfg, jnp.asarray(tokens))[0, :n])
 
   def generate(self, prompts: Sequence[Sequence[int]], method: str = "ar", max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -113,7 +114,8 @@ class LM:
     request = GenerateRequest(checked, int(max_new_tokens), SamplingConfig(float(temperature), int(top_k),
                                                                            float(top_p)), int(seed),
                               tuple(sorted(options.items())))
-    return METHODS[method](self, request)
+    with sharding.use_mesh(self.mesh):
+      return METHODS[method](self, request)
 
   def decode_text(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
@@ -146,7 +148,6 @@ def params_to_device(params_np: model.Params, dtype: str, mesh=None) -> model.Pa
     return jnp.asarray(x, jnp.float32 if keep_fp32 else jnp.dtype(dtype))
   params = jax.tree_util.tree_map_with_path(cast, params_np)
   if mesh is not None:
-    from hdjax import sharding  # pylint: disable=import-outside-toplevel
     params = sharding.shard_params(params, mesh)
   return params
 
@@ -201,21 +202,45 @@ def cache_slots_for(cfg: LlamaConfig, request: GenerateRequest, extra: int = 0) 
 
 @register_method("ar")
 def generate_ar(lm: LM, request: GenerateRequest) -> list[GenerationResult]:
+  """Plain decoding: one jitted prefill, then one jitted `lax.while_loop` (run in chunks when streaming)."""
   cfg = lm.cfg
   num_slots = cache_slots_for(cfg, request)
   t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
   tokens, lengths = pad_prompts(request.prompts, cfg.pad_id, t)
-  key = jax.random.key(request.seed)
-  key, first_key = jax.random.split(key)
+  key, first_key = jax.random.split(jax.random.key(request.seed))
+  on_tokens = request.option("on_tokens")
+  chunk = request.option("chunk_tokens", 16) if on_tokens else request.max_new_tokens
   start = time.perf_counter()
   logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
-  first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
+  cur = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   ttft = time.perf_counter() - start
-  out = ar.decode_loop(lm.params, cfg, cache, first, jnp.int32(request.max_new_tokens), key, request.sampling,
-                       ar.next_pow2(request.max_new_tokens))
-  tokens_bn, num_b, steps = jax.device_get((out.tokens_bn, out.num_b, out.steps))
+  rows = [[int(x)] for x in np.asarray(cur)]
+  steps = 1
+  remaining = request.max_new_tokens - 1
+  while remaining > 0 and not all(row[-1] in cfg.eos_ids for row in rows):
+    key, sub = jax.random.split(key)
+    n = min(chunk, remaining)
+    # The loop re-emits the token it starts from: ask for n + 1 and drop column 0.
+    out = ar.decode_loop(lm.params, cfg, cache, cur, jnp.int32(n + 1), sub, request.sampling, ar.next_pow2(n + 1))
+    tokens_bn, num_b, n_steps = jax.device_get((out.tokens_bn, out.num_b, out.steps))
+    for b, row in enumerate(rows):
+      row.extend(int(x) for x in tokens_bn[b, 1:num_b[b]])
+    if on_tokens:
+      on_tokens(rows[0][-(int(num_b[0]) - 1):] if num_b[0] > 1 else [])
+    cache, cur = out.cache, jnp.asarray([row[-1] for row in rows], jnp.int32)
+    steps += int(n_steps)
+    remaining -= n
   total = time.perf_counter() - start
-  stats = [dict(method="ar", new_tokens=int(num_b[b]), steps=int(steps) + 1, ttft_s=ttft, total_s=total,
-                decode_s=total - ttft, accept_lengths=[1] * int(num_b[b]), prompt_tokens=len(request.prompts[b]))
-           for b in range(len(request.prompts))]
-  return make_results(lm, tokens_bn, num_b, stats)
+  stats = [dict(method="ar", new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
+                accept_lengths=[1] * len(row), prompt_tokens=len(prompt))
+           for row, prompt in zip(rows, request.prompts)]
+  return make_results(lm, *padded_rows(rows), stats)
+
+
+def padded_rows(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+  """Ragged id lists as a [B, max_len] array padded with -1, and their lengths."""
+  num_b = np.asarray([len(r) for r in rows], np.int32)
+  out = np.full((len(rows), max(1, int(num_b.max()))), -1, np.int32)
+  for b, r in enumerate(rows):
+    out[b, :len(r)] = r
+  return out, num_b

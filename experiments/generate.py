@@ -1,0 +1,53 @@
+"""Generates a reply to one prompt with any method and streams the text as it is produced.
+
+  python -m experiments.generate --prompt="Tell me about Paris." --method=ar --max_new_tokens=128
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+
+import hdjax
+from experiments.common import run_main
+from hdjax.errors import HdjaxError
+from hdjax.streaming import stream_generate
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Registry name, *.gguf file, HF dir or orbax dir.")
+_PROMPT = flags.DEFINE_string("prompt", None, "User message (wrapped in the chat template unless --raw).")
+_RAW = flags.DEFINE_bool("raw", False, "Feed the prompt as plain text, without the chat template.")
+_METHOD = flags.DEFINE_string("method", "ar", "Decoding method.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Maximum number of new tokens.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "0 = off.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "1 = off.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_CHUNK = flags.DEFINE_integer("chunk_tokens", 16, "Tokens decoded between two streamed prints.")
+
+
+def main(argv):
+  del argv
+  if _PROMPT.value is None or not _PROMPT.value.strip():
+    raise HdjaxError("empty prompt: pass --prompt='...'")
+  lm = hdjax.load(_MODEL.value)
+  if lm.tokenizer is None:
+    raise HdjaxError(f"model {_MODEL.value} has no tokenizer")
+  if _RAW.value:
+    ids = lm.tokenizer.encode(_PROMPT.value)
+  else:
+    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": _PROMPT.value}])
+  result = None
+  for result in stream_generate(lm, ids, method=_METHOD.value, max_new_tokens=_MAX_NEW.value,
+                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                seed=_SEED.value, chunk_tokens=_CHUNK.value):
+    sys.stdout.write(result.delta)
+    sys.stdout.flush()
+  st = result.stats
+  print(f"\n[{_METHOD.value}] {st['new_tokens']} tokens in {st['total_s']:.2f}s "
+        f"({st['new_tokens'] / max(st['total_s'], 1e-9):.1f} tok/s, ttft {st['ttft_s'] * 1e3:.0f} ms)",
+        file=sys.stderr)
+
+
+if __name__ == "__main__":
+  run_main(main)

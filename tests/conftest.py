@@ -1,0 +1,26 @@
+"""Shared fixtures: the real SmolLM2 (loaded once per session) and a tiny random model."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+import hdjax
+from hdjax import model
+from hdjax.api import LM, params_to_device
+
+
+@pytest.fixture(scope="session")
+def smollm() -> LM:
+  return hdjax.load("smollm2-135m", dtype="float32")
+
+
+def make_tiny_lm(seed: int = 0, **cfg_changes) -> LM:
+  cfg = hdjax.PRESETS["tiny"].replace(**cfg_changes)
+  params = model.init_params(cfg, jax.random.key(seed))
+  return LM(cfg, params_to_device(params, cfg.dtype), tokenizer=None, name="tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm() -> LM:
+  return make_tiny_lm()

@@ -1,0 +1,120 @@
+"""Model parity: an independent NumPy forward, cached decode == full forward, KV cache operations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hdjax import attention, kvcache, model
+from hdjax.api import resolve_path
+from hdjax.config import RopeScaling
+from hdjax.weights import convert, gguf
+from tests.conftest import make_tiny_lm
+from tests.numpy_reference import numpy_logits
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_tiny_matches_numpy(tie):
+  lm = make_tiny_lm(seed=3, tie_embeddings=tie)
+  state = convert.hf_state_from_params(lm.cfg, lm.params)
+  ids = [5, 9, 1, 77, 3, 3, 100, 42, 7, 0, 11]
+  np.testing.assert_allclose(lm.logits(ids), numpy_logits(state, lm.cfg, ids), atol=1e-4, rtol=0)
+
+
+def test_llama3_rope_scaling_matches_numpy():
+  lm = make_tiny_lm(seed=4, rope_scaling=RopeScaling(factor=8.0, original_max_position=64))
+  inv = attention.rope_inv_freq(lm.cfg).astype(np.float64)
+  assert not np.allclose(inv, 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16))  # scaling changed something
+  state = convert.hf_state_from_params(lm.cfg, lm.params)
+  ids = list(range(3, 40))
+  np.testing.assert_allclose(lm.logits(ids), numpy_logits(state, lm.cfg, ids, inv_freq=inv), atol=1e-4, rtol=0)
+
+
+def test_smollm_matches_numpy(smollm):
+  _, state, _ = gguf.load_gguf(resolve_path("smollm2-135m"))
+  ids = smollm.tokenizer.apply_chat_template([{"role": "user", "content": "Name three rivers in Europe."}])
+  ref = numpy_logits(state, smollm.cfg, ids)
+  assert np.abs(smollm.logits(ids) - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max() / 10)
+
+
+def _step_by_step_logits(lm, ids, num_slots=64):
+  cfg = lm.cfg
+
+  @jax.jit
+  def step(cache, tok, pos):
+    h, cache = model.forward(lm.params, cfg, tok, pos, attention.causal_mask(pos, num_slots), cache, pos)
+    return model.unembed(lm.params, cfg, h)[0, 0], cache
+
+  cache = kvcache.init_cache(cfg, 1, num_slots)
+  out = []
+  for i, tok in enumerate(ids):
+    logits, cache = step(cache, jnp.array([[tok]]), jnp.array([[i]], jnp.int32))
+    out.append(np.asarray(logits))
+  return np.stack(out)
+
+
+def test_full_forward_equals_cached_decode(tiny_lm):
+  ids = [4, 8, 15, 16, 23, 42, 99, 1]
+  np.testing.assert_allclose(_step_by_step_logits(tiny_lm, ids), tiny_lm.logits(ids), atol=1e-5)
+
+
+def test_smollm_full_forward_equals_cached_decode(smollm):
+  ids = smollm.tokenizer.encode("The quick brown fox jumps over")
+  np.testing.assert_allclose(_step_by_step_logits(smollm, ids), smollm.logits(ids), atol=2e-4)
+
+
+def test_layer_ranges_compose_and_collect_hidden(tiny_lm):
+  cfg, params = tiny_lm.cfg, tiny_lm.params
+  tokens = jnp.array([[3, 1, 4, 1, 5]])
+  pos = jnp.arange(5)[None]
+  mask = attention.causal_mask(pos, 8)
+  h0 = model.embed(params, cfg, tokens)
+  full = model.run_layers(params, cfg, h0, pos, mask, kvcache.init_cache(cfg, 1, 8), pos, collect_hidden=True)
+  first = model.run_layers(params, cfg, h0, pos, mask, kvcache.init_cache(cfg, 1, 8), pos, 0, 2)
+  second = model.run_layers(params, cfg, first.h_btd, pos, mask, first.cache, pos, 2, cfg.n_layers)
+  np.testing.assert_allclose(second.h_btd, full.h_btd, atol=1e-5)
+  np.testing.assert_allclose(second.cache.k, full.cache.k, atol=1e-5)
+  assert full.hidden_lbtd.shape == (cfg.n_layers, 1, 5, cfg.d_model)
+  np.testing.assert_allclose(full.hidden_lbtd[1], first.h_btd, atol=1e-5)
+
+
+def test_out_of_range_slots_are_not_written(tiny_lm):
+  cfg = tiny_lm.cfg
+  cache = kvcache.init_cache(cfg, 1, 8)
+  pos = jnp.array([[0, 1]])
+  slots = jnp.array([[0, 8]])  # second row dropped
+  _, cache = model.forward(tiny_lm.params, cfg, jnp.array([[5, 6]]), pos, attention.causal_mask(pos, 8), cache,
+                           slots)
+  assert np.abs(np.asarray(cache.k[:, 0, 0])).sum() > 0
+  assert np.abs(np.asarray(cache.k[:, 0, 1:])).sum() == 0
+
+
+def test_commit_rows_and_rollback():
+  cfg = make_tiny_lm().cfg
+  cache = kvcache.init_cache(cfg, 2, 10)
+  rows = jnp.arange(10, dtype=jnp.float32)[None, None, :, None, None]
+  cache = cache.replace(k=jnp.broadcast_to(rows, cache.k.shape), v=jnp.broadcast_to(rows, cache.v.shape) * 2,
+                        lengths=jnp.array([3, 5], jnp.int32))
+  # sequence 0 accepts speculative rows 6 then 8 (into slots 3, 4); sequence 1 accepts row 5 only (in place)
+  out = kvcache.commit_rows(cache, jnp.array([[6, 8, 9], [5, 7, 9]]), jnp.array([2, 1]))
+  np.testing.assert_array_equal(out.lengths, [5, 6])
+  np.testing.assert_array_equal(out.k[0, 0, :, 0, 0], [0, 1, 2, 6, 8, 5, 6, 7, 8, 9])
+  np.testing.assert_array_equal(out.v[0, 1, :, 0, 0], 2 * np.arange(10))
+  np.testing.assert_array_equal(kvcache.rollback(out, jnp.array([4, 9])).lengths, [4, 6])
+
+
+def test_tree_mask_sees_prefix_and_ancestors():
+  # tree: 0 -> 1 -> 2, 0 -> 3
+  block = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 1]], bool)[None]
+  mask = np.asarray(attention.prefix_plus_block_mask(jnp.array([3]), block, 10))[0]
+  np.testing.assert_array_equal(mask[2], [1, 1, 1, 1, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(mask[3], [1, 1, 1, 1, 0, 0, 1, 0, 0, 0])
+
+
+def test_params_are_stacked_for_scan(tiny_lm):
+  shapes = jax.tree.map(lambda x: x.shape, tiny_lm.params)
+  cfg = tiny_lm.cfg
+  assert shapes["layers"]["q_dnh"] == (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim)
+  assert shapes["layers"]["attn_norm"]["scale"] == (cfg.n_layers, cfg.d_model)
