@@ -1,0 +1,100 @@
+"""Atomic, versioned `.npz` persistence for the drafting databases, tagged with the tokenizer they were built for.
+
+A file holds named numpy arrays plus one `__meta__` array with a JSON header: `kind` (which database), `format`
+(the layout version), `tokenizer` (`HdTokenizer.identity`) and free-form build information. Writes go to a temp
+file in the same directory, are fsynced and then `os.replace`d, so a reader sees the old file or the new one, never
+half of one. Every failure to read (missing, truncated, corrupt, wrong kind/version/tokenizer) is an `HdjaxError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from hdjax.errors import HdjaxError
+
+FORMAT_VERSION = 1
+_META = "__meta__"
+BUILD_HINT = "build it with `python -m experiments.build_datastores`"
+
+
+def default_dir() -> Path:
+  """`checkpoints/hd` in the repository that holds this package (hdjax/drafting/store.py -> repo root)."""
+  return Path(__file__).resolve().parents[2] / "checkpoints" / "hd"
+
+
+def default_path(kind: str) -> Path:
+  """Where the committed database of `kind` ("model_db" or "stats_db") lives."""
+  return default_dir() / f"{kind}.npz"
+
+
+def save_arrays(path: str | os.PathLike, kind: str, tokenizer_identity: str, arrays: Mapping[str, np.ndarray],
+                info: Mapping[str, Any] | None = None, compress: bool = True) -> None:
+  """Writes `arrays` and a header atomically: temp file in the target directory, fsync, `os.replace`."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  header = dict(kind=kind, format=FORMAT_VERSION, tokenizer=tokenizer_identity, info=dict(info or {}))
+  payload = {_META: np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays}
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      (np.savez_compressed if compress else np.savez)(f, **payload)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a database is a shareable artifact
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  dir_fd = os.open(path.parent, os.O_RDONLY)
+  try:
+    os.fsync(dir_fd)
+  finally:
+    os.close(dir_fd)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+  """The JSON header of a database file (no tokenizer check)."""
+  return _read(Path(path), header_only=True)[0]
+
+
+def load_arrays(path: str | os.PathLike, kind: str, tokenizer_identity: str | None
+                ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """(arrays, info) of a `kind` database built for `tokenizer_identity` (None skips the tokenizer check)."""
+  path = Path(path)
+  header, arrays = _read(path, header_only=False)
+  if header.get("kind") != kind:
+    raise HdjaxError(f"{path} holds a {header.get('kind')!r} database, not {kind!r}")
+  if header.get("format") != FORMAT_VERSION:
+    raise HdjaxError(f"{path} has database format {header.get('format')}, this hdjax reads format "
+                     f"{FORMAT_VERSION}; rebuild it ({BUILD_HINT})")
+  if tokenizer_identity is not None and header.get("tokenizer") != tokenizer_identity:
+    raise HdjaxError(f"{path} was built for tokenizer {header.get('tokenizer')}, but this model's tokenizer is "
+                     f"{tokenizer_identity}; rebuild it for this model ({BUILD_HINT} --model=...)")
+  return arrays, header.get("info", {})
+
+
+def _read(path: Path, header_only: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  if not path.is_file():
+    raise HdjaxError(f"database not found: {path} ({BUILD_HINT})")
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      if _META not in npz.files:
+        raise HdjaxError(f"{path} is not an hdjax database (no header)")
+      header = json.loads(npz[_META].tobytes().decode())
+      arrays = {} if header_only else {k: npz[k] for k in npz.files if k != _META}
+  except HdjaxError:
+    raise
+  except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+    raise HdjaxError(f"corrupt database file {path} ({type(e).__name__}); delete it and rebuild ({BUILD_HINT})"
+                     ) from None
+  if not isinstance(header, dict):
+    raise HdjaxError(f"corrupt database file {path} (bad header); delete it and rebuild ({BUILD_HINT})")
+  return header, arrays
