@@ -7,6 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from hdjax import sharding
 from hdjax.config import LlamaConfig
 
 
@@ -38,7 +39,8 @@ class KVCache:
 def init_cache(cfg: LlamaConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
   shape = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.head_dim)
   dtype = dtype or jnp.dtype(cfg.dtype)
-  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+  cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
+  return sharding.constrain_cache(cache)
 
 
 def rollback(cache: KVCache, lengths_b: jax.Array) -> KVCache:

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from hdjax import sharding
 from hdjax.attention import apply_rope, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.kvcache import KVCache
@@ -174,6 +175,7 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
   """
   end = cfg.n_layers if end is None else end
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
+  h_btd = sharding.constrain(h_btd, sharding.ACTIVATION_AXES["h_btd"])
   layer = DecoderLayer(cfg)
   layer_params = jax.tree.map(lambda x: x[start:end], params["layers"])
 
@@ -185,7 +187,7 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
 
   (h_btd, k, v), hidden = jax.lax.scan(body, (h_btd, cache.k, cache.v),
                                        (layer_params, jnp.arange(start, end)))
-  return LayerOut(h_btd, cache.replace(k=k, v=v), hidden)
+  return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,

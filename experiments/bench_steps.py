@@ -1,0 +1,191 @@
+"""Latency of one decode step and of one tree-verify step of T nodes, and the speedups they PROJECT.
+
+  python -m experiments.bench_steps --model=smollm2-135m
+  python -m experiments.bench_steps --model=llama-2-7b --layers=2      # random weights; fewer layers on CPU
+  python -m experiments.bench_steps --model=smollm2-135m --summary=results/specbench/summary.json --method=hd
+
+A tree-verify step runs T tree nodes written at slots lengths + i (RoPE positions lengths + depth) through
+every layer with `attention.prefix_plus_block_mask`, and the LM head over all T nodes; the cache cursor does
+not move. Both steps are jitted, donate the cache, and are timed as medians after warm-up.
+
+The projected speedup of a speculative method at tree size T is  tau(T) * t_decode / t_verify(T),  with tau
+the mean tokens emitted per step measured by specbench. It leaves out drafting time and host overhead, so it
+is an upper bound for this device, not a measurement.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import hdjax
+from hdjax import api, model, sharding
+from hdjax.attention import prefix_plus_block_mask
+from hdjax.config import LlamaConfig
+from hdjax.decoding import autoregressive as ar
+from hdjax.errors import HdjaxError
+from hdjax.kvcache import KVCache, init_cache
+from experiments.common import run_main, write_json_atomic
+
+flags.DEFINE_string("model", "smollm2-135m", "an embedded model or path (real weights), or a preset in "
+                    "hdjax.PRESETS (random weights), e.g. llama-2-7b")
+flags.DEFINE_integer("layers", 0, "keep only this many layers (0: all); the output says so")
+flags.DEFINE_list("nodes", ["1", "4", "8", "16", "32", "64"], "tree sizes T to time")
+flags.DEFINE_integer("prefix", 256, "committed tokens in the cache before the timed step")
+flags.DEFINE_integer("batch", 1, "sequences per step")
+flags.DEFINE_integer("depth", 4, "draft chain length of the timed trees (T-1 nodes in chains of this depth)")
+flags.DEFINE_integer("warmup", 3, "untimed calls per step after compiling")
+flags.DEFINE_integer("repeats", 20, "timed calls per step (the median is reported)")
+flags.DEFINE_string("dtype", None, "param/activation dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+flags.DEFINE_list("mesh", [], "data,model mesh sizes (default: no mesh, one device)")
+flags.DEFINE_list("tau", ["16:1.57"], "T:tau pairs for the projection (default: PLD's tau=1.57 from "
+                  "DESIGN.md 6, with its up to 10-token drafts read as a T=16 bucket)")
+flags.DEFINE_string("summary", None, "a specbench summary.json: take tau from it instead of --tau")
+flags.DEFINE_string("method", "hd", "the method of --summary whose tau is used")
+flags.DEFINE_integer("summary_nodes", 16, "the tree size T that --method verified per step")
+flags.DEFINE_string("out", None, "also write the results to this JSON file")
+
+FLAGS = flags.FLAGS
+
+
+def chain_tree_mask(num_nodes: int, depth: int) -> np.ndarray:
+  """[T, T] ancestor-or-self mask of a root followed by chains of `depth` nodes, and the nodes' depths."""
+  parents = [-1] + [0 if (i - 1) % depth == 0 else i - 1 for i in range(1, num_nodes)]
+  mask = np.eye(num_nodes, dtype=bool)
+  depths = np.zeros(num_nodes, np.int32)
+  for i in range(1, num_nodes):
+    mask[i] |= mask[parents[i]]
+    depths[i] = depths[parents[i]] + 1
+  return mask, depths
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def decode_step(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array) -> tuple[jax.Array, KVCache]:
+  return ar.decode_one(params, cfg, cache, tokens_b, jnp.ones(tokens_b.shape, bool))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def tree_verify_step(params, cfg: LlamaConfig, cache: KVCache, tokens_bt: jax.Array, depths_t: jax.Array,
+                     tree_mask_tt: jax.Array) -> tuple[jax.Array, KVCache]:
+  """T tree nodes at slots lengths + i, positions lengths + depth; logits [B, T, V] for every node."""
+  batch, t = tokens_bt.shape
+  slots_bt = cache.lengths[:, None] + jnp.arange(t)[None, :]
+  positions_bt = cache.lengths[:, None] + depths_t[None, :]
+  mask_bts = prefix_plus_block_mask(cache.lengths, jnp.broadcast_to(tree_mask_tt, (batch, t, t)), cache.num_slots)
+  h_btd, cache = model.forward(params, cfg, tokens_bt, positions_bt, mask_bts, cache, slots_bt)
+  return model.unembed(params, cfg, h_btd), cache
+
+
+def interleaved_ms(steps, caches: list[KVCache], warmup: int, repeats: int) -> tuple[np.ndarray, list[KVCache]]:
+  """Wall times [repeats, len(steps)] in ms of `step(cache) -> (out, cache)` calls made in alternation, so that
+  a shared machine's load changes hit every step alike. Caches are threaded through, as they are donated."""
+  times = np.zeros((repeats, len(steps)))
+  for r in range(warmup + 1 + repeats):
+    for i, step in enumerate(steps):
+      start = time.perf_counter()
+      out, caches[i] = step(caches[i])
+      jax.block_until_ready(out)
+      if r > warmup:
+        times[r - warmup - 1, i] = 1e3 * (time.perf_counter() - start)
+  return times, caches
+
+
+def build_model(name: str, layers: int, dtype: str, mesh) -> tuple[LlamaConfig, model.Params, str]:
+  """Real weights for embedded models and paths; random weights for presets. Optionally truncated."""
+  if name in hdjax.PRESETS and name not in api.EMBEDDED:
+    cfg = hdjax.PRESETS[name].replace(dtype=dtype)
+    cfg = cfg.replace(n_layers=layers) if layers else cfg
+    params = jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"), jax.random.key(0))
+    params = api.params_to_device(jax.device_get(params), dtype, mesh)
+    return cfg, params, "random weights"
+  lm = api.load(name, dtype=dtype, mesh=mesh)
+  cfg, params = lm.cfg, lm.params
+  if layers:
+    if layers > cfg.n_layers:
+      raise HdjaxError(f"--layers={layers} exceeds the model's {cfg.n_layers} layers")
+    cfg = cfg.replace(n_layers=layers)
+    params = dict(params, layers=jax.tree.map(lambda x: x[:layers], params["layers"]))
+  return cfg, params, "real weights"
+
+
+def read_tau() -> tuple[dict[int, float], str]:
+  if FLAGS.summary:
+    if not os.path.isfile(FLAGS.summary):
+      raise HdjaxError(f"summary file not found: {FLAGS.summary}")
+    with open(FLAGS.summary, encoding="utf-8") as f:
+      summary = json.load(f)
+    entry = summary.get("methods", {}).get(FLAGS.method, {}).get("overall") if isinstance(summary, dict) else None
+    if not isinstance(entry, dict) or "tau" not in entry:
+      raise HdjaxError(f"{FLAGS.summary} has no methods.{FLAGS.method}.overall.tau (run specbench with "
+                       f"--methods=ar,{FLAGS.method})")
+    return {FLAGS.summary_nodes: float(entry["tau"])}, f"{FLAGS.summary} ({FLAGS.method})"
+  try:
+    pairs = dict(item.split(":") for item in FLAGS.tau)
+    return {int(t): float(v) for t, v in pairs.items()}, "--tau"
+  except ValueError:
+    raise HdjaxError(f"--tau must be T:tau pairs, got {FLAGS.tau}") from None
+
+
+def main(argv):
+  del argv
+  nodes = sorted({int(t) for t in FLAGS.nodes})
+  if nodes[0] < 1 or FLAGS.prefix < 1 or FLAGS.batch < 1 or FLAGS.depth < 1:
+    raise HdjaxError("--nodes, --prefix, --batch and --depth must be positive")
+  tau, tau_source = read_tau()
+  dtype = FLAGS.dtype or api.default_dtype()
+  mesh = sharding.make_mesh(*(int(x) for x in FLAGS.mesh)) if FLAGS.mesh else None
+  cfg, params, weights = build_model(FLAGS.model, FLAGS.layers, dtype, mesh)
+  num_slots = ar.next_pow2(FLAGS.prefix + max(nodes) + FLAGS.warmup + FLAGS.repeats + 2)
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+  note = f"{cfg.n_layers} layers" + (" (truncated from the full model by --layers)" if FLAGS.layers else "")
+  print(f"# {FLAGS.model}, {weights}, {note}, {dtype}, batch {FLAGS.batch}, prefix {FLAGS.prefix}, "
+        f"device {device}, mesh {dict(mesh.shape) if mesh else None}; medians of {FLAGS.repeats} after warm-up, "
+        f"decode and verify timed in alternation")
+
+  rng = np.random.default_rng(0)
+  with sharding.use_mesh(mesh):
+    def at_prefix(cache: KVCache) -> KVCache:  # a fresh lengths array: the old one is donated with the cache
+      return cache.replace(lengths=jnp.full((FLAGS.batch,), FLAGS.prefix, jnp.int32))
+
+    caches = [at_prefix(init_cache(cfg, FLAGS.batch, num_slots)) for _ in range(2)]
+    tokens_b = jnp.asarray(rng.integers(3, cfg.vocab_size, FLAGS.batch), jnp.int32)
+    rows = []
+    for t in nodes:
+      mask_tt, depths_t = (jnp.asarray(x) for x in chain_tree_mask(t, FLAGS.depth))
+      tokens_bt = jnp.asarray(rng.integers(3, cfg.vocab_size, (FLAGS.batch, t)), jnp.int32)
+      caches = [at_prefix(c) for c in caches]
+      times, caches = interleaved_ms(
+          [lambda c: decode_step(params, cfg, c, tokens_b),
+           lambda c, tokens_bt=tokens_bt, depths_t=depths_t, mask_tt=mask_tt: tree_verify_step(
+               params, cfg, c, tokens_bt, depths_t, mask_tt)], caches, FLAGS.warmup, FLAGS.repeats)
+      decode_ms, verify_ms = np.median(times, axis=0)
+      rows.append(dict(nodes=t, decode_ms=float(decode_ms), verify_ms=float(verify_ms),
+                       verify_over_decode=float(np.median(times[:, 1] / times[:, 0]))))
+
+  print(f"{'T':>4} {'decode ms':>10} {'verify ms':>10} {'verify/decode':>14}  (median of paired ratios)")
+  for r in rows:
+    print(f"{r['nodes']:>4} {r['decode_ms']:>10.2f} {r['verify_ms']:>10.2f} {r['verify_over_decode']:>14.2f}")
+  projection = [dict(nodes=r["nodes"], tau=tau[r["nodes"]], projected_speedup=tau[r["nodes"]] / r["verify_over_decode"])
+                for r in rows if r["nodes"] in tau]
+  missing = sorted(set(tau) - set(nodes))
+  print(f"PROJECTION (not a measurement): speedup = tau * t_decode / t_verify(T), tau from {tau_source}; "
+        f"drafting time and host overhead excluded")
+  for p in projection:
+    print(f"  T={p['nodes']:>3}  tau={p['tau']:.2f}  projected speedup {p['projected_speedup']:.2f}x")
+  if missing:
+    print(f"  (no timing for T={missing}: add them to --nodes)")
+  if FLAGS.out:
+    write_json_atomic(FLAGS.out, dict(model=FLAGS.model, weights=weights, layers=cfg.n_layers, dtype=dtype,
+                                      device=device, batch=FLAGS.batch, prefix=FLAGS.prefix, verify=rows,
+                                      projection=projection, tau_source=tau_source))
+
+
+if __name__ == "__main__":
+  run_main(main)
