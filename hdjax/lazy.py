@@ -1,0 +1,450 @@
+"""LazyLLM (arXiv 2407.14057): dynamic token pruning in prefill and decoding, with an Aux Cache.
+
+Prefill runs the layers in groups separated by the pruning layers. At pruning layer p every still-active
+prompt token is scored by the attention it receives from the last prompt token at layer p (one query row,
+q_last . K^T, averaged over heads); the top `keep_ratios[g]` fraction of the bucket length stays active, a
+subset of the previous set, and the last token always stays. The gathered path runs each group only on the
+kept tokens (static keep counts per prompt-length bucket, original positions for RoPE and the causal mask,
+attention over a compact per-group KV buffer) and scatters their K/V into the full-length cache. A token
+pruned at layer p leaves its hidden state entering layer p (and its key at p, for re-scoring) in the Aux
+Cache. The masked path has the same semantics without any gather: it exists as the reference for tests.
+
+Per-layer validity is a counter `computed_lbs` [L, B, S]: how many times the K/V of slot s at layer l was
+computed. Attention at layer l only sees slots with a non-zero count, and the tests check it never exceeds 1.
+
+Decoding: every `reselect_every` steps the pruned prompt tokens are re-scored at their Aux Cache layer by the
+current token's query; up to `revive_budget` tokens per pruning layer whose attention is above uniform are
+revived, i.e. computed from their Aux Cache layer to the last layer (never from layer 0, never a layer twice).
+They become visible from the next step on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdjax import api, model
+from hdjax.attention import apply_rope, rope_sin_cos
+from hdjax.config import LlamaConfig
+from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.errors import HdjaxError
+from hdjax.kvcache import KVCache, init_cache
+
+SELECTIONS = ("attention", "static", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyConfig:
+  """Static LazyLLM schedule (hashable: a static jit argument).
+
+  prune_layers: layers at which tokens are re-selected, increasing; keep_ratios: the fraction of the prompt
+  bucket kept from that layer on, non-increasing. selection: "attention" (LazyLLM), "static" (scores of the
+  first pruning layer reused at every later one) or "random" (same budget, uniform random scores).
+  """
+
+  prune_layers: tuple[int, ...] = (3, 6, 10, 16)
+  keep_ratios: tuple[float, ...] = (0.7, 0.5, 0.35, 0.2)
+  selection: str = "attention"
+  revive: bool = True
+  reselect_every: int = 4
+  revive_budget: int = 4
+  min_prompt: int = 1024
+  bucket: int = 512
+  chunk: int = 1024
+  seed: int = 0
+
+  def validate(self, cfg: LlamaConfig) -> "LazyConfig":
+    layers, ratios = self.prune_layers, self.keep_ratios
+    if len(layers) != len(ratios):
+      raise HdjaxError(f"lazy: {len(layers)} prune_layers but {len(ratios)} keep_ratios")
+    if list(layers) != sorted(set(layers)) or (layers and not 0 < layers[0] <= layers[-1] < cfg.n_layers):
+      raise HdjaxError(f"lazy: prune_layers must be increasing within (0, {cfg.n_layers}), got {layers}")
+    if any(not 0 < r <= 1 for r in ratios) or list(ratios) != sorted(ratios, reverse=True):
+      raise HdjaxError(f"lazy: keep_ratios must be non-increasing in (0, 1], got {ratios}")
+    if self.selection not in SELECTIONS:
+      raise HdjaxError(f"lazy: selection must be one of {SELECTIONS}, got {self.selection!r}")
+    if self.reselect_every < 1 or self.revive_budget < 1 or self.bucket < 1 or self.chunk < 1:
+      raise HdjaxError("lazy: reselect_every, revive_budget, bucket and chunk must be >= 1")
+    return self
+
+  def keep_counts(self, t: int) -> tuple[int, ...]:
+    """Static number of tokens each group runs on, for a bucket of t prompt tokens."""
+    return (t,) + tuple(max(1, min(t, math.ceil(r * t))) for r in self.keep_ratios)
+
+  def computed_fraction(self, n_layers: int) -> float:
+    """The fraction of prompt token-layers this schedule computes (ignoring bucket rounding)."""
+    bounds = (0,) + self.prune_layers + (n_layers,)
+    ratios = (1.0,) + self.keep_ratios
+    return sum((b - a) * r for a, b, r in zip(bounds[:-1], bounds[1:], ratios)) / n_layers
+
+
+def single_layer_config(base: LazyConfig, n_layers: int, layer: int) -> LazyConfig:
+  """A FastKV-like schedule: one selection at `layer`, at the same computed fraction as `base`, no revival."""
+  ratio = (base.computed_fraction(n_layers) * n_layers - layer) / (n_layers - layer)
+  if not 0 < ratio <= 1:
+    raise HdjaxError(f"lazy_single: layer {layer} cannot match the budget of {base.prune_layers}")
+  return dataclasses.replace(base, prune_layers=(layer,), keep_ratios=(ratio,), revive=False,
+                             selection="attention")
+
+
+class LazyState(NamedTuple):
+  """Everything prefill hands to decoding, per sequence b and cache slot s."""
+
+  cache: KVCache
+  computed_lbs: jax.Array  # int32 [L, B, S]: times the K/V of (layer, slot) was computed
+  aux_h_bsd: jax.Array  # hidden state entering layer aux_layer_bs of each pruned token
+  aux_k_bskh: jax.Array  # its post-RoPE key at that layer (to re-score it without recomputing)
+  aux_layer_bs: jax.Array  # int32: first layer not computed for the slot (L once complete)
+
+
+def prefill_bucket(n: int, lazy_cfg: LazyConfig) -> int:
+  return -(-n // lazy_cfg.bucket) * lazy_cfg.bucket
+
+
+def _layer_params(params, layer: int):
+  return jax.tree.map(lambda x: x[layer], params["layers"])
+
+
+def _norm_qk(cfg: LlamaConfig, p_layer, h_btd: jax.Array, positions_bt: jax.Array, weight: str) -> jax.Array:
+  """Post-RoPE queries (weight='q_dnh') or keys ('k_dkh') of one layer: [B, T, heads, H]."""
+  x_btd = model.RMSNorm(cfg.rms_eps, jnp.dtype(cfg.dtype)).apply({"params": p_layer["attn_norm"]}, h_btd)
+  sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
+  return apply_rope(jnp.einsum("BTD,DNH->BTNH", x_btd, p_layer[weight]), sin_bth, cos_bth)
+
+
+def _last_row_probs(cfg: LlamaConfig, q_bnh: jax.Array, k_bskh: jax.Array, visible_bs: jax.Array) -> jax.Array:
+  """Attention one query per sequence pays each key, softmax over visible keys, averaged over heads: [B, S]."""
+  b, _, hd = q_bnh.shape
+  q_bkgh = q_bnh.reshape(b, cfg.n_kv_heads, cfg.q_per_kv, hd)
+  # [B, K, G, S]
+  logits = jnp.einsum("BKGH,BSKH->BKGS", q_bkgh, k_bskh, preferred_element_type=jnp.float32) * hd ** -0.5
+  logits = jnp.where(visible_bs[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(1, 2))
+
+
+def score_tokens(params, cfg: LlamaConfig, layer: int, h_bnd: jax.Array, positions_bn: jax.Array,
+                 valid_bn: jax.Array, last_pos_b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """LazyLLM scores at `layer` of the N given tokens: attention from the last prompt token only (its one row,
+  never the full matrix), averaged over heads. Returns scores [B, N] and the tokens' keys [B, N, K, H]."""
+  p = _layer_params(params, layer)
+  k_bnkh = _norm_qk(cfg, p, h_bnd, positions_bn, "k_dkh")
+  last_n = jnp.argmax(positions_bn == last_pos_b[:, None], axis=1)
+  h_last_b1d = jnp.take_along_axis(h_bnd, last_n[:, None, None], axis=1)
+  q_b1nh = _norm_qk(cfg, p, h_last_b1d, last_pos_b[:, None], "q_dnh")
+  return _last_row_probs(cfg, q_b1nh[:, 0], k_bnkh, valid_bn), k_bnkh
+
+
+def _select(scores_bn: jax.Array, positions_bn: jax.Array, valid_bn: jax.Array, last_pos_b: jax.Array,
+            count: int) -> jax.Array:
+  """Indices [B, count] (ascending) of the kept tokens: the top scores among valid ones, the last token always."""
+  ranked = jnp.where(valid_bn, scores_bn, -1.0)
+  ranked = jnp.where(positions_bn == last_pos_b[:, None], 2.0, ranked)
+  return jnp.sort(jax.lax.top_k(ranked, count)[1], axis=1)
+
+
+def _count(computed_lbs: jax.Array, start: int, slots_bt: jax.Array, live_lbt: jax.Array) -> jax.Array:
+  """Adds one to computed[start + l, b, slots[b, t]] wherever live[l, b, t]."""
+  b_idx = jnp.arange(slots_bt.shape[0])[None, :, None]
+  l_idx = start + jnp.arange(live_lbt.shape[0])[:, None, None]
+  return computed_lbs.at[l_idx, b_idx, slots_bt[None]].add(live_lbt.astype(jnp.int32), mode="drop")
+
+
+def run_layers_masked(params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array, slots_bt: jax.Array,
+                      live_lbt: jax.Array, computed_lbs: jax.Array, cache: KVCache, start: int, end: int
+                      ) -> tuple[jax.Array, KVCache, jax.Array, jax.Array]:
+  """Layers [start, end) where token t is computed at layer l only if live[l - start, t]; a token that is not
+  keeps its hidden state and writes nothing. At layer l a query sees the slots whose K/V exists at l (counted
+  in computed_lbs, or written by a live token in this call) at positions <= its own.
+
+  Returns the hidden states, the cache, the updated counter and the hidden states entering each layer.
+  """
+  sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
+  layer = model.DecoderLayer(cfg)
+  layer_params = jax.tree.map(lambda x: x[start:end], params["layers"])
+  s = cache.num_slots
+  b_idx = jnp.arange(h_btd.shape[0])[:, None]
+  causal_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
+
+  def body(carry, xs):
+    h, k_cache, v_cache = carry
+    p, idx, live_bt, computed_bs = xs
+    slots = jnp.where(live_bt, slots_bt, s)
+    written_bs = jnp.zeros((h.shape[0], s), bool).at[b_idx, slots].set(True, mode="drop")
+    mask_bts = causal_bts & ((computed_bs > 0) | written_bs)[:, None, :]
+    new_h, k_cache, v_cache = layer.apply({"params": p}, h, sin_bth, cos_bth, mask_bts, k_cache, v_cache, slots, idx)
+    return (jnp.where(live_bt[:, :, None], new_h, h), k_cache, v_cache), h
+
+  (h_btd, k, v), entering_lbtd = jax.lax.scan(
+      body, (h_btd, cache.k, cache.v), (layer_params, jnp.arange(start, end), live_lbt, computed_lbs[start:end]))
+  return h_btd, cache.replace(k=k, v=v), _count(computed_lbs, start, slots_bt, live_lbt), entering_lbtd
+
+
+def _empty_state(cfg: LlamaConfig, batch: int, num_slots: int) -> LazyState:
+  dtype = jnp.dtype(cfg.dtype)
+  return LazyState(
+      cache=init_cache(cfg, batch, num_slots),
+      computed_lbs=jnp.zeros((cfg.n_layers, batch, num_slots), jnp.int32),
+      aux_h_bsd=jnp.zeros((batch, num_slots, cfg.d_model), dtype),
+      aux_k_bskh=jnp.zeros((batch, num_slots, cfg.n_kv_heads, cfg.head_dim), dtype),
+      aux_layer_bs=jnp.full((batch, num_slots), cfg.n_layers, jnp.int32))
+
+
+def _prune_scores(params, cfg, lazy_cfg: LazyConfig, group: int, h_bnd, positions_bn, valid_bn, last_pos_b,
+                  static_scores_bt):
+  """Scores [B, N] at the group's pruning layer, keys [B, N, K, H] (or None) and the static score table."""
+  layer = lazy_cfg.prune_layers[group - 1]
+  if lazy_cfg.selection == "random":
+    key = jax.random.fold_in(jax.random.key(lazy_cfg.seed), layer)
+    table_bt = jax.random.uniform(key, static_scores_bt.shape)
+    return jnp.take_along_axis(table_bt, positions_bn, axis=1), None, static_scores_bt
+  if lazy_cfg.selection == "static" and group > 1:
+    return jnp.take_along_axis(static_scores_bt, positions_bn, axis=1), None, static_scores_bt
+  scores_bn, k_bnkh = score_tokens(params, cfg, layer, h_bnd, positions_bn, valid_bn, last_pos_b)
+  b_idx = jnp.arange(h_bnd.shape[0])[:, None]
+  return scores_bn, k_bnkh, static_scores_bt.at[b_idx, positions_bn].set(scores_bn)
+
+
+def _to_aux(state: LazyState, layer: int, h_bnd, k_bnkh, slots_bn) -> LazyState:
+  """Records the hidden state entering `layer` (and its key) for tokens that may be pruned there."""
+  b_idx = jnp.arange(h_bnd.shape[0])[:, None]
+  aux_k = state.aux_k_bskh if k_bnkh is None else state.aux_k_bskh.at[b_idx, slots_bn].set(k_bnkh, mode="drop")
+  return state._replace(aux_h_bsd=state.aux_h_bsd.at[b_idx, slots_bn].set(h_bnd, mode="drop"), aux_k_bskh=aux_k,
+                        aux_layer_bs=state.aux_layer_bs.at[b_idx, slots_bn].set(layer, mode="drop"))
+
+
+def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, positions_bn, valid_bn,
+                        state: LazyState, start: int, end: int) -> tuple[jax.Array, LazyState]:
+  """Layers [start, end) on the N gathered tokens only, attending over a compact N-slot buffer in query chunks
+  (a chunk sees the compact slots up to its end: tokens are in position order), then scatter K/V to the cache."""
+  batch, n, _ = h_bnd.shape
+  sub_params = {"layers": jax.tree.map(lambda x: x[start:end], params["layers"])}
+  dtype = jnp.dtype(cfg.dtype)
+  local = KVCache(k=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
+                  v=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
+                  lengths=jnp.zeros((batch,), jnp.int32))
+  compact_bn = jnp.where(valid_bn, jnp.arange(n)[None, :], n)
+  outs = []
+  for c0 in range(0, n, lazy_cfg.chunk):
+    c1 = min(n, c0 + lazy_cfg.chunk)
+    part = KVCache(k=local.k[:, :, :c1], v=local.v[:, :, :c1], lengths=local.lengths)
+    # [B, C, c1]: causal over original positions, only valid tokens
+    mask_bcs = (positions_bn[:, None, :c1] <= positions_bn[:, c0:c1, None]) & valid_bn[:, None, :c1]
+    out = model.run_layers(sub_params, cfg, h_bnd[:, c0:c1], positions_bn[:, c0:c1], mask_bcs, part,
+                           compact_bn[:, c0:c1], 0, end - start)
+    local = KVCache(k=local.k.at[:, :, :c1].set(out.cache.k), v=local.v.at[:, :, :c1].set(out.cache.v),
+                    lengths=local.lengths)
+    outs.append(out.h_btd)
+  b_idx = jnp.arange(batch)[:, None]
+  slots_bn = jnp.where(valid_bn, positions_bn, state.cache.num_slots)
+  cache = state.cache.replace(k=state.cache.k.at[start:end, b_idx, slots_bn].set(local.k, mode="drop"),
+                              v=state.cache.v.at[start:end, b_idx, slots_bn].set(local.v, mode="drop"))
+  live_lbn = jnp.broadcast_to(valid_bn, (end - start,) + valid_bn.shape)
+  computed = _count(state.computed_lbs, start, slots_bn, live_lbn)
+  return jnp.concatenate(outs, axis=1), state._replace(cache=cache, computed_lbs=computed)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "num_slots", "gathered"))
+def lazy_prefill(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, tokens_bt: jax.Array, lengths_b: jax.Array,
+                 num_slots: int, gathered: bool = True) -> tuple[jax.Array, LazyState]:
+  """Pruned prefill of right-padded prompts [B, T]. Returns the last-token logits [B, V] and the LazyState
+  (cache lengths = prompt lengths). `gathered=False` runs the masked reference with the same semantics."""
+  ar.TRACE_COUNTS["lazy_prefill"] += 1
+  batch, t = tokens_bt.shape
+  state = _empty_state(cfg, batch, num_slots)
+  last_pos_b = lengths_b - 1
+  positions_bn = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+  valid_bn = positions_bn < lengths_b[:, None]
+  h_bnd = model.embed(params, cfg, tokens_bt)
+  static_scores_bt = jnp.zeros((batch, t), jnp.float32)
+  bounds = (0,) + lazy_cfg.prune_layers + (cfg.n_layers,)
+  counts = lazy_cfg.keep_counts(t)
+  b_idx = jnp.arange(batch)[:, None]
+  for g, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+    if g > 0:
+      scores_bn, k_bnkh, static_scores_bt = _prune_scores(params, cfg, lazy_cfg, g, h_bnd, positions_bn, valid_bn,
+                                                          last_pos_b, static_scores_bt)
+      state = _to_aux(state, start, h_bnd, k_bnkh, jnp.where(valid_bn, positions_bn, num_slots))
+      keep_bk = _select(scores_bn, positions_bn, valid_bn, last_pos_b, counts[g])
+      if gathered:
+        h_bnd, positions_bn, valid_bn = (jnp.take_along_axis(h_bnd, keep_bk[:, :, None], axis=1),
+                                         jnp.take_along_axis(positions_bn, keep_bk, axis=1),
+                                         jnp.take_along_axis(valid_bn, keep_bk, axis=1))
+      else:
+        valid_bn = valid_bn & jnp.zeros_like(valid_bn).at[b_idx, keep_bk].set(True)
+    if gathered:
+      h_bnd, state = _run_group_gathered(params, cfg, lazy_cfg, h_bnd, positions_bn, valid_bn, state, start, end)
+    else:
+      live_lbn = jnp.broadcast_to(valid_bn, (end - start,) + valid_bn.shape)
+      h_bnd, cache, computed, _ = run_layers_masked(params, cfg, h_bnd, positions_bn, positions_bn, live_lbn,
+                                                    state.computed_lbs, state.cache, start, end)
+      state = state._replace(cache=cache, computed_lbs=computed)
+  state = state._replace(aux_layer_bs=state.aux_layer_bs.at[b_idx, jnp.where(valid_bn, positions_bn, num_slots)].set(
+      cfg.n_layers, mode="drop"), cache=state.cache.replace(lengths=lengths_b.astype(jnp.int32)))
+  last_n = jnp.argmax(positions_bn == last_pos_b[:, None], axis=1)
+  logits_bv = model.unembed(params, cfg, jnp.take_along_axis(h_bnd, last_n[:, None, None], axis=1))[:, 0]
+  return logits_bv, state
+
+
+def _revive(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, entering_lbd: jax.Array,
+            pos_b: jax.Array, active_b: jax.Array) -> tuple[LazyState, jax.Array]:
+  """Re-scores the pruned tokens at their Aux Cache layer with the current token's query and computes the top
+  `revive_budget` above-uniform ones per pruning layer from that layer to the last. Returns the state and how
+  many tokens were revived per sequence."""
+  batch, s = state.aux_layer_bs.shape
+  b_idx = jnp.arange(batch)[:, None]
+  revived_b = jnp.zeros((batch,), jnp.int32)
+  budget = min(lazy_cfg.revive_budget, s)
+  for layer in lazy_cfg.prune_layers:
+    p = _layer_params(params, layer)
+    q_b1nh = _norm_qk(cfg, p, entering_lbd[layer][:, None], pos_b[:, None], "q_dnh")
+    candidate_bs = (state.aux_layer_bs == layer) & active_b[:, None]
+    computed_bs = state.computed_lbs[layer] > 0
+    k_bskh = jnp.where(candidate_bs[:, :, None, None], state.aux_k_bskh, state.cache.k[layer])
+    visible_bs = (computed_bs | candidate_bs) & (jnp.arange(s)[None, :] <= pos_b[:, None])
+    probs_bs = _last_row_probs(cfg, q_b1nh[:, 0], k_bskh, visible_bs)
+    uniform_b = 1.0 / jnp.maximum(jnp.sum(visible_bs, axis=1), 1)
+    wanted_bs = candidate_bs & (probs_bs > uniform_b[:, None])
+    top_br, slots_br = jax.lax.top_k(jnp.where(wanted_bs, probs_bs, -1.0), budget)
+    live_br = top_br >= 0
+    slots_br = jnp.sort(jnp.where(live_br, slots_br, s), axis=1)
+    live_br = slots_br < s
+    h_brd = state.aux_h_bsd[b_idx, jnp.minimum(slots_br, s - 1)]
+    live_lbr = jnp.broadcast_to(live_br, (cfg.n_layers - layer,) + live_br.shape)
+    _, cache, computed, _ = run_layers_masked(params, cfg, h_brd, slots_br, slots_br, live_lbr, state.computed_lbs,
+                                              state.cache, layer, cfg.n_layers)
+    state = state._replace(cache=cache, computed_lbs=computed,
+                           aux_layer_bs=state.aux_layer_bs.at[b_idx, slots_br].set(cfg.n_layers, mode="drop"))
+    revived_b = revived_b + jnp.sum(live_br, axis=1)
+  return state, revived_b
+
+
+class LazyDecodeOut(NamedTuple):
+  tokens_bn: jax.Array
+  num_b: jax.Array
+  steps: jax.Array
+  state: LazyState
+  revived_b: jax.Array
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "sampling", "out_len"), donate_argnames=("state",))
+def lazy_decode_loop(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, first_b: jax.Array,
+                     max_new: jax.Array, key: jax.Array, sampling: SamplingConfig, out_len: int) -> LazyDecodeOut:
+  """Decoding where each layer's attention sees only that layer's computed K/V, with periodic revival."""
+  ar.TRACE_COUNTS["lazy_decode_loop"] += 1
+  batch = first_b.shape[0]
+  tokens_bn = jnp.full((batch, out_len), -1, jnp.int32).at[:, 0].set(first_b)
+  done_b = ar.is_eos(first_b, cfg.eos_ids) | (max_new <= 1)
+
+  def cond(carry):
+    _, _, done, st, _, _, _, _ = carry
+    return jnp.any(~done) & jnp.all(done | (st.cache.lengths < st.cache.num_slots))
+
+  def body(carry):
+    tokens, num, done, st, cur, key, steps, revived = carry
+    key, sub = jax.random.split(key)
+    active_b = ~done
+    pos_b1 = st.cache.lengths[:, None]
+    live_lb1 = jnp.broadcast_to(active_b[:, None], (cfg.n_layers, batch, 1))
+    h_b1d, cache, computed, entering_lb1d = run_layers_masked(
+        params, cfg, model.embed(params, cfg, cur[:, None]), pos_b1, pos_b1, live_lb1, st.computed_lbs, st.cache,
+        0, cfg.n_layers)
+    st = st._replace(cache=cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32)), computed_lbs=computed)
+    if lazy_cfg.revive:
+      st, got_b = jax.lax.cond(steps % lazy_cfg.reselect_every == 0,
+                               lambda s_: _revive(params, cfg, lazy_cfg, s_, entering_lb1d[:, :, 0], pos_b1[:, 0],
+                                                  active_b),
+                               lambda s_: (s_, jnp.zeros((batch,), jnp.int32)), st)
+      revived = revived + got_b
+    nxt = select_token(model.unembed(params, cfg, h_b1d)[:, 0], sub, sampling)
+    tokens = tokens.at[jnp.arange(batch), jnp.where(done, out_len, num)].set(nxt, mode="drop")
+    num = num + active_b.astype(jnp.int32)
+    done = done | ar.is_eos(nxt, cfg.eos_ids) | (num >= max_new)
+    return tokens, num, done, st, jnp.where(done, cur, nxt), key, steps + 1, revived
+
+  tokens_bn, num_b, _, state, _, _, steps, revived_b = jax.lax.while_loop(
+      cond, body, (tokens_bn, jnp.ones((batch,), jnp.int32), done_b, state, first_b, key, jnp.int32(0),
+                   jnp.zeros((batch,), jnp.int32)))
+  return LazyDecodeOut(tokens_bn, num_b, steps, state, revived_b)
+
+
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(LazyConfig))
+
+
+def config_from_request(request: api.GenerateRequest, base: LazyConfig) -> LazyConfig:
+  """`lazy_config=LazyConfig(...)` replaces the base; single fields (keep_ratios=..., min_prompt=...) override."""
+  cfg = request.option("lazy_config", base)
+  changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in request.options if k in _OPTION_FIELDS}
+  return dataclasses.replace(cfg, **changes)
+
+
+def generate_lazy(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig, name: str
+                  ) -> list[api.GenerationResult]:
+  """Runs one request with a schedule; prompts shorter than `min_prompt` fall back to full prefill ("ar")."""
+  cfg = lm.cfg
+  lazy_cfg = lazy_cfg.validate(cfg)
+  longest = max(len(p) for p in request.prompts)
+  if longest < lazy_cfg.min_prompt:
+    results = api.generate_ar(lm, request)
+    for r in results:
+      r.stats.update(method=name, lazy_fallback=True, computed_fraction_prefill=1.0, revived=0)
+    return results
+  num_slots = api.cache_slots_for(cfg, request)
+  t = min(prefill_bucket(longest, lazy_cfg), num_slots)
+  tokens, lengths = api.pad_prompts(request.prompts, cfg.pad_id, t)
+  key = jax.random.key(request.seed)
+  key, first_key = jax.random.split(key)
+  start = time.perf_counter()
+  logits_bv, state = lazy_prefill(lm.params, cfg, lazy_cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
+  ttft = time.perf_counter() - start
+  prefill_computed = np.asarray(jnp.sum(state.computed_lbs > 0, axis=(0, 2)))
+  out = lazy_decode_loop(lm.params, cfg, lazy_cfg, state, first, jnp.int32(request.max_new_tokens), key,
+                         request.sampling, ar.next_pow2(request.max_new_tokens))
+  tokens_bn, num_b, steps, revived_b, computed_lbs = jax.device_get(
+      (out.tokens_bn, out.num_b, out.steps, out.revived_b, out.state.computed_lbs))
+  total = time.perf_counter() - start
+  stats = []
+  for b, prompt in enumerate(request.prompts):
+    n = len(prompt)
+    stats.append(dict(
+        method=name, new_tokens=int(num_b[b]), steps=int(steps) + 1, ttft_s=ttft, total_s=total,
+        decode_s=total - ttft, accept_lengths=[1] * int(num_b[b]), prompt_tokens=n, lazy_fallback=False,
+        prefill_bucket=t, computed_fraction_prefill=float(prefill_computed[b]) / (cfg.n_layers * n),
+        computed_fraction_final=float(np.sum(computed_lbs[:, b, :n] > 0)) / (cfg.n_layers * n),
+        max_layer_computes=int(computed_lbs[:, b].max()), revived=int(revived_b[b]),
+        token_layers_computed=int(computed_lbs[:, b].sum())))
+  return api.make_results(lm, tokens_bn, num_b, stats)
+
+
+def _single(lazy_cfg: LazyConfig, n_layers: int, request: api.GenerateRequest) -> LazyConfig:
+  return single_layer_config(lazy_cfg, n_layers, request.option("single_layer", lazy_cfg.prune_layers[0]))
+
+
+# Each method turns the requested schedule (LazyConfig defaults, then options) into the one it runs.
+SCHEDULES = {
+    "lazy": lambda c, n_layers, request: c,
+    "lazy_static": lambda c, n_layers, request: dataclasses.replace(c, selection="static", revive=False),
+    "lazy_random": lambda c, n_layers, request: dataclasses.replace(c, selection="random", revive=False),
+    "lazy_single": _single,
+    "full": lambda c, n_layers, request: dataclasses.replace(c, prune_layers=(), keep_ratios=(), revive=False),
+}
+
+
+def _register(name: str):
+  @api.register_method(name)
+  def run(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+    lazy_cfg = SCHEDULES[name](config_from_request(request, LazyConfig()), lm.cfg.n_layers, request)
+    return generate_lazy(lm, request, lazy_cfg, name)
+  return run
+
+
+for _name in SCHEDULES:
+  _register(_name)

@@ -1,0 +1,54 @@
+"""The long-context launcher: one-line errors with exit status 2, and its scoring helpers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from experiments import longctx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _launch(*args):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "experiments.longctx", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompts=/nonexistent/p.jsonl", "--out_dir=/tmp/x"], "file not found"),
+    (["--build=passkey", "--methods=full,nope", "--out_dir=/tmp/x"], "unknown method"),
+    (["--build=passkey", "--out_dir="], "--out_dir is required"),
+])
+def test_bad_input_is_one_line_exit_2(args, message):
+  proc = _launch(*args)
+  assert proc.returncode == 2
+  lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+  assert len(lines) == 1 and message in lines[0]
+
+
+def test_passkey_scoring():
+  assert longctx.passkey_correct("The pass key is 48213.", "48213")
+  assert longctx.passkey_correct("48,213", "48213")
+  assert not longctx.passkey_correct("The pass key is 48214.", "48213")
+  assert not longctx.passkey_correct("I don't know", "48213")
+
+
+def test_summary_agreement_and_speedup():
+  prompts = [dict(id="a", prompt="x", answer="12345", task="passkey", target_len=2048),
+             dict(id="b", prompt="y", answer="54321", task="passkey", target_len=2048)]
+  rows = {
+      "full": [dict(id="a", token_ids=[1, 2], text="12345", ttft_s=2.0, total_s=3.0, prompt_tokens=2000),
+               dict(id="b", token_ids=[3, 4], text="54321", ttft_s=4.0, total_s=5.0, prompt_tokens=2010)],
+      "lazy": [dict(id="a", token_ids=[1, 5], text="12345", ttft_s=1.0, total_s=2.0, prompt_tokens=2000,
+                    computed_fraction_prefill=0.5),
+               dict(id="b", token_ids=[9, 4], text="99999", ttft_s=1.0, total_s=2.0, prompt_tokens=2010,
+                    computed_fraction_prefill=0.4)],
+  }
+  g = longctx.summarize(rows, prompts)["methods"]["lazy"]["passkey@2048"]
+  assert g["passkey_accuracy"] == 0.5 and g["first_token_agreement"] == 0.5
+  assert g["ttft_speedup_vs_base"] == 3.0 and abs(g["computed_fraction_prefill"] - 0.45) < 1e-9
