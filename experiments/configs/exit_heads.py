@@ -1,0 +1,24 @@
+"""ml_collections config for `experiments/train_exit_heads.py` (AdaDecode exit heads on SmolLM2-135M)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.model = "smollm2-135m"
+  c.layers = (6, 10, 14, 18, 22, 26)  # heads to train (depth = number of layers run before the head)
+  c.table_layers = tuple(range(2, 30, 2))  # layers whose identity-head agreement is measured
+  c.num_train_seqs = 96  # ShareGPT first exchanges (chat template, teacher-forced)
+  c.num_eval_seqs = 16  # held-out exchanges, taken after the training ones
+  c.seq_len = 192
+  c.steps = 150
+  c.batch = 128  # token rows per step
+  c.lr = 5e-3
+  c.warmup_frac = 0.03
+  c.weight_decay = 0.0
+  c.seed = 0
+  c.workdir = "/tmp/hdjax_exit_heads"  # orbax checkpoints (resumable) and metrics.jsonl
+  c.ckpt_every = 10
+  c.stop_after = -1  # > 0: stop after that many steps (simulates a killed run; rerun to resume)
+  c.export_dir = "checkpoints/adadecode/smollm2-135m"  # final heads (orbax) + heads.json; "" to skip
+  return c

@@ -1,0 +1,98 @@
+"""Trains AdaDecode exit heads (T_i, identity-initialised) on teacher-forced ShareGPT hidden states.
+
+  PYTHONPATH=. .venv/bin/python -m experiments.train_exit_heads --config=experiments/configs/exit_heads.py \
+      --config.steps=150
+
+Writes `workdir/metrics.jsonl` (one line per step, plus the evaluation tables), resumable orbax checkpoints in
+`workdir/ckpt`, `workdir/summary.json` (held-out top-1 agreement of the identity head at every table layer and of
+the trained heads), and exports the final heads to `export_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+from ml_collections import config_flags
+from tqdm import tqdm
+
+import hdjax
+from experiments.common import run_main, write_json_atomic
+from hdjax.adadecode import heads as heads_lib
+from hdjax.adadecode import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/exit_heads.py", "training config")
+MAX_USER_CHARS = 600
+
+
+def exchange_tokens(tok, exchanges):
+  """Chat-templated (user, assistant) token ids, and where the assistant's reply starts in each."""
+  seqs, starts = [], []
+  for user, assistant in exchanges:
+    user = dict(user, content=user["content"][:MAX_USER_CHARS])
+    starts.append(len(tok.apply_chat_template([user])))
+    seqs.append(tok.apply_chat_template([user, assistant], add_generation_prompt=False))
+  return seqs, starts
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  c = _CONFIG.value
+  t0 = time.perf_counter()
+  lm = hdjax.load(c.model, dtype="float32")
+  layers = heads_lib.check_layers(lm.cfg, c.layers)
+  table_layers = tuple(sorted(set(heads_lib.check_layers(lm.cfg, c.table_layers)) | set(layers)))
+  exchanges = train.first_exchanges(train.sharegpt_path(), c.num_train_seqs + c.num_eval_seqs)
+  seqs, starts = exchange_tokens(lm.tokenizer, exchanges)
+  n_train = c.num_train_seqs
+  os.makedirs(c.workdir, exist_ok=True)
+  log = open(os.path.join(c.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  with tqdm(total=len(seqs), desc="hidden states", unit="seq") as bar:
+    train_set = train.collect_hidden(lm.params, lm.cfg, seqs[:n_train], starts[:n_train], layers, c.seq_len,
+                                     progress=bar.update)
+    eval_set = train.collect_hidden(lm.params, lm.cfg, seqs[n_train:], starts[n_train:], table_layers, c.seq_len,
+                                    progress=bar.update)
+  t_hidden = time.perf_counter() - t0
+  identity = train.evaluate(lm.params, lm.cfg, heads_lib.identity_heads(lm.cfg, table_layers).t_idd, eval_set)
+  table = {str(l): dict(identity_agree=float(a), identity_kl=float(k))
+           for l, a, k in zip(table_layers, identity["agree"], identity["kl"])}
+
+  with tqdm(total=c.steps, desc="train", unit="step") as bar:
+    def on_step(step, metrics):
+      log.write(json.dumps(dict(step=step, **metrics)) + "\n")
+      log.flush()
+      bar.n = step
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", agree=f"{np.mean(metrics['agree']):.3f}")
+      bar.refresh()
+
+    state = train.fit(lm.params, lm.cfg, train_set, steps=c.steps, batch=c.batch, lr=c.lr, warmup_frac=c.warmup_frac,
+                      weight_decay=c.weight_decay, seed=c.seed, ckpt_dir=os.path.join(c.workdir, "ckpt"),
+                      ckpt_every=c.ckpt_every, stop_after=c.stop_after if c.stop_after > 0 else None,
+                      on_step=on_step)
+  if int(state.step) < c.steps:
+    print(f"stopped at step {int(state.step)} of {c.steps}; rerun to resume")
+    return
+  eval_idx = [table_layers.index(l) for l in layers]
+  trained = train.evaluate(lm.params, lm.cfg, state.t_idd,
+                           train.HiddenSet(eval_set.inputs_inrd[eval_idx], eval_set.final_rd))
+  for l, a, k in zip(layers, trained["agree"], trained["kl"]):
+    table[str(l)].update(trained_agree=float(a), trained_kl=float(k))
+  summary = dict(config=c.to_dict(), train_rows=int(train_set.final_rd.shape[0]),
+                 eval_rows=int(eval_set.final_rd.shape[0]), hidden_s=t_hidden, total_s=time.perf_counter() - t0,
+                 table=table)
+  log.write(json.dumps(dict(eval=table)) + "\n")
+  log.close()
+  write_json_atomic(os.path.join(c.workdir, "summary.json"), summary)
+  print(json.dumps(table, indent=1))
+  if c.export_dir:
+    heads_lib.save_heads(c.export_dir, heads_lib.ExitHeads(layers, state.t_idd), lm.tokenizer.identity,
+                         info=dict(table=table, train_rows=summary["train_rows"], steps=c.steps))
+
+
+if __name__ == "__main__":
+  run_main(main)

@@ -1,0 +1,174 @@
+"""AdaDecode: greedy parity with `ar` under any heads, exact acceptance with perfect heads, bounded traces, sampling
+distribution, and real-SmolLM2 parity with the committed trained heads."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from hdjax.adadecode import decode
+from hdjax.adadecode.heads import ExitHeads, identity_heads, load_heads
+from hdjax.api import LM
+from hdjax.decoding.autoregressive import TRACE_COUNTS
+from hdjax.errors import HdjaxError
+from tests.conftest import make_tiny_lm
+
+HEAD_LAYERS = (2, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def deep_tiny() -> LM:
+  return make_tiny_lm(0, n_layers=8)
+
+
+def _prompts(seed: int, vocab: int):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, vocab, size=n).tolist() for n in (4, 9)]
+
+
+def _random_heads(seed: int, d: int, scale: float) -> ExitHeads:
+  t_idd = np.random.default_rng(seed).normal(size=(len(HEAD_LAYERS), d, d)) * scale
+  return ExitHeads(HEAD_LAYERS, jnp.asarray(t_idd, jnp.float32))
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.0, 0.3, 30.0]), gamma=st.sampled_from([0.0, 0.2, 0.9]))
+def test_greedy_parity_with_any_heads(deep_tiny, seed, scale, gamma):
+  """Random heads, all-wrong heads (T=0: uniform, argmax token 0) and sharp confident heads with gamma=0 (exit at
+  every head) never change greedy output."""
+  prompts = _prompts(seed, deep_tiny.cfg.vocab_size)
+  ref = deep_tiny.generate(prompts, method="ar", max_new_tokens=24)
+  out = deep_tiny.generate(prompts, method="adadecode", max_new_tokens=24, heads=_random_heads(seed, 64, scale),
+                           gamma=gamma, max_pending=3)
+  assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  for r in out:
+    assert sum(r.stats["accept_lengths"]) == r.stats["new_tokens"] == len(r.token_ids)
+    if gamma == 0.0:
+      assert r.stats["early_tokens"] > 0
+
+
+@pytest.mark.parametrize("max_pending", [1, 5])
+def test_always_exit_parity_and_pending_bound(deep_tiny, max_pending):
+  prompts = _prompts(7, deep_tiny.cfg.vocab_size)
+  ref = deep_tiny.generate(prompts, method="ar", max_new_tokens=30)
+  out = deep_tiny.generate(prompts, method="adadecode", max_new_tokens=30, heads=_random_heads(1, 64, 10.0),
+                           gamma=0.0, max_pending=max_pending)
+  assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  assert all(r.stats["mean_pending_depth"] == pytest.approx(max_pending) for r in out)
+
+
+def _skip_late_layers(lm: LM, first_skipped: int) -> LM:
+  """Layers >= first_skipped add nothing to the residual stream (their K/V still exist): an identity head at
+  first_skipped predicts exactly what the full model does."""
+  layers = dict(lm.params["layers"])
+  for name in ("o_nhd", "down_fd"):
+    layers[name] = layers[name].at[first_skipped:].set(0.0)
+  return LM(lm.cfg, dict(lm.params, layers=layers), None, name="tiny-skip")
+
+
+def test_perfect_heads_are_always_accepted_and_save_layers(deep_tiny):
+  lm = _skip_late_layers(deep_tiny, 4)
+  prompts = _prompts(3, lm.cfg.vocab_size)
+  ref = lm.generate(prompts, method="ar", max_new_tokens=32)
+  out = lm.generate(prompts, method="adadecode", max_new_tokens=32, heads=identity_heads(lm.cfg, (4, 6)),
+                    gamma=0.0, max_pending=4)
+  assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  for r in out:
+    st_ = r.stats
+    assert st_["rejections"] == 0 and st_["early_accepted"] == st_["early_tokens"] > 0
+    assert st_["exit_rate_per_layer"]["4"] == 1.0
+    # every token still runs every layer exactly once (its K/V is exact), but in fewer, batched layer steps
+    assert st_["layer_tokens"] == [st_["layer_tokens"][0]] * lm.cfg.n_layers
+    assert st_["layer_steps"] < lm.cfg.n_layers * st_["new_tokens"]
+
+
+def test_no_recompile_per_token_or_prompt(deep_tiny):
+  heads = _random_heads(0, 64, 1.0)
+  deep_tiny.generate([[5, 6, 7]], method="adadecode", max_new_tokens=20, heads=heads, gamma=0.3, max_pending=3)
+  before = TRACE_COUNTS["adadecode_loop"]
+  for seed in range(3):
+    deep_tiny.generate(_prompts(seed, 128), method="adadecode", max_new_tokens=17 + seed, heads=heads,
+                       gamma=0.1 * seed, max_pending=3)
+  assert TRACE_COUNTS["adadecode_loop"] == before
+
+
+def test_bad_options(deep_tiny):
+  with pytest.raises(HdjaxError):
+    deep_tiny.generate([[5, 6]], method="adadecode", heads="identity", head_layers=(0, 9))
+  with pytest.raises(HdjaxError):
+    deep_tiny.generate([[5, 6]], method="adadecode", heads="identity", max_pending=0)
+  with pytest.raises(HdjaxError):
+    deep_tiny.generate([[5, 6]], method="adadecode", heads="/nonexistent/heads")
+
+
+def _exact_second_token_dist(lm: LM, prompt, temperature: float) -> np.ndarray:
+  """P(second generated token = v) for v < V, and P(no second token: the first was EOS) at index V."""
+  vocab = lm.cfg.vocab_size
+  p1 = jax.nn.softmax(lm.logits(prompt)[-1] / temperature)
+  out = np.zeros(vocab + 1)
+  for t1 in range(vocab):
+    if t1 in lm.cfg.eos_ids:
+      out[vocab] += p1[t1]
+    else:
+      out[:vocab] += p1[t1] * np.asarray(jax.nn.softmax(lm.logits(prompt + [t1])[-1] / temperature))
+  return out
+
+
+def test_sampling_matches_target_distribution():
+  """With gamma=0 every second token is an early head guess that verification accepts or resamples: its marginal
+  must be the model's, not the head's (chi-square against the exact distribution)."""
+  cfg_vocab = 12
+  lm = make_tiny_lm(3, n_layers=6, vocab_size=cfg_vocab, eos_ids=(11,))
+  prompt, n = [3, 5, 7], 1500
+  heads = ExitHeads(HEAD_LAYERS[:2], jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 64)) * 2.0,
+                                                  jnp.float32))
+  res = lm.generate([prompt] * n, method="adadecode", max_new_tokens=2, temperature=1.0, heads=heads, gamma=0.0,
+                    max_pending=2, seed=11)
+  counts = np.zeros(cfg_vocab + 1)
+  for r in res:
+    counts[r.token_ids[1] if len(r.token_ids) > 1 else cfg_vocab] += 1
+  assert sum(r.stats["rejections"] for r in res) > 50  # the residual path is exercised
+  expected = _exact_second_token_dist(lm, prompt, 1.0) * n
+  keep = expected > 5
+  chi2 = float(np.sum((counts[keep] - expected[keep]) ** 2 / expected[keep]))
+  assert chi2 < 40.0, (chi2, counts, expected.round(1))  # df <= 12; p < 1e-4 above 40
+  tv = 0.5 * np.sum(np.abs(counts / n - expected / n))
+  assert tv < 0.05
+
+
+DEFAULT_HEADS = decode.DEFAULT_HEADS_DIR
+needs_heads = pytest.mark.skipif(not os.path.isdir(DEFAULT_HEADS), reason="trained heads not exported yet")
+
+QUESTIONS = ["What is the capital of France? Answer in one sentence.",
+             "Write a Python function that returns the factorial of n.",
+             "Summarize in two sentences: The city council met on Tuesday to discuss the new park, which will open "
+             "next spring after two years of construction."]
+
+
+@needs_heads
+def test_smollm_parity_with_trained_heads(smollm):
+  prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
+  ref = smollm.generate(prompts, method="ar", max_new_tokens=48)
+  out = smollm.generate(prompts, method="adadecode", max_new_tokens=48)  # the committed heads at DEFAULT_LAYERS
+  assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  assert sum(r.stats["early_accepted"] for r in out) > 0
+
+
+@needs_heads
+@pytest.mark.slow
+def test_smollm_parity_more_prompts_and_settings(smollm):
+  prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS]
+  ref = smollm.generate(prompts, method="ar", max_new_tokens=160)
+  for gamma, pending in ((0.75, 5), (0.3, 5), (0.95, 2)):
+    out = smollm.generate(prompts, method="adadecode", max_new_tokens=160, gamma=gamma, max_pending=pending)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  all_heads = load_heads(DEFAULT_HEADS, smollm.cfg)
+  out = smollm.generate(prompts, method="adadecode", max_new_tokens=160, heads=all_heads, gamma=0.5)
+  assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  out = smollm.generate(prompts, method="adadecode", max_new_tokens=160, heads="identity", gamma=0.5)
+  assert [r.token_ids for r in out] == [r.token_ids for r in ref]

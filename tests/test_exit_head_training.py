@@ -1,0 +1,99 @@
+"""Exit-head training: truncated ShareGPT streaming, KL training that helps, orbax resume == uninterrupted run,
+head save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hdjax.adadecode import train
+from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads, load_heads, save_heads
+from hdjax import model
+from tests.conftest import make_tiny_lm
+
+LAYERS = (1, 2, 3)
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+  lm = make_tiny_lm(0)
+  # a random tiny model is almost uniform at the output and its last layer barely moves the residual stream:
+  # sharpen the LM head and amplify the last layer so that intermediate heads have something to learn
+  embedder = dict(lm.params["embedder"], lm_head_dv=lm.params["embedder"]["lm_head_dv"] * 50.0)
+  layers = dict(lm.params["layers"], down_fd=lm.params["layers"]["down_fd"].at[-1].multiply(30.0))
+  lm.params = dict(lm.params, embedder=embedder, layers=layers)
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(3, lm.cfg.vocab_size, size=32).tolist() for _ in range(8)]
+  data = train.collect_hidden(lm.params, lm.cfg, seqs, [4] * len(seqs), LAYERS, seq_len=32, batch=4)
+  return lm, data
+
+
+def test_iter_sharegpt_stops_at_truncation(tmp_path):
+  convs = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i} ]}}"}, {"from": "gpt", "value": "a"}]}
+           for i in range(5)]
+  text = json.dumps(convs, indent=1)
+  path = tmp_path / "trunc.json"
+  path.write_text(text[:text.index('"3"') + 5])
+  got = list(train.iter_sharegpt(str(path), chunk_chars=16))
+  assert [c["id"] for c in got] == ["0", "1", "2"]
+  full = tmp_path / "full.json"
+  full.write_text(text)
+  assert [c["id"] for c in train.iter_sharegpt(str(full), chunk_chars=7)] == [str(i) for i in range(5)]
+
+
+def test_collect_hidden_matches_run_layers(tiny_data):
+  lm, data = tiny_data
+  assert data.inputs_inrd.shape == (len(LAYERS), 8 * 28, lm.cfg.d_model)
+  # the final-layer state gives the model's own logits
+  rng = np.random.default_rng(0)
+  seq = rng.integers(3, lm.cfg.vocab_size, size=32).tolist()
+  want = lm.logits(seq)[4:]
+  got = np.asarray(model.unembed(lm.params, lm.cfg, jnp.asarray(data.final_rd[None, :28]))[0])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_identity_head_is_the_lm_head(tiny_data):
+  lm, data = tiny_data
+  h = jnp.asarray(data.final_rd[None, :5])
+  np.testing.assert_allclose(head_logits(lm.params, lm.cfg, jnp.eye(lm.cfg.d_model), h),
+                             model.unembed(lm.params, lm.cfg, h), rtol=1e-5, atol=1e-5)
+
+
+def _fit(lm, data, ckpt_dir, **kw):
+  return train.fit(lm.params, lm.cfg, data, steps=8, batch=32, lr=1e-2, warmup_frac=0.03, weight_decay=0.0, seed=0,
+                   ckpt_dir=str(ckpt_dir), ckpt_every=3, **kw)
+
+
+def test_kl_gradient_step_lowers_kl(tiny_data):
+  lm, data = tiny_data
+  x_ird, f_rd = jnp.asarray(data.inputs_inrd[:, :128]), jnp.asarray(data.final_rd[:128])
+  t_idd = identity_heads(lm.cfg, LAYERS).t_idd
+  kl_i = lambda t: train.kl_per_head(lm.params, lm.cfg, t, x_ird, f_rd)[0]
+  g_idd = jax.grad(lambda t: jnp.sum(kl_i(t)))(t_idd)
+  step_idd = 1e-2 * g_idd / jnp.linalg.norm(g_idd, axis=(1, 2), keepdims=True)
+  assert np.all(np.asarray(kl_i(t_idd - step_idd)) < np.asarray(kl_i(t_idd)))
+  assert np.all(np.asarray(kl_i(t_idd + step_idd)) > np.asarray(kl_i(t_idd)))
+
+
+def test_resumed_training_equals_uninterrupted(tiny_data, tmp_path):
+  lm, data = tiny_data
+  full = _fit(lm, data, tmp_path / "full")
+  killed = _fit(lm, data, tmp_path / "resumed", stop_after=5)
+  assert int(killed.step) == 5
+  resumed = _fit(lm, data, tmp_path / "resumed")  # restores step 3's checkpoint (every 3 steps), replays 4..8
+  assert int(resumed.step) == 8
+  np.testing.assert_array_equal(np.asarray(resumed.t_idd), np.asarray(full.t_idd))
+  assert not np.array_equal(np.asarray(killed.t_idd), np.asarray(full.t_idd))
+
+
+def test_heads_round_trip(tmp_path):
+  lm = make_tiny_lm(0)
+  heads = ExitHeads((1, 3), jax.random.normal(jax.random.key(0), (2, lm.cfg.d_model, lm.cfg.d_model)))
+  save_heads(str(tmp_path / "h"), heads, "tiny")
+  back = load_heads(str(tmp_path / "h"), lm.cfg)
+  assert back.layers == heads.layers
+  np.testing.assert_array_equal(np.asarray(back.t_idd), np.asarray(heads.t_idd))
