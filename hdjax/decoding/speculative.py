@@ -1,0 +1,249 @@
+"""The speculative decoding loop shared by every drafter (PLD, REST, HD and its single-database ablations).
+
+Per step: host drafters propose chains -> one static-shape prefix tree per sequence (`tree.py`) -> ONE jitted,
+cache-donating verify step that runs the root (last accepted token, not yet cached) and every tree node, accepts
+inside the same jit (greedy longest path, or recursive rejection sampling) and compacts the accepted path's K/V
+into place. The tree's node count is picked per step from a small set of buckets, so compiles stay bounded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdjax import api, model
+from hdjax.attention import prefix_plus_block_mask
+from hdjax.config import LlamaConfig
+from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
+from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees
+from hdjax.decoding.verify import greedy_accept, rejection_accept
+from hdjax.drafting.base import Drafter
+from hdjax.drafting.context_db import context_drafter
+from hdjax.drafting.hierarchy import HierarchyDrafter
+from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
+from hdjax.errors import HdjaxError
+from hdjax.kvcache import KVCache, commit_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecConfig:
+  """Tree shape and drafting defaults; each field can be overridden by a request option of the same name."""
+
+  # Allowed node counts per step, root included. On a 2-core CPU a 16-node verify costs ~2.1 single-token steps,
+  # more than the ~1.6 tokens it accepts on Spec-Bench, so the default budget stops at 8 (see the replay tuning).
+  buckets: tuple[int, ...] = (1, 4, 8)
+  max_depth: int = 4  # draft tokens per chain
+  max_chains: int = 7  # candidate chains per step
+
+  def with_options(self, request: api.GenerateRequest) -> "SpecConfig":
+    cfg = dataclasses.replace(self, **{f.name: request.option(f.name, getattr(self, f.name))
+                                       for f in dataclasses.fields(self)})
+    buckets = tuple(sorted({int(b) for b in cfg.buckets}))
+    if not buckets or buckets[0] != 1 or cfg.max_depth < 1 or cfg.max_chains < 1:
+      raise HdjaxError(f"bad speculative settings: buckets={cfg.buckets} (must include 1), "
+                       f"max_depth={cfg.max_depth}, max_chains={cfg.max_chains} (both >= 1)")
+    return dataclasses.replace(cfg, buckets=buckets, max_depth=int(cfg.max_depth), max_chains=int(cfg.max_chains))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_depth"), donate_argnames=("cache",))
+def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, active_b: jax.Array, key: jax.Array,
+                step: jax.Array, sampling: SamplingConfig, max_depth: int) -> tuple[jax.Array, jax.Array, KVCache]:
+  """Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, and accepts (sampling draws
+  from `fold_in(key, step)`).
+
+  Returns the emitted tokens [B, max_depth + 1] (the first num_b + 1 are real), the number of accepted draft
+  tokens num_b (0 for inactive rows), and the cache with the root and accepted path committed.
+  """
+  ar.TRACE_COUNTS["verify_step"] += 1
+  batch, num_nodes = tree.tokens.shape
+  lengths_b = cache.lengths
+  offsets_bt = jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32), (batch, num_nodes))
+  slots_bt = jnp.where(active_b[:, None] & tree.valid, lengths_b[:, None] + offsets_bt, cache.num_slots)
+  positions_bt = lengths_b[:, None] + tree.depths
+  mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
+  h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt)
+  logits_btv = model.unembed(params, cfg, h_btd)
+  if sampling.greedy:
+    target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
+    acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
+        tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt)
+  else:
+    probs_btv = target_probs(logits_btv, sampling)
+    acc = jax.vmap(functools.partial(rejection_accept, max_depth=max_depth))(
+        tree.tokens, tree.parents, tree.valid, probs_btv, jax.random.split(jax.random.fold_in(key, step), batch))
+  num_b = jnp.where(active_b, acc.num_accepted, 0)
+  cache = commit_rows(cache, lengths_b[:, None] + acc.path_d1, jnp.where(active_b, num_b + 1, 0))
+  return acc.tokens_d1, num_b, cache
+
+
+def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
+                         make_drafter: Callable[[SpecConfig], Drafter], defaults: SpecConfig = SpecConfig()
+                         ) -> list[api.GenerationResult]:
+  """Prefill, then draft -> verify steps until every sequence hits EOS, max_new_tokens or a full cache."""
+  cfg, spec = lm.cfg, defaults.with_options(request)
+  num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
+  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
+  tokens, lengths = api.pad_prompts(request.prompts, cfg.pad_id, t)
+  key, first_key = jax.random.split(jax.random.key(request.seed))
+  on_tokens = request.option("on_tokens")
+  start = time.perf_counter()
+  logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  first_b = np.asarray(select_token(logits_bv, first_key, request.sampling))
+  ttft = time.perf_counter() - start
+  batch = len(request.prompts)
+  if request.option("warmup", False):  # trace every tree bucket for this cache shape, emit the first token only
+    compile_buckets(lm, cache, spec, request.sampling)
+    return api.make_results(lm, first_b[:, None], np.ones(batch, np.int32),
+                            [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
+                                  accept_lengths=[1], prompt_tokens=len(p)) for p in request.prompts])
+  rows = [[int(first_b[b])] for b in range(batch)]
+  done = [rows[b][0] in cfg.eos_ids or request.max_new_tokens <= 1 for b in range(batch)]
+  drafters = [make_drafter(spec) for _ in range(batch)]
+  for b, drafter in enumerate(drafters):
+    drafter.start(request.prompts[b])
+    drafter.extend(rows[b])
+  cache_len_b = np.asarray(lengths, np.int64)
+  accept_lengths: list[list[int]] = [[1] for _ in range(batch)]
+  draft_s = verify_s = 0.0
+  steps = 1
+  if on_tokens:
+    on_tokens(rows[0][:])
+  while not all(done):
+    t0 = time.perf_counter()
+    room = num_slots - int(max(cache_len_b[b] for b in range(batch) if not done[b]))
+    if room < 1:
+      break
+    full_trees = [build_tree(row[-1], [] if d else drafter.draft(request.prompts[b] + tuple(row), spec.max_chains,
+                                                                 spec.max_depth),
+                             max(spec.buckets), spec.max_depth)
+                  for b, (row, d, drafter) in enumerate(zip(rows, done, drafters))]
+    fitting = [x for x in spec.buckets if x <= room]
+    num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets), max(fitting))
+    tree = stack_trees([truncate(tr, num_nodes) for tr in full_trees])
+    tree_dev, active_dev, step_dev = jax.device_put((tree, np.asarray([not d for d in done]), np.int32(steps)))
+    t1 = time.perf_counter()
+    out_bd, num_b, cache = verify_step(lm.params, cfg, cache, tree_dev, active_dev, key, step_dev, request.sampling,
+                                       spec.max_depth)
+    out_bd, num_b = jax.device_get((out_bd, num_b))
+    t2 = time.perf_counter()
+    draft_s += t1 - t0
+    verify_s += t2 - t1
+    steps += 1
+    for b in range(batch):
+      if done[b]:
+        continue
+      cache_len_b[b] += int(num_b[b]) + 1
+      emitted = []
+      for tok in out_bd[b, :int(num_b[b]) + 1]:
+        emitted.append(int(tok))
+        if int(tok) in cfg.eos_ids or len(rows[b]) + len(emitted) >= request.max_new_tokens:
+          done[b] = True
+          break
+      rows[b].extend(emitted)
+      accept_lengths[b].append(len(emitted))
+      drafters[b].extend(emitted)
+      if b == 0 and on_tokens:
+        on_tokens(emitted)
+  for drafter in drafters:
+    drafter.finish()
+  total = time.perf_counter() - start
+  stats = [dict(method=method, new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
+                accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)), draft_s=draft_s,
+                verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
+                node_budget=max(spec.buckets), max_depth=spec.max_depth)
+           for row, acc, prompt in zip(rows, accept_lengths, request.prompts)]
+  return api.make_results(lm, *api.padded_rows(rows), stats)
+
+
+def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig) -> None:
+  """Traces the verify step for every bucket with all rows inactive (nothing is written or committed)."""
+  batch = cache.batch
+  for num_nodes in spec.buckets:
+    tree = stack_trees([build_tree(0, [], num_nodes, spec.max_depth)] * batch)
+    _, _, cache = verify_step(lm.params, lm.cfg, cache, jax.device_put(tree), jnp.zeros((batch,), bool),
+                              jax.random.key(0), jnp.int32(0), sampling, spec.max_depth)
+
+
+def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
+  """The first `num_nodes` nodes (parents precede children, so this is still a tree)."""
+  return DraftTree(tree.tokens[:num_nodes], tree.parents[:num_nodes], tree.depths[:num_nodes],
+                   tree.valid[:num_nodes], tree.ancestors[:num_nodes, :num_nodes])
+
+
+_LOADED: dict[tuple[str, str], Drafter] = {}
+
+
+def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
+  """A source backed by a persisted database (`ModelDB` / `StatsDB` under checkpoints/hd), loaded once per
+  tokenizer and shared across requests (the model database learns online from each finished request)."""
+
+  def make(lm: api.LM, spec: SpecConfig) -> Drafter:
+    del spec
+    cache_key = (kind, lm.tokenizer.identity)
+    if cache_key not in _LOADED:
+      if kind == "model":
+        from hdjax.drafting.model_db import ModelDB as db_class  # pylint: disable=import-outside-toplevel
+      else:
+        from hdjax.drafting.stats_db import StatsDB as db_class  # pylint: disable=import-outside-toplevel
+      _LOADED[cache_key] = db_class.load(lm.tokenizer)
+    return _LOADED[cache_key]
+
+  return make
+
+
+def _available(lm: api.LM, name: str, spec: SpecConfig) -> bool:
+  try:
+    SOURCES[name](lm, spec)
+  except HdjaxError:
+    return False
+  return True
+
+
+def reset_databases() -> None:
+  """Forgets the loaded databases and their online updates (the next request reloads them from disk)."""
+  _LOADED.clear()
+
+
+SOURCES: dict[str, Callable[[api.LM, SpecConfig], Drafter]] = {
+    "context": lambda lm, spec: context_drafter(),
+    "pld": lambda lm, spec: pld_drafter(),
+    "model": _database("model"),
+    "stats": _database("stats"),
+}
+
+HD_DEFAULTS = SpecConfig()
+PLD_DEFAULTS = SpecConfig(max_depth=PLD_MAX_TOKENS, max_chains=1)  # the 8-node budget keeps 7 of its 10 tokens
+
+
+def _register(method: str, order: str, defaults: SpecConfig) -> None:
+  """Registers `method`: the sources named in the `order` option (comma-separated), asked in that order."""
+
+  @api.register_method(method)
+  def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+    names = [n.strip() for n in str(request.option("order", order)).split(",") if n.strip()]
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown or not names:
+      raise HdjaxError(f"unknown draft source(s) {unknown or names} in order={order!r}; known: {', '.join(SOURCES)}")
+    spec = defaults.with_options(request)
+    if len(names) > 1:  # a hierarchy uses the databases that exist; a single source must exist
+      names = [n for n in names if _available(lm, n, spec)]
+    results = speculative_generate(lm, request, method, lambda spec: HierarchyDrafter(
+        [SOURCES[n](lm, spec) for n in names], max(spec.buckets) - 1, name=method), defaults)
+    for r in results:
+      r.stats["sources"] = ",".join(names)
+    return results
+
+  del generate
+
+
+for _method, _order, _defaults in (("pld", "pld", PLD_DEFAULTS), ("rest", "stats", HD_DEFAULTS),
+                                   ("hd", "context,model,stats", HD_DEFAULTS), ("hd_context", "context", HD_DEFAULTS),
+                                   ("hd_model", "model", HD_DEFAULTS), ("hd_stats", "stats", HD_DEFAULTS)):
+  _register(_method, _order, _defaults)

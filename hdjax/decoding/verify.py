@@ -1,0 +1,85 @@
+"""Lossless acceptance of one draft tree (jittable, one sequence; vmap over the batch).
+
+Both rules return `Accepted(path_d1, num_accepted, tokens_d1)`: path_d1[d] is the accepted node at depth d
+(path_d1[0] = root), `num_accepted` the number of accepted draft nodes n, and tokens_d1[:n + 1] the tokens the
+step emits: the n accepted draft tokens then the bonus token drawn at the deepest accepted node.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Accepted(NamedTuple):
+  path_d1: jax.Array  # [D + 1] int32 node indices; entries past num_accepted are meaningless
+  num_accepted: jax.Array  # int32 scalar
+  tokens_d1: jax.Array  # [D + 1] int32
+
+
+def _path_of(deepest: jax.Array, depths_t: jax.Array, ancestors_tt: jax.Array, max_depth: int) -> jax.Array:
+  """Node index at each depth 0..max_depth on the root-to-`deepest` path."""
+  on_path_t = ancestors_tt[deepest]
+  at_depth_dt = on_path_t[None, :] & (depths_t[None, :] == jnp.arange(max_depth + 1)[:, None])
+  return jnp.argmax(at_depth_dt, axis=1).astype(jnp.int32)
+
+
+def _emitted(tokens_t: jax.Array, path_d1: jax.Array, num: jax.Array, bonus: jax.Array) -> jax.Array:
+  drafted_d1 = jnp.concatenate([tokens_t[path_d1[1:]], jnp.zeros((1,), jnp.int32)])
+  return drafted_d1.at[num].set(bonus)
+
+
+def greedy_accept(tokens_t: jax.Array, parents_t: jax.Array, depths_t: jax.Array, valid_t: jax.Array,
+                  ancestors_tt: jax.Array, target_t: jax.Array, max_depth: int) -> Accepted:
+  """Longest path whose every draft token equals the target argmax `target_t` at its parent.
+
+  In a trie each parent has at most one matching child, so the accepted nodes form a single path.
+  """
+  match_t = valid_t & (tokens_t == target_t[parents_t])
+  accepted_t = jnp.zeros_like(valid_t).at[0].set(True)
+  for _ in range(max_depth):
+    accepted_t = accepted_t.at[1:].set((match_t & accepted_t[parents_t])[1:])
+  deepest = jnp.argmax(jnp.where(accepted_t, depths_t, -1))
+  num = depths_t[deepest]
+  path_d1 = _path_of(deepest, depths_t, ancestors_tt, max_depth)
+  return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, target_t[deepest]))
+
+
+def rejection_accept(tokens_t: jax.Array, parents_t: jax.Array, valid_t: jax.Array, probs_tv: jax.Array,
+                     key: jax.Array, max_depth: int) -> Accepted:
+  """Multi-draft recursive rejection sampling with deterministic drafts.
+
+  At the current node with target distribution p (probs_tv[node]), its children are tried in index order:
+  child x is accepted with probability p(x) / sum(p); on rejection p(x) = 0. When every child is rejected
+  (or there is none), the bonus token is sampled from the normalised residual p. The emitted tokens are then
+  distributed exactly as sampling from the target one token at a time.
+  """
+  tokens_t, parents_t, valid_t = jnp.asarray(tokens_t), jnp.asarray(parents_t), jnp.asarray(valid_t)
+  num_nodes = tokens_t.shape[0]
+
+  def try_child(j, carry):
+    cur, p_v, chosen, key_d = carry
+    is_child = valid_t[j] & (parents_t[j] == cur) & (j > 0) & (chosen < 0)
+    u = jax.random.uniform(jax.random.fold_in(key_d, j))
+    tok = tokens_t[j]
+    accept = is_child & (u * jnp.sum(p_v) < p_v[tok])
+    p_v = jnp.where(is_child & ~accept, p_v.at[tok].set(0.0), p_v)
+    return cur, p_v, jnp.where(accept, j, chosen), key_d
+
+  def step(d, carry):
+    cur, num, path_d1, bonus, done = carry
+    key_d = jax.random.fold_in(key, d)
+    _, p_v, chosen, _ = jax.lax.fori_loop(0, num_nodes, try_child, (cur, probs_tv[cur], jnp.int32(-1), key_d))
+    advance = ~done & (chosen >= 0)
+    stop = ~done & (chosen < 0)
+    residual = jax.random.categorical(jax.random.fold_in(key_d, num_nodes), jnp.log(p_v))
+    path_d1 = jnp.where(advance, path_d1.at[d + 1].set(chosen), path_d1)
+    return (jnp.where(advance, chosen, cur), num + advance.astype(jnp.int32), path_d1,
+            jnp.where(stop, residual.astype(jnp.int32), bonus), done | stop)
+
+  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((max_depth + 2,), jnp.int32), jnp.int32(0), jnp.bool_(False))
+  _, num, path_d2, bonus, _ = jax.lax.fori_loop(0, max_depth + 1, step, init)
+  path_d1 = path_d2[:max_depth + 1]
+  return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, bonus))

@@ -1,0 +1,97 @@
+"""Draft trees and acceptance rules against independent NumPy references."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from hdjax.decoding.tree import build_tree, bucket_for, merge_chains
+from hdjax.decoding.verify import greedy_accept, rejection_accept
+
+
+def test_merge_shares_prefixes_and_respects_budget_and_depth():
+  chains = [[1, 2, 3], [1, 2, 4], [1, 5], [6, 7, 8, 9]]
+  nodes = merge_chains(chains, max_nodes=6, max_depth=3)
+  # (token, parent): 1<-root, 2<-1, 3<-2, 4<-2, 5<-1, 6<-root (budget 6 cuts 7, 8)
+  assert nodes == [(1, 0), (2, 1), (3, 2), (4, 2), (5, 1), (6, 0)]
+  assert merge_chains([[1, 2, 3, 4]], max_nodes=10, max_depth=2) == [(1, 0), (2, 1)]
+  assert merge_chains([[1, 2], [1, 2], [1]], max_nodes=10, max_depth=4) == [(1, 0), (2, 1)]
+
+
+def test_tree_arrays_and_padding():
+  tree = build_tree(9, [[1, 2], [1, 3], [4]], num_nodes=8, max_depth=4)
+  np.testing.assert_array_equal(tree.tokens, [9, 1, 2, 3, 4, 0, 0, 0])
+  np.testing.assert_array_equal(tree.parents, [0, 0, 1, 1, 0, 0, 0, 0])
+  np.testing.assert_array_equal(tree.depths, [0, 1, 2, 2, 1, 0, 0, 0])
+  np.testing.assert_array_equal(tree.valid, [1, 1, 1, 1, 1, 0, 0, 0])
+  expected = np.eye(8, dtype=bool)
+  for child, ancestors in {1: [0], 2: [0, 1], 3: [0, 1], 4: [0]}.items():
+    expected[child, ancestors] = True
+  np.testing.assert_array_equal(tree.ancestors, expected)
+  assert tree.num_real == 5
+  assert bucket_for(5, (1, 4, 8, 16)) == 8 and bucket_for(1, (1, 4, 8)) == 1 and bucket_for(30, (1, 4, 8)) == 8
+
+
+def reference_greedy(tokens, parents, valid, target):
+  """Walk from the root, following the (unique) child that matches the argmax at each node."""
+  cur, out = 0, []
+  while True:
+    nxt = [j for j in range(1, len(tokens)) if valid[j] and parents[j] == cur and tokens[j] == target[cur]]
+    if not nxt:
+      return out + [int(target[cur])]
+    cur = nxt[0]
+    out.append(int(tokens[cur]))
+
+
+chains_strategy = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=5), max_size=8)
+
+
+@settings(max_examples=60, deadline=None)
+@given(chains=chains_strategy, target=st.lists(st.integers(0, 5), min_size=16, max_size=16),
+       num_nodes=st.sampled_from([1, 4, 8, 16]))
+def test_greedy_accept_matches_reference(chains, target, num_nodes):
+  tree = build_tree(3, chains, num_nodes, max_depth=4)
+  target = np.asarray(target[:num_nodes], np.int32)
+  acc = jax.jit(greedy_accept, static_argnames="max_depth")(
+      tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target, max_depth=4)
+  expected = reference_greedy(tree.tokens, tree.parents, tree.valid, target)
+  n = int(acc.num_accepted)
+  assert n == len(expected) - 1
+  assert [int(t) for t in acc.tokens_d1[:n + 1]] == expected
+  path = [int(p) for p in acc.path_d1[:n + 1]]
+  assert path[0] == 0 and all(tree.parents[path[d + 1]] == path[d] for d in range(n))
+
+
+def test_rejection_with_one_hot_target_is_greedy():
+  tree = build_tree(3, [[1, 2, 3], [1, 4], [5, 1]], 8, max_depth=4)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    target = rng.integers(0, 6, size=8).astype(np.int32)
+    probs = np.eye(8, dtype=np.float32)[target]
+    acc = jax.jit(rejection_accept, static_argnames="max_depth")(
+        tree.tokens, tree.parents, tree.valid, jnp.asarray(probs), jax.random.key(1), max_depth=4)
+    expected = reference_greedy(tree.tokens, tree.parents, tree.valid, target)
+    assert [int(t) for t in acc.tokens_d1[:int(acc.num_accepted) + 1]] == expected
+
+
+def test_rejection_sampling_output_distribution_equals_target():
+  """First emitted token ~ p(root); second token given first == child token ~ p(that child)."""
+  vocab, num = 6, 40000
+  tree = build_tree(0, [[1, 2], [3], [1, 4], [5, 5]], 8, max_depth=2)  # root children 1, 3, 5
+  rng = np.random.default_rng(0)
+  probs = rng.dirichlet(np.ones(vocab), size=8).astype(np.float32)
+  probs[0] = [0.05, 0.4, 0.05, 0.3, 0.0, 0.2]  # a drafted token (5) and undrafted ones share the mass
+  keys = jax.random.split(jax.random.key(0), num)
+  acc = jax.jit(jax.vmap(lambda k: rejection_accept(tree.tokens, tree.parents, tree.valid, jnp.asarray(probs), k,
+                                                    max_depth=2)))(keys)
+  tokens = np.asarray(acc.tokens_d1)
+  first = np.bincount(tokens[:, 0], minlength=vocab) / num
+  tol = 4 * np.sqrt(probs[0] * (1 - probs[0]) / num) + 1e-3
+  assert np.all(np.abs(first - probs[0]) < tol), (first, probs[0])
+  # after accepting token 1 (node 1), the next token is drawn through node 1's children (2, 4) from probs[1]
+  second = tokens[tokens[:, 0] == 1, 1]
+  freq = np.bincount(second, minlength=vocab) / len(second)
+  tol = 4 * np.sqrt(probs[1] * (1 - probs[1]) / len(second)) + 1e-3
+  assert np.all(np.abs(freq - probs[1]) < tol), (freq, probs[1])
