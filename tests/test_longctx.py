@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experiments import longctx
+from experiments import longctx_lib as longctx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from experiments import specbench
+from experiments import specbench_lib as specbench
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

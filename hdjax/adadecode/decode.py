@@ -35,7 +35,7 @@ from hdjax.api import GenerateRequest, GenerationResult, LM, cache_slots_for, ma
 from hdjax.attention import causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding.sampling import SamplingConfig, filtered_logits, select_token, target_probs
+from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 

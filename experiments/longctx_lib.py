@@ -1,0 +1,160 @@
+"""Library side of experiments/longctx.py: everything but the flags and `main`, importable by tests."""
+
+from __future__ import annotations
+
+import collections
+import random
+import re
+import statistics
+
+
+from experiments import common
+from hdjax.errors import HdjaxError
+
+
+TASKS = ("passkey", "multidoc")
+
+
+def _articles(path: str) -> list[dict]:
+  rows = [r for r in common.read_jsonl(path) if r.get("document") and r.get("summary")]
+  if not rows:
+    raise HdjaxError(f"{path}: no rows with 'document' and 'summary'")
+  return rows
+
+
+def _fit(lm, make_prompt, docs: list[str], limit: int) -> tuple[str, int]:
+  """The longest prefix of `docs` whose chat-templated prompt stays within `limit` tokens."""
+  n_tok = lambda k: len(lm.tokenizer.apply_chat_template([{"role": "user", "content": make_prompt(docs[:k])}]))
+  lo, hi = 1, len(docs)
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if n_tok(mid) <= limit else (lo, mid - 1)
+  return make_prompt(docs[:lo]), lo
+
+
+def build_passkey(lm, articles, limit: int, rng: random.Random, idx: int) -> dict:
+  key = f"{rng.randrange(10000, 100000)}"
+  sentences = [s for a in rng.sample(articles, 40) for s in a["document"].split("\n") if s.strip()]
+  needle = f"The pass key is {key}. Remember it. {key} is the pass key."
+  head = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+  tail = "\n\nWhat is the pass key? Answer with the 5-digit number only."
+  depth = rng.random()
+
+  def make(parts):
+    at = int(depth * len(parts))
+    return head + "\n".join(parts[:at] + [needle] + parts[at:]) + tail
+
+  prompt, _ = _fit(lm, make, sentences, limit)
+  return dict(id=f"passkey-{limit}-{idx}", task="passkey", target_len=limit, prompt=prompt, answer=key,
+              depth=round(depth, 3))
+
+
+def build_multidoc(lm, articles, limit: int, rng: random.Random, idx: int) -> dict:
+  """4 to 8 whole articles (as many as fit in `limit` tokens); the question names one of the first four."""
+  pool = [a for a in articles if limit / 10 < len(a["document"]) / 4.2 < limit / 4]
+  if len(pool) < 8:
+    raise HdjaxError(f"multidoc: not enough articles of a suitable size for length {limit}")
+  docs = rng.sample(pool, 8)
+  target = rng.randrange(4)
+  opening = " ".join(docs[target]["document"].split()[:12])
+  question = f"\n\nSummarize in one sentence the article that begins with \"{opening}\"."
+
+  def make(parts):
+    return "\n\n".join(f"Article {i + 1}:\n{p}" for i, p in enumerate(parts)) + question
+
+  texts = [d["document"] for d in docs]
+  prompt, fitted = _fit(lm, make, texts, limit)
+  while fitted < 4:  # the first four do not fit whole: shorten the longest until they do
+    longest = max(range(4), key=lambda i: len(texts[i]))
+    texts[longest] = texts[longest][:int(len(texts[longest]) * 0.9)]
+    prompt, fitted = _fit(lm, make, texts, limit)
+  return dict(id=f"multidoc-{limit}-{idx}", task="multidoc", target_len=limit, prompt=prompt,
+              reference=docs[target]["summary"], n_docs=fitted)
+
+
+def build_sets(lm, tasks, lengths, num, xsum, seed) -> list[dict]:
+  unknown = set(tasks) - set(TASKS)
+  if unknown:
+    raise HdjaxError(f"unknown --build set(s) {sorted(unknown)}; known: {', '.join(TASKS)}")
+  articles = _articles(xsum)
+  rows = []
+  for task in tasks:
+    for limit in lengths:
+      rng = random.Random(f"{seed}-{task}-{limit}")
+      make = build_passkey if task == "passkey" else build_multidoc
+      rows += [make(lm, articles, limit, rng, i) for i in range(num)]
+  return rows
+
+
+def _rouge_l(a: str, b: str) -> float:
+  from rouge_score import rouge_scorer  # pylint: disable=import-outside-toplevel
+  return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(a, b)["rougeL"].fmeasure
+
+
+def passkey_correct(text: str, answer: str) -> bool:
+  found = re.findall(r"\d{5}", text.replace(",", ""))
+  return bool(found) and found[0] == answer
+
+
+
+def parse_method(spec: str) -> tuple[str, dict]:
+  """'lazy@3-6:0.5-0.3' -> ('lazy', {prune_layers: (3, 6), keep_ratios: (0.5, 0.3)}); plain names pass through."""
+  name, _, schedule = spec.partition("@")
+  if not schedule:
+    return name, {}
+  layers, _, ratios = schedule.partition(":")
+  try:
+    return name, dict(prune_layers=tuple(int(x) for x in layers.split("-")),
+                      keep_ratios=tuple(float(x) for x in ratios.split("-")))
+  except ValueError:
+    raise HdjaxError(f"bad schedule in method {spec!r}: want NAME@L1-L2-...:R1-R2-...") from None
+
+
+def _median(xs):
+  return statistics.median(xs) if xs else None
+
+
+def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict]) -> dict:
+  base = list(rows_by_method)[0]
+  base_by_id = {r["id"]: r for r in rows_by_method[base]}
+  meta = {p["id"]: p for p in prompts}
+  out = {}
+  for method, rows in rows_by_method.items():
+    groups = collections.defaultdict(list)
+    for r in rows:
+      p = meta[r["id"]]
+      groups[f"{p.get('task', 'prompts')}@{p.get('target_len', 'any')}"].append(r)
+    per = {}
+    for name, rs in sorted(groups.items()):
+      g = dict(n=len(rs), prompt_tokens=_median([r["prompt_tokens"] for r in rs]),
+               ttft_s=_median([r["ttft_s"] for r in rs]), total_s=_median([r["total_s"] for r in rs]),
+               computed_fraction_prefill=statistics.fmean(r.get("computed_fraction_prefill", 1.0) for r in rs),
+               fallback=sum(bool(r.get("lazy_fallback")) for r in rs),
+               ttft_speedup_vs_base=_median([base_by_id[r["id"]]["ttft_s"] / r["ttft_s"] for r in rs]),
+               first_token_agreement=statistics.fmean(
+                   float(r["token_ids"][:1] == base_by_id[r["id"]]["token_ids"][:1]) for r in rs),
+               rougeL_vs_base=statistics.fmean(_rouge_l(base_by_id[r["id"]]["text"], r["text"]) for r in rs))
+      if any("answer" in meta[r["id"]] for r in rs):
+        g["passkey_accuracy"] = statistics.fmean(float(passkey_correct(r["text"], meta[r["id"]]["answer"]))
+                                                 for r in rs)
+      if any("reference" in meta[r["id"]] for r in rs):
+        g["rougeL_vs_reference"] = statistics.fmean(_rouge_l(meta[r["id"]]["reference"], r["text"]) for r in rs)
+      per[name] = g
+    out[method] = per
+  return dict(base=base, methods=out)
+
+
+def plot(rows_by_method: dict[str, list[dict]], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for method, rows in rows_by_method.items():
+    pts = sorted((r["prompt_tokens"], r["ttft_s"]) for r in rows)
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method, markersize=3)
+  ax.set_xlabel("prompt tokens")
+  ax.set_ylabel("TTFT (s)")
+  ax.set_title("SmolLM2-135M fp32, CPU: time to first token")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
