@@ -1,4 +1,5 @@
-"""The main job (`make run`): a streamed demo on the embedded SmolLM2, then the baseline decode benchmark.
+"""The main job (`make run`): a streamed demo on the embedded SmolLM2, the baseline decode benchmark, a quick
+stratified Spec-Bench subset (ar, pld, hd, adadecode) and a quick long-context set (full, lazy).
 
 Each stage is one of the project's launchers, run as a subprocess so its flags and outputs are the documented
 ones; results land under --out_dir.
@@ -22,11 +23,18 @@ _QUICK = flags.DEFINE_bool("quick", True, "Small budgets so the whole job fits i
 
 def stages(out_dir: str, quick: bool) -> list[tuple[str, list[str]]]:
   repeats = "2" if quick else "5"
+  per_category, new_tokens = ("1", "128") if quick else ("20", "256")
+  lengths, num = ("4096", "1") if quick else ("2048,4096,7500", "8")
   return [
       ("demo", ["experiments.generate", "--prompt=Explain in three sentences why the sky is blue.",
                 "--max_new_tokens=96"]),
       ("baseline decode benchmark", ["experiments.bench_decode", f"--repeats={repeats}",
                                      f"--out={out_dir}/bench_decode.json"]),
+      ("Spec-Bench subset", ["experiments.specbench", "--methods=ar,pld,hd,adadecode", f"--limit={per_category}",
+                             "--subset=stratified", f"--max_new_tokens={new_tokens}", f"--out_dir={out_dir}/specbench"]),
+      ("long-context subset", ["experiments.longctx", "--build=passkey,multidoc", f"--lengths={lengths}",
+                               f"--num={num}", "--methods=full,lazy", "--max_new_tokens=32",
+                               f"--out_dir={out_dir}/longctx"]),
   ]
 
 
