@@ -22,14 +22,14 @@ _QUICK = flags.DEFINE_bool("quick", True, "Small budgets so the whole job fits i
 
 
 def stages(out_dir: str, quick: bool) -> list[tuple[str, list[str]]]:
-  repeats = "2" if quick else "5"
-  per_category, new_tokens = ("1", "128") if quick else ("20", "256")
+  bench = (["--repeats=1", "--new_tokens=128", "--prefill_lengths=512"] if quick
+           else ["--repeats=3", "--new_tokens=256", "--prefill_lengths=512,2048"])
+  per_category, new_tokens = ("1", "64") if quick else ("20", "256")
   lengths, num = ("4096", "1") if quick else ("2048,4096,7500", "8")
   return [
       ("demo", ["experiments.generate", "--prompt=Explain in three sentences why the sky is blue.",
                 "--max_new_tokens=96"]),
-      ("baseline decode benchmark", ["experiments.bench_decode", f"--repeats={repeats}",
-                                     f"--out={out_dir}/bench_decode.json"]),
+      ("baseline decode benchmark", ["experiments.bench_decode", *bench, f"--out={out_dir}/bench_decode.json"]),
       ("Spec-Bench subset", ["experiments.specbench", "--methods=ar,pld,hd,adadecode", f"--limit={per_category}",
                              "--subset=stratified", f"--max_new_tokens={new_tokens}", f"--out_dir={out_dir}/specbench"]),
       ("long-context subset", ["experiments.longctx", "--build=passkey,multidoc", f"--lengths={lengths}",

@@ -62,9 +62,10 @@ def select_chains(ranked: Iterable[Continuation], max_chains: int, depth: int) -
   return out
 
 
-class ModelDB:
+class ModelDB(store.PersistedDB):
   """A `Drafter` over n-gram counts of the target model's outputs (see the module docstring)."""
 
+  KIND = KIND
   name = "model"
 
   def __init__(self, config: NgramConfig = NgramConfig(), tokenizer_identity: str = "",
@@ -155,14 +156,7 @@ class ModelDB:
   def save(self, path: str | None = None) -> None:
     """Prunes to the budget, then writes atomically (to `checkpoints/hd/model_db.npz` by default)."""
     self.prune()
-    store.save_arrays(path or store.default_path(KIND), KIND, self.tokenizer_identity, self.to_arrays(), self.info)
-
-  @classmethod
-  def load(cls, tokenizer, path: str | None = None) -> "ModelDB":
-    """The database at `path` (default: the committed one); `HdjaxError` if it was built for another tokenizer."""
-    identity = tokenizer.identity
-    arrays, info = store.load_arrays(path or store.default_path(KIND), KIND, identity)
-    return cls.from_arrays(arrays, identity, info)
+    super().save(path)
 
 
 # Building: the model's greedy outputs on ShareGPT first user turns, generated in resumable batches.

@@ -94,9 +94,10 @@ def key_codes(keys_uk: np.ndarray) -> np.ndarray:
   return codes_u
 
 
-class StatsDB:
+class StatsDB(store.PersistedDB):
   """A `Drafter` over precomputed top continuations per 2- and 1-token key (see the module docstring)."""
 
+  KIND = KIND
   name = "stats"
 
   def __init__(self, config: StatsConfig, tables: dict[int, dict[str, np.ndarray]], tokenizer_identity: str = "",
@@ -156,15 +157,6 @@ class StatsDB:
     tables = {o: {n: arrays[f"o{o}_{n}"] for n in ("keys", "offsets", "conts", "counts")} for o in orders}
     return cls(StatsConfig(orders, continuation, top_k, min_count), tables, tokenizer_identity, info)
 
-  def save(self, path: str | None = None) -> None:
-    store.save_arrays(path or store.default_path(KIND), KIND, self.tokenizer_identity, self.to_arrays(), self.info)
-
-  @classmethod
-  def load(cls, tokenizer, path: str | None = None) -> "StatsDB":
-    """The database at `path` (default: the committed one); `HdjaxError` if it was built for another tokenizer."""
-    identity = tokenizer.identity
-    arrays, info = store.load_arrays(path or store.default_path(KIND), KIND, identity)
-    return cls.from_arrays(arrays, identity, info)
 
 
 def from_stream(tokens_n: np.ndarray, config: StatsConfig, tokenizer_identity: str = "",

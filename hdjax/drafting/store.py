@@ -98,3 +98,20 @@ def _read(path: Path, header_only: bool) -> tuple[dict[str, Any], dict[str, np.n
   if not isinstance(header, dict):
     raise HdjaxError(f"corrupt database file {path} (bad header); delete it and rebuild ({BUILD_HINT})")
   return header, arrays
+
+
+class PersistedDB:
+  """Save/load for a database class with `KIND`, `tokenizer_identity`, `info`, `to_arrays` and `from_arrays`."""
+
+  KIND: str
+
+  def save(self, path: str | os.PathLike | None = None) -> None:
+    """Writes atomically (to `checkpoints/hd/<KIND>.npz` by default)."""
+    save_arrays(path or default_path(self.KIND), self.KIND, self.tokenizer_identity, self.to_arrays(), self.info)
+
+  @classmethod
+  def load(cls, tokenizer, path: str | os.PathLike | None = None):
+    """The database at `path` (default: the committed one); `HdjaxError` if it was built for another tokenizer."""
+    identity = tokenizer.identity
+    arrays, info = load_arrays(path or default_path(cls.KIND), cls.KIND, identity)
+    return cls.from_arrays(arrays, identity, info)
