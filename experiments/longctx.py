@@ -59,6 +59,7 @@ def main(argv):
     if bad or not prompts:
       raise HdjaxError(f"{FLAGS.prompts}: every line needs 'id' and a string 'prompt' (line {bad[0] + 1 if bad else 1})")
   import hdjax  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
   unknown = [m for m in FLAGS.methods if parse_method(m)[0] not in hdjax.METHODS]
   if unknown or not FLAGS.methods:
     raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
@@ -69,18 +70,19 @@ def main(argv):
   ids = {p["id"]: lm.tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts}
   opts = _lazy_options()
 
-  def run(spec, pid):
+  def run(spec, pid, **options):
     method, schedule = parse_method(spec)
     extra = {**opts, **schedule} if method.startswith("lazy") or method == "full" else {}
-    return lm.generate([ids[pid]], method=method, max_new_tokens=FLAGS.max_new_tokens, **extra)[0]
+    return lm.generate([ids[pid]], method=method, max_new_tokens=FLAGS.max_new_tokens, **extra, **options)[0]
 
   groups = {}
   for p in prompts:  # one warm-up prompt per compiled shape (prompt bucket of 512 and cache size)
     n = len(ids[p["id"]])
     groups.setdefault((-(-n // 512), (n + FLAGS.max_new_tokens - 1).bit_length()), p["id"])
-  for method in FLAGS.methods:
+  for method in FLAGS.methods:  # speculative methods trace every tree bucket; the others generate once
     for pid in groups.values():
-      run(method, pid)
+      run(method, pid, warmup=True)
+  speculative.reset_databases()  # warm-up answers must not seed the online model database
   rows_by_method = {m: [] for m in FLAGS.methods}
   for p in prompts:
     for method in FLAGS.methods:

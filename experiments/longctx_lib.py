@@ -131,6 +131,7 @@ def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict]) -> dic
                computed_fraction_prefill=statistics.fmean(r.get("computed_fraction_prefill", 1.0) for r in rs),
                fallback=sum(bool(r.get("lazy_fallback")) for r in rs),
                ttft_speedup_vs_base=_median([base_by_id[r["id"]]["ttft_s"] / r["ttft_s"] for r in rs]),
+               total_speedup_vs_base=_median([base_by_id[r["id"]]["total_s"] / r["total_s"] for r in rs]),
                first_token_agreement=statistics.fmean(
                    float(r["token_ids"][:1] == base_by_id[r["id"]]["token_ids"][:1]) for r in rs),
                rougeL_vs_base=statistics.fmean(_rouge_l(base_by_id[r["id"]]["text"], r["text"]) for r in rs))

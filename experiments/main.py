@@ -1,5 +1,6 @@
 """The main job (`make run`): a streamed demo on the embedded SmolLM2, the baseline decode benchmark, a quick
-stratified Spec-Bench subset (ar, pld, hd, adadecode) and a quick long-context set (full, lazy).
+stratified Spec-Bench subset (ar, pld, hd, adadecode), a quick long-context set (full, lazy, lazy+hd) and batched
+throughput (ar, hd at B = 1, 4, 8), then one compact table of the headline figures.
 
 Each stage is one of the project's launchers, run as a subprocess so its flags and outputs are the documented
 ones; results land under --out_dir.
@@ -7,6 +8,7 @@ ones; results land under --out_dir.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,9 +35,39 @@ def stages(out_dir: str, quick: bool) -> list[tuple[str, list[str]]]:
       ("Spec-Bench subset", ["experiments.specbench", "--methods=ar,pld,hd,adadecode", f"--limit={per_category}",
                              "--subset=stratified", f"--max_new_tokens={new_tokens}", f"--out_dir={out_dir}/specbench"]),
       ("long-context subset", ["experiments.longctx", "--build=passkey,multidoc", f"--lengths={lengths}",
-                               f"--num={num}", "--methods=full,lazy", "--max_new_tokens=32",
+                               f"--num={num}", "--methods=full,lazy,lazy+hd", "--max_new_tokens=32",
                                f"--out_dir={out_dir}/longctx"]),
+      ("batched throughput", ["experiments.bench_batch", f"--batches={'1,4,8' if quick else '1,4,8,16'}",
+                              "--methods=hd", f"--max_new_tokens={'32' if quick else '128'}",
+                              f"--out={out_dir}/bench_batch.json"]),
   ]
+
+
+def _load(path: str):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def report(out_dir: str) -> list[str]:
+  """The headline figures of every stage, one line each."""
+  lines = [f"{'stage':22s} {'method':14s} figures"]
+  for r in _load(f"{out_dir}/bench_decode.json")["rows"]:
+    lines.append(f"{'vs HF transformers':22s} {r['kind'] + ' ' + str(r['size']):14s} {r['hdjax_tps']:.1f} tok/s vs "
+                 f"{r['hf_tps']:.1f} ({r['hdjax_tps'] / r['hf_tps']:.2f}x)")
+  for method, cats in _load(f"{out_dir}/specbench/summary.json")["methods"].items():
+    o = cats["overall"]
+    lines.append(f"{'Spec-Bench subset':22s} {method:14s} speedup {o.get('speedup', 1.0):.2f}x  tau {o['tau']:.2f}  "
+                 f"identical {o.get('identical_rate', 1.0):.0%}")
+  for method, groups in _load(f"{out_dir}/longctx/summary.json")["methods"].items():
+    for name, g in groups.items():
+      acc = f"  passkey {g['passkey_accuracy']:.0%}" if "passkey_accuracy" in g else ""
+      lines.append(f"{'long context ' + name:22s} {method:14s} TTFT {g['ttft_s']:.1f}s "
+                   f"({g['ttft_speedup_vs_base']:.2f}x)  total {g['total_s']:.1f}s ({g['total_speedup_vs_base']:.2f}x)"
+                   f"  computed {g['computed_fraction_prefill']:.2f}{acc}")
+  for r in _load(f"{out_dir}/bench_batch.json")["rows"]:
+    vs = f" ({r['throughput_vs_ar']:.2f}x ar, identical {r['identical_to_ar']:.0%})" if r["method"] != "ar" else ""
+    lines.append(f"{'batched B=' + str(r['batch']):22s} {r['method']:14s} {r['tokens_per_s']:.1f} tok/s{vs}")
+  return lines
 
 
 def main(argv):
@@ -47,6 +79,7 @@ def main(argv):
     proc = subprocess.run([sys.executable, "-m", *cmd], check=False)
     if proc.returncode:
       raise HdjaxError(f"stage '{title}' failed with exit status {proc.returncode}")
+  print("\n" + "\n".join(report(_OUT.value)))
   print(f"\nmain job done in {time.perf_counter() - started:.0f} s; outputs in {_OUT.value}/")
 
 

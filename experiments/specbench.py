@@ -5,7 +5,8 @@
 
 Writes DIR/<method>.jsonl (Spec-Bench answer format plus token ids and the method's stats per turn),
 DIR/summary.json (per-category and overall speedup by Spec-Bench's rule: per-question tokens/s averaged, as a
-ratio to `ar`; τ; drafting share; identical-output rate against `ar`) and DIR/speedup.png.
+ratio to `ar`; τ; drafting share; identical-output rate against `ar`), DIR/speedup.png and
+DIR/accept_lengths.png (histogram of tokens emitted per step).
 Multi-turn questions go through the chat template, turn 2 including the model's own turn-1 answer. Before the
 timed runs each method generates once per distinct prompt shape (warm-up), so compilation is excluded.
 """
@@ -21,7 +22,8 @@ from experiments import multihost
 from experiments.common import read_jsonl, run_main, write_json_atomic, write_jsonl_atomic
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
-from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups
+from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
+    plot_accept_lengths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file.")
@@ -90,6 +92,7 @@ def main(argv: Sequence[str]) -> None:
   if info.is_main:
     write_json_atomic(os.path.join(FLAGS.out_dir, "summary.json"), summary)
     plot_speedups(summary, os.path.join(FLAGS.out_dir, "speedup.png"))
+    plot_accept_lengths(rows_by_method, os.path.join(FLAGS.out_dir, "accept_lengths.png"))
   for method, cats in summary["methods"].items():
     o = cats["overall"]
     print(f"{method:12s} speedup {o.get('speedup', float('nan')):.2f}x  tau {o['tau']:.2f}  "

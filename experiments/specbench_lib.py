@@ -130,3 +130,24 @@ def plot_speedups(summary: dict[str, Any], path: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def plot_accept_lengths(rows_by_method: dict[str, list[dict[str, Any]]], path: str) -> None:
+  """Share of decoding steps that emitted k tokens, per method (`ar` always emits 1 and is left out)."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  lengths = {m: [a for r in rows for a in r["choices"][0]["accept_lengths"]] for m, rows in rows_by_method.items()
+             if m != "ar"}
+  top = max((max(v) for v in lengths.values() if v), default=1)
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  width = 0.8 / max(len(lengths), 1)
+  for k, (m, v) in enumerate(lengths.items()):
+    counts = np.bincount(v, minlength=top + 1)[1:]
+    ax.bar(np.arange(1, top + 1) + k * width, counts / max(counts.sum(), 1), width, label=m)
+  ax.set_xlabel("tokens emitted per step")
+  ax.set_ylabel("share of steps")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

@@ -385,6 +385,15 @@ def config_from_request(request: api.GenerateRequest, base: LazyConfig) -> LazyC
   return dataclasses.replace(cfg, **changes)
 
 
+def prefill_request(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig, num_slots: int
+                    ) -> tuple[jax.Array, LazyState, int]:
+  """Pruned prefill of the request's prompts padded to their bucket: last-token logits, state, bucket length."""
+  t = min(prefill_bucket(max(len(p) for p in request.prompts), lazy_cfg), num_slots)
+  tokens, lengths = api.pad_prompts(request.prompts, lm.cfg.pad_id, t)
+  logits_bv, state = lazy_prefill(lm.params, lm.cfg, lazy_cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  return logits_bv, state, t
+
+
 def generate_lazy(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig, name: str
                   ) -> list[api.GenerationResult]:
   """Runs one request with a schedule; prompts shorter than `min_prompt` fall back to full prefill ("ar")."""
@@ -397,12 +406,10 @@ def generate_lazy(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig
       r.stats.update(method=name, lazy_fallback=True, computed_fraction_prefill=1.0, revived=0)
     return results
   num_slots = api.cache_slots_for(cfg, request)
-  t = min(prefill_bucket(longest, lazy_cfg), num_slots)
-  tokens, lengths = api.pad_prompts(request.prompts, cfg.pad_id, t)
   key = jax.random.key(request.seed)
   key, first_key = jax.random.split(key)
   start = time.perf_counter()
-  logits_bv, state = lazy_prefill(lm.params, cfg, lazy_cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  logits_bv, state, t = prefill_request(lm, request, lazy_cfg, num_slots)
   first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   ttft = time.perf_counter() - start
   prefill_computed = np.asarray(jnp.sum(state.computed_lbs > 0, axis=(0, 2)))

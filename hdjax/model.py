@@ -166,7 +166,7 @@ class LayerOut(NamedTuple):
 
 def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                cache: KVCache, slots_bt: jax.Array, start: int = 0, end: int | None = None,
-               collect_hidden: bool = False) -> LayerOut:
+               collect_hidden: bool = False, visible_lbs: jax.Array | None = None) -> LayerOut:
   """Runs decoder layers [start, end) with `lax.scan`. `start`/`end` must be static.
 
   positions_bt: RoPE positions of the T tokens. slots_bt: cache slots their K/V rows go to (>= S drops the
@@ -181,17 +181,20 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
 
   def body(carry, xs):
     h, k_cache, v_cache = carry
-    p, idx = xs
-    h, k_cache, v_cache = layer.apply({"params": p}, h, sin_bth, cos_bth, mask_bts, k_cache, v_cache, slots_bt, idx)
+    p, idx, visible_bs = xs
+    mask = mask_bts if visible_bs is None else mask_bts & visible_bs[:, None, :]
+    h, k_cache, v_cache = layer.apply({"params": p}, h, sin_bth, cos_bth, mask, k_cache, v_cache, slots_bt, idx)
     return (h, k_cache, v_cache), (h if collect_hidden else None)
 
+  visible = None if visible_lbs is None else visible_lbs[start:end]
   (h_btd, k, v), hidden = jax.lax.scan(body, (h_btd, cache.k, cache.v),
-                                       (layer_params, jnp.arange(start, end)))
+                                       (layer_params, jnp.arange(start, end), visible))
   return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-            cache: KVCache, slots_bt: jax.Array) -> tuple[jax.Array, KVCache]:
+            cache: KVCache, slots_bt: jax.Array, visible_lbs: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
   """All layers; returns final hidden states [B, T, D] (before the final norm) and the written cache."""
-  out = run_layers(params, cfg, embed(params, cfg, tokens_bt), positions_bt, mask_bts, cache, slots_bt)
+  out = run_layers(params, cfg, embed(params, cfg, tokens_bt), positions_bt, mask_bts, cache, slots_bt,
+                   visible_lbs=visible_lbs)
   return out.h_btd, out.cache

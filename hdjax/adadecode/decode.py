@@ -19,6 +19,7 @@ window. Batch rows decode one after another (the window bookkeeping is per seque
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -30,11 +31,11 @@ import numpy as np
 
 from hdjax import model
 from hdjax.adadecode.heads import ExitHeads, check_layers, head_logits, identity_heads, load_heads
-from hdjax.api import GenerateRequest, GenerationResult, LM, cache_slots_for, make_results, pad_prompts, \
-    register_method
+from hdjax.api import GenerateRequest, GenerationResult, LM, Method, cache_slots_for, make_results, register_method
 from hdjax.attention import causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
@@ -75,8 +76,9 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k, v, base, g0, g):
-  """Runs decoder layer `layer` on window slots [g0, g0 + g) as a static block of `rows` rows."""
+def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k, v, base, g0, g, visible_ls):
+  """Runs decoder layer `layer` on window slots [g0, g0 + g) as a static block of `rows` rows; they see the
+  slots of `visible_ls[layer]` (all slots when None) at positions <= their own."""
   window = h_wd.shape[0]
   num_slots = k.shape[2]
   j_r = jnp.arange(rows)
@@ -86,8 +88,11 @@ def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k, v, base, g0
   slots_1r = jnp.where(valid_r, pos_1r[0], num_slots)[None]
   sin, cos = rope_sin_cos(cfg, pos_1r)
   p_layer = jax.tree.map(lambda x: x[layer], params["layers"])
-  h_1rd, k, v = model.DecoderLayer(cfg).apply({"params": p_layer}, h_wd[idx_r][None], sin, cos,
-                                              causal_mask(pos_1r, num_slots), k, v, slots_1r, layer)
+  mask_1rs = causal_mask(pos_1r, num_slots)
+  if visible_ls is not None:
+    mask_1rs = mask_1rs & visible_ls[layer][None, None, :]
+  h_1rd, k, v = model.DecoderLayer(cfg).apply({"params": p_layer}, h_wd[idx_r][None], sin, cos, mask_1rs, k, v,
+                                              slots_1r, layer)
   h_wd = h_wd.at[jnp.where(valid_r, idx_r, window)].set(h_1rd[0], mode="drop")
   return h_wd, k, v
 
@@ -107,8 +112,10 @@ def _sample(key, probs_v, sampling: SamplingConfig):
 @functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "window", "sampling", "out_len"),
                    donate_argnames=("cache",))
 def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...], gamma, cache: KVCache, first,
-                   max_new, key, window: int, sampling: SamplingConfig, out_len: int) -> State:
-  """Decodes one sequence (cache batch 1) from the prefill's first token until EOS, `max_new` or a full cache."""
+                   max_new, key, window: int, sampling: SamplingConfig, out_len: int,
+                   visible_ls: jax.Array | None = None) -> State:
+  """Decodes one sequence (cache batch 1) from the prefill's first token until EOS, `max_new` or a full cache.
+  `visible_ls` [L, S]: which slots hold K/V at each layer after a pruned prefill (None: all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
   buckets = row_buckets(window)
@@ -129,7 +136,7 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     g = s.n - g0
     branches = [functools.partial(_layer_rows, params, cfg, r) for r in buckets]
     h_wd, k, v = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), g), branches, depth, s.h_wd, s.cache.k,
-                                s.cache.v, s.cache.lengths[0], g0, g)
+                                s.cache.v, s.cache.lengths[0], g0, g, visible_ls)
     c = s.counters._replace(layer_steps=s.counters.layer_steps + 1,
                             layer_tokens_l=s.counters.layer_tokens_l.at[depth].add(g))
     return s._replace(cache=s.cache.replace(k=k, v=v), h_wd=h_wd, depth_w=jnp.where(in_group_w, depth + 1, s.depth_w),
@@ -249,9 +256,14 @@ def window_stats(counters: Counters, head_layers: tuple[int, ...], new_tokens: i
       layer_steps=int(c.layer_steps), layer_tokens=np.asarray(c.layer_tokens_l).tolist())
 
 
-@register_method("adadecode")
-def generate_adadecode(lm: LM, request: GenerateRequest) -> list[GenerationResult]:
-  """Options: heads (see `resolve_heads`), head_layers (with heads="identity"), gamma (0.75), max_pending (5)."""
+def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
+  """AdaDecode after `prefill`, run per prompt. Options: heads (see `resolve_heads`), head_layers (with
+  heads="identity"), gamma (0.75), max_pending (5)."""
+  return functools.partial(generate_adadecode, method=method, prefill=prefill)
+
+
+def generate_adadecode(lm: LM, request: GenerateRequest, method: str = "adadecode",
+                       prefill: Prefill = full_prefill) -> list[GenerationResult]:
   cfg = lm.cfg
   heads = resolve_heads(lm, request)
   gamma = float(request.option("gamma", 0.75))
@@ -267,22 +279,25 @@ def generate_adadecode(lm: LM, request: GenerateRequest) -> list[GenerationResul
   num_b = np.zeros((len(request.prompts),), np.int32)
   stats = []
   for b, prompt in enumerate(request.prompts):
-    t = min(ar.next_pow2(len(prompt)), num_slots)
-    tokens, lengths = pad_prompts([prompt], cfg.pad_id, t)
     key, first_key, loop_key = jax.random.split(key, 3)
     start = time.perf_counter()
-    logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+    logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, dataclasses.replace(request, prompts=(prompt,)),
+                                                           num_slots)
     first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
     ttft = time.perf_counter() - start
     out = adadecode_loop(lm.params, cfg, t_idd, heads.layers, jnp.float32(gamma), cache, first[0],
-                         jnp.int32(request.max_new_tokens), loop_key, window, request.sampling, out_len)
+                         jnp.int32(request.max_new_tokens), loop_key, window, request.sampling, out_len,
+                         None if visible_lbs is None else visible_lbs[:, 0])
     out_n, num, verifications, accept_n = jax.device_get((out.out_n, out.num, out.counters.verifications,
                                                           out.accept_n))
     total = time.perf_counter() - start
     tokens_bn[b], num_b[b] = out_n, num
-    st = dict(method="adadecode", new_tokens=int(num), steps=int(verifications) + 1, ttft_s=ttft, total_s=total,
+    st = dict(method=method, new_tokens=int(num), steps=int(verifications) + 1, ttft_s=ttft, total_s=total,
               decode_s=total - ttft, prompt_tokens=len(prompt), gamma=gamma, max_pending=max_pending,
-              **window_stats(out.counters, heads.layers, int(num)))
+              **window_stats(out.counters, heads.layers, int(num)), **prefill_stats)
     st["accept_lengths"] = [1] + accept_n[:int(verifications)].tolist()
     stats.append(st)
   return make_results(lm, tokens_bn, num_b, stats)
+
+
+register_method("adadecode")(adadecode_method("adadecode"))

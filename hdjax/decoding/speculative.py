@@ -21,6 +21,7 @@ from hdjax import api, model
 from hdjax.attention import prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
 from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees
 from hdjax.decoding.verify import greedy_accept, rejection_accept
@@ -54,9 +55,11 @@ class SpecConfig:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_depth"), donate_argnames=("cache",))
 def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, active_b: jax.Array, key: jax.Array,
-                step: jax.Array, sampling: SamplingConfig, max_depth: int) -> tuple[jax.Array, jax.Array, KVCache]:
+                step: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, KVCache]:
   """Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, and accepts (sampling draws
-  from `fold_in(key, step)`).
+  from `fold_in(key, step)`). `visible_lbs` restricts each layer to the slots that hold K/V there (after a
+  pruned prefill).
 
   Returns the emitted tokens [B, max_depth + 1] (the first num_b + 1 are real), the number of accepted draft
   tokens num_b (0 for inactive rows), and the cache with the root and accepted path committed.
@@ -68,7 +71,7 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   slots_bt = jnp.where(active_b[:, None] & tree.valid, lengths_b[:, None] + offsets_bt, cache.num_slots)
   positions_bt = lengths_b[:, None] + tree.depths
   mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
-  h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt)
+  h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
   logits_btv = model.unembed(params, cfg, h_btd)
   if sampling.greedy:
     target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
@@ -84,25 +87,25 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
 
 
 def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
-                         make_drafter: Callable[[SpecConfig], Drafter], defaults: SpecConfig = SpecConfig()
-                         ) -> list[api.GenerationResult]:
+                         make_drafter: Callable[[SpecConfig], Drafter], defaults: SpecConfig = SpecConfig(),
+                         prefill: Prefill = full_prefill) -> list[api.GenerationResult]:
   """Prefill, then draft -> verify steps until every sequence hits EOS, max_new_tokens or a full cache."""
   cfg, spec = lm.cfg, defaults.with_options(request)
   num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
-  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
-  tokens, lengths = api.pad_prompts(request.prompts, cfg.pad_id, t)
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
   start = time.perf_counter()
-  logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
   first_b = np.asarray(select_token(logits_bv, first_key, request.sampling))
   ttft = time.perf_counter() - start
   batch = len(request.prompts)
   if request.option("warmup", False):  # trace every tree bucket for this cache shape, emit the first token only
-    compile_buckets(lm, cache, spec, request.sampling)
+    compile_buckets(lm, cache, spec, request.sampling, visible_lbs)
     return api.make_results(lm, first_b[:, None], np.ones(batch, np.int32),
                             [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
-                                  accept_lengths=[1], prompt_tokens=len(p)) for p in request.prompts])
+                                  accept_lengths=[1], prompt_tokens=len(p), **prefill_stats)
+                             for p in request.prompts])
+  lengths = [len(p) for p in request.prompts]
   rows = [[int(first_b[b])] for b in range(batch)]
   done = [rows[b][0] in cfg.eos_ids or request.max_new_tokens <= 1 for b in range(batch)]
   drafters = [make_drafter(spec) for _ in range(batch)]
@@ -130,7 +133,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     tree_dev, active_dev, step_dev = jax.device_put((tree, np.asarray([not d for d in done]), np.int32(steps)))
     t1 = time.perf_counter()
     out_bd, num_b, cache = verify_step(lm.params, cfg, cache, tree_dev, active_dev, key, step_dev, request.sampling,
-                                       spec.max_depth)
+                                       spec.max_depth, visible_lbs)
     out_bd, num_b = jax.device_get((out_bd, num_b))
     t2 = time.perf_counter()
     draft_s += t1 - t0
@@ -157,18 +160,19 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   stats = [dict(method=method, new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
                 accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)), draft_s=draft_s,
                 verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
-                node_budget=max(spec.buckets), max_depth=spec.max_depth)
+                node_budget=max(spec.buckets), max_depth=spec.max_depth, **prefill_stats)
            for row, acc, prompt in zip(rows, accept_lengths, request.prompts)]
   return api.make_results(lm, *api.padded_rows(rows), stats)
 
 
-def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig) -> None:
+def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig,
+                    visible_lbs: jax.Array | None = None) -> None:
   """Traces the verify step for every bucket with all rows inactive (nothing is written or committed)."""
   batch = cache.batch
   for num_nodes in spec.buckets:
     tree = stack_trees([build_tree(0, [], num_nodes, spec.max_depth)] * batch)
     _, _, cache = verify_step(lm.params, lm.cfg, cache, jax.device_put(tree), jnp.zeros((batch,), bool),
-                              jax.random.key(0), jnp.int32(0), sampling, spec.max_depth)
+                              jax.random.key(0), jnp.int32(0), sampling, spec.max_depth, visible_lbs)
 
 
 def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
@@ -186,6 +190,8 @@ def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
 
   def make(lm: api.LM, spec: SpecConfig) -> Drafter:
     del spec
+    if lm.tokenizer is None:
+      raise HdjaxError(f"the {kind} database is keyed by tokenizer, and this model has none")
     cache_key = (kind, lm.tokenizer.identity)
     if cache_key not in _LOADED:
       if kind == "model":
@@ -222,10 +228,11 @@ HD_DEFAULTS = SpecConfig()
 PLD_DEFAULTS = SpecConfig(max_depth=PLD_MAX_TOKENS, max_chains=1)  # the 8-node budget keeps 7 of its 10 tokens
 
 
-def _register(method: str, order: str, defaults: SpecConfig) -> None:
-  """Registers `method`: the sources named in the `order` option (comma-separated), asked in that order."""
+def spec_method(method: str, prefill: Prefill = full_prefill) -> api.Method:
+  """The generate function of a registered drafting method (a key of SPEC_METHODS) after `prefill`: the sources
+  named in the `order` option (comma-separated) are asked in that order."""
+  order, defaults = SPEC_METHODS[method.split("+")[-1]]
 
-  @api.register_method(method)
   def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
     names = [n.strip() for n in str(request.option("order", order)).split(",") if n.strip()]
     unknown = [n for n in names if n not in SOURCES]
@@ -235,15 +242,17 @@ def _register(method: str, order: str, defaults: SpecConfig) -> None:
     if len(names) > 1:  # a hierarchy uses the databases that exist; a single source must exist
       names = [n for n in names if _available(lm, n, spec)]
     results = speculative_generate(lm, request, method, lambda spec: HierarchyDrafter(
-        [SOURCES[n](lm, spec) for n in names], max(spec.buckets) - 1, name=method), defaults)
+        [SOURCES[n](lm, spec) for n in names], max(spec.buckets) - 1, name=method), defaults, prefill)
     for r in results:
       r.stats["sources"] = ",".join(names)
     return results
 
-  del generate
+  return generate
 
 
-for _method, _order, _defaults in (("pld", "pld", PLD_DEFAULTS), ("rest", "stats", HD_DEFAULTS),
-                                   ("hd", "context,model,stats", HD_DEFAULTS), ("hd_context", "context", HD_DEFAULTS),
-                                   ("hd_model", "model", HD_DEFAULTS), ("hd_stats", "stats", HD_DEFAULTS)):
-  _register(_method, _order, _defaults)
+SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
+    "pld": ("pld", PLD_DEFAULTS), "rest": ("stats", HD_DEFAULTS), "hd": ("context,model,stats", HD_DEFAULTS),
+    "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS)}
+
+for _method in SPEC_METHODS:
+  api.register_method(_method)(spec_method(_method))

@@ -1,0 +1,109 @@
+"""Batched speculative decoding: throughput (new tokens/s over the whole batch) of each method against batched `ar`
+at batch sizes B, on the same B Spec-Bench prompts, in one process.
+
+  python -m experiments.bench_batch --batches=1,4,8,16 --methods=hd,pld --max_new_tokens=64 \
+      --out=results/bench_batch.json
+
+Each (method, B) runs once untimed (compiles every shape it will use) and then `--repeats` timed runs; the median
+is reported. Every sequence's greedy output is compared with batched `ar`'s for the same prompt in the same run.
+Writes the JSON and a PNG of throughput against B next to it.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import os
+import time
+
+import numpy as np
+from absl import flags
+
+import hdjax
+from experiments.common import read_jsonl, run_main, write_json_atomic
+from experiments.specbench_lib import spec_bench_category
+from hdjax.decoding import speculative
+from hdjax.errors import HdjaxError
+
+flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file.")
+flags.DEFINE_list("batches", ["1", "4", "8", "16"], "Batch sizes B.")
+flags.DEFINE_list("methods", ["hd"], "Methods compared with batched `ar`.")
+flags.DEFINE_integer("max_new_tokens", 64, "New tokens per sequence.")
+flags.DEFINE_integer("repeats", 1, "Timed runs per (method, B); the median is reported.")
+flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
+flags.DEFINE_string("out", "results/bench_batch.json", "Output JSON (the plot goes next to it as .png).")
+
+FLAGS = flags.FLAGS
+
+
+def batch_prompts(lm: hdjax.LM, questions: list[dict], batch: int) -> list[list[int]]:
+  """First turns of `batch` questions taken round-robin over Spec-Bench's categories."""
+  by_category = collections.defaultdict(list)
+  for q in questions:
+    by_category[spec_bench_category(q["category"])].append(q)
+  round_robin = [q for group in itertools.zip_longest(*by_category.values()) for q in group if q is not None]
+  return [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
+          for q in round_robin[:batch]]
+
+
+def timed(lm: hdjax.LM, method: str, prompts: list[list[int]], max_new: int, repeats: int
+          ) -> tuple[float, list[hdjax.GenerationResult]]:
+  lm.generate(prompts, method=method, max_new_tokens=max_new)
+  walls, results = [], []
+  for _ in range(repeats):
+    speculative.reset_databases()  # every repeat starts from the same persisted databases
+    start = time.perf_counter()
+    results = lm.generate(prompts, method=method, max_new_tokens=max_new)
+    walls.append(time.perf_counter() - start)
+  return float(np.median(walls)), results
+
+
+def plot(rows: list[dict], path: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for method in dict.fromkeys(r["method"] for r in rows):
+    pts = [(r["batch"], r["tokens_per_s"]) for r in rows if r["method"] == method]
+    ax.plot(*zip(*pts), "o-", label=method)
+  ax.set_xlabel("batch size B")
+  ax.set_ylabel("new tokens / s (whole batch)")
+  ax.set_xscale("log", base=2)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  batches = sorted({int(b) for b in FLAGS.batches})
+  unknown = [m for m in FLAGS.methods if m not in hdjax.METHODS]
+  if unknown or batches[0] < 1 or FLAGS.max_new_tokens < 1 or FLAGS.repeats < 1:
+    raise HdjaxError(f"need known --methods (unknown: {unknown}) and positive --batches, --max_new_tokens, --repeats")
+  lm = hdjax.load(FLAGS.model, dtype="float32")
+  questions = read_jsonl(FLAGS.questions)
+  rows = []
+  for batch in batches:
+    prompts = batch_prompts(lm, questions, batch)
+    ar_wall, ar_res = timed(lm, "ar", prompts, FLAGS.max_new_tokens, FLAGS.repeats)
+    ar_tokens = sum(len(r.token_ids) for r in ar_res)
+    rows.append(dict(method="ar", batch=batch, wall_s=ar_wall, new_tokens=ar_tokens, tokens_per_s=ar_tokens / ar_wall))
+    for method in FLAGS.methods:
+      wall, res = timed(lm, method, prompts, FLAGS.max_new_tokens, FLAGS.repeats)
+      tokens = sum(len(r.token_ids) for r in res)
+      rows.append(dict(method=method, batch=batch, wall_s=wall, new_tokens=tokens, tokens_per_s=tokens / wall,
+                       throughput_vs_ar=(tokens / wall) / (ar_tokens / ar_wall),
+                       tau=float(np.mean([r.stats.get("tau", 1.0) for r in res])),
+                       identical_to_ar=float(np.mean([r.token_ids == a.token_ids for r, a in zip(res, ar_res)]))))
+    for r in rows[-1 - len(FLAGS.methods):]:
+      extra = (f"  {r['throughput_vs_ar']:.2f}x ar  tau {r['tau']:.2f}  identical {r['identical_to_ar']:.2f}"
+               if r["method"] != "ar" else "")
+      print(f"B={batch:<3d} {r['method']:10s} {r['tokens_per_s']:7.1f} tok/s{extra}", flush=True)
+  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats,
+                                    rows=rows))
+  plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")
+
+
+if __name__ == "__main__":
+  run_main(main)

@@ -1,0 +1,34 @@
+"""How a decoding loop starts: a prefill turns a request's prompts into the first logits and a KV cache.
+
+`full_prefill` runs every prompt token through every layer; a pruned prefill (`hdjax.compose`, LazyLLM) also
+returns which slots hold K/V at each layer, and the decoding loops mask their attention with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hdjax import api
+from hdjax.decoding import autoregressive as ar
+from hdjax.kvcache import KVCache
+
+
+class Prefilled(NamedTuple):
+  logits_bv: jax.Array  # last prompt token's logits
+  cache: KVCache  # lengths = prompt lengths
+  visible_lbs: jax.Array | None  # which slots hold K/V at each layer, when the prefill pruned tokens
+  stats: dict[str, Any]  # per-request facts about the prefill, merged into every sequence's stats
+
+
+Prefill = Callable[[api.LM, api.GenerateRequest, int], Prefilled]
+
+
+def full_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Prefilled:
+  """Every prompt token through every layer (prompts right-padded to a power-of-two bucket)."""
+  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
+  tokens, lengths = api.pad_prompts(request.prompts, lm.cfg.pad_id, t)
+  logits_bv, cache = ar.prefill(lm.params, lm.cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  return Prefilled(logits_bv, cache, None, {})

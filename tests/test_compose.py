@@ -1,0 +1,89 @@
+"""Compositions: lazy+<method> greedy output equals `lazy` without revival (the pruned set each layer sees is the
+same), the combination falls back like `lazy` on short prompts, and batched HD equals single-sequence `ar`."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hdjax import lazy, model
+from hdjax.api import GenerateRequest
+from hdjax.attention import causal_mask
+from hdjax.compose import lazy_prefill
+from hdjax.decoding.sampling import SamplingConfig
+from tests.conftest import make_tiny_lm
+
+SCHEDULE = lazy.LazyConfig(prune_layers=(2, 4, 6), keep_ratios=(0.6, 0.4, 0.25), min_prompt=0, bucket=64, chunk=48,
+                           revive=False)
+
+
+@pytest.fixture(scope="module")
+def lm8():
+  return make_tiny_lm(seed=1, n_layers=8)
+
+
+def _prompts(seed, lengths):
+  rng = np.random.default_rng(seed)
+  motif = [int(x) for x in rng.integers(3, 128, 9)]
+  # random text with a repeated motif, so that prompt-lookup drafts are sometimes accepted
+  return [[int(x) for x in rng.integers(3, 128, n - 3 * len(motif))] + motif * 3 for n in lengths]
+
+
+def test_visibility_makes_a_step_see_what_lazy_decoding_sees(lm8):
+  """One token after a pruned prefill: the per-layer-visibility forward (what the speculative and AdaDecode loops
+  run) equals LazyLLM's own masked decode layer by layer, and differs from attending to every slot."""
+  cfg = lm8.cfg
+  prompts = _prompts(3, (150,))
+  request = GenerateRequest((tuple(prompts[0]),), 8, SamplingConfig(0.0), 0, (("lazy_config", SCHEDULE),))
+  logits_bv, cache, visible_lbs, _ = lazy_prefill(lm8, request, 256)
+  state = lazy.prefill_request(lm8, request, SCHEDULE.validate(cfg), 256)[1]
+  token_b1 = jnp.argmax(logits_bv, -1).astype(jnp.int32)[:, None]
+  pos_b1 = cache.lengths[:, None]
+  mask_b1s = causal_mask(pos_b1, cache.num_slots)
+
+  def step(visible):
+    h, _ = model.forward(lm8.params, cfg, token_b1, pos_b1, mask_b1s, cache, pos_b1, visible)
+    return np.asarray(model.unembed(lm8.params, cfg, h))
+
+  h_b1d, *_ = lazy.run_layers_masked(lm8.params, cfg, model.embed(lm8.params, cfg, token_b1), pos_b1, pos_b1,
+                                     jnp.ones((cfg.n_layers, 1, 1), bool), state.computed_lbs, state.cache, 0,
+                                     cfg.n_layers)
+  want = np.asarray(model.unembed(lm8.params, cfg, h_b1d))
+  np.testing.assert_allclose(step(visible_lbs), want, atol=1e-5, rtol=1e-5)
+  assert np.abs(step(None) - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["lazy+pld", "lazy+hd", "lazy+adadecode"])
+def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
+  prompts = _prompts(0, (150, 97))
+  want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=SCHEDULE)
+  options = dict(heads="identity", head_layers=(3, 5), gamma=0.0) if "adadecode" in method else {}
+  got = lm8.generate(prompts, method=method, max_new_tokens=24, lazy_config=SCHEDULE, **options)
+  for w, g in zip(want, got):
+    assert g.token_ids == w.token_ids
+    assert not g.stats["lazy_fallback"] and 0 < g.stats["computed_fraction_prefill"] < 1
+  if "adadecode" in method:
+    assert min(g.stats["early_tokens"] for g in got) > 0  # every sequence exited early and verified it
+  else:
+    assert max(g.stats["tau"] for g in got) > 1  # drafts were accepted over the pruned cache
+
+
+def test_short_prompts_fall_back_to_full_prefill(lm8):
+  prompts = _prompts(1, (40,))
+  cfg = dataclasses.replace(SCHEDULE, min_prompt=64)
+  got = lm8.generate(prompts, method="lazy+hd", max_new_tokens=16, lazy_config=cfg)[0]
+  assert got.stats["lazy_fallback"] is True
+  assert got.token_ids == lm8.generate(prompts, method="ar", max_new_tokens=16)[0].token_ids
+
+
+@pytest.mark.parametrize("method", ["hd_context", "pld"])
+def test_batched_speculative_equals_single_sequence_ar(method):
+  lm = make_tiny_lm()
+  prompts = _prompts(2, (30, 45, 61, 38, 50, 33, 70, 41))
+  got = lm.generate(prompts, method=method, max_new_tokens=20)
+  for p, g in zip(prompts, got):
+    assert g.token_ids == lm.generate([p], method="ar", max_new_tokens=20)[0].token_ids
+  assert max(g.stats["tau"] for g in got) > 1
