@@ -87,3 +87,15 @@ def test_batched_speculative_equals_single_sequence_ar(method):
   for p, g in zip(prompts, got):
     assert g.token_ids == lm.generate([p], method="ar", max_new_tokens=20)[0].token_ids
   assert max(g.stats["tau"] for g in got) > 1
+
+
+@pytest.mark.slow
+def test_real_model_lazy_hd_equals_lazy_without_revival(smollm):
+  """SmolLM2 on a ~1.2k-token prompt (XSum-like text repeated, so drafts are accepted) with the default schedule."""
+  text = " ".join(f"Report {i}: the council voted to keep the library open on Sundays." for i in range(90))
+  ids = smollm.tokenizer.apply_chat_template([{"role": "user", "content": text + "\nSummarize the reports."}])
+  cfg = dataclasses.replace(lazy.LazyConfig(), revive=False, min_prompt=1024)
+  want = smollm.generate([ids], method="lazy", max_new_tokens=48, lazy_config=cfg)[0]
+  got = smollm.generate([ids], method="lazy+hd", max_new_tokens=48, lazy_config=cfg)[0]
+  assert not got.stats["lazy_fallback"] and got.stats["tau"] > 1
+  assert got.token_ids == want.token_ids

@@ -24,6 +24,7 @@ from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
 from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees
+from hdjax.decoding.tree_policy import TreeSizePolicy
 from hdjax.decoding.verify import greedy_accept, rejection_accept
 from hdjax.drafting.base import Drafter
 from hdjax.drafting.context_db import context_drafter
@@ -42,6 +43,8 @@ class SpecConfig:
   buckets: tuple[int, ...] = (1, 4, 8)
   max_depth: int = 4  # draft tokens per chain
   max_chains: int = 7  # candidate chains per step
+  adaptive: bool = True  # pick each step's bucket by measured tokens per second (`tree_policy.py`)
+  explore_every: int = 8  # with `adaptive`: every n-th step verifies the largest drafted bucket
 
   def with_options(self, request: api.GenerateRequest) -> "SpecConfig":
     cfg = dataclasses.replace(self, **{f.name: request.option(f.name, getattr(self, f.name))
@@ -50,7 +53,8 @@ class SpecConfig:
     if not buckets or buckets[0] != 1 or cfg.max_depth < 1 or cfg.max_chains < 1:
       raise HdjaxError(f"bad speculative settings: buckets={cfg.buckets} (must include 1), "
                        f"max_depth={cfg.max_depth}, max_chains={cfg.max_chains} (both >= 1)")
-    return dataclasses.replace(cfg, buckets=buckets, max_depth=int(cfg.max_depth), max_chains=int(cfg.max_chains))
+    return dataclasses.replace(cfg, buckets=buckets, max_depth=int(cfg.max_depth), max_chains=int(cfg.max_chains),
+                               adaptive=bool(cfg.adaptive), explore_every=int(cfg.explore_every))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_depth"), donate_argnames=("cache",))
@@ -116,6 +120,8 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   accept_lengths: list[list[int]] = [[1] for _ in range(batch)]
   draft_s = verify_s = 0.0
   steps = 1
+  policy = TreeSizePolicy(spec.buckets, spec.explore_every) if spec.adaptive else None
+  bucket_counts: dict[int, int] = {}
   if on_tokens:
     on_tokens(rows[0][:])
   while not all(done):
@@ -129,6 +135,9 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                   for b, (row, d, drafter) in enumerate(zip(rows, done, drafters))]
     fitting = [x for x in spec.buckets if x <= room]
     num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets), max(fitting))
+    streak = any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d)
+    if policy:
+      num_nodes = policy.choose(num_nodes, streak)
     tree = stack_trees([truncate(tr, num_nodes) for tr in full_trees])
     tree_dev, active_dev, step_dev = jax.device_put((tree, np.asarray([not d for d in done]), np.int32(steps)))
     t1 = time.perf_counter()
@@ -139,6 +148,10 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     draft_s += t1 - t0
     verify_s += t2 - t1
     steps += 1
+    bucket_counts[num_nodes] = bucket_counts.get(num_nodes, 0) + 1
+    if policy:
+      active = [int(num_b[b]) + 1 for b in range(batch) if not done[b]]
+      policy.update(num_nodes, streak, float(np.mean(active)), t2 - t1)
     for b in range(batch):
       if done[b]:
         continue
@@ -160,7 +173,8 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   stats = [dict(method=method, new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
                 accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)), draft_s=draft_s,
                 verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
-                node_budget=max(spec.buckets), max_depth=spec.max_depth, **prefill_stats)
+                node_budget=max(spec.buckets), max_depth=spec.max_depth,
+                bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats)
            for row, acc, prompt in zip(rows, accept_lengths, request.prompts)]
   return api.make_results(lm, *api.padded_rows(rows), stats)
 
