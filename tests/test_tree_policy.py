@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hdjax.decoding.tree_policy import TreeSizePolicy
+from hdjax.drafting.hierarchy import HierarchyDrafter
 
 COST_S = {1: 1.0, 4: 1.6, 8: 2.0}
 TOKENS = {(True, 4): 2.5, (True, 8): 3.4, (False, 4): 1.1, (False, 8): 1.2}
@@ -38,3 +39,20 @@ def test_exploration_takes_the_largest_bucket_periodically():
   policy = _trained(explore_every=5)
   picks = [policy.choose(8, False) for _ in range(10)]
   assert picks.count(8) == 2 and picks.count(1) == 8
+
+
+class _Fixed:
+  name = "fixed"
+
+  def __init__(self, chains):
+    self.chains = chains
+
+  def draft(self, context, max_chains, depth):
+    return self.chains[:max_chains]
+
+
+def test_hierarchy_asks_sources_in_order_and_reports_the_first_tier():
+  hd = HierarchyDrafter([_Fixed([]), _Fixed([[1, 2], [1, 2]]), _Fixed([[3], [4], [5]])], max_nodes=4)
+  assert hd.draft([0], max_chains=7, depth=4) == [[1, 2], [3], [4]]  # duplicate dropped; stops at 4 nodes
+  assert hd.first_tier == 1
+  assert HierarchyDrafter([_Fixed([])], max_nodes=4).draft([0], 7, 4) == []

@@ -43,7 +43,9 @@ class SpecConfig:
   buckets: tuple[int, ...] = (1, 4, 8)
   max_depth: int = 4  # draft tokens per chain
   max_chains: int = 7  # candidate chains per step
-  adaptive: bool = True  # pick each step's bucket by measured tokens per second (`tree_policy.py`)
+  # Opt-in: pick each step's bucket by measured tokens/s (`tree_policy.py`). Off by default: on the 6-question
+  # Spec-Bench subset it chose 1-node steps too often (tau 1.28, 0.85x ar; fixed trees: tau 1.75, 1.10x ar).
+  adaptive: bool = False
   explore_every: int = 8  # with `adaptive`: every n-th step verifies the largest drafted bucket
 
   def with_options(self, request: api.GenerateRequest) -> "SpecConfig":
@@ -135,9 +137,11 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                   for b, (row, d, drafter) in enumerate(zip(rows, done, drafters))]
     fitting = [x for x in spec.buckets if x <= room]
     num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets), max(fitting))
-    streak = any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d)
+    tiers = [getattr(drafter, "first_tier", None) for drafter, d in zip(drafters, done) if not d]
+    regime = (min((t for t in tiers if t is not None), default=None),
+              any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d))
     if policy:
-      num_nodes = policy.choose(num_nodes, streak)
+      num_nodes = policy.choose(num_nodes, regime)
     tree = stack_trees([truncate(tr, num_nodes) for tr in full_trees])
     tree_dev, active_dev, step_dev = jax.device_put((tree, np.asarray([not d for d in done]), np.int32(steps)))
     t1 = time.perf_counter()
@@ -151,7 +155,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     bucket_counts[num_nodes] = bucket_counts.get(num_nodes, 0) + 1
     if policy:
       active = [int(num_b[b]) + 1 for b in range(batch) if not done[b]]
-      policy.update(num_nodes, streak, float(np.mean(active)), t2 - t1)
+      policy.update(num_nodes, regime, float(np.mean(active)), t2 - t1)
     for b in range(batch):
       if done[b]:
         continue
