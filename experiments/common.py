@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Callable, Iterable
 
-from absl import app
+from absl import app, logging
 
 from hdjax.errors import HdjaxError
 
@@ -16,6 +16,7 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)`, turning user-facing errors into one line on stderr and exit status 2."""
 
   def guarded(argv):
+    logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax, jax backends) out of the output
     try:
       return main(argv)
     except HdjaxError as e:

@@ -56,7 +56,7 @@ def test_visibility_makes_a_step_see_what_lazy_decoding_sees(lm8):
   assert np.abs(step(None) - want).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", ["lazy+pld", "lazy+hd", "lazy+adadecode"])
+@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd", "lazy+adadecode"])
 def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=SCHEDULE)

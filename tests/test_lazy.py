@@ -121,6 +121,7 @@ def test_fallback_below_threshold(lm8):
   assert res[0].stats["lazy_fallback"] is False and res[0].stats["computed_fraction_prefill"] < 1
 
 
+@pytest.mark.slow
 def test_recompiles_bounded_and_baselines_share_budget(lm8):
   lm8.generate(_prompts(seed=11, lengths=(140,)), method="lazy", max_new_tokens=8, lazy_config=SCHEDULE)
   before = dict(ar.TRACE_COUNTS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hdjax.decoding.tree_policy import TreeSizePolicy
 from hdjax.drafting.hierarchy import HierarchyDrafter
+from tests.conftest import make_tiny_lm
 
 COST_S = {1: 1.0, 4: 1.6, 8: 2.0}
 TOKENS = {(True, 4): 2.5, (True, 8): 3.4, (False, 4): 1.1, (False, 8): 1.2}
@@ -56,3 +57,14 @@ def test_hierarchy_asks_sources_in_order_and_reports_the_first_tier():
   assert hd.draft([0], max_chains=7, depth=4) == [[1, 2], [3], [4]]  # duplicate dropped; stops at 4 nodes
   assert hd.first_tier == 1
   assert HierarchyDrafter([_Fixed([])], max_nodes=4).draft([0], 7, 4) == []
+
+
+def test_adaptive_generation_stays_lossless():
+  lm = make_tiny_lm()
+  prompts = [[5, 6, 7, 8, 9, 10] * 6, [3, 1, 4, 1, 5, 9, 2, 6]]
+  want = lm.generate(prompts, method="ar", max_new_tokens=30)
+  got = lm.generate(prompts, method="pld", max_new_tokens=30, adaptive=True, explore_every=4)
+  for w, g in zip(want, got):
+    assert g.token_ids == w.token_ids
+    assert sum(g.stats["bucket_counts"].values()) == g.stats["steps"] - 1
+  assert len(got[0].stats["bucket_counts"]) > 1  # the policy tried more than one tree size

@@ -137,10 +137,8 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                   for b, (row, d, drafter) in enumerate(zip(rows, done, drafters))]
     fitting = [x for x in spec.buckets if x <= room]
     num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets), max(fitting))
-    tiers = [getattr(drafter, "first_tier", None) for drafter, d in zip(drafters, done) if not d]
-    regime = (min((t for t in tiers if t is not None), default=None),
-              any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d))
     if policy:
+      regime = step_regime(drafters, accept_lengths, done)
       num_nodes = policy.choose(num_nodes, regime)
     tree = stack_trees([truncate(tr, num_nodes) for tr in full_trees])
     tree_dev, active_dev, step_dev = jax.device_put((tree, np.asarray([not d for d in done]), np.int32(steps)))
@@ -181,6 +179,14 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                 bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats)
            for row, acc, prompt in zip(rows, accept_lengths, request.prompts)]
   return api.make_results(lm, *api.padded_rows(rows), stats)
+
+
+def step_regime(drafters: list[Drafter], accept_lengths: list[list[int]], done: list[bool]) -> tuple:
+  """The tree-size policy's regime of a step: the best hierarchy tier that drafted first (None for other drafters)
+  and whether the previous step accepted a draft token, over the active rows."""
+  tiers = [getattr(drafter, "first_tier", None) for drafter, d in zip(drafters, done) if not d]
+  return (min((t for t in tiers if t is not None), default=None),
+          any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d))
 
 
 def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig,
