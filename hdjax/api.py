@@ -215,6 +215,8 @@ def generate_ar(lm: LM, request: GenerateRequest) -> list[GenerationResult]:
   cur = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   ttft = time.perf_counter() - start
   rows = [[int(x)] for x in np.asarray(cur)]
+  if on_tokens:
+    on_tokens(rows[0][:])
   steps = 1
   remaining = request.max_new_tokens - 1
   while remaining > 0 and not all(row[-1] in cfg.eos_ids for row in rows):

@@ -264,6 +264,7 @@ def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
 
 def generate_adadecode(lm: LM, request: GenerateRequest, method: str = "adadecode",
                        prefill: Prefill = full_prefill) -> list[GenerationResult]:
+  """Each prompt: `prefill`, then `adadecode_loop` over its cache (masked by its per-layer visibility, if any)."""
   cfg = lm.cfg
   heads = resolve_heads(lm, request)
   gamma = float(request.option("gamma", 0.75))
