@@ -24,7 +24,7 @@ _QUICK = flags.DEFINE_bool("quick", True, "Small budgets so the whole job fits i
 
 
 def stages(out_dir: str, quick: bool) -> list[tuple[str, list[str]]]:
-  bench = (["--repeats=1", "--new_tokens=128", "--prefill_lengths=512"] if quick
+  bench = (["--repeats=1", "--new_tokens=64", "--prefill_lengths=512"] if quick
            else ["--repeats=3", "--new_tokens=256", "--prefill_lengths=512,2048"])
   per_category, new_tokens = ("1", "32") if quick else ("20", "256")
   lengths, num = ("2048", "1") if quick else ("2048,4096,7500", "8")

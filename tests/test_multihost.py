@@ -55,6 +55,7 @@ def test_split_and_merge_are_inverse():
     multihost.initialize("localhost:1", 2, 2)
 
 
+@pytest.mark.slow
 def test_two_processes_merge_to_the_single_process_output():
   coordinator = f"localhost:{free_port()}"
   procs = [launch(coordinator, 2, i) for i in range(2)]

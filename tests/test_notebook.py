@@ -46,6 +46,7 @@ def test_notebook_cells_are_valid_python():
   assert "pip install" in sources and "make_mesh" in sources and "hdjax.METHODS" in sources
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end_on_cpu(tmp_path):
   out = run_notebook(tmp_path, "ar,pld", max_new_tokens=6, num_prompts=1)
   assert "backend=cpu" in out and "mesh={'data': 1, 'model': 1}" in out

@@ -8,7 +8,7 @@ from hdjax.streaming import stream_generate
 from tests.conftest import make_tiny_lm
 
 
-@pytest.mark.parametrize("method", ["ar", "pld"])
+@pytest.mark.parametrize("method", ["ar", pytest.param("pld", marks=pytest.mark.slow)])
 def test_streamed_ids_are_the_whole_output(method):
   lm = make_tiny_lm()
   prompt = [5, 6, 7, 8, 9, 10] * 4
