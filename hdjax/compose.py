@@ -19,7 +19,7 @@ from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.speculative import spec_method
 
 
-def lazy_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Prefilled:
+def pruned_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Prefilled:
   """The `lazy` method's pruned prefill (its schedule from the request's options), with per-layer visibility."""
   lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
   prompt_tokens = sum(len(p) for p in request.prompts)
@@ -35,5 +35,5 @@ def lazy_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Pr
 
 
 for _name in ("pld", "rest", "hd"):
-  api.register_method(f"lazy+{_name}")(spec_method(f"lazy+{_name}", lazy_prefill))
-api.register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", lazy_prefill))
+  api.register_method(f"lazy+{_name}")(spec_method(f"lazy+{_name}", pruned_prefill))
+api.register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))

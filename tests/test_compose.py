@@ -12,7 +12,7 @@ import pytest
 from hdjax import lazy, model
 from hdjax.api import GenerateRequest
 from hdjax.attention import causal_mask
-from hdjax.compose import lazy_prefill
+from hdjax.compose import pruned_prefill
 from hdjax.decoding.sampling import SamplingConfig
 from tests.conftest import make_tiny_lm
 
@@ -38,7 +38,7 @@ def test_visibility_makes_a_step_see_what_lazy_decoding_sees(lm8):
   cfg = lm8.cfg
   prompts = _prompts(3, (150,))
   request = GenerateRequest((tuple(prompts[0]),), 8, SamplingConfig(0.0), 0, (("lazy_config", SCHEDULE),))
-  logits_bv, cache, visible_lbs, _ = lazy_prefill(lm8, request, 256)
+  logits_bv, cache, visible_lbs, _ = pruned_prefill(lm8, request, 256)
   state = lazy.prefill_request(lm8, request, SCHEDULE.validate(cfg), 256)[1]
   token_b1 = jnp.argmax(logits_bv, -1).astype(jnp.int32)[:, None]
   pos_b1 = cache.lengths[:, None]
