@@ -1,4 +1,9 @@
-"""Compositions: LazyLLM's pruned prefill feeding the speculative (PLD, REST, HD) and AdaDecode decoding loops.
+"""Compositions: LazyLLM's pruned prefill feeding the speculative (PLD, REST, HD) and AdaDecode decoding loops,
+and HD with an AdaDecode exit head as one more draft source (`hd+adadecode`, `lazy+hd+adadecode`).
+
+`hd+adadecode` drafts from the exit head (AdaDecode's trained head, default layer 26) and the three databases into
+one static tree that one verify pass checks; the head's draft costs its layers [0, l) of the next root, which
+that root then never runs again (`speculative.py`). It is lossless against `ar` like `hd`.
 
 `lazy+<method>` prunes the prompt as `lazy` does (same schedule and options), then decodes with <method> over the
 pruned cache: at every layer attention sees only the slots whose K/V exists there (the prompt tokens kept up to
@@ -10,13 +15,20 @@ check, and prompts shorter than `min_prompt` fall back to full prefill exactly l
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 
 from hdjax import api, lazy
-from hdjax.adadecode.decode import adadecode_method
+from hdjax.adadecode.decode import adadecode_method, resolve_heads
+from hdjax.adadecode.heads import ExitHeads
 from hdjax.decoding.prefill import Prefilled, full_prefill
-from hdjax.decoding.speculative import spec_method
+from hdjax.decoding.speculative import HD_DEFAULTS, spec_method
+from hdjax.errors import HdjaxError
+
+# The head's draft is one node: a 2-node tree (root + head draft) is the common step when no database matches.
+HEAD_DRAFT_DEFAULTS = dataclasses.replace(HD_DEFAULTS, buckets=(1, 2, 4, 8))
 
 
 def pruned_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Prefilled:
@@ -34,6 +46,16 @@ def pruned_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> 
                         computed_fraction_prefill=computed / (lm.cfg.n_layers * prompt_tokens)))
 
 
+def one_exit_head(lm: api.LM, request: api.GenerateRequest) -> ExitHeads:
+  """The request's exit heads (options heads, head_layers; see `resolve_heads`), which must be exactly one."""
+  heads = resolve_heads(lm, request)
+  if len(heads.layers) != 1:
+    raise HdjaxError(f"hd+adadecode drafts from one exit head; got head_layers={list(heads.layers)}")
+  return heads
+
+
 for _name in ("pld", "rest", "hd"):
   api.register_method(f"lazy+{_name}")(spec_method(f"lazy+{_name}", pruned_prefill))
 api.register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))
+for _prefill, _name in ((full_prefill, "hd+adadecode"), (pruned_prefill, "lazy+hd+adadecode")):
+  api.register_method(_name)(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

@@ -56,19 +56,25 @@ def test_visibility_makes_a_step_see_what_lazy_decoding_sees(lm8):
   assert np.abs(step(None) - want).max() > 1e-3
 
 
-@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd", "lazy+adadecode"])
+OPTIONS = {"lazy+adadecode": dict(heads="identity", head_layers=(3, 5), gamma=0.0),
+           "lazy+hd+adadecode": dict(heads="identity", head_layers=(7,))}
+
+
+@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd", "lazy+adadecode",
+                                    "lazy+hd+adadecode"])
 def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=SCHEDULE)
-  options = dict(heads="identity", head_layers=(3, 5), gamma=0.0) if "adadecode" in method else {}
-  got = lm8.generate(prompts, method=method, max_new_tokens=24, lazy_config=SCHEDULE, **options)
+  got = lm8.generate(prompts, method=method, max_new_tokens=24, lazy_config=SCHEDULE, **OPTIONS.get(method, {}))
   for w, g in zip(want, got):
     assert g.token_ids == w.token_ids
     assert not g.stats["lazy_fallback"] and 0 < g.stats["computed_fraction_prefill"] < 1
-  if "adadecode" in method:
+  if method == "lazy+adadecode":
     assert min(g.stats["early_tokens"] for g in got) > 0  # every sequence exited early and verified it
   else:
     assert max(g.stats["tau"] for g in got) > 1  # drafts were accepted over the pruned cache
+  if method == "lazy+hd+adadecode":
+    assert min(g.stats["head_hit_rate"] for g in got) > 0
 
 
 def test_short_prompts_fall_back_to_full_prefill(lm8):

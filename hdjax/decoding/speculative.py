@@ -4,6 +4,13 @@ Per step: host drafters propose chains -> one static-shape prefix tree per seque
 cache-donating verify step that runs the root (last accepted token, not yet cached) and every tree node, accepts
 inside the same jit (greedy longest path, or recursive rejection sampling) and compacts the accepted path's K/V
 into place. The tree's node count is picked per step from a small set of buckets, so compiles stay bounded.
+
+With an exit head at layer l (`hd+adadecode`, AdaDecode's heads), the same step also drafts: after accepting, it
+runs the next root (the token the full model chose) through layers [0, l) at its own slot, and the head's argmax
+on that state joins the next step's tree as a depth-1 chain, ahead of the database chains. The root's layers
+[0, l) are then never run again: the next step runs the draft nodes through [0, l), appends the root's stored
+state, and runs all of them through [l, L) together (AdaDecode's deferred layers, batched with the later tokens).
+Every K/V row is the exact one, so the output is still lossless.
 """
 
 from __future__ import annotations
@@ -11,14 +18,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from hdjax import api, model
-from hdjax.attention import prefix_plus_block_mask
+from hdjax.adadecode.heads import ExitHeads, head_logits
+from hdjax.attention import causal_mask, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
@@ -59,16 +67,24 @@ class SpecConfig:
                                adaptive=bool(cfg.adaptive), explore_every=int(cfg.explore_every))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_depth"), donate_argnames=("cache",))
+class StepOut(NamedTuple):
+  tokens_bd: jax.Array  # [B, max_depth + 1] emitted tokens; the first num_b + 1 are real
+  num_b: jax.Array  # [B] accepted draft tokens (0 for inactive rows)
+  cache: KVCache  # root and accepted path committed
+  root_h_bd: jax.Array | None  # with an exit head: the next root's state after layers [0, l)
+  head_draft_b: jax.Array | None  # with an exit head: its prediction of the token after the next root
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_depth", "head_layer"),
+                   donate_argnames=("cache",))
 def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, active_b: jax.Array, key: jax.Array,
-                step: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None
-                ) -> tuple[jax.Array, jax.Array, KVCache]:
+                step: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None,
+                head_layer: int | None = None, t_dd: jax.Array | None = None,
+                root_h_bd: jax.Array | None = None) -> StepOut:
   """Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, and accepts (sampling draws
   from `fold_in(key, step)`). `visible_lbs` restricts each layer to the slots that hold K/V there (after a
-  pruned prefill).
-
-  Returns the emitted tokens [B, max_depth + 1] (the first num_b + 1 are real), the number of accepted draft
-  tokens num_b (0 for inactive rows), and the cache with the root and accepted path committed.
+  pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below it is in
+  the cache) and the step ends by drafting from the exit head `t_dd` (see the module docstring).
   """
   ar.TRACE_COUNTS["verify_step"] += 1
   batch, num_nodes = tree.tokens.shape
@@ -77,7 +93,17 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   slots_bt = jnp.where(active_b[:, None] & tree.valid, lengths_b[:, None] + offsets_bt, cache.num_slots)
   positions_bt = lengths_b[:, None] + tree.depths
   mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
-  h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
+  if head_layer is None:
+    h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
+  else:
+    h_btd = root_h_bd[:, None]
+    if num_nodes > 1:  # draft nodes catch up with the root: layers [0, l)
+      below = model.run_layers(params, cfg, model.embed(params, cfg, tree.tokens[:, 1:]), positions_bt[:, 1:],
+                               mask_bts[:, 1:], cache, slots_bt[:, 1:], 0, head_layer, visible_lbs=visible_lbs)
+      h_btd, cache = jnp.concatenate([h_btd, below.h_btd], axis=1), below.cache
+    above = model.run_layers(params, cfg, h_btd, positions_bt, mask_bts, cache, slots_bt, head_layer,
+                             visible_lbs=visible_lbs)
+    h_btd, cache = above.h_btd, above.cache
   logits_btv = model.unembed(params, cfg, h_btd)
   if sampling.greedy:
     target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
@@ -89,14 +115,40 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
         tree.tokens, tree.parents, tree.valid, probs_btv, jax.random.split(jax.random.fold_in(key, step), batch))
   num_b = jnp.where(active_b, acc.num_accepted, 0)
   cache = commit_rows(cache, lengths_b[:, None] + acc.path_d1, jnp.where(active_b, num_b + 1, 0))
-  return acc.tokens_d1, num_b, cache
+  if head_layer is None:
+    return StepOut(acc.tokens_d1, num_b, cache, None, None)
+  next_root_b = jnp.take_along_axis(acc.tokens_d1, num_b[:, None], axis=1)[:, 0]
+  return StepOut(acc.tokens_d1, num_b, *head_draft(params, cfg, cache, next_root_b, active_b, head_layer, t_dd,
+                                                   visible_lbs))
+
+
+def head_draft(params, cfg: LlamaConfig, cache: KVCache, root_b: jax.Array, active_b: jax.Array, head_layer: int,
+               t_dd: jax.Array, visible_lbs: jax.Array | None = None
+               ) -> tuple[KVCache, jax.Array, jax.Array]:
+  """Runs each active row's root (the next token, not yet cached) through layers [0, head_layer) at slot
+  `lengths`. Returns the cache with those K/V rows, the root's state [B, D] and the head's argmax [B]: the draft
+  of the token after the root (deterministic, so tree acceptance stays lossless under sampling too)."""
+  positions_b1 = cache.lengths[:, None]
+  slots_b1 = jnp.where(active_b[:, None], positions_b1, cache.num_slots)
+  below = model.run_layers(params, cfg, model.embed(params, cfg, root_b[:, None]), positions_b1,
+                           causal_mask(positions_b1, cache.num_slots), cache, slots_b1, 0, head_layer,
+                           visible_lbs=visible_lbs)
+  draft_b = jnp.argmax(head_logits(params, cfg, t_dd, below.h_btd)[:, 0], axis=-1).astype(jnp.int32)
+  return below.cache, below.h_btd[:, 0], draft_b
+
+
+start_head = functools.partial(jax.jit, static_argnames=("cfg", "head_layer"), donate_argnames=("cache",))(
+    head_draft)
 
 
 def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                          make_drafter: Callable[[SpecConfig], Drafter], defaults: SpecConfig = SpecConfig(),
-                         prefill: Prefill = full_prefill) -> list[api.GenerationResult]:
-  """Prefill, then draft -> verify steps until every sequence hits EOS, max_new_tokens or a full cache."""
+                         prefill: Prefill = full_prefill, head: ExitHeads | None = None
+                         ) -> list[api.GenerationResult]:
+  """Prefill, then draft -> verify steps until every sequence hits EOS, max_new_tokens or a full cache. `head`
+  (one exit head) adds its draft to every tree (see the module docstring)."""
   cfg, spec = lm.cfg, defaults.with_options(request)
+  head_layer, t_dd = (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
   num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
@@ -105,8 +157,13 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   first_b = np.asarray(select_token(logits_bv, first_key, request.sampling))
   ttft = time.perf_counter() - start
   batch = len(request.prompts)
+  active_b = np.ones(batch, bool)
+  root_h_bd = head_draft_b = None
+  if head is not None:
+    cache, root_h_bd, head_draft_b = start_head(lm.params, cfg, cache, jnp.asarray(first_b), active_b, head_layer,
+                                                t_dd, visible_lbs)
   if request.option("warmup", False):  # trace every tree bucket for this cache shape, emit the first token only
-    compile_buckets(lm, cache, spec, request.sampling, visible_lbs)
+    compile_buckets(lm, cache, spec, request.sampling, visible_lbs, head_layer, t_dd, root_h_bd)
     return api.make_results(lm, first_b[:, None], np.ones(batch, np.int32),
                             [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
                                   accept_lengths=[1], prompt_tokens=len(p), **prefill_stats)
@@ -124,6 +181,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   steps = 1
   policy = TreeSizePolicy(spec.buckets, spec.explore_every) if spec.adaptive else None
   bucket_counts: dict[int, int] = {}
+  head_hits_b = np.zeros(batch, np.int64)
   if on_tokens:
     on_tokens(rows[0][:])
   while not all(done):
@@ -131,9 +189,9 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     room = num_slots - int(max(cache_len_b[b] for b in range(batch) if not done[b]))
     if room < 1:
       break
-    full_trees = [build_tree(row[-1], [] if d else drafter.draft(request.prompts[b] + tuple(row), spec.max_chains,
-                                                                 spec.max_depth),
-                             max(spec.buckets), spec.max_depth)
+    head_chains = [[]] * batch if head is None else [[[int(x)]] for x in np.asarray(head_draft_b)]  # best first
+    full_trees = [build_tree(row[-1], [] if d else head_chains[b] + drafter.draft(
+        request.prompts[b] + tuple(row), spec.max_chains, spec.max_depth), max(spec.buckets), spec.max_depth)
                   for b, (row, d, drafter) in enumerate(zip(rows, done, drafters))]
     fitting = [x for x in spec.buckets if x <= room]
     num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets), max(fitting))
@@ -141,11 +199,16 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
       regime = step_regime(drafters, accept_lengths, done)
       num_nodes = policy.choose(num_nodes, regime)
     tree = stack_trees([truncate(tr, num_nodes) for tr in full_trees])
-    tree_dev, active_dev, step_dev = jax.device_put((tree, np.asarray([not d for d in done]), np.int32(steps)))
+    active_b = np.asarray([not d for d in done])
+    tree_dev, active_dev, step_dev = jax.device_put((tree, active_b, np.int32(steps)))
     t1 = time.perf_counter()
-    out_bd, num_b, cache = verify_step(lm.params, cfg, cache, tree_dev, active_dev, key, step_dev, request.sampling,
-                                       spec.max_depth, visible_lbs)
-    out_bd, num_b = jax.device_get((out_bd, num_b))
+    out = verify_step(lm.params, cfg, cache, tree_dev, active_dev, key, step_dev, request.sampling, spec.max_depth,
+                      visible_lbs, head_layer, t_dd, root_h_bd)
+    cache, root_h_bd = out.cache, out.root_h_bd
+    out_bd, num_b = jax.device_get((out.tokens_bd, out.num_b))
+    if head is not None:
+      head_hits_b += active_b & (out_bd[:, 0] == np.asarray(head_draft_b))
+      head_draft_b = out.head_draft_b
     t2 = time.perf_counter()
     draft_s += t1 - t0
     verify_s += t2 - t1
@@ -176,8 +239,9 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                 accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)), draft_s=draft_s,
                 verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
                 node_budget=max(spec.buckets), max_depth=spec.max_depth,
-                bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats)
-           for row, acc, prompt in zip(rows, accept_lengths, request.prompts)]
+                bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats,
+                **({} if head is None else dict(head_layer=head_layer, head_hit_rate=hits / max(len(acc) - 1, 1))))
+           for row, acc, prompt, hits in zip(rows, accept_lengths, request.prompts, head_hits_b.tolist())]
   return api.make_results(lm, *api.padded_rows(rows), stats)
 
 
@@ -190,13 +254,15 @@ def step_regime(drafters: list[Drafter], accept_lengths: list[list[int]], done: 
 
 
 def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig,
-                    visible_lbs: jax.Array | None = None) -> None:
+                    visible_lbs: jax.Array | None = None, head_layer: int | None = None, t_dd: jax.Array | None = None,
+                    root_h_bd: jax.Array | None = None) -> None:
   """Traces the verify step for every bucket with all rows inactive (nothing is written or committed)."""
   batch = cache.batch
   for num_nodes in spec.buckets:
     tree = stack_trees([build_tree(0, [], num_nodes, spec.max_depth)] * batch)
-    _, _, cache = verify_step(lm.params, lm.cfg, cache, jax.device_put(tree), jnp.zeros((batch,), bool),
-                              jax.random.key(0), jnp.int32(0), sampling, spec.max_depth, visible_lbs)
+    cache = verify_step(lm.params, lm.cfg, cache, jax.device_put(tree), jnp.zeros((batch,), bool),
+                        jax.random.key(0), jnp.int32(0), sampling, spec.max_depth, visible_lbs, head_layer, t_dd,
+                        root_h_bd).cache
 
 
 def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
@@ -252,21 +318,26 @@ HD_DEFAULTS = SpecConfig()
 PLD_DEFAULTS = SpecConfig(max_depth=PLD_MAX_TOKENS, max_chains=1)  # the 8-node budget keeps 7 of its 10 tokens
 
 
-def spec_method(method: str, prefill: Prefill = full_prefill) -> api.Method:
-  """The generate function of a registered drafting method (a key of SPEC_METHODS) after `prefill`: the sources
-  named in the `order` option (comma-separated) are asked in that order."""
-  order, defaults = SPEC_METHODS[method.split("+")[-1]]
+def spec_method(method: str, prefill: Prefill = full_prefill,
+                exit_head: Callable[[api.LM, api.GenerateRequest], ExitHeads] | None = None,
+                defaults: SpecConfig | None = None) -> api.Method:
+  """The generate function of a drafting method (its first "+"-part that is a key of SPEC_METHODS) after
+  `prefill`: the sources named in the `order` option (comma-separated) are asked in that order, after the exit
+  head that `exit_head` resolves for the request, if any (then `order` may be empty)."""
+  order, base_defaults = SPEC_METHODS[next(p for p in method.split("+") if p in SPEC_METHODS)]
+  defaults = defaults or base_defaults
 
   def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
     names = [n.strip() for n in str(request.option("order", order)).split(",") if n.strip()]
     unknown = [n for n in names if n not in SOURCES]
-    if unknown or not names:
+    if unknown or not (names or exit_head):
       raise HdjaxError(f"unknown draft source(s) {unknown or names} in order={order!r}; known: {', '.join(SOURCES)}")
+    head = exit_head(lm, request) if exit_head else None
     spec = defaults.with_options(request)
     if len(names) > 1:  # a hierarchy uses the databases that exist; a single source must exist
       names = [n for n in names if _available(lm, n, spec)]
     results = speculative_generate(lm, request, method, lambda spec: HierarchyDrafter(
-        [SOURCES[n](lm, spec) for n in names], max(spec.buckets) - 1, name=method), defaults, prefill)
+        [SOURCES[n](lm, spec) for n in names], max(spec.buckets) - 1, name=method), defaults, prefill, head)
     for r in results:
       r.stats["sources"] = ",".join(names)
     return results

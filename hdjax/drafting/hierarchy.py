@@ -9,11 +9,10 @@ from hdjax.drafting.base import Drafter
 
 class HierarchyDrafter:
   """A `Drafter` that concatenates its sources' chains, in order, until `max_chains` distinct chains or
-  `max_nodes` prefix-tree nodes are collected (a later source is asked only when an earlier one fell short)."""
+  `max_nodes` prefix-tree nodes are collected (a later source is asked only when an earlier one fell short).
+  With no sources it drafts nothing (`hd+adadecode` with an empty `order`: the exit head alone drafts)."""
 
   def __init__(self, sources: Sequence[Drafter], max_nodes: int, name: str = "hd"):
-    if not sources:
-      raise ValueError("a hierarchy needs at least one source")
     self.sources = list(sources)
     self.max_nodes = max_nodes
     self.name = name
