@@ -34,6 +34,7 @@ flags.DEFINE_list("keep_ratios", None, "LazyLLM keep ratios, one per pruning lay
 flags.DEFINE_integer("min_prompt", None, "prompts shorter than this fall back to full prefill")
 flags.DEFINE_integer("reselect_every", None, "decode steps between re-selections")
 flags.DEFINE_integer("revive_budget", None, "tokens revived per pruning layer per re-selection")
+flags.DEFINE_integer("score_window", None, "prompt tokens whose attention rows score the prompt (1: the last only)")
 
 
 def _lazy_options() -> dict:
@@ -42,7 +43,7 @@ def _lazy_options() -> dict:
     opts["prune_layers"] = tuple(int(x) for x in FLAGS.prune_layers)
   if FLAGS.keep_ratios is not None:
     opts["keep_ratios"] = tuple(float(x) for x in FLAGS.keep_ratios)
-  for name in ("min_prompt", "reselect_every", "revive_budget"):
+  for name in ("min_prompt", "reselect_every", "revive_budget", "score_window"):
     if getattr(FLAGS, name) is not None:
       opts[name] = getattr(FLAGS, name)
   return opts

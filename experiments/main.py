@@ -1,6 +1,6 @@
 """The main job (`make run`): a streamed demo on the embedded SmolLM2, the baseline decode benchmark, a quick
-stratified Spec-Bench subset (ar, pld, hd, adadecode), a quick long-context set (full, lazy, lazy+hd) and batched
-throughput (ar, hd at B = 1, 4, 8), then one compact table of the headline figures.
+stratified Spec-Bench subset (ar, pld, hd, adadecode, hd+adadecode), a quick long-context set (full, lazy,
+lazy+hd) and batched throughput (ar, hd at B = 1, 4, 8), then one compact table of the headline figures.
 
 Each stage is one of the project's launchers, run as a subprocess so its flags and outputs are the documented
 ones; results land under --out_dir.
@@ -32,8 +32,8 @@ def stages(out_dir: str, quick: bool) -> list[tuple[str, list[str]]]:
       ("demo", ["experiments.generate", "--prompt=Explain in three sentences why the sky is blue.",
                 "--max_new_tokens=96"]),
       ("baseline decode benchmark", ["experiments.bench_decode", *bench, f"--out={out_dir}/bench_decode.json"]),
-      ("Spec-Bench subset", ["experiments.specbench", "--methods=ar,pld,hd,adadecode", f"--limit={per_category}",
-                             "--subset=stratified", f"--max_new_tokens={new_tokens}", f"--out_dir={out_dir}/specbench"]),
+      ("Spec-Bench subset", ["experiments.specbench", "--methods=ar,pld,hd,adadecode,hd+adadecode",
+                             f"--limit={per_category}", "--subset=stratified", f"--max_new_tokens={new_tokens}", f"--out_dir={out_dir}/specbench"]),
       ("long-context subset", ["experiments.longctx", "--build=passkey,multidoc", f"--lengths={lengths}",
                                f"--num={num}", "--methods=full,lazy,lazy+hd", "--max_new_tokens=32",
                                f"--out_dir={out_dir}/longctx"]),

@@ -2,7 +2,8 @@
 
 Prefill runs the layers in groups separated by the pruning layers. At pruning layer p every still-active
 prompt token is scored by the attention it receives from the last prompt token at layer p (one query row,
-q_last . K^T, averaged over heads); the top `keep_ratios[g]` fraction of the bucket length stays active, a
+q_last . K^T, averaged over heads; `score_window` > 1 averages the rows of the last w prompt tokens instead, an
+observation window as in SnapKV, and always keeps those w tokens); the top `keep_ratios[g]` fraction of the bucket length stays active, a
 subset of the previous set, and the last token always stays. The gathered path runs each group only on the
 kept tokens (static keep counts per prompt-length bucket, original positions for RoPE and the causal mask,
 attention over a compact per-group KV buffer) and scatters their K/V into the full-length cache. A token
@@ -60,6 +61,7 @@ class LazyConfig:
   bucket: int = 512
   chunk: int = 1024
   seed: int = 0
+  score_window: int = 1  # query rows that score the prompt: the last w prompt tokens (1: LazyLLM's last token)
 
   def validate(self, cfg: LlamaConfig) -> "LazyConfig":
     layers, ratios = self.prune_layers, self.keep_ratios
@@ -71,8 +73,8 @@ class LazyConfig:
       raise HdjaxError(f"lazy: keep_ratios must be non-increasing in (0, 1], got {ratios}")
     if self.selection not in SELECTIONS:
       raise HdjaxError(f"lazy: selection must be one of {SELECTIONS}, got {self.selection!r}")
-    if self.reselect_every < 1 or self.revive_budget < 1 or self.bucket < 1 or self.chunk < 1:
-      raise HdjaxError("lazy: reselect_every, revive_budget, bucket and chunk must be >= 1")
+    if min(self.reselect_every, self.revive_budget, self.bucket, self.chunk, self.score_window) < 1:
+      raise HdjaxError("lazy: reselect_every, revive_budget, bucket, chunk and score_window must be >= 1")
     return self
 
   def keep_counts(self, t: int) -> tuple[int, ...]:
@@ -109,10 +111,6 @@ def prefill_bucket(n: int, lazy_cfg: LazyConfig) -> int:
   return -(-n // lazy_cfg.bucket) * lazy_cfg.bucket
 
 
-def _layer_params(params, layer: int):
-  return jax.tree.map(lambda x: x[layer], params["layers"])
-
-
 def _norm_qk(cfg: LlamaConfig, p_layer, h_btd: jax.Array, positions_bt: jax.Array, weight: str) -> jax.Array:
   """Post-RoPE queries (weight='q_dnh') or keys ('k_dkh') of one layer: [B, T, heads, H]."""
   x_btd = model.RMSNorm(cfg.rms_eps, jnp.dtype(cfg.dtype)).apply({"params": p_layer["attn_norm"]}, h_btd)
@@ -120,33 +118,40 @@ def _norm_qk(cfg: LlamaConfig, p_layer, h_btd: jax.Array, positions_bt: jax.Arra
   return apply_rope(jnp.einsum("BTD,DNH->BTNH", x_btd, p_layer[weight]), sin_bth, cos_bth)
 
 
-def _last_row_probs(cfg: LlamaConfig, q_bnh: jax.Array, k_bskh: jax.Array, visible_bs: jax.Array) -> jax.Array:
-  """Attention one query per sequence pays each key, softmax over visible keys, averaged over heads: [B, S]."""
-  b, _, hd = q_bnh.shape
-  q_bkgh = q_bnh.reshape(b, cfg.n_kv_heads, cfg.q_per_kv, hd)
-  # [B, K, G, S]
-  logits = jnp.einsum("BKGH,BSKH->BKGS", q_bkgh, k_bskh, preferred_element_type=jnp.float32) * hd ** -0.5
-  logits = jnp.where(visible_bs[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(1, 2))
+def _row_probs(cfg: LlamaConfig, q_bwnh: jax.Array, k_bskh: jax.Array, visible_bws: jax.Array) -> jax.Array:
+  """Attention W query rows per sequence pay each key, softmax over the keys each row sees, averaged over heads
+  and over the rows that see any key: [B, S]."""
+  b, w, _, hd = q_bwnh.shape
+  q_bwkgh = q_bwnh.reshape(b, w, cfg.n_kv_heads, cfg.q_per_kv, hd)
+  # [B, K, G, W, S]
+  logits = jnp.einsum("BWKGH,BSKH->BKGWS", q_bwkgh, k_bskh, preferred_element_type=jnp.float32) * hd ** -0.5
+  logits = jnp.where(visible_bws[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs_bws = jnp.mean(jax.nn.softmax(logits, axis=-1), axis=(1, 2))
+  rows_bw = jnp.any(visible_bws, axis=-1)
+  return jnp.einsum("BWS,BW->BS", probs_bws, rows_bw / jnp.maximum(jnp.sum(rows_bw, -1, keepdims=True), 1))
 
 
 def score_tokens(params, cfg: LlamaConfig, layer: int, h_bnd: jax.Array, positions_bn: jax.Array,
-                 valid_bn: jax.Array, last_pos_b: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """LazyLLM scores at `layer` of the N given tokens: attention from the last prompt token only (its one row,
-  never the full matrix), averaged over heads. Returns scores [B, N] and the tokens' keys [B, N, K, H]."""
-  p = _layer_params(params, layer)
+                 valid_bn: jax.Array, last_pos_b: jax.Array, window: int = 1) -> tuple[jax.Array, jax.Array]:
+  """LazyLLM scores at `layer` of the N given tokens: attention from the last `window` prompt tokens only (their
+  rows, never the full matrix), averaged over heads and rows. Returns scores [B, N] and keys [B, N, K, H]."""
+  p = model.layer_params(params, layer)
   k_bnkh = _norm_qk(cfg, p, h_bnd, positions_bn, "k_dkh")
-  last_n = jnp.argmax(positions_bn == last_pos_b[:, None], axis=1)
-  h_last_b1d = jnp.take_along_axis(h_bnd, last_n[:, None, None], axis=1)
-  q_b1nh = _norm_qk(cfg, p, h_last_b1d, last_pos_b[:, None], "q_dnh")
-  return _last_row_probs(cfg, q_b1nh[:, 0], k_bnkh, valid_bn), k_bnkh
+  query_pos_bw = last_pos_b[:, None] - jnp.arange(window)[None, :]
+  match_bwn = (positions_bn[:, None, :] == query_pos_bw[:, :, None]) & valid_bn[:, None, :]
+  h_query_bwd = jnp.take_along_axis(h_bnd, jnp.argmax(match_bwn, axis=2)[:, :, None], axis=1)
+  q_bwnh = _norm_qk(cfg, p, h_query_bwd, query_pos_bw, "q_dnh")
+  visible_bwn = (valid_bn[:, None, :] & (positions_bn[:, None, :] <= query_pos_bw[:, :, None])
+                 & jnp.any(match_bwn, axis=2, keepdims=True))
+  return _row_probs(cfg, q_bwnh, k_bnkh, visible_bwn), k_bnkh
 
 
 def _select(scores_bn: jax.Array, positions_bn: jax.Array, valid_bn: jax.Array, last_pos_b: jax.Array,
-            count: int) -> jax.Array:
-  """Indices [B, count] (ascending) of the kept tokens: the top scores among valid ones, the last token always."""
+            count: int, window: int = 1) -> jax.Array:
+  """Indices [B, count] (ascending) of the kept tokens: the top scores among valid ones; the last `window`
+  tokens always."""
   ranked = jnp.where(valid_bn, scores_bn, -1.0)
-  ranked = jnp.where(positions_bn == last_pos_b[:, None], 2.0, ranked)
+  ranked = jnp.where(valid_bn & (positions_bn > last_pos_b[:, None] - window), 2.0, ranked)
   return jnp.sort(jax.lax.top_k(ranked, count)[1], axis=1)
 
 
@@ -168,22 +173,22 @@ def run_layers_masked(params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: 
   """
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
   layer = model.DecoderLayer(cfg)
-  layer_params = jax.tree.map(lambda x: x[start:end], params["layers"])
   s = cache.num_slots
   b_idx = jnp.arange(h_btd.shape[0])[:, None]
   causal_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
 
   def body(carry, xs):
     h, k_cache, v_cache = carry
-    p, idx, live_bt, computed_bs = xs
+    idx, live_bt, computed_bs = xs
     slots = jnp.where(live_bt, slots_bt, s)
     written_bs = jnp.zeros((h.shape[0], s), bool).at[b_idx, slots].set(True, mode="drop")
     mask_bts = causal_bts & ((computed_bs > 0) | written_bs)[:, None, :]
-    new_h, k_cache, v_cache = layer.apply({"params": p}, h, sin_bth, cos_bth, mask_bts, k_cache, v_cache, slots, idx)
+    new_h, k_cache, v_cache = layer.apply({"params": model.layer_params(params, idx)}, h, sin_bth, cos_bth, mask_bts,
+                                          k_cache, v_cache, slots, idx)
     return (jnp.where(live_bt[:, :, None], new_h, h), k_cache, v_cache), h
 
   (h_btd, k, v), entering_lbtd = jax.lax.scan(
-      body, (h_btd, cache.k, cache.v), (layer_params, jnp.arange(start, end), live_lbt, computed_lbs[start:end]))
+      body, (h_btd, cache.k, cache.v), (jnp.arange(start, end), live_lbt, computed_lbs[start:end]))
   return h_btd, cache.replace(k=k, v=v), _count(computed_lbs, start, slots_bt, live_lbt), entering_lbtd
 
 
@@ -207,7 +212,8 @@ def _prune_scores(params, cfg, lazy_cfg: LazyConfig, group: int, h_bnd, position
     return jnp.take_along_axis(table_bt, positions_bn, axis=1), None, static_scores_bt
   if lazy_cfg.selection == "static" and group > 1:
     return jnp.take_along_axis(static_scores_bt, positions_bn, axis=1), None, static_scores_bt
-  scores_bn, k_bnkh = score_tokens(params, cfg, layer, h_bnd, positions_bn, valid_bn, last_pos_b)
+  scores_bn, k_bnkh = score_tokens(params, cfg, layer, h_bnd, positions_bn, valid_bn, last_pos_b,
+                                   lazy_cfg.score_window)
   b_idx = jnp.arange(h_bnd.shape[0])[:, None]
   return scores_bn, k_bnkh, static_scores_bt.at[b_idx, positions_bn].set(scores_bn)
 
@@ -272,7 +278,7 @@ def lazy_prefill(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, tokens_bt: jax.
       scores_bn, k_bnkh, static_scores_bt = _prune_scores(params, cfg, lazy_cfg, g, h_bnd, positions_bn, valid_bn,
                                                           last_pos_b, static_scores_bt)
       state = _to_aux(state, start, h_bnd, k_bnkh, jnp.where(valid_bn, positions_bn, num_slots))
-      keep_bk = _select(scores_bn, positions_bn, valid_bn, last_pos_b, counts[g])
+      keep_bk = _select(scores_bn, positions_bn, valid_bn, last_pos_b, counts[g], lazy_cfg.score_window)
       if gathered:
         h_bnd, positions_bn, valid_bn = (jnp.take_along_axis(h_bnd, keep_bk[:, :, None], axis=1),
                                          jnp.take_along_axis(positions_bn, keep_bk, axis=1),
@@ -303,13 +309,13 @@ def _revive(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, en
   revived_b = jnp.zeros((batch,), jnp.int32)
   budget = min(lazy_cfg.revive_budget, s)
   for layer in lazy_cfg.prune_layers:
-    p = _layer_params(params, layer)
+    p = model.layer_params(params, layer)
     q_b1nh = _norm_qk(cfg, p, entering_lbd[layer][:, None], pos_b[:, None], "q_dnh")
     candidate_bs = (state.aux_layer_bs == layer) & active_b[:, None]
     computed_bs = state.computed_lbs[layer] > 0
     k_bskh = jnp.where(candidate_bs[:, :, None, None], state.aux_k_bskh, state.cache.k[layer])
     visible_bs = (computed_bs | candidate_bs) & (jnp.arange(s)[None, :] <= pos_b[:, None])
-    probs_bs = _last_row_probs(cfg, q_b1nh[:, 0], k_bskh, visible_bs)
+    probs_bs = _row_probs(cfg, q_b1nh, k_bskh, visible_bs[:, None])
     uniform_b = 1.0 / jnp.maximum(jnp.sum(visible_bs, axis=1), 1)
     wanted_bs = candidate_bs & (probs_bs > uniform_b[:, None])
     top_br, slots_br = jax.lax.top_k(jnp.where(wanted_bs, probs_bs, -1.0), budget)

@@ -3,7 +3,9 @@
 Shape letters: B batch, T new tokens, S cache slots, D d_model, N query heads, K kv heads, G query heads
 per kv head, H head_dim, F ffn_dim, V vocab, L layers.
 
-Decoder layers are stacked on a leading L axis and run with `lax.scan` over any static range [start, end).
+Decoder layers are stacked on a leading L axis and run with `lax.scan` over any static range [start, end): the
+scan runs over layer indices and reads one layer's weights per iteration (`layer_params`), so a sub-range never
+copies a slice of the whole stack.
 Every step writes its new K/V rows into the cache at explicit `slots` (out-of-range slots are dropped) and
 attends through an explicit boolean mask [B, T, S], so prefill, decoding, draft trees and pruned prefill
 differ only in their positions, slots and mask.
@@ -164,6 +166,11 @@ class LayerOut(NamedTuple):
   hidden_lbtd: jax.Array | None  # state after each layer of the range, when requested
 
 
+def layer_params(params: Params, idx: jax.Array) -> Params:
+  """The weights of layer `idx` (traced) of the stacked decoder layers."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, idx, keepdims=False), params["layers"])
+
+
 def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                cache: KVCache, slots_bt: jax.Array, start: int = 0, end: int | None = None,
                collect_hidden: bool = False, visible_lbs: jax.Array | None = None) -> LayerOut:
@@ -177,18 +184,17 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
   h_btd = sharding.constrain(h_btd, sharding.ACTIVATION_AXES["h_btd"])
   layer = DecoderLayer(cfg)
-  layer_params = jax.tree.map(lambda x: x[start:end], params["layers"])
 
   def body(carry, xs):
     h, k_cache, v_cache = carry
-    p, idx, visible_bs = xs
+    idx, visible_bs = xs
     mask = mask_bts if visible_bs is None else mask_bts & visible_bs[:, None, :]
-    h, k_cache, v_cache = layer.apply({"params": p}, h, sin_bth, cos_bth, mask, k_cache, v_cache, slots_bt, idx)
+    h, k_cache, v_cache = layer.apply({"params": layer_params(params, idx)}, h, sin_bth, cos_bth, mask, k_cache,
+                                      v_cache, slots_bt, idx)
     return (h, k_cache, v_cache), (h if collect_hidden else None)
 
   visible = None if visible_lbs is None else visible_lbs[start:end]
-  (h_btd, k, v), hidden = jax.lax.scan(body, (h_btd, cache.k, cache.v),
-                                       (layer_params, jnp.arange(start, end), visible))
+  (h_btd, k, v), hidden = jax.lax.scan(body, (h_btd, cache.k, cache.v), (jnp.arange(start, end), visible))
   return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden)
 
 

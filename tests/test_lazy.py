@@ -36,9 +36,9 @@ def _prefill(lm, lazy_cfg, prompts, gathered, num_slots=256):
                            gathered=gathered)
 
 
-@pytest.mark.parametrize("selection", ["attention", "static", "random"])
-def test_gathered_equals_masked(lm8, selection):
-  cfg = dataclasses.replace(SCHEDULE, selection=selection)
+@pytest.mark.parametrize("selection,window", [("attention", 1), ("static", 1), ("random", 1), ("attention", 5)])
+def test_gathered_equals_masked(lm8, selection, window):
+  cfg = dataclasses.replace(SCHEDULE, selection=selection, score_window=window)
   prompts = _prompts()
   logits_g, st_g = _prefill(lm8, cfg, prompts, gathered=True)
   logits_m, st_m = _prefill(lm8, cfg, prompts, gathered=False)
@@ -54,18 +54,20 @@ def test_gathered_equals_masked(lm8, selection):
   c = np.asarray(st_g.computed_lbs)
   assert np.all(c[1:] <= c[:-1])
   for b, p in enumerate(prompts):
-    assert np.all(c[:, b, len(p) - 1] == 1)
+    assert np.all(c[:, b, len(p) - window:len(p)] == 1)
 
 
-def test_scores_are_the_last_row_of_full_attention(lm8):
-  """The one-row score equals row `last` of a dense NumPy softmax(QK^T) at that layer, averaged over heads."""
+@pytest.mark.parametrize("window", [1, 4])
+def test_scores_are_the_last_rows_of_full_attention(lm8, window):
+  """The score equals rows [last - window, last] of a dense NumPy softmax(QK^T) at that layer, averaged over heads
+  and rows."""
   cfg = lm8.cfg
   prompt = _prompts(lengths=(40,))[0]
   tokens = jnp.asarray([prompt])
   pos = jnp.arange(40)[None]
   h = lazy.model.embed(lm8.params, cfg, tokens)
-  scores, _ = lazy.score_tokens(lm8.params, cfg, 0, h, pos, jnp.ones((1, 40), bool), jnp.asarray([39]))
-  p = lazy._layer_params(lm8.params, 0)  # pylint: disable=protected-access
+  scores, _ = lazy.score_tokens(lm8.params, cfg, 0, h, pos, jnp.ones((1, 40), bool), jnp.asarray([39]), window)
+  p = lazy.model.layer_params(lm8.params, 0)
   q = np.asarray(lazy._norm_qk(cfg, p, h, pos, "q_dnh"))[0]  # pylint: disable=protected-access
   k = np.asarray(lazy._norm_qk(cfg, p, h, pos, "k_dkh"))[0]  # pylint: disable=protected-access
   k_full = np.repeat(k, cfg.q_per_kv, axis=1)  # [T, N, H]
@@ -73,7 +75,7 @@ def test_scores_are_the_last_row_of_full_attention(lm8):
   logits = np.where(np.tril(np.ones((40, 40), bool))[None], logits, -np.inf)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  np.testing.assert_allclose(np.asarray(scores)[0], probs[:, -1].mean(0), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(scores)[0], probs[:, 40 - window:].mean((0, 1)), atol=1e-6)
 
 
 def test_keep_ratio_one_equals_ar(lm8):

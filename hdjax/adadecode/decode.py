@@ -87,7 +87,7 @@ def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k, v, base, g0
   pos_1r = (base + g0 + j_r)[None]
   slots_1r = jnp.where(valid_r, pos_1r[0], num_slots)[None]
   sin, cos = rope_sin_cos(cfg, pos_1r)
-  p_layer = jax.tree.map(lambda x: x[layer], params["layers"])
+  p_layer = model.layer_params(params, layer)
   mask_1rs = causal_mask(pos_1r, num_slots)
   if visible_ls is not None:
     mask_1rs = mask_1rs & visible_ls[layer][None, None, :]
