@@ -140,6 +140,7 @@ def test_recompiles_are_bounded_and_one_head_is_required(lm8):
     lm8.generate(prompts, method="hd+adadecode", max_new_tokens=4, heads="identity", head_layers=(3, 5))
 
 
+@pytest.mark.slow
 def test_sampling_with_head_drafts_matches_target():
   """Tokens 1-3 sampled with head and database drafts vs exact enumeration (total variation)."""
   lm = make_tiny_lm(seed=3, vocab_size=6, eos_ids=(99,))

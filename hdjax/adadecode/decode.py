@@ -76,11 +76,12 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k, v, base, g0, g, visible_ls):
-  """Runs decoder layer `layer` on window slots [g0, g0 + g) as a static block of `rows` rows; they see the
+def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k_1bskh, v_1bskh, base, g0, g, visible_ls):
+  """Runs decoder layer `layer` on window slots [g0, g0 + g) as a static block of `rows` rows, with that layer's
+  K/V cache [1, B, S, K, H] (only it enters the `lax.switch`, so the whole cache is never copied); they see the
   slots of `visible_ls[layer]` (all slots when None) at positions <= their own."""
   window = h_wd.shape[0]
-  num_slots = k.shape[2]
+  num_slots = k_1bskh.shape[2]
   j_r = jnp.arange(rows)
   idx_r = jnp.clip(g0 + j_r, 0, window - 1)
   valid_r = j_r < g
@@ -91,10 +92,10 @@ def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k, v, base, g0
   mask_1rs = causal_mask(pos_1r, num_slots)
   if visible_ls is not None:
     mask_1rs = mask_1rs & visible_ls[layer][None, None, :]
-  h_1rd, k, v = model.DecoderLayer(cfg).apply({"params": p_layer}, h_wd[idx_r][None], sin, cos, mask_1rs, k, v,
-                                              slots_1r, layer)
+  h_1rd, k_1bskh, v_1bskh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_wd[idx_r][None], sin, cos,
+                                                          mask_1rs, k_1bskh, v_1bskh, slots_1r, 0)
   h_wd = h_wd.at[jnp.where(valid_r, idx_r, window)].set(h_1rd[0], mode="drop")
-  return h_wd, k, v
+  return h_wd, k_1bskh, v_1bskh
 
 
 def _final_rows(params, cfg: LlamaConfig, rows: int, h_wd):
@@ -135,8 +136,10 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     g0 = jnp.argmax(in_group_w).astype(jnp.int32)
     g = s.n - g0
     branches = [functools.partial(_layer_rows, params, cfg, r) for r in buckets]
-    h_wd, k, v = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), g), branches, depth, s.h_wd, s.cache.k,
-                                s.cache.v, s.cache.lengths[0], g0, g, visible_ls)
+    layer_kv = [jax.lax.dynamic_slice_in_dim(x, depth, 1) for x in (s.cache.k, s.cache.v)]
+    h_wd, *layer_kv = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), g), branches, depth, s.h_wd, *layer_kv,
+                                     s.cache.lengths[0], g0, g, visible_ls)
+    k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, depth, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
     c = s.counters._replace(layer_steps=s.counters.layer_steps + 1,
                             layer_tokens_l=s.counters.layer_tokens_l.at[depth].add(g))
     return s._replace(cache=s.cache.replace(k=k, v=v), h_wd=h_wd, depth_w=jnp.where(in_group_w, depth + 1, s.depth_w),
@@ -199,8 +202,11 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     s = run_layer(s)
     depth = s.depth_w[s.n - 1]
     can_exit = (head_of_depth[depth] >= 0) & (s.n < window)
-    return jax.lax.switch(jnp.where(depth == n_layers, 2, can_exit.astype(jnp.int32)),
-                          [lambda x: x, try_exit, verify], s)
+    k, v = s.cache.k, s.cache.v  # kept out of the switch: its branches only move the cursor
+    no_kv = jnp.zeros((0,), k.dtype)
+    s = jax.lax.switch(jnp.where(depth == n_layers, 2, can_exit.astype(jnp.int32)), [lambda x: x, try_exit, verify],
+                       s._replace(cache=s.cache.replace(k=no_kv, v=no_kv)))
+    return s._replace(cache=s.cache.replace(k=k, v=v))
 
   def cond(s: State):
     return ~s.done & (s.cache.lengths[0] + window <= s.cache.num_slots)
