@@ -162,6 +162,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   if head is not None:
     cache, root_h_bd, head_draft_b = start_head(lm.params, cfg, cache, jnp.asarray(first_b), active_b, head_layer,
                                                 t_dd, visible_lbs)
+    head_draft_b = np.asarray(head_draft_b)
   if request.option("warmup", False):  # trace every tree bucket for this cache shape, emit the first token only
     compile_buckets(lm, cache, spec, request.sampling, visible_lbs, head_layer, t_dd, root_h_bd)
     return api.make_results(lm, first_b[:, None], np.ones(batch, np.int32),
@@ -189,7 +190,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     room = num_slots - int(max(cache_len_b[b] for b in range(batch) if not done[b]))
     if room < 1:
       break
-    head_chains = [[]] * batch if head is None else [[[int(x)]] for x in np.asarray(head_draft_b)]  # best first
+    head_chains = [[]] * batch if head is None else [[[int(x)]] for x in head_draft_b]  # best first
     full_trees = [build_tree(row[-1], [] if d else head_chains[b] + drafter.draft(
         request.prompts[b] + tuple(row), spec.max_chains, spec.max_depth), max(spec.buckets), spec.max_depth)
                   for b, (row, d, drafter) in enumerate(zip(rows, done, drafters))]
@@ -205,10 +206,10 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     out = verify_step(lm.params, cfg, cache, tree_dev, active_dev, key, step_dev, request.sampling, spec.max_depth,
                       visible_lbs, head_layer, t_dd, root_h_bd)
     cache, root_h_bd = out.cache, out.root_h_bd
-    out_bd, num_b = jax.device_get((out.tokens_bd, out.num_b))
+    out_bd, num_b, next_draft_b = jax.device_get((out.tokens_bd, out.num_b, out.head_draft_b))  # one host sync
     if head is not None:
-      head_hits_b += active_b & (out_bd[:, 0] == np.asarray(head_draft_b))
-      head_draft_b = out.head_draft_b
+      head_hits_b += active_b & (out_bd[:, 0] == head_draft_b)
+      head_draft_b = next_draft_b
     t2 = time.perf_counter()
     draft_s += t1 - t0
     verify_s += t2 - t1
