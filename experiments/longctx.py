@@ -35,6 +35,7 @@ flags.DEFINE_integer("min_prompt", None, "prompts shorter than this fall back to
 flags.DEFINE_integer("reselect_every", None, "decode steps between re-selections")
 flags.DEFINE_integer("revive_budget", None, "tokens revived per pruning layer per re-selection")
 flags.DEFINE_integer("score_window", None, "prompt tokens whose attention rows score the prompt (1: the last only)")
+flags.DEFINE_integer("score_pool", None, "odd; max-pool scores over this many neighbouring positions (1: none)")
 
 
 def _lazy_options() -> dict:
@@ -43,7 +44,7 @@ def _lazy_options() -> dict:
     opts["prune_layers"] = tuple(int(x) for x in FLAGS.prune_layers)
   if FLAGS.keep_ratios is not None:
     opts["keep_ratios"] = tuple(float(x) for x in FLAGS.keep_ratios)
-  for name in ("min_prompt", "reselect_every", "revive_budget", "score_window"):
+  for name in ("min_prompt", "reselect_every", "revive_budget", "score_window", "score_pool"):
     if getattr(FLAGS, name) is not None:
       opts[name] = getattr(FLAGS, name)
   return opts

@@ -98,16 +98,21 @@ def passkey_correct(text: str, answer: str) -> bool:
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-  """'lazy@3-6:0.5-0.3' -> ('lazy', {prune_layers: (3, 6), keep_ratios: (0.5, 0.3)}); plain names pass through."""
+  """'lazy@3-6:0.5-0.3' -> ('lazy', {prune_layers: (3, 6), keep_ratios: (0.5, 0.3)}); an optional ':wW' and
+  ':pP' set score_window and score_pool ('lazy@16:0.5:w16:p7'); plain names pass through."""
   name, _, schedule = spec.partition("@")
   if not schedule:
     return name, {}
-  layers, _, ratios = schedule.partition(":")
+  names = {"w": "score_window", "p": "score_pool"}
   try:
-    return name, dict(prune_layers=tuple(int(x) for x in layers.split("-")),
-                      keep_ratios=tuple(float(x) for x in ratios.split("-")))
-  except ValueError:
-    raise HdjaxError(f"bad schedule in method {spec!r}: want NAME@L1-L2-...:R1-R2-...") from None
+    layers, ratios, *extras = schedule.split(":")
+    opts = dict(prune_layers=tuple(int(x) for x in layers.split("-")),
+                keep_ratios=tuple(float(x) for x in ratios.split("-")))
+    for extra in extras:
+      opts[names[extra[0]]] = int(extra[1:])
+  except (ValueError, KeyError, IndexError):
+    raise HdjaxError(f"bad schedule in method {spec!r}: want NAME@L1-L2-...:R1-R2-...[:wW][:pP]") from None
+  return name, opts
 
 
 def _median(xs):

@@ -1,4 +1,5 @@
-"""Spec-Bench: every method over the same questions, in the same order, in one process.
+"""Spec-Bench: every method over the same questions in one process, interleaved question by question (the methods'
+order rotates per question), so that the machine's drift over a long run does not bias one method's ratio.
 
   python -m experiments.specbench --questions=/work/shared/data/spec_bench/question.jsonl \
       --methods=ar,pld,hd --limit=5 --subset=stratified --max_new_tokens=256 --out_dir=results/specbench
@@ -31,6 +32,7 @@ flags.DEFINE_string("methods", "ar,pld,hd", "Comma-separated decoding methods; `
 flags.DEFINE_integer("limit", None, "Questions to run (default: all); with --subset=stratified, per category.")
 flags.DEFINE_enum("subset", "first", ["first", "stratified"], "first: the first N; stratified: N per category.")
 flags.DEFINE_integer("max_new_tokens", 256, "New tokens per turn.")
+flags.DEFINE_integer("max_turns", None, "Turns per question (default: all; 1 = first turn only).")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (per question: seed + question index).")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
@@ -50,6 +52,8 @@ def main(argv: Sequence[str]) -> None:
     raise HdjaxError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(hdjax.METHODS))}")
   if FLAGS.limit is not None and FLAGS.limit < 1:
     raise HdjaxError(f"--limit must be >= 1, got {FLAGS.limit}")
+  if FLAGS.max_turns is not None and FLAGS.max_turns < 1:
+    raise HdjaxError(f"--max_turns must be >= 1, got {FLAGS.max_turns}")
   if FLAGS.max_new_tokens < 1:
     raise HdjaxError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
   try:
@@ -63,31 +67,37 @@ def main(argv: Sequence[str]) -> None:
   questions = select_questions(questions, FLAGS.limit, FLAGS.subset)
   lm = hdjax.load(FLAGS.model, dtype="float32")
   model_id = os.path.basename(FLAGS.model)
-  rows_by_method: dict[str, list[dict[str, Any]]] = {}
   for method in methods:
-    options = method_options.get(method, {})
-    for prompt in warmup_prompts(lm, questions, FLAGS.max_new_tokens):
-      lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                  seed=FLAGS.seed, warmup=True, **options)
-    speculative.reset_databases()  # warm-up answers must not seed the online model database
+    with speculative.database_scope(method):
+      for prompt in warmup_prompts(lm, questions, FLAGS.max_new_tokens):
+        lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                    seed=FLAGS.seed, warmup=True, **method_options.get(method, {}))
+  speculative.reset_databases()  # warm-up answers must not seed the online model databases
 
-    def one_row(n: int, q: dict[str, Any], method=method, options=options) -> dict[str, Any]:
+  def one_question(n: int, q: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every method on question n, in an order rotated per question, each with its own model database."""
+    rows = {}
+    for method in methods[n % len(methods):] + methods[:n % len(methods)]:
       traces = sum(ar.TRACE_COUNTS.values())
-      turns = answer(lm, method, q["turns"], FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.seed + n, options)
-      row = answer_row(q, method, model_id, turns)
-      row["choices"][0]["compiled_during_timing"] = sum(ar.TRACE_COUNTS.values()) != traces
+      with speculative.database_scope(method):
+        turns = answer(lm, method, q["turns"][:FLAGS.max_turns], FLAGS.max_new_tokens, FLAGS.temperature,
+                       FLAGS.seed + n, method_options.get(method, {}))
+      rows[method] = row = answer_row(q, method, model_id, turns)
       c = row["choices"][0]
+      c["compiled_during_timing"] = sum(ar.TRACE_COUNTS.values()) != traces
       print(f"{method} {q['category']} q{q['question_id']}: {sum(c['new_tokens'])} tokens "
             f"{sum(c['new_tokens']) / sum(c['wall_time']):.1f} tok/s", flush=True)
-      return row
+    return rows
 
-    rows = multihost.run_split(questions, one_row, info)
-    if info.is_main:
+  per_question = multihost.run_split(questions, one_question, info)
+  rows_by_method = {method: [rows[method] for rows in per_question] for method in methods}
+  if info.is_main:
+    for method, rows in rows_by_method.items():
       write_jsonl_atomic(os.path.join(FLAGS.out_dir, f"{method}.jsonl"), rows)
-    rows_by_method[method] = rows
   summary = summarize(rows_by_method)
   summary["settings"] = dict(questions=FLAGS.questions, methods=methods, limit=FLAGS.limit, subset=FLAGS.subset,
-                             max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature, model=FLAGS.model,
+                             max_new_tokens=FLAGS.max_new_tokens, max_turns=FLAGS.max_turns,
+                             temperature=FLAGS.temperature, model=FLAGS.model,
                              method_options=method_options, num_questions=len(questions))
   if info.is_main:
     write_json_atomic(os.path.join(FLAGS.out_dir, "summary.json"), summary)

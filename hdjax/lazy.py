@@ -62,6 +62,7 @@ class LazyConfig:
   chunk: int = 1024
   seed: int = 0
   score_window: int = 1  # query rows that score the prompt: the last w prompt tokens (1: LazyLLM's last token)
+  score_pool: int = 1  # odd; a token's score is the max over live tokens within pool // 2 positions (1: none)
 
   def validate(self, cfg: LlamaConfig) -> "LazyConfig":
     layers, ratios = self.prune_layers, self.keep_ratios
@@ -73,8 +74,10 @@ class LazyConfig:
       raise HdjaxError(f"lazy: keep_ratios must be non-increasing in (0, 1], got {ratios}")
     if self.selection not in SELECTIONS:
       raise HdjaxError(f"lazy: selection must be one of {SELECTIONS}, got {self.selection!r}")
-    if min(self.reselect_every, self.revive_budget, self.bucket, self.chunk, self.score_window) < 1:
-      raise HdjaxError("lazy: reselect_every, revive_budget, bucket, chunk and score_window must be >= 1")
+    if min(self.reselect_every, self.revive_budget, self.bucket, self.chunk, self.score_window, self.score_pool) < 1:
+      raise HdjaxError("lazy: reselect_every, revive_budget, bucket, chunk, score_window and score_pool must be >= 1")
+    if self.score_pool % 2 == 0:
+      raise HdjaxError(f"lazy: score_pool must be odd (a window centred on the token), got {self.score_pool}")
     return self
 
   def keep_counts(self, t: int) -> tuple[int, ...]:
@@ -146,6 +149,20 @@ def score_tokens(params, cfg: LlamaConfig, layer: int, h_bnd: jax.Array, positio
   return _row_probs(cfg, q_bwnh, k_bnkh, visible_bwn), k_bnkh
 
 
+def pool_scores(scores_bn: jax.Array, positions_bn: jax.Array, valid_bn: jax.Array, num_positions: int,
+                pool: int) -> jax.Array:
+  """Each token's score raised to the max over valid tokens within pool // 2 original positions (SnapKV's
+  clustering: the neighbours of an important token, e.g. the other digits of a number, are kept with it).
+  Pooling runs over positions, not over the N axis, so a gathered subset and the masked full set agree."""
+  if pool == 1:
+    return scores_bn
+  b_idx = jnp.arange(scores_bn.shape[0])[:, None]
+  by_position_bt = jnp.full((scores_bn.shape[0], num_positions), -jnp.inf, scores_bn.dtype).at[
+      b_idx, positions_bn].max(jnp.where(valid_bn, scores_bn, -jnp.inf), mode="drop")
+  pooled_bt = jax.lax.reduce_window(by_position_bt, -jnp.inf, jax.lax.max, (1, pool), (1, 1), "SAME")
+  return jnp.take_along_axis(pooled_bt, positions_bn, axis=1)
+
+
 def _select(scores_bn: jax.Array, positions_bn: jax.Array, valid_bn: jax.Array, last_pos_b: jax.Array,
             count: int, window: int = 1) -> jax.Array:
   """Indices [B, count] (ascending) of the kept tokens: the top scores among valid ones; the last `window`
@@ -214,6 +231,7 @@ def _prune_scores(params, cfg, lazy_cfg: LazyConfig, group: int, h_bnd, position
     return jnp.take_along_axis(static_scores_bt, positions_bn, axis=1), None, static_scores_bt
   scores_bn, k_bnkh = score_tokens(params, cfg, layer, h_bnd, positions_bn, valid_bn, last_pos_b,
                                    lazy_cfg.score_window)
+  scores_bn = pool_scores(scores_bn, positions_bn, valid_bn, static_scores_bt.shape[1], lazy_cfg.score_pool)
   b_idx = jnp.arange(h_bnd.shape[0])[:, None]
   return scores_bn, k_bnkh, static_scores_bt.at[b_idx, positions_bn].set(scores_bn)
 

@@ -261,3 +261,26 @@ def test_committed_smollm2_databases_load_and_draft_real_text(smollm_tokenizer):
     assert 1 <= len(chains) <= 7 and all(1 <= len(c) <= 4 for c in chains)
     assert len({tuple(c) for c in chains}) == len(chains)
   assert sdb.draft(smollm_tokenizer.encode("for example,"), 1, 4)  # a common phrase always has a continuation
+
+
+def test_database_scopes_keep_separate_online_model_databases(monkeypatch):
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(model_db.ModelDB, "load", classmethod(lambda cls, tokenizer: model_db_of([[5, 6, 1, 1]])))
+  monkeypatch.setattr(stats_db.StatsDB, "load", classmethod(lambda cls, tokenizer: object()))
+  speculative.reset_databases()
+  lm = SimpleNamespace(tokenizer=TOK_A)
+  with speculative.database_scope("hd"):
+    hd_db = speculative.SOURCES["model"](lm, None)
+    hd_stats = speculative.SOURCES["stats"](lm, None)
+  with speculative.database_scope("pld"):
+    assert speculative.SOURCES["model"](lm, None) is not hd_db
+    assert speculative.SOURCES["stats"](lm, None) is hd_stats  # read-only: one copy
+  hd_db.start([0])
+  hd_db.extend([5, 6, 2, 3])
+  hd_db.finish()
+  with speculative.database_scope("hd"):
+    assert speculative.SOURCES["model"](lm, None).draft([5, 6], 3, 2) == [[2, 3], [1, 1]]
+  with speculative.database_scope("pld"):
+    assert speculative.SOURCES["model"](lm, None).draft([5, 6], 3, 2) == [[1, 1]]  # learnt nothing from hd
+  assert speculative.SOURCES["model"](lm, None).draft([5, 6], 3, 2) == [[1, 1]]
+  speculative.reset_databases()

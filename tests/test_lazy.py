@@ -36,9 +36,10 @@ def _prefill(lm, lazy_cfg, prompts, gathered, num_slots=256):
                            gathered=gathered)
 
 
-@pytest.mark.parametrize("selection,window", [("attention", 1), ("static", 1), ("random", 1), ("attention", 5)])
-def test_gathered_equals_masked(lm8, selection, window):
-  cfg = dataclasses.replace(SCHEDULE, selection=selection, score_window=window)
+@pytest.mark.parametrize("selection,window,pool", [("attention", 1, 1), ("static", 1, 1), ("random", 1, 1),
+                                                   ("attention", 5, 1), ("attention", 4, 7)])
+def test_gathered_equals_masked(lm8, selection, window, pool):
+  cfg = dataclasses.replace(SCHEDULE, selection=selection, score_window=window, score_pool=pool)
   prompts = _prompts()
   logits_g, st_g = _prefill(lm8, cfg, prompts, gathered=True)
   logits_m, st_m = _prefill(lm8, cfg, prompts, gathered=False)
@@ -76,6 +77,20 @@ def test_scores_are_the_last_rows_of_full_attention(lm8, window):
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(scores)[0], probs[:, 40 - window:].mean((0, 1)), atol=1e-6)
+
+
+@pytest.mark.parametrize("pool", [1, 3, 7])
+def test_pooled_scores_are_the_max_over_live_neighbours(pool):
+  """NumPy reference: a live token's pooled score is the max of live scores within pool // 2 positions."""
+  rng = np.random.default_rng(pool)
+  positions = np.sort(rng.choice(30, size=(2, 12), replace=False), axis=1)
+  valid = rng.random((2, 12)) < 0.8
+  scores = rng.random((2, 12)).astype(np.float32)
+  got = np.asarray(lazy.pool_scores(jnp.asarray(scores), jnp.asarray(positions), jnp.asarray(valid), 30, pool))
+  for b in range(2):
+    for n in np.flatnonzero(valid[b]):
+      near = valid[b] & (np.abs(positions[b] - positions[b, n]) <= pool // 2)
+      assert got[b, n] == scores[b][near].max()
 
 
 def test_keep_ratio_one_equals_ar(lm8):

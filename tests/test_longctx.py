@@ -52,3 +52,13 @@ def test_summary_agreement_and_speedup():
   g = longctx.summarize(rows, prompts)["methods"]["lazy"]["passkey@2048"]
   assert g["passkey_accuracy"] == 0.5 and g["first_token_agreement"] == 0.5
   assert g["ttft_speedup_vs_base"] == 3.0 and abs(g["computed_fraction_prefill"] - 0.45) < 1e-9
+
+
+def test_method_schedules_parse():
+  assert longctx.parse_method("lazy") == ("lazy", {})
+  assert longctx.parse_method("lazy@3-6:0.5-0.3") == ("lazy", dict(prune_layers=(3, 6), keep_ratios=(0.5, 0.3)))
+  assert longctx.parse_method("lazy+hd@16:0.5:w16:p7") == (
+      "lazy+hd", dict(prune_layers=(16,), keep_ratios=(0.5,), score_window=16, score_pool=7))
+  for bad in ("lazy@3-x:0.5", "lazy@16:0.5:q3", "lazy@16:0.5:w", "lazy@16"):
+    with pytest.raises(longctx.HdjaxError, match="bad schedule"):
+      longctx.parse_method(bad)

@@ -15,10 +15,11 @@ Every K/V row is the exact one, so the output is still lossless.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +273,20 @@ def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
                    tree.valid[:num_nodes], tree.ancestors[:num_nodes, :num_nodes])
 
 
-_LOADED: dict[tuple[str, str], Drafter] = {}
+_LOADED: dict[tuple[str, str, str], Drafter] = {}
+_SCOPES: list[str] = ["shared"]
+
+
+@contextlib.contextmanager
+def database_scope(name: str) -> Iterator[None]:
+  """Requests inside use, and teach online, their own copy of the model database, named `name`. A benchmark that
+  interleaves methods question by question keeps one per method, so no method learns from another's outputs.
+  The statistics database is read-only and stays shared."""
+  _SCOPES.append(name)
+  try:
+    yield
+  finally:
+    _SCOPES.pop()
 
 
 def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
@@ -283,7 +297,7 @@ def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
     del spec
     if lm.tokenizer is None:
       raise HdjaxError(f"the {kind} database is keyed by tokenizer, and this model has none")
-    cache_key = (kind, lm.tokenizer.identity)
+    cache_key = (kind, lm.tokenizer.identity, _SCOPES[-1] if kind == "model" else "")
     if cache_key not in _LOADED:
       if kind == "model":
         from hdjax.drafting.model_db import ModelDB as db_class  # pylint: disable=import-outside-toplevel
