@@ -62,3 +62,12 @@ def test_method_schedules_parse():
   for bad in ("lazy@3-x:0.5", "lazy@16:0.5:q3", "lazy@16:0.5:w", "lazy@16"):
     with pytest.raises(longctx.HdjaxError, match="bad schedule"):
       longctx.parse_method(bad)
+
+
+def test_prefill_profile_recovers_the_quadratic_share():
+  from experiments.bench_prefill import quadratic_share  # pylint: disable=import-outside-toplevel
+  a, b = 3e-3, 2e-6  # ms per token, ms per token pair
+  lengths = (512, 1024, 2048, 4096)
+  want = {n: b * n / (a + b * n) for n in lengths}
+  assert quadratic_share({n: a * n + b * n * n for n in lengths}) == pytest.approx(want, rel=1e-6)
+  assert quadratic_share({n: a * n for n in lengths}) == pytest.approx({n: 0.0 for n in lengths}, abs=1e-6)

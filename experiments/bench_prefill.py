@@ -1,0 +1,115 @@
+"""Where prefill time goes, full and LazyLLM: a profile by prompt length.
+
+  python -m experiments.bench_prefill --lengths=1024,2048,4096 --out=results/bench_prefill.json
+
+For each bucket length T it times, as medians of jitted calls after warm-up (batch 1, fp32):
+  full         the `full` method's prefill (LazyLLM's prefill with no pruning: attention in 1024-query chunks
+               over the keys up to the chunk's end), also at every keep count of the schedule;
+  ar           `ar`'s prefill (one forward over all T queries: the [K, G, T, S] score tensor is materialised);
+  lazy         LazyLLM's gathered prefill with the default schedule, or --prune_layers/--keep_ratios;
+  lazy_ideal   sum over the schedule's layer groups of (layers in group / L) x full(kept tokens): what lazy would
+               cost if its scoring, selection, gathers and Aux-Cache/cache scatters were free;
+  score        one LazyLLM scoring call (the last token's attention row over T keys, K projection included).
+It fits full(n) = a n + b n^2 over every timed n and reports the quadratic (attention) share of full at each T.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+import hdjax
+from hdjax import lazy, model
+from hdjax.decoding import autoregressive as ar
+from experiments.common import run_main, write_json_atomic
+
+flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "prompt bucket lengths T")
+flags.DEFINE_list("prune_layers", None, "LazyLLM pruning layers (default: LazyConfig's)")
+flags.DEFINE_list("keep_ratios", None, "LazyLLM keep ratios (default: LazyConfig's)")
+flags.DEFINE_integer("repeats", 5, "timed calls per measurement (the median is reported)")
+flags.DEFINE_string("model", "smollm2-135m", "model name or path")
+flags.DEFINE_string("out", None, "also write the results to this JSON file")
+F = flags.FLAGS
+
+
+def median_ms(fn, *args, repeats: int) -> float:
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
+
+
+def lazy_config() -> lazy.LazyConfig:
+  if F.prune_layers is None:
+    return lazy.LazyConfig()
+  return lazy.LazyConfig(prune_layers=tuple(int(l) for l in F.prune_layers),
+                         keep_ratios=tuple(float(r) for r in F.keep_ratios))
+
+
+def profile(lm, lazy_cfg: lazy.LazyConfig, lengths: list[int], repeats: int) -> tuple[list[dict], dict[int, float]]:
+  cfg, params = lm.cfg, lm.params
+  no_pruning = lazy.LazyConfig(prune_layers=(), keep_ratios=())
+  rng = np.random.default_rng(0)
+  tokens_bt = jnp.asarray(rng.integers(100, cfg.vocab_size, (1, max(lengths))), jnp.int32)
+
+  def prefill_ms(fn, n: int) -> float:
+    return median_ms(fn, params, tokens_bt[:, :n], jnp.asarray([n], jnp.int32), repeats=repeats)
+
+  def full(p, tokens, lengths_b):
+    return lazy.lazy_prefill(p, cfg, no_pruning, tokens, lengths_b, tokens.shape[1])[0]
+
+  full_by_n = {n: prefill_ms(full, n) for n in sorted({n for t in lengths for n in lazy_cfg.keep_counts(t)})}
+  rows = []
+  bounds = (0,) + lazy_cfg.prune_layers + (cfg.n_layers,)
+  for t in lengths:
+    positions_bt = jnp.arange(t, dtype=jnp.int32)[None]
+    h_btd = model.embed(params, cfg, tokens_bt[:, :t])
+    score = jax.jit(lambda p, h, pos=positions_bt: lazy.score_tokens(
+        p, cfg, lazy_cfg.prune_layers[0], h, pos, jnp.ones(pos.shape, bool), pos[:, -1])[0])
+    groups = zip(np.diff(bounds), lazy_cfg.keep_counts(t))
+    rows.append(dict(
+        t=t, full_ms=full_by_n[t],
+        ar_ms=prefill_ms(lambda p, tokens, lengths_b: ar.prefill(p, cfg, tokens, lengths_b, tokens.shape[1])[0], t),
+        lazy_ms=prefill_ms(lambda p, tokens, lengths_b: lazy.lazy_prefill(
+            p, cfg, lazy_cfg, tokens, lengths_b, tokens.shape[1])[0], t),
+        lazy_ideal_ms=float(sum(layers / cfg.n_layers * full_by_n[n] for layers, n in groups)),
+        score_ms=median_ms(score, params, h_btd, repeats=repeats),
+        lazy_computed_fraction=lazy_cfg.computed_fraction(cfg.n_layers)))
+  return rows, full_by_n
+
+
+def quadratic_share(full_by_n: dict[int, float]) -> dict[int, float]:
+  """Fits ms(n) = a n + b n^2 (least squares) over the timed lengths and returns b n^2 / ms(n) per length."""
+  ns = np.array(sorted(full_by_n), float)
+  (_, b), *_ = np.linalg.lstsq(np.stack([ns, ns ** 2], 1), np.array([full_by_n[n] for n in sorted(full_by_n)]),
+                               rcond=None)
+  return {n: float(b * n * n / full_by_n[n]) for n in sorted(full_by_n)}
+
+
+def main(argv):
+  del argv
+  lm = hdjax.load(F.model, dtype="float32")
+  lazy_cfg = lazy_config().validate(lm.cfg)
+  rows, full_by_n = profile(lm, lazy_cfg, [int(t) for t in F.lengths], F.repeats)
+  shares = quadratic_share(full_by_n) if len(full_by_n) >= 3 else {}
+  for row in rows:
+    row["attention_quadratic_share"] = shares.get(row["t"], float("nan"))
+  print(f"schedule {lazy_cfg.prune_layers} keep {lazy_cfg.keep_ratios}")
+  print("T      full ms  ar ms  lazy ms  lazy ideal  full/lazy  score ms  quadratic share of full")
+  for r in rows:
+    print(f"{r['t']:<6} {r['full_ms']:7.0f}  {r['ar_ms']:5.0f}  {r['lazy_ms']:7.0f}  {r['lazy_ideal_ms']:10.0f}"
+          f"  {r['full_ms'] / r['lazy_ms']:8.2f}x  {r['score_ms']:8.1f}  {r['attention_quadratic_share']:.2f}")
+  if F.out:
+    write_json_atomic(F.out, dict(schedule=dict(prune_layers=lazy_cfg.prune_layers, keep_ratios=lazy_cfg.keep_ratios),
+                                  rows=rows, full_ms_by_tokens=full_by_n))
+
+
+if __name__ == "__main__":
+  run_main(main)
