@@ -111,7 +111,8 @@ def main(argv):
       res = gen(method, opts, prompt)
       ref = res.token_ids if ref is None else ref
       st = {k: v for k, v in res.stats.items() if k != "accept_lengths"}
-      rows.append(dict(question_id=q["question_id"], category=q["category"], config=name, same_as_ar=res.token_ids == ref,
+      rows.append(dict(question_id=q["question_id"], category=q["category"], config=name,
+                       same_as_ar=res.token_ids == ref,
                        tok_per_s=len(res.token_ids) / res.stats["decode_s"], **st))
       log.write(json.dumps(rows[-1]) + "\n")
       log.flush()

@@ -91,7 +91,8 @@ def main(argv):
     prompts = batch_prompts(lm, questions, batch, FLAGS.categories)
     ar_wall, ar_res = timed(lm, "ar", prompts, FLAGS.max_new_tokens, FLAGS.repeats)
     ar_tokens = sum(len(r.token_ids) - 1 for r in ar_res)  # the first token comes from the prefill
-    rows.append(dict(method="ar", batch=batch, decode_s=ar_wall, new_tokens=ar_tokens, tokens_per_s=ar_tokens / ar_wall))
+    rows.append(dict(method="ar", batch=batch, decode_s=ar_wall, new_tokens=ar_tokens,
+                     tokens_per_s=ar_tokens / ar_wall))
     for method in FLAGS.methods:
       wall, res = timed(lm, method, prompts, FLAGS.max_new_tokens, FLAGS.repeats)
       tokens = sum(len(r.token_ids) - 1 for r in res)

@@ -59,7 +59,8 @@ def main(argv):
     prompts = common.read_jsonl(FLAGS.prompts)
     bad = [i for i, p in enumerate(prompts) if not isinstance(p.get("prompt"), str) or "id" not in p]
     if bad or not prompts:
-      raise HdjaxError(f"{FLAGS.prompts}: every line needs 'id' and a string 'prompt' (line {bad[0] + 1 if bad else 1})")
+      line = bad[0] + 1 if bad else 1
+      raise HdjaxError(f"{FLAGS.prompts}: every line needs 'id' and a string 'prompt' (line {line})")
   import hdjax  # pylint: disable=import-outside-toplevel
   from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
   unknown = [m for m in FLAGS.methods if parse_method(m)[0] not in hdjax.METHODS]

@@ -1,14 +1,15 @@
 """LazyLLM (arXiv 2407.14057): dynamic token pruning in prefill and decoding, with an Aux Cache.
 
-Prefill runs the layers in groups separated by the pruning layers. At pruning layer p every still-active
-prompt token is scored by the attention it receives from the last prompt token at layer p (one query row,
-q_last . K^T, averaged over heads; `score_window` > 1 averages the rows of the last w prompt tokens instead, an
-observation window as in SnapKV, and always keeps those w tokens); the top `keep_ratios[g]` fraction of the bucket length stays active, a
-subset of the previous set, and the last token always stays. The gathered path runs each group only on the
-kept tokens (static keep counts per prompt-length bucket, original positions for RoPE and the causal mask,
-attention over a compact per-group KV buffer) and scatters their K/V into the full-length cache. A token
-pruned at layer p leaves its hidden state entering layer p (and its key at p, for re-scoring) in the Aux
-Cache. The masked path has the same semantics without any gather: it exists as the reference for tests.
+Prefill runs the layers in groups separated by the pruning layers. At pruning layer p every still-active prompt
+token is scored by the attention it receives from the last prompt token at layer p (one query row, q_last . K^T,
+averaged over heads; `score_window` > 1 averages the rows of the last w prompt tokens instead, an observation
+window as in SnapKV, and always keeps those w tokens; `score_pool` > 1 max-pools the scores over neighbouring
+positions); the top `keep_ratios[g]` fraction of the bucket length stays active, a subset of the previous set, and
+the last token always stays. The gathered path runs each group only on the kept tokens (static keep counts per
+prompt-length bucket, original positions for RoPE and the causal mask, attention over a compact per-group KV
+buffer) and scatters their K/V into the full-length cache. A token pruned at layer p leaves its hidden state
+entering layer p (and its key at p, for re-scoring) in the Aux Cache. The masked path has the same semantics
+without any gather: it exists as the reference for tests.
 
 Per-layer validity is a counter `computed_lbs` [L, B, S]: how many times the K/V of slot s at layer l was
 computed. Attention at layer l only sees slots with a non-zero count, and the tests check it never exceeds 1.

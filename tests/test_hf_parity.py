@@ -44,8 +44,9 @@ def test_chat_template_ids_equal_hf(hf, smollm):
 
 def test_tokenizer_equal_hf_on_assorted_text(hf, smollm):
   tok, _ = hf
-  texts = ["Hello world!", "  leading spaces and\ttabs\n\nnewlines", "numbers 1234567 and 3.14159", "émigré naïve café",
-           "code: def f(x):\n    return x**2  # square", "<|im_start|>user\nhi<|im_end|>", "日本語のテキスト 🤖"]
+  texts = ["Hello world!", "  leading spaces and\ttabs\n\nnewlines", "numbers 1234567 and 3.14159",
+           "émigré naïve café", "code: def f(x):\n    return x**2  # square", "<|im_start|>user\nhi<|im_end|>",
+           "日本語のテキスト 🤖"]
   for text in texts:
     ours = smollm.tokenizer.encode(text)
     assert ours == tok.encode(text, add_special_tokens=False), text

@@ -17,7 +17,8 @@ def _write(path, obj):
 def test_report_has_one_line_per_figure(tmp_path):
   _write(tmp_path / "bench_decode.json", dict(rows=[dict(kind="decode", size=1, hdjax_tps=12.0, hf_tps=10.0)]))
   overall = dict(speedup=1.5, tau=2.0, identical_rate=1.0)
-  _write(tmp_path / "specbench/summary.json", dict(methods=dict(ar=dict(overall=dict(tau=1.0)), hd=dict(overall=overall))))
+  _write(tmp_path / "specbench/summary.json",
+         dict(methods=dict(ar=dict(overall=dict(tau=1.0)), hd=dict(overall=overall))))
   group = dict(ttft_s=2.0, ttft_speedup_vs_base=3.0, total_s=4.0, total_speedup_vs_base=2.5,
                computed_fraction_prefill=0.4, passkey_accuracy=0.5)
   _write(tmp_path / "longctx/summary.json", dict(methods={"lazy+hd": {"passkey@4096": group}}))

@@ -6,8 +6,9 @@ exponential moving average of the verify wall time of each bucket and of the tok
 split by regime: a hashable feature of the step that predicts acceptance. The speculative loop uses two features of
 temporal locality: which tier of the hierarchy drafted first (the context database's matches are accepted far more
 often than the statistics database's) and whether the previous step accepted a draft token (copying runs continue;
-misses follow misses). It then picks the bucket, no larger than the drafted tree, with the best tokens / second. A bucket never measured is tried first, and every `explore_every`-th step takes the largest
-bucket so that the estimates follow the text. Bucket 1 (no drafts: a plain decode step) always emits 1 token.
+misses follow misses). It then picks the bucket, no larger than the drafted tree, with the best tokens / second.
+A bucket never measured is tried first, and every `explore_every`-th step takes the largest bucket so that the
+estimates follow the text. Bucket 1 (no drafts: a plain decode step) always emits 1 token.
 The choice never changes the output: every bucket is verified losslessly.
 """
 
