@@ -25,6 +25,7 @@ from absl import flags
 import hdjax
 from hdjax import lazy, model
 from hdjax.decoding import autoregressive as ar
+from hdjax.errors import HdjaxError
 from experiments.common import run_main, write_json_atomic
 
 flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "prompt bucket lengths T")
@@ -46,11 +47,19 @@ def median_ms(fn, *args, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def lazy_config() -> lazy.LazyConfig:
-  if F.prune_layers is None:
-    return lazy.LazyConfig()
-  return lazy.LazyConfig(prune_layers=tuple(int(l) for l in F.prune_layers),
-                         keep_ratios=tuple(float(r) for r in F.keep_ratios))
+def parse_args() -> tuple[list[int], lazy.LazyConfig]:
+  """Prompt lengths and the schedule from the flags; bad values end as one HdjaxError line."""
+  try:
+    lengths = [int(t) for t in F.lengths]
+    schedule = (lazy.LazyConfig() if F.prune_layers is None else lazy.LazyConfig(
+        prune_layers=tuple(int(l) for l in F.prune_layers), keep_ratios=tuple(float(r) for r in F.keep_ratios or ())))
+  except ValueError as e:
+    raise HdjaxError(f"--lengths, --prune_layers and --keep_ratios take numbers: {e}") from e
+  if not lengths or min(lengths) < 2:
+    raise HdjaxError(f"--lengths must be prompt lengths >= 2, got {F.lengths}")
+  if not schedule.prune_layers:
+    raise HdjaxError("--prune_layers: the profiled schedule needs at least one pruning layer")
+  return lengths, schedule
 
 
 def profile(lm, lazy_cfg: lazy.LazyConfig, lengths: list[int], repeats: int) -> tuple[list[dict], dict[int, float]]:
@@ -95,9 +104,10 @@ def quadratic_share(full_by_n: dict[int, float]) -> dict[int, float]:
 
 def main(argv):
   del argv
+  lengths, schedule = parse_args()
   lm = hdjax.load(F.model, dtype="float32")
-  lazy_cfg = lazy_config().validate(lm.cfg)
-  rows, full_by_n = profile(lm, lazy_cfg, [int(t) for t in F.lengths], F.repeats)
+  lazy_cfg = schedule.validate(lm.cfg)
+  rows, full_by_n = profile(lm, lazy_cfg, lengths, F.repeats)
   shares = quadratic_share(full_by_n) if len(full_by_n) >= 3 else {}
   for row in rows:
     row["attention_quadratic_share"] = shares.get(row["t"], float("nan"))

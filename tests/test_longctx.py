@@ -13,9 +13,9 @@ from experiments import longctx_lib as longctx
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _launch(*args):
+def _launch(*args, module="experiments.longctx"):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "experiments.longctx", *args], cwd=ROOT, env=env,
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300, check=False)
 
 
@@ -25,7 +25,18 @@ def _launch(*args):
     (["--build=passkey", "--out_dir="], "--out_dir is required"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message):
-  proc = _launch(*args)
+  _assert_one_line_error(_launch(*args), message)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lengths=2k"], "take numbers"),
+    (["--prune_layers=3,6"], "2 prune_layers but 0 keep_ratios"),
+])
+def test_prefill_profile_bad_input_is_one_line_exit_2(args, message):
+  _assert_one_line_error(_launch(*args, module="experiments.bench_prefill"), message)
+
+
+def _assert_one_line_error(proc, message):
   assert proc.returncode == 2
   lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
   assert len(lines) == 1 and message in lines[0]
