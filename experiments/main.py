@@ -52,23 +52,23 @@ def _load(path: str):
 
 def report(out_dir: str) -> list[str]:
   """The headline figures of every stage, one line each."""
-  lines = [f"{'stage':22s} {'method':14s} figures"]
+  lines = [f"{'stage':26s} {'method':14s} figures"]
   for r in _load(f"{out_dir}/bench_decode.json")["rows"]:
-    lines.append(f"{'vs HF transformers':22s} {r['kind'] + ' ' + str(r['size']):14s} {r['hdjax_tps']:.1f} tok/s vs "
+    lines.append(f"{'vs HF transformers':26s} {r['kind'] + ' ' + str(r['size']):14s} {r['hdjax_tps']:.1f} tok/s vs "
                  f"{r['hf_tps']:.1f} ({r['hdjax_tps'] / r['hf_tps']:.2f}x)")
   for method, cats in _load(f"{out_dir}/specbench/summary.json")["methods"].items():
     o = cats["overall"]
-    lines.append(f"{'Spec-Bench subset':22s} {method:14s} speedup {o.get('speedup', 1.0):.2f}x  tau {o['tau']:.2f}  "
+    lines.append(f"{'Spec-Bench subset':26s} {method:14s} speedup {o.get('speedup', 1.0):.2f}x  tau {o['tau']:.2f}  "
                  f"identical {o.get('identical_rate', 1.0):.0%}")
   for method, groups in _load(f"{out_dir}/longctx/summary.json")["methods"].items():
     for name, g in groups.items():
       acc = f"  passkey {g['passkey_accuracy']:.0%}" if "passkey_accuracy" in g else ""
-      lines.append(f"{'long context ' + name:22s} {method:14s} TTFT {g['ttft_s']:.1f}s "
+      lines.append(f"{'long context ' + name:26s} {method:14s} TTFT {g['ttft_s']:.1f}s "
                    f"({g['ttft_speedup_vs_base']:.2f}x)  total {g['total_s']:.1f}s ({g['total_speedup_vs_base']:.2f}x)"
                    f"  computed {g['computed_fraction_prefill']:.2f}{acc}")
   for r in _load(f"{out_dir}/bench_batch.json")["rows"]:
     vs = f" ({r['throughput_vs_ar']:.2f}x ar, identical {r['identical_to_ar']:.0%})" if r["method"] != "ar" else ""
-    lines.append(f"{'batched B=' + str(r['batch']):22s} {r['method']:14s} {r['tokens_per_s']:.1f} tok/s{vs}")
+    lines.append(f"{'batched B=' + str(r['batch']):26s} {r['method']:14s} {r['tokens_per_s']:.1f} tok/s{vs}")
   return lines
 
 
