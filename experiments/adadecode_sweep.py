@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import read_jsonl, run_main, write_json_atomic
+from experiments.common import median_ms, read_jsonl, run_main, write_json_atomic
 from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads
@@ -66,18 +65,10 @@ def profile(lm, heads, reps: int = 20) -> dict:
   head = jax.jit(lambda h: head_logits(params, cfg, heads.t_idd[0], h))
   unembed = jax.jit(lambda h: model.unembed(params, cfg, h))
 
-  def med(fn, *args):
-    fn(*args).block_until_ready()
-    ts = []
-    for _ in range(reps):
-      t = time.perf_counter()
-      fn(*args).block_until_ready()
-      ts.append(time.perf_counter() - t)
-    return 1e3 * float(np.median(ts))
-
-  out = {f"layer_rows{r}_ms": med(layer, jnp.ones((1, r, cfg.d_model)), cache.k, cache.v) for r in (1, 2, 4, 6)}
-  out["head_ms"] = med(head, jnp.ones((1, 1, cfg.d_model)))
-  out["lm_head_ms"] = med(unembed, jnp.ones((1, 1, cfg.d_model)))
+  out = {f"layer_rows{r}_ms": median_ms(layer, jnp.ones((1, r, cfg.d_model)), cache.k, cache.v, repeats=reps)
+         for r in (1, 2, 4, 6)}
+  out["head_ms"] = median_ms(head, jnp.ones((1, 1, cfg.d_model)), repeats=reps)
+  out["lm_head_ms"] = median_ms(unembed, jnp.ones((1, 1, cfg.d_model)), repeats=reps)
   return out
 
 

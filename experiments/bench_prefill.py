@@ -15,8 +15,6 @@ It fits full(n) = a n + b n^2 over every timed n and reports the quadratic (atte
 
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,7 +24,7 @@ import hdjax
 from hdjax import lazy, model
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
-from experiments.common import run_main, write_json_atomic
+from experiments.common import median_ms, run_main, write_json_atomic
 
 flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "prompt bucket lengths T")
 flags.DEFINE_list("prune_layers", None, "LazyLLM pruning layers (default: LazyConfig's)")
@@ -35,16 +33,6 @@ flags.DEFINE_integer("repeats", 5, "timed calls per measurement (the median is r
 flags.DEFINE_string("model", "smollm2-135m", "model name or path")
 flags.DEFINE_string("out", None, "also write the results to this JSON file")
 F = flags.FLAGS
-
-
-def median_ms(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
 
 
 def parse_args() -> tuple[list[int], lazy.LazyConfig]:

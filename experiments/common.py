@@ -1,12 +1,14 @@
-"""What every absl launcher shares: one-line errors with a non-zero exit, multi-host flags, JSONL writing."""
+"""What every absl launcher shares: one-line errors with a non-zero exit, multi-host flags, JSONL writing, timing."""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Iterable
 
+import numpy as np
 from absl import app, logging
 
 from hdjax.errors import HdjaxError
@@ -27,6 +29,18 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
       sys.exit(130)
 
   app.run(guarded)
+
+
+def median_ms(fn: Callable[..., Any], *args, repeats: int) -> float:
+  """Median wall time in ms of `fn(*args)` over `repeats` calls, after one untimed (compiling) call."""
+  import jax  # pylint: disable=import-outside-toplevel  (launchers report bad flags before jax loads)
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return 1e3 * float(np.median(times))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
