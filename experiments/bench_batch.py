@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import read_jsonl, run_main, write_json_atomic
+from experiments.common import device_name, read_jsonl, run_main, write_json_atomic
 from experiments.specbench_lib import spec_bench_category
 from hdjax.decoding import speculative
 from hdjax.errors import HdjaxError
@@ -31,6 +31,7 @@ flags.DEFINE_list("categories", [], "Spec-Bench categories to draw prompts from 
 flags.DEFINE_integer("max_new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_integer("repeats", 1, "Timed runs per (method, B); the median is reported.")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
 flags.DEFINE_string("out", "results/bench_batch.json", "Output JSON (the plot goes next to it as .png).")
 
 FLAGS = flags.FLAGS
@@ -84,7 +85,7 @@ def main(argv):
   unknown = [m for m in FLAGS.methods if m not in hdjax.METHODS]
   if unknown or batches[0] < 1 or FLAGS.max_new_tokens < 1 or FLAGS.repeats < 1:
     raise HdjaxError(f"need known --methods (unknown: {unknown}) and positive --batches, --max_new_tokens, --repeats")
-  lm = hdjax.load(FLAGS.model, dtype="float32")
+  lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
   questions = read_jsonl(FLAGS.questions)
   rows = []
   for batch in batches:
@@ -104,7 +105,7 @@ def main(argv):
       extra = (f"  {r['throughput_vs_ar']:.2f}x ar  tau {r['tau']:.2f}  identical {r['identical_to_ar']:.2f}"
                if r["method"] != "ar" else "")
       print(f"B={batch:<3d} {r['method']:10s} {r['tokens_per_s']:7.1f} tok/s{extra}", flush=True)
-  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats,
+  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, dtype=FLAGS.dtype, device=device_name(), max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats,
                                     rows=rows))
   plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")
 

@@ -32,10 +32,12 @@ from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache, init_cache
-from experiments.common import run_main, write_json_atomic
+from experiments.common import device_name, run_main, write_json_atomic
 
 flags.DEFINE_string("model", "smollm2-135m", "an embedded model or path (real weights), or a preset in "
                     "hdjax.PRESETS (random weights), e.g. llama-2-7b")
+flags.DEFINE_bool("random_weights", False, "random weights of the preset --model even where real ones exist "
+                  "(step latency does not depend on the values)")
 flags.DEFINE_integer("layers", 0, "keep only this many layers (0: all); the output says so")
 flags.DEFINE_list("nodes", ["1", "4", "8", "16", "32", "64"], "tree sizes T to time")
 flags.DEFINE_integer("prefix", 256, "committed tokens in the cache before the timed step")
@@ -97,9 +99,12 @@ def interleaved_ms(steps, caches: list[KVCache], warmup: int, repeats: int) -> t
   return times, caches
 
 
-def build_model(name: str, layers: int, dtype: str, mesh) -> tuple[LlamaConfig, model.Params, str]:
+def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool = False
+                ) -> tuple[LlamaConfig, model.Params, str]:
   """Real weights for embedded models and paths; random weights for presets. Optionally truncated."""
-  if name in hdjax.PRESETS and name not in api.EMBEDDED:
+  if random_weights and name not in hdjax.PRESETS:
+    raise HdjaxError(f"--random_weights needs a preset --model ({', '.join(hdjax.PRESETS)}), got {name!r}")
+  if name in hdjax.PRESETS and (random_weights or name not in api.EMBEDDED):
     cfg = hdjax.PRESETS[name].replace(dtype=dtype)
     cfg = cfg.replace(n_layers=layers) if layers else cfg
     params = jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"), jax.random.key(0))
@@ -141,9 +146,9 @@ def main(argv):
   tau, tau_source = read_tau()
   dtype = FLAGS.dtype or api.default_dtype()
   mesh = sharding.make_mesh(*(int(x) for x in FLAGS.mesh)) if FLAGS.mesh else None
-  cfg, params, weights = build_model(FLAGS.model, FLAGS.layers, dtype, mesh)
+  cfg, params, weights = build_model(FLAGS.model, FLAGS.layers, dtype, mesh, FLAGS.random_weights)
   num_slots = ar.next_pow2(FLAGS.prefix + max(nodes) + FLAGS.warmup + FLAGS.repeats + 2)
-  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+  device = device_name()
   note = f"{cfg.n_layers} layers" + (" (truncated from the full model by --layers)" if FLAGS.layers else "")
   print(f"# {FLAGS.model}, {weights}, {note}, {dtype}, batch {FLAGS.batch}, prefix {FLAGS.prefix}, "
         f"device {device}, mesh {dict(mesh.shape) if mesh else None}; medians of {FLAGS.repeats} after warm-up, "

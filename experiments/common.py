@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
+import jax
 import numpy as np
 from absl import app, logging
 
@@ -29,6 +30,11 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
       sys.exit(130)
 
   app.run(guarded)
+
+
+def device_name() -> str:
+  """What the numbers were measured on, e.g. 'NVIDIA H100 80GB HBM3 x1 (gpu)'."""
+  return f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
 
 
 def median_ms(fn: Callable[..., Any], *args, repeats: int) -> float:

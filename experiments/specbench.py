@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from absl import flags
 import hdjax
 from experiments import multihost
-from experiments.common import read_jsonl, run_main, write_json_atomic, write_jsonl_atomic
+from experiments.common import device_name, read_jsonl, run_main, write_json_atomic, write_jsonl_atomic
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
@@ -36,6 +36,7 @@ flags.DEFINE_integer("max_turns", None, "Turns per question (default: all; 1 = f
 flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (per question: seed + question index).")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
 flags.DEFINE_string("method_options", "{}", 'JSON {method: {option: value}}, e.g. {"hd": {"max_depth": 3}}.')
 flags.DEFINE_string("out_dir", "results/specbench", "Output directory.")
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str]) -> None:
   if bad:
     raise HdjaxError(f"{FLAGS.questions}:{bad[0]}: a question needs question_id, category and turns")
   questions = select_questions(questions, FLAGS.limit, FLAGS.subset)
-  lm = hdjax.load(FLAGS.model, dtype="float32")
+  lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
   model_id = os.path.basename(FLAGS.model)
   for method in methods:
     with speculative.database_scope(method):
@@ -97,7 +98,8 @@ def main(argv: Sequence[str]) -> None:
   summary = summarize(rows_by_method)
   summary["settings"] = dict(questions=FLAGS.questions, methods=methods, limit=FLAGS.limit, subset=FLAGS.subset,
                              max_new_tokens=FLAGS.max_new_tokens, max_turns=FLAGS.max_turns,
-                             temperature=FLAGS.temperature, model=FLAGS.model,
+                             temperature=FLAGS.temperature, model=FLAGS.model, dtype=FLAGS.dtype,
+                             device=device_name(),
                              method_options=method_options, num_questions=len(questions))
   if info.is_main:
     write_json_atomic(os.path.join(FLAGS.out_dir, "summary.json"), summary)

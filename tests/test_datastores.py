@@ -284,3 +284,27 @@ def test_database_scopes_keep_separate_online_model_databases(monkeypatch):
     assert speculative.SOURCES["model"](lm, None).draft([5, 6], 3, 2) == [[1, 1]]  # learnt nothing from hd
   assert speculative.SOURCES["model"](lm, None).draft([5, 6], 3, 2) == [[1, 1]]
   speculative.reset_databases()
+
+
+def test_tokenizer_identity_is_hashed_once_across_requests(monkeypatch):
+  """Every request of a database-backed method looks its databases up by tokenizer identity; hashing the
+  vocabulary on each lookup cost hd ~0.6 s per request (measured on the H100 run's per-question wall times)."""
+  from tokenizers import Tokenizer, models  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  from hdjax.weights.tokenizer import HdTokenizer  # pylint: disable=import-outside-toplevel
+
+  class CountingTokenizer:
+    def __init__(self):
+      self.inner, self.vocab_reads = Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")), 0
+
+    def get_vocab(self, with_added_tokens=True):
+      self.vocab_reads += 1
+      return self.inner.get_vocab(with_added_tokens=with_added_tokens)
+
+  counting = CountingTokenizer()
+  lm = SimpleNamespace(tokenizer=HdTokenizer(counting, bos_id=0, eos_ids=(1,), chat_template=None))
+  monkeypatch.setattr(stats_db.StatsDB, "load", classmethod(lambda cls, tokenizer: object()))
+  speculative.reset_databases()
+  assert {id(speculative.SOURCES["stats"](lm, None)) for _ in range(5)} == {id(speculative.SOURCES["stats"](lm, None))}
+  assert counting.vocab_reads == 1
+  speculative.reset_databases()
