@@ -105,8 +105,8 @@ def main(argv):
       extra = (f"  {r['throughput_vs_ar']:.2f}x ar  tau {r['tau']:.2f}  identical {r['identical_to_ar']:.2f}"
                if r["method"] != "ar" else "")
       print(f"B={batch:<3d} {r['method']:10s} {r['tokens_per_s']:7.1f} tok/s{extra}", flush=True)
-  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, dtype=FLAGS.dtype, device=device_name(), max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats,
-                                    rows=rows))
+  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, dtype=FLAGS.dtype, device=device_name(),
+                                    max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats, rows=rows))
   plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")
 
 

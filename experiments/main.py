@@ -39,7 +39,7 @@ def stages(out_dir: str, quick: bool) -> list[tuple[str, list[str]]]:
                                f"--num={num}", "--methods=full,lazy,lazy+hd", "--max_new_tokens=32",
                                f"--out_dir={out_dir}/longctx"]),
       ("batched throughput", ["experiments.bench_batch", f"--batches={'1,4,8' if quick else '1,4,8,16'}",
-                              "--methods=hd", f"--max_new_tokens={'32' if quick else '128'}",
+                              "--methods=hd,adadecode", f"--max_new_tokens={'32' if quick else '128'}",
                               *(["--categories=mt_bench,qa,math_reasoning"] if quick else []),
                               f"--out={out_dir}/bench_batch.json"]),
   ]

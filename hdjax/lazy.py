@@ -255,25 +255,15 @@ def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, p
   local = KVCache(k=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
                   v=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
                   lengths=jnp.zeros((batch,), jnp.int32))
-  compact_bn = jnp.where(valid_bn, jnp.arange(n)[None, :], n)
-  outs = []
-  for c0 in range(0, n, lazy_cfg.chunk):
-    c1 = min(n, c0 + lazy_cfg.chunk)
-    part = KVCache(k=local.k[:, :, :c1], v=local.v[:, :, :c1], lengths=local.lengths)
-    # [B, C, c1]: causal over original positions, only valid tokens
-    mask_bcs = (positions_bn[:, None, :c1] <= positions_bn[:, c0:c1, None]) & valid_bn[:, None, :c1]
-    out = model.run_layers(sub_params, cfg, h_bnd[:, c0:c1], positions_bn[:, c0:c1], mask_bcs, part,
-                           compact_bn[:, c0:c1], 0, end - start)
-    local = KVCache(k=local.k.at[:, :, :c1].set(out.cache.k), v=local.v.at[:, :, :c1].set(out.cache.v),
-                    lengths=local.lengths)
-    outs.append(out.h_btd)
+  h_bnd, local = model.run_layers_chunked(sub_params, cfg, h_bnd, positions_bn, valid_bn, local, 0, end - start,
+                                          lazy_cfg.chunk)
   b_idx = jnp.arange(batch)[:, None]
   slots_bn = jnp.where(valid_bn, positions_bn, state.cache.num_slots)
   cache = state.cache.replace(k=state.cache.k.at[start:end, b_idx, slots_bn].set(local.k, mode="drop"),
                               v=state.cache.v.at[start:end, b_idx, slots_bn].set(local.v, mode="drop"))
   live_lbn = jnp.broadcast_to(valid_bn, (end - start,) + valid_bn.shape)
   computed = _count(state.computed_lbs, start, slots_bn, live_lbn)
-  return jnp.concatenate(outs, axis=1), state._replace(cache=cache, computed_lbs=computed)
+  return h_bnd, state._replace(cache=cache, computed_lbs=computed)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "num_slots", "gathered"))

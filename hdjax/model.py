@@ -198,6 +198,27 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
   return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden)
 
 
+def run_layers_chunked(params: Params, cfg: LlamaConfig, h_bnd: jax.Array, positions_bn: jax.Array,
+                       valid_bn: jax.Array, cache: KVCache, start: int, end: int, chunk: int
+                       ) -> tuple[jax.Array, KVCache]:
+  """Layers [start, end) for N tokens in position order whose K/V go to cache slots 0..N-1 (invalid tokens write
+  nothing), in query chunks of `chunk` rows: chunk [c0, c1) attends over slots [0, c1) only, so the attention
+  scores come in [chunk, <= N] pieces (about N^2 / 2 entries in all) instead of one [N, S] tensor."""
+  n = h_bnd.shape[1]
+  slots_bn = jnp.where(valid_bn, jnp.arange(n)[None, :], cache.num_slots)
+  outs = []
+  for c0 in range(0, n, chunk):
+    c1 = min(n, c0 + chunk)
+    # [B, C, c1]: causal over positions, valid tokens only
+    mask_bcs = (positions_bn[:, None, :c1] <= positions_bn[:, c0:c1, None]) & valid_bn[:, None, :c1]
+    part = cache.replace(k=cache.k[:, :, :c1], v=cache.v[:, :, :c1])
+    out = run_layers(params, cfg, h_bnd[:, c0:c1], positions_bn[:, c0:c1], mask_bcs, part, slots_bn[:, c0:c1],
+                     start, end)
+    cache = cache.replace(k=cache.k.at[:, :, :c1].set(out.cache.k), v=cache.v.at[:, :, :c1].set(out.cache.v))
+    outs.append(out.h_btd)
+  return jnp.concatenate(outs, axis=1), cache
+
+
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
             cache: KVCache, slots_bt: jax.Array, visible_lbs: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
   """All layers; returns final hidden states [B, T, D] (before the final norm) and the written cache."""

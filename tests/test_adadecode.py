@@ -87,6 +87,23 @@ def test_perfect_heads_are_always_accepted_and_save_layers(deep_tiny):
     assert st_["layer_steps"] < lm.cfg.n_layers * st_["new_tokens"]
 
 
+def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
+  """One loop over four prompts of different lengths, one of which meets EOS early: every sequence's tokens AND
+  work counters (layer rows, layer steps, exits, verifications) equal its single-sequence run, so no sequence does
+  work for another and a finished one takes no further part."""
+  prompts = [p for seed in (11, 12) for p in _prompts(seed, deep_tiny.cfg.vocab_size)]
+  eos = deep_tiny.generate(prompts[:1], method="ar", max_new_tokens=24)[0].token_ids[4]
+  lm = make_tiny_lm(0, n_layers=8, eos_ids=(eos,))
+  options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.0, max_pending=3)
+  batch = lm.generate(prompts, method="adadecode", **options)
+  alone = [lm.generate([p], method="adadecode", **options)[0] for p in prompts]
+  assert [r.token_ids for r in batch] == [r.token_ids for r in alone] == [
+      r.token_ids for r in lm.generate(prompts, method="ar", max_new_tokens=24)]
+  assert batch[0].token_ids[-1] == eos and len(batch[0].token_ids) <= 5 < max(len(r.token_ids) for r in batch)
+  work = ("layer_tokens", "layer_steps", "head_evals", "exits", "verifications", "accept_lengths")
+  assert [{k: r.stats[k] for k in work} for r in batch] == [{k: r.stats[k] for k in work} for r in alone]
+
+
 def test_no_recompile_per_token_or_prompt(deep_tiny):
   heads = _random_heads(0, 64, 1.0)
   deep_tiny.generate([[5, 6, 7]], method="adadecode", max_new_tokens=20, heads=heads, gamma=0.3, max_pending=3)

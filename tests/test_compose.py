@@ -85,11 +85,12 @@ def test_short_prompts_fall_back_to_full_prefill(lm8):
   assert got.token_ids == lm8.generate(prompts, method="ar", max_new_tokens=16)[0].token_ids
 
 
-@pytest.mark.parametrize("method", ["hd_context", "pld"])
-def test_batched_speculative_equals_single_sequence_ar(method):
+@pytest.mark.parametrize("method,options", [("hd_context", {}), ("pld", {}),
+                                            ("adadecode", dict(heads="identity", head_layers=(2,), gamma=0.0))])
+def test_batched_speculative_equals_single_sequence_ar(method, options):
   lm = make_tiny_lm()
   prompts = _prompts(2, (30, 45, 61, 38, 50, 33, 70, 41))
-  got = lm.generate(prompts, method=method, max_new_tokens=20)
+  got = lm.generate(prompts, method=method, max_new_tokens=20, **options)
   for p, g in zip(prompts, got):
     assert g.token_ids == lm.generate([p], method="ar", max_new_tokens=20)[0].token_ids
   assert max(g.stats["tau"] for g in got) > 1

@@ -14,7 +14,12 @@ reaches the last layer the whole window is final: each early prediction is verif
 order (greedy: exact argmax; sampling: accept with min(1, p*/q), else sample from norm(max(0, p* - q))), the
 accepted tokens are committed (the cache cursor moves past them), everything after the first rejection is dropped
 (its K/V rows lie past the cursor and are overwritten later), and the token the full model chose starts a new
-window. Batch rows decode one after another (the window bookkeeping is per sequence).
+window.
+
+A batch decodes in the same loop: each iteration runs the lowest layer that an active sequence's group waits at,
+for every sequence whose group waits there (a static [B, rows] block; the others sit the layer out and finished
+sequences never take part), so the layer's weights are read once for the batch while each sequence's tokens,
+exits and verifications are exactly those of decoding it alone.
 """
 
 from __future__ import annotations
@@ -46,7 +51,8 @@ DEFAULT_LAYERS = (26,)  # of the committed heads, chosen by measurement (checkpo
 
 
 class Counters(NamedTuple):
-  layer_steps: jax.Array  # loop iterations (one decoder layer each)
+  """Per sequence; the loop holds them with a leading batch axis [B]."""
+  layer_steps: jax.Array  # loop iterations (one decoder layer each) the sequence took part in
   layer_tokens_l: jax.Array  # [L] token-rows run at each layer
   head_evals_i: jax.Array  # [I] head evaluations
   exits_i: jax.Array  # [I] early exits
@@ -56,19 +62,24 @@ class Counters(NamedTuple):
   rejections: jax.Array  # verifications that rejected an early token
 
 
-class State(NamedTuple):
-  cache: KVCache  # lengths = fully computed, verified tokens
-  tok_w: jax.Array  # [W] window tokens at positions lengths + i
+class Window(NamedTuple):
+  """One sequence's tokens in flight and its output; the loop holds them with a leading batch axis [B]."""
+  tok_w: jax.Array  # [W] window tokens at positions length + i
   depth_w: jax.Array  # [W] layers each has run
   h_wd: jax.Array  # [W, D] hidden state after depth_w layers
   q_wv: jax.Array  # [W, V] head distribution that proposed tok_w[i + 1]
   n: jax.Array  # tokens in the window (>= 1)
   out_n: jax.Array  # [out_len] emitted tokens
   accept_n: jax.Array  # [out_len] tokens emitted by each verification
-  num: jax.Array
+  num: jax.Array  # tokens emitted
   done: jax.Array
   key: jax.Array
   counters: Counters
+
+
+class State(NamedTuple):
+  cache: KVCache  # lengths [B] = fully computed, verified tokens
+  win: Window  # [B, ...]
 
 
 def row_buckets(window: int) -> tuple[int, ...]:
@@ -76,32 +87,36 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_wd, k_1bskh, v_1bskh, base, g0, g, visible_ls):
-  """Runs decoder layer `layer` on window slots [g0, g0 + g) as a static block of `rows` rows, with that layer's
-  K/V cache [1, B, S, K, H] (only it enters the `lax.switch`, so the whole cache is never copied); they see the
-  slots of `visible_ls[layer]` (all slots when None) at positions <= their own."""
-  window = h_wd.shape[0]
+def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bskh, v_1bskh, base_b, g0_b, g_b,
+                visible_lbs):
+  """Runs decoder layer `layer` on window slots [g0, g0 + g) of every sequence as a static block of `rows` rows
+  (g = 0: the sequence sits this layer out), with that layer's K/V cache [1, B, S, K, H] (only it enters the
+  `lax.switch`, so the whole cache is never copied); they see the slots of `visible_lbs[layer]` (all slots when
+  None) at positions <= their own."""
+  window = h_bwd.shape[1]
   num_slots = k_1bskh.shape[2]
   j_r = jnp.arange(rows)
-  idx_r = jnp.clip(g0 + j_r, 0, window - 1)
-  valid_r = j_r < g
-  pos_1r = (base + g0 + j_r)[None]
-  slots_1r = jnp.where(valid_r, pos_1r[0], num_slots)[None]
-  sin, cos = rope_sin_cos(cfg, pos_1r)
+  idx_br = jnp.clip(g0_b[:, None] + j_r, 0, window - 1)
+  valid_br = j_r[None, :] < g_b[:, None]
+  pos_br = base_b[:, None] + g0_b[:, None] + j_r
+  slots_br = jnp.where(valid_br, pos_br, num_slots)
+  sin, cos = rope_sin_cos(cfg, pos_br)
   p_layer = model.layer_params(params, layer)
-  mask_1rs = causal_mask(pos_1r, num_slots)
-  if visible_ls is not None:
-    mask_1rs = mask_1rs & visible_ls[layer][None, None, :]
-  h_1rd, k_1bskh, v_1bskh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_wd[idx_r][None], sin, cos,
-                                                          mask_1rs, k_1bskh, v_1bskh, slots_1r, 0)
-  h_wd = h_wd.at[jnp.where(valid_r, idx_r, window)].set(h_1rd[0], mode="drop")
-  return h_wd, k_1bskh, v_1bskh
+  mask_brs = causal_mask(pos_br, num_slots)
+  if visible_lbs is not None:
+    mask_brs = mask_brs & visible_lbs[layer][:, None, :]
+  h_brd = jnp.take_along_axis(h_bwd, idx_br[:, :, None], axis=1)
+  h_brd, k_1bskh, v_1bskh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_brd, sin, cos, mask_brs, k_1bskh,
+                                                          v_1bskh, slots_br, 0)
+  b_idx = jnp.arange(h_bwd.shape[0])[:, None]
+  h_bwd = h_bwd.at[b_idx, jnp.where(valid_br, idx_br, window)].set(h_brd, mode="drop")
+  return h_bwd, k_1bskh, v_1bskh
 
 
-def _final_rows(params, cfg: LlamaConfig, rows: int, h_wd):
-  """Full-model logits [W, V] of the first `rows` window slots (the others are zeros)."""
-  logits_rv = model.unembed(params, cfg, h_wd[None, :rows])[0]
-  return jnp.zeros((h_wd.shape[0], logits_rv.shape[-1]), jnp.float32).at[:rows].set(logits_rv)
+def _final_rows(params, cfg: LlamaConfig, rows: int, h_bwd):
+  """Full-model logits [B, W, V] of the first `rows` window slots (the others are zeros)."""
+  logits_brv = model.unembed(params, cfg, h_bwd[:, :rows])
+  return jnp.zeros(h_bwd.shape[:2] + logits_brv.shape[-1:], jnp.float32).at[:, :rows].set(logits_brv)
 
 
 def _sample(key, probs_v, sampling: SamplingConfig):
@@ -112,14 +127,17 @@ def _sample(key, probs_v, sampling: SamplingConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "window", "sampling", "out_len"),
                    donate_argnames=("cache",))
-def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...], gamma, cache: KVCache, first,
-                   max_new, key, window: int, sampling: SamplingConfig, out_len: int,
-                   visible_ls: jax.Array | None = None) -> State:
-  """Decodes one sequence (cache batch 1) from the prefill's first token until EOS, `max_new` or a full cache.
-  `visible_ls` [L, S]: which slots hold K/V at each layer after a pruned prefill (None: all)."""
+def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...], gamma, cache: KVCache, first_b,
+                   max_new, keys_b, window: int, sampling: SamplingConfig, out_len: int,
+                   visible_lbs: jax.Array | None = None) -> State:
+  """Decodes a batch from the prefill's first tokens until each sequence hits EOS, `max_new` or a full cache.
+  Every iteration runs one layer, the lowest that an active sequence's newest group waits at, for the sequences
+  waiting there (the others sit it out), so one weight read serves the batch and every sequence's computation is
+  its own single-sequence one. `visible_lbs` [L, B, S]: which slots hold K/V at each layer after a pruned
+  prefill (None: all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
-  buckets = row_buckets(window)
+  buckets = jnp.asarray(row_buckets(window))
   head_of_depth = np.full(n_layers + 1, -1, np.int32)
   head_of_depth[list(head_layers)] = np.arange(len(head_layers))
   head_of_depth = jnp.asarray(head_of_depth)
@@ -129,55 +147,66 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
   def embed_one(tok):
     return model.embed(params, cfg, tok[None, None])[0, 0]
 
-  def run_layer(s: State) -> State:
-    front = s.n - 1
-    depth = s.depth_w[front]
-    in_group_w = (w_idx < s.n) & (s.depth_w == depth)
-    g0 = jnp.argmax(in_group_w).astype(jnp.int32)
-    g = s.n - g0
-    branches = [functools.partial(_layer_rows, params, cfg, r) for r in buckets]
-    layer_kv = [jax.lax.dynamic_slice_in_dim(x, depth, 1) for x in (s.cache.k, s.cache.v)]
-    h_wd, *layer_kv = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), g), branches, depth, s.h_wd, *layer_kv,
-                                     s.cache.lengths[0], g0, g, visible_ls)
-    k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, depth, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
-    c = s.counters._replace(layer_steps=s.counters.layer_steps + 1,
-                            layer_tokens_l=s.counters.layer_tokens_l.at[depth].add(g))
-    return s._replace(cache=s.cache.replace(k=k, v=v), h_wd=h_wd, depth_w=jnp.where(in_group_w, depth + 1, s.depth_w),
-                      counters=c)
+  def front_depth_b(win: Window) -> jax.Array:
+    return jnp.take_along_axis(win.depth_w, win.n[:, None] - 1, axis=1)[:, 0]
 
-  def try_exit(s: State) -> State:
-    front = s.n - 1
-    head = head_of_depth[s.depth_w[front]]
-    logits_v = head_logits(params, cfg, t_idd[head], s.h_wd[front][None, None])[0, 0]
+  def active_b(s: State) -> jax.Array:
+    return ~s.win.done & (s.cache.lengths + window <= s.cache.num_slots)
+
+  def run_layer(s: State, layer, taking_b) -> State:
+    win = s.win
+    in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
+    g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
+    g_b = jnp.where(taking_b, win.n - g0_b, 0)
+    branches = [functools.partial(_layer_rows, params, cfg, r) for r in row_buckets(window)]
+    layer_kv = [jax.lax.dynamic_slice_in_dim(x, layer, 1) for x in (s.cache.k, s.cache.v)]
+    h_bwd, *layer_kv = jax.lax.switch(jnp.searchsorted(buckets, jnp.max(g_b)), branches, layer, win.h_wd,
+                                      *layer_kv, s.cache.lengths, g0_b, g_b, visible_lbs)
+    k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, layer, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
+    c = win.counters._replace(layer_steps=win.counters.layer_steps + taking_b,
+                              layer_tokens_l=win.counters.layer_tokens_l.at[:, layer].add(g_b))
+    win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, layer + 1, win.depth_w), counters=c)
+    return s._replace(cache=s.cache.replace(k=k, v=v), win=win)
+
+  def exit_one(w: Window, logits_v, head, taking) -> Window:
+    """The head at the newest token's layer proposes the next token; it enters the window if confident."""
+    front = w.n - 1
     conf = jnp.max(jax.nn.softmax(logits_v))
-    key, sub = jax.random.split(s.key)
+    key, sub = jax.random.split(w.key)
     q_v = target_probs(logits_v[None], sampling)[0]
     y = _sample(sub, q_v, sampling)
-    go = conf >= gamma
-    c = s.counters._replace(head_evals_i=s.counters.head_evals_i.at[head].add(1),
-                            exits_i=s.counters.exits_i.at[head].add(go.astype(jnp.int32)))
-    slot = jnp.where(go, s.n, window)  # dropped unless exiting
-    return s._replace(tok_w=s.tok_w.at[slot].set(y, mode="drop"), depth_w=s.depth_w.at[slot].set(0, mode="drop"),
-                      h_wd=s.h_wd.at[slot].set(embed_one(y), mode="drop"),
-                      q_wv=s.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop"),
-                      n=s.n + go.astype(jnp.int32), key=key, counters=c)
+    eligible = taking & (w.n < window)
+    go = eligible & (conf >= gamma)
+    c = w.counters._replace(head_evals_i=w.counters.head_evals_i.at[head].add(eligible.astype(jnp.int32)),
+                            exits_i=w.counters.exits_i.at[head].add(go.astype(jnp.int32)))
+    slot = jnp.where(go, w.n, window)  # dropped unless exiting
+    return w._replace(tok_w=w.tok_w.at[slot].set(y, mode="drop"), depth_w=w.depth_w.at[slot].set(0, mode="drop"),
+                      h_wd=w.h_wd.at[slot].set(embed_one(y), mode="drop"),
+                      q_wv=w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop"),
+                      n=w.n + go.astype(jnp.int32), key=key, counters=c)
 
-  def verify(s: State) -> State:
-    branches = [functools.partial(_final_rows, params, cfg, r) for r in buckets]
-    logits_wv = jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), s.n), branches, s.h_wd)
+  def try_exit(s: State, layer, taking_b) -> State:
+    head = head_of_depth[layer]
+    h_front_bd = jnp.take_along_axis(s.win.h_wd, (s.win.n - 1)[:, None, None], axis=1)
+    logits_bv = head_logits(params, cfg, t_idd[head], h_front_bd)[:, 0]
+    return s._replace(win=jax.vmap(exit_one, in_axes=(0, 0, None, 0))(s.win, logits_bv, head, taking_b))
+
+  def verify_one(w: Window, logits_wv, taking) -> tuple[Window, jax.Array]:
+    """Checks the window's early tokens in order against the full model; returns it restarted at the full model's
+    token (unchanged unless `taking`) and how far the cache cursor moves."""
     p_wv = target_probs(logits_wv, sampling)
-    key, k_acc, k_next = jax.random.split(s.key, 3)
-    proposed_w = jnp.roll(s.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
+    key, k_acc, k_next = jax.random.split(w.key, 3)
+    proposed_w = jnp.roll(w.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
     p_prop_w = jnp.take_along_axis(p_wv, proposed_w[:, None], axis=1)[:, 0]
-    q_prop_w = jnp.take_along_axis(s.q_wv, proposed_w[:, None], axis=1)[:, 0]
+    q_prop_w = jnp.take_along_axis(w.q_wv, proposed_w[:, None], axis=1)[:, 0]
     u_w = jax.random.uniform(k_acc, (window,))
-    ok_w = (w_idx < s.n - 1) & (u_w * q_prop_w < p_prop_w)
+    ok_w = (w_idx < w.n - 1) & (u_w * q_prop_w < p_prop_w)
     n_acc = jnp.sum(jnp.cumprod(ok_w.astype(jnp.int32))).astype(jnp.int32)
-    rejected = n_acc < s.n - 1
+    rejected = n_acc < w.n - 1
     if sampling.greedy:
       nxt = jnp.argmax(logits_wv[n_acc]).astype(jnp.int32)
     else:
-      residual_v = jnp.maximum(p_wv[n_acc] - s.q_wv[n_acc], 0.0)
+      residual_v = jnp.maximum(p_wv[n_acc] - w.q_wv[n_acc], 0.0)
       residual_v = jnp.where(jnp.sum(residual_v) > 0, residual_v, p_wv[n_acc])
       probs_v = jnp.where(rejected, residual_v / jnp.sum(residual_v), p_wv[n_acc])
       nxt = jax.random.categorical(k_next, jnp.log(probs_v)).astype(jnp.int32)
@@ -186,41 +215,55 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     count = n_acc + 1
     is_eos_w = jnp.isin(emit_w, eos) & (w_idx < count)
     count = jnp.where(jnp.any(is_eos_w), jnp.argmax(is_eos_w) + 1, count)
-    dst_w = jnp.where((w_idx < count) & (s.num + w_idx < max_new), s.num + w_idx, out_len)
-    num = jnp.minimum(s.num + count, max_new)
-    c = s.counters
-    c = c._replace(verifications=c.verifications + 1, pending=c.pending + s.n - 1, accepted=c.accepted + n_acc,
-                   rejections=c.rejections + rejected.astype(jnp.int32))
-    return s._replace(cache=s.cache.replace(lengths=s.cache.lengths + n_acc + 1),
-                      tok_w=jnp.zeros_like(s.tok_w).at[0].set(nxt), depth_w=jnp.zeros_like(s.depth_w),
-                      h_wd=jnp.zeros_like(s.h_wd).at[0].set(embed_one(nxt)), n=jnp.int32(1),
-                      out_n=s.out_n.at[dst_w].set(emit_w, mode="drop"),
-                      accept_n=s.accept_n.at[c.verifications - 1].set(num - s.num), num=num,
-                      done=jnp.any(is_eos_w) | (num >= max_new), key=key, counters=c)
+    dst_w = jnp.where(taking & (w_idx < count) & (w.num + w_idx < max_new), w.num + w_idx, out_len)
+    num = jnp.where(taking, jnp.minimum(w.num + count, max_new), w.num)
+    c, t = w.counters, taking.astype(jnp.int32)
+    c = c._replace(verifications=c.verifications + t, pending=c.pending + t * (w.n - 1),
+                   accepted=c.accepted + t * n_acc, rejections=c.rejections + t * rejected.astype(jnp.int32))
+    restart = functools.partial(jnp.where, taking)
+    w = w._replace(tok_w=restart(jnp.zeros_like(w.tok_w).at[0].set(nxt), w.tok_w), depth_w=restart(0, w.depth_w),
+                   h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(nxt)), w.h_wd), n=restart(1, w.n))
+    return w._replace(out_n=w.out_n.at[dst_w].set(emit_w, mode="drop"),
+                      accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(
+                          num - w.num, mode="drop"),
+                      num=num, done=w.done | (taking & (jnp.any(is_eos_w) | (num >= max_new))),
+                      key=key, counters=c), t * (n_acc + 1)
+
+  def verify(s: State, layer, taking_b) -> State:
+    del layer
+    branches = [functools.partial(_final_rows, params, cfg, r) for r in row_buckets(window)]
+    logits_bwv = jax.lax.switch(jnp.searchsorted(buckets, jnp.max(jnp.where(taking_b, s.win.n, 1))), branches,
+                                s.win.h_wd)
+    win, advance_b = jax.vmap(verify_one)(s.win, logits_bwv, taking_b)
+    return s._replace(cache=s.cache.replace(lengths=s.cache.lengths + advance_b), win=win)
 
   def body(s: State) -> State:
-    s = run_layer(s)
-    depth = s.depth_w[s.n - 1]
-    can_exit = (head_of_depth[depth] >= 0) & (s.n < window)
-    k, v = s.cache.k, s.cache.v  # kept out of the switch: its branches only move the cursor
+    running_b = active_b(s)
+    depth_b = front_depth_b(s.win)
+    layer = jnp.min(jnp.where(running_b, depth_b, n_layers))
+    taking_b = running_b & (depth_b == layer)
+    s = run_layer(s, layer, taking_b)
+    layer = layer + 1
+    k, v = s.cache.k, s.cache.v  # kept out of the switch: its branches only move the cursors
     no_kv = jnp.zeros((0,), k.dtype)
-    s = jax.lax.switch(jnp.where(depth == n_layers, 2, can_exit.astype(jnp.int32)), [lambda x: x, try_exit, verify],
-                       s._replace(cache=s.cache.replace(k=no_kv, v=no_kv)))
+    can_exit = (head_of_depth[layer] >= 0) & jnp.any(taking_b & (s.win.n < window))
+    branch = jnp.where(layer == n_layers, 2, can_exit.astype(jnp.int32))
+    s = jax.lax.switch(branch, [lambda x, *_: x, try_exit, verify], s._replace(cache=s.cache.replace(k=no_kv, v=no_kv)),
+                       layer, taking_b)
     return s._replace(cache=s.cache.replace(k=k, v=v))
 
-  def cond(s: State):
-    return ~s.done & (s.cache.lengths[0] + window <= s.cache.num_slots)
+  def start(first, key) -> Window:
+    n_heads = len(head_layers)
+    zero = jnp.int32(0)
+    counters = Counters(zero, jnp.zeros((n_layers,), jnp.int32), jnp.zeros((n_heads,), jnp.int32),
+                        jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
+    h_wd = jnp.zeros((window, cfg.d_model), jnp.dtype(cfg.dtype)).at[0].set(embed_one(first))
+    return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
+                  jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
+                  jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32),
+                  jnp.int32(1), jnp.isin(first, eos) | (max_new <= 1), key, counters)
 
-  n_heads = len(head_layers)
-  zero = jnp.int32(0)
-  counters = Counters(zero, jnp.zeros((n_layers,), jnp.int32), jnp.zeros((n_heads,), jnp.int32),
-                      jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
-  h_wd = jnp.zeros((window, cfg.d_model), jnp.dtype(cfg.dtype)).at[0].set(embed_one(first))
-  state = State(cache, jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
-                jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
-                jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32), jnp.int32(1),
-                jnp.isin(first, eos) | (max_new <= 1), key, counters)
-  return jax.lax.while_loop(cond, body, state)
+  return jax.lax.while_loop(lambda s: jnp.any(active_b(s)), body, State(cache, jax.vmap(start)(first_b, keys_b)))
 
 
 def select_heads(cfg: LlamaConfig, heads: ExitHeads, layers) -> ExitHeads:
@@ -270,7 +313,8 @@ def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
 
 def generate_adadecode(lm: LM, request: GenerateRequest, method: str = "adadecode",
                        prefill: Prefill = full_prefill) -> list[GenerationResult]:
-  """Each prompt: `prefill`, then `adadecode_loop` over its cache (masked by its per-layer visibility, if any)."""
+  """`prefill` of the whole batch, then one `adadecode_loop` over its cache (masked by its per-layer visibility,
+  if any)."""
   cfg = lm.cfg
   heads = resolve_heads(lm, request)
   gamma = float(request.option("gamma", 0.75))
@@ -280,31 +324,27 @@ def generate_adadecode(lm: LM, request: GenerateRequest, method: str = "adadecod
   window = max_pending + 1
   num_slots = cache_slots_for(cfg, request, extra=window)
   out_len = ar.next_pow2(request.max_new_tokens)
-  t_idd = jnp.asarray(heads.t_idd, jnp.float32)
-  key = jax.random.key(request.seed)
-  tokens_bn = np.full((len(request.prompts), out_len), -1, np.int32)
-  num_b = np.zeros((len(request.prompts),), np.int32)
+  first_key, loop_key = jax.random.split(jax.random.key(request.seed))
+  start = time.perf_counter()
+  logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
+  first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
+  ttft = time.perf_counter() - start
+  out = adadecode_loop(lm.params, cfg, jnp.asarray(heads.t_idd, jnp.float32), heads.layers, jnp.float32(gamma),
+                       cache, first_b, jnp.int32(request.max_new_tokens),
+                       jax.random.split(loop_key, len(request.prompts)), window, request.sampling, out_len,
+                       visible_lbs)
+  win = jax.device_get(out.win._replace(key=None))
+  total = time.perf_counter() - start
   stats = []
   for b, prompt in enumerate(request.prompts):
-    key, first_key, loop_key = jax.random.split(key, 3)
-    start = time.perf_counter()
-    logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, dataclasses.replace(request, prompts=(prompt,)),
-                                                           num_slots)
-    first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
-    ttft = time.perf_counter() - start
-    out = adadecode_loop(lm.params, cfg, t_idd, heads.layers, jnp.float32(gamma), cache, first[0],
-                         jnp.int32(request.max_new_tokens), loop_key, window, request.sampling, out_len,
-                         None if visible_lbs is None else visible_lbs[:, 0])
-    out_n, num, verifications, accept_n = jax.device_get((out.out_n, out.num, out.counters.verifications,
-                                                          out.accept_n))
-    total = time.perf_counter() - start
-    tokens_bn[b], num_b[b] = out_n, num
-    st = dict(method=method, new_tokens=int(num), steps=int(verifications) + 1, ttft_s=ttft, total_s=total,
+    num, verifications = int(win.num[b]), int(win.counters.verifications[b])
+    st = dict(method=method, new_tokens=num, steps=verifications + 1, ttft_s=ttft, total_s=total,
               decode_s=total - ttft, prompt_tokens=len(prompt), gamma=gamma, max_pending=max_pending,
-              **window_stats(out.counters, heads.layers, int(num)), **prefill_stats)
-    st["accept_lengths"] = [1] + accept_n[:int(verifications)].tolist()
+              **window_stats(jax.tree.map(lambda x, b=b: x[b], win.counters), heads.layers, num), **prefill_stats)
+    st["accept_lengths"] = [1] + win.accept_n[b, :verifications].tolist()
+    st["tau"] = float(np.mean(st["accept_lengths"]))
     stats.append(st)
-  return make_results(lm, tokens_bn, num_b, stats)
+  return make_results(lm, win.out_n, win.num, stats)
 
 
 register_method("adadecode")(adadecode_method("adadecode"))

@@ -19,6 +19,9 @@ from hdjax.kvcache import KVCache, init_cache
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
+PREFILL_CHUNK = 1024  # query rows per attention chunk of a prefill: bounds its [B, K, G, C, S] score tensor
+
+
 def next_pow2(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
@@ -35,15 +38,15 @@ def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array
   """Runs right-padded prompts [B, T] into a fresh cache of `num_slots` slots.
 
   Returns the logits [B, V] after each prompt's last token and the cache with lengths = prompt lengths.
-  Padding rows go to an out-of-range slot, so they are never written.
+  Padding rows go to an out-of-range slot, so they are never written. Attention runs in query chunks of
+  PREFILL_CHUNK rows over the slots written so far (T <= num_slots).
   """
   TRACE_COUNTS["prefill"] += 1
   batch, t = tokens_bt.shape
-  cache = init_cache(cfg, batch, num_slots)
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-  slots_bt = jnp.where(positions_bt < lengths_b[:, None], positions_bt, num_slots)
-  h_btd, cache = model.forward(params, cfg, tokens_bt, positions_bt, causal_mask(positions_bt, num_slots), cache,
-                               slots_bt)
+  h_btd, cache = model.run_layers_chunked(params, cfg, model.embed(params, cfg, tokens_bt), positions_bt,
+                                          positions_bt < lengths_b[:, None], init_cache(cfg, batch, num_slots), 0,
+                                          cfg.n_layers, PREFILL_CHUNK)
   return last_token_logits(params, cfg, h_btd, lengths_b), cache.replace(lengths=lengths_b.astype(jnp.int32))
 
 
