@@ -8,7 +8,6 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-import jax
 import numpy as np
 from absl import app, logging
 
@@ -34,6 +33,7 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
 
 def device_name() -> str:
   """What the numbers were measured on, e.g. 'NVIDIA H100 80GB HBM3 x1 (gpu)'."""
+  import jax  # pylint: disable=import-outside-toplevel  (see median_ms)
   return f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
 
 

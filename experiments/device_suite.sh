@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator figures of README "On a GPU", in one go, each part under its own time limit:
+# The accelerator figures of README "On an H100 GPU", in one go, each part under its own time limit:
 #
 #   bash experiments/device_suite.sh MODEL QUESTIONS OUT_DIR PART...
 #
