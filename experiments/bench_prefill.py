@@ -5,7 +5,7 @@
 For each bucket length T it times, as medians of jitted calls after warm-up (batch 1, fp32):
   full         the `full` method's prefill (LazyLLM's prefill with no pruning: attention in 1024-query chunks
                over the keys up to the chunk's end), also at every keep count of the schedule;
-  ar           `ar`'s prefill (one forward over all T queries: the [K, G, T, S] score tensor is materialised);
+  ar           `ar`'s prefill (the same query-chunked attention since f13ef82, without LazyLLM's bookkeeping);
   lazy         LazyLLM's gathered prefill with the default schedule, or --prune_layers/--keep_ratios;
   lazy_ideal   sum over the schedule's layer groups of (layers in group / L) x full(kept tokens): what lazy would
                cost if its scoring, selection, gathers and Aux-Cache/cache scatters were free;

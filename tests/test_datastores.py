@@ -305,6 +305,7 @@ def test_tokenizer_identity_is_hashed_once_across_requests(monkeypatch):
   lm = SimpleNamespace(tokenizer=HdTokenizer(counting, bos_id=0, eos_ids=(1,), chat_template=None))
   monkeypatch.setattr(stats_db.StatsDB, "load", classmethod(lambda cls, tokenizer: object()))
   speculative.reset_databases()
-  assert {id(speculative.SOURCES["stats"](lm, None)) for _ in range(5)} == {id(speculative.SOURCES["stats"](lm, None))}
+  first = speculative.SOURCES["stats"](lm, None)
+  assert all(speculative.SOURCES["stats"](lm, None) is first for _ in range(5))
   assert counting.vocab_reads == 1
   speculative.reset_databases()
