@@ -27,20 +27,20 @@ import numpy as np
 
 from hdjax import api, model
 from hdjax.adadecode.heads import ExitHeads, head_logits
-from hdjax.attention import causal_mask, prefix_plus_block_mask
+from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
-from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
-from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees
+from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, truncate_tree
 from hdjax.decoding.tree_policy import TreeSizePolicy
-from hdjax.decoding.verify import greedy_accept, rejection_accept
+from hdjax.decoding.verify import verify_tree
 from hdjax.drafting.base import Drafter
 from hdjax.drafting.context_db import context_drafter
 from hdjax.drafting.hierarchy import HierarchyDrafter
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
 from hdjax.errors import HdjaxError
-from hdjax.kvcache import KVCache, commit_rows
+from hdjax.kvcache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,38 +88,12 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   the cache) and the step ends by drafting from the exit head `t_dd` (see the module docstring).
   """
   ar.TRACE_COUNTS["verify_step"] += 1
-  batch, num_nodes = tree.tokens.shape
-  lengths_b = cache.lengths
-  offsets_bt = jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32), (batch, num_nodes))
-  slots_bt = jnp.where(active_b[:, None] & tree.valid, lengths_b[:, None] + offsets_bt, cache.num_slots)
-  positions_bt = lengths_b[:, None] + tree.depths
-  mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
+  tokens_bd, num_b, cache = verify_tree(params, cfg, cache, tree, active_b, key, step, sampling, max_depth,
+                                        visible_lbs, head_layer, root_h_bd)
   if head_layer is None:
-    h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
-  else:
-    h_btd = root_h_bd[:, None]
-    if num_nodes > 1:  # draft nodes catch up with the root: layers [0, l)
-      below = model.run_layers(params, cfg, model.embed(params, cfg, tree.tokens[:, 1:]), positions_bt[:, 1:],
-                               mask_bts[:, 1:], cache, slots_bt[:, 1:], 0, head_layer, visible_lbs=visible_lbs)
-      h_btd, cache = jnp.concatenate([h_btd, below.h_btd], axis=1), below.cache
-    above = model.run_layers(params, cfg, h_btd, positions_bt, mask_bts, cache, slots_bt, head_layer,
-                             visible_lbs=visible_lbs)
-    h_btd, cache = above.h_btd, above.cache
-  logits_btv = model.unembed(params, cfg, h_btd)
-  if sampling.greedy:
-    target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
-    acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
-        tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt)
-  else:
-    probs_btv = target_probs(logits_btv, sampling)
-    acc = jax.vmap(functools.partial(rejection_accept, max_depth=max_depth))(
-        tree.tokens, tree.parents, tree.valid, probs_btv, jax.random.split(jax.random.fold_in(key, step), batch))
-  num_b = jnp.where(active_b, acc.num_accepted, 0)
-  cache = commit_rows(cache, lengths_b[:, None] + acc.path_d1, jnp.where(active_b, num_b + 1, 0))
-  if head_layer is None:
-    return StepOut(acc.tokens_d1, num_b, cache, None, None)
-  next_root_b = jnp.take_along_axis(acc.tokens_d1, num_b[:, None], axis=1)[:, 0]
-  return StepOut(acc.tokens_d1, num_b, *head_draft(params, cfg, cache, next_root_b, active_b, head_layer, t_dd,
+    return StepOut(tokens_bd, num_b, cache, None, None)
+  next_root_b = jnp.take_along_axis(tokens_bd, num_b[:, None], axis=1)[:, 0]
+  return StepOut(tokens_bd, num_b, *head_draft(params, cfg, cache, next_root_b, active_b, head_layer, t_dd,
                                                    visible_lbs))
 
 
@@ -156,6 +130,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   start = time.perf_counter()
   logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
   first_b = np.asarray(select_token(logits_bv, first_key, request.sampling))
+  host_syncs = 1  # device-to-host waits during decoding: the first token, then one per step
   ttft = time.perf_counter() - start
   batch = len(request.prompts)
   active_b = np.ones(batch, bool)
@@ -164,6 +139,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     cache, root_h_bd, head_draft_b = start_head(lm.params, cfg, cache, jnp.asarray(first_b), active_b, head_layer,
                                                 t_dd, visible_lbs)
     head_draft_b = np.asarray(head_draft_b)
+    host_syncs += 1
   if request.option("warmup", False):  # trace every tree bucket for this cache shape, emit the first token only
     compile_buckets(lm, cache, spec, request.sampling, visible_lbs, head_layer, t_dd, root_h_bd)
     return api.make_results(lm, first_b[:, None], np.ones(batch, np.int32),
@@ -208,6 +184,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                       visible_lbs, head_layer, t_dd, root_h_bd)
     cache, root_h_bd = out.cache, out.root_h_bd
     out_bd, num_b, next_draft_b = jax.device_get((out.tokens_bd, out.num_b, out.head_draft_b))  # one host sync
+    host_syncs += 1
     if head is not None:
       head_hits_b += active_b & (out_bd[:, 0] == head_draft_b)
       head_draft_b = next_draft_b
@@ -240,7 +217,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
   stats = [dict(method=method, new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
                 accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)), draft_s=draft_s,
                 verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
-                node_budget=max(spec.buckets), max_depth=spec.max_depth,
+                node_budget=max(spec.buckets), max_depth=spec.max_depth, host_syncs=host_syncs,
                 bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats,
                 **({} if head is None else dict(head_layer=head_layer, head_hit_rate=hits / max(len(acc) - 1, 1))))
            for row, acc, prompt, hits in zip(rows, accept_lengths, request.prompts, head_hits_b.tolist())]
@@ -267,10 +244,7 @@ def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: Samp
                         root_h_bd).cache
 
 
-def truncate(tree: DraftTree, num_nodes: int) -> DraftTree:
-  """The first `num_nodes` nodes (parents precede children, so this is still a tree)."""
-  return DraftTree(tree.tokens[:num_nodes], tree.parents[:num_nodes], tree.depths[:num_nodes],
-                   tree.valid[:num_nodes], tree.ancestors[:num_nodes, :num_nodes])
+truncate = truncate_tree
 
 
 _LOADED: dict[tuple[str, str, str], Drafter] = {}
@@ -362,7 +336,12 @@ def spec_method(method: str, prefill: Prefill = full_prefill,
 
 SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
     "pld": ("pld", PLD_DEFAULTS), "rest": ("stats", HD_DEFAULTS), "hd": ("context,model,stats", HD_DEFAULTS),
-    "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS)}
+    "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS),
+    # the host loops of the methods that now run on the device (`device_loop.py`): references for tests and timing
+    "pld_host": ("pld", PLD_DEFAULTS), "hd_context_host": ("context", HD_DEFAULTS)}
 
 for _method in SPEC_METHODS:
   api.register_method(_method)(spec_method(_method))
+
+# `pld` and `hd_context` run on the device; importing the module re-registers them there.
+from hdjax.decoding import device_loop as _device_loop  # noqa: E402,F401  pylint: disable=wrong-import-position

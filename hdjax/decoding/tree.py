@@ -11,6 +11,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -78,3 +79,55 @@ def bucket_for(num_real: int, buckets: Sequence[int]) -> int:
 def stack_trees(trees: Sequence[DraftTree]) -> DraftTree:
   """Batches trees of equal node count into [B, T] arrays."""
   return DraftTree(*(np.stack([getattr(t, f.name) for t in trees]) for f in dataclasses.fields(DraftTree)))
+
+
+def device_tree(root: jax.Array, chains_cd: jax.Array, num_nodes: int, max_depth: int) -> DraftTree:
+  """`build_tree` inside a jit, for one sequence: chains [C, depth] (best first, padded with -1; a chain ends at
+  its first -1) merged into a prefix tree of exactly `num_nodes` nodes. The same arrays as `build_tree`.
+
+  A draft node is a distinct chain prefix. Prefix (c, d) (chain c's first d + 1 tokens) is new when no earlier
+  chain has it; new prefixes take node indices in (chain, depth) order until the budget of num_nodes - 1 is
+  full, which is the order `merge_chains` inserts them in.
+  """
+  num_chains = chains_cd.shape[0]
+  depth = min(chains_cd.shape[1], max_depth)
+  chains_cd = chains_cd[:, :depth].astype(jnp.int32)
+  if num_chains == 0 or depth == 0 or num_nodes == 1:
+    return _padded_tree(root, num_nodes)
+  has_cd = jnp.cumprod(chains_cd >= 0, axis=1).astype(bool)  # a chain ends at its first padding token
+  # same_dcc[d, c, c']: chains c and c' share their first d + 1 tokens
+  same_dcc = jnp.cumprod(chains_cd.T[:, :, None] == chains_cd.T[:, None, :], axis=0).astype(bool)
+  first_cd = jnp.argmax(same_dcc, axis=2).T.astype(jnp.int32)  # earliest chain holding prefix (c, d)
+  new_cd = has_cd & (first_cd == jnp.arange(num_chains)[:, None])
+  rank_cd = (jnp.cumsum(new_cd.reshape(-1)) - 1).reshape(num_chains, depth)
+  kept_cd = new_cd & (rank_cd < num_nodes - 1)
+  node_cd = jnp.where(kept_cd, rank_cd + 1, 0)  # node index of each new, kept prefix
+  # every prefix (new or not) maps to the node of its first holder; 0 where not in the tree
+  node_of_cd = jnp.where(has_cd, node_cd[first_cd, jnp.arange(depth)[None, :]], 0)
+  parent_cd = jnp.concatenate([jnp.zeros((num_chains, 1), jnp.int32), node_of_cd[:, :-1]], axis=1)
+  dest = jnp.where(kept_cd, node_cd, num_nodes).reshape(-1)  # out of range: dropped
+  depth_cd = jnp.broadcast_to(jnp.arange(1, depth + 1, dtype=jnp.int32), (num_chains, depth))
+  tree = _padded_tree(root, num_nodes)
+  tokens = tree.tokens.at[dest].set(chains_cd.reshape(-1), mode="drop")
+  parents = tree.parents.at[dest].set(parent_cd.reshape(-1), mode="drop")
+  depths = tree.depths.at[dest].set(depth_cd.reshape(-1), mode="drop")
+  valid = tree.valid.at[dest].set(True, mode="drop")
+  eye = jnp.eye(num_nodes, dtype=bool)
+  ancestors = eye
+  for _ in range(depth):  # parents precede children: depth rounds reach the root from every node
+    ancestors = eye | (ancestors[parents] & (valid & (jnp.arange(num_nodes) > 0))[:, None])
+  return DraftTree(tokens, parents, depths, valid, ancestors)
+
+
+def _padded_tree(root: jax.Array, num_nodes: int) -> DraftTree:
+  """A root and num_nodes - 1 padding nodes (jnp arrays)."""
+  return DraftTree(jnp.zeros((num_nodes,), jnp.int32).at[0].set(jnp.asarray(root, jnp.int32)),
+                   jnp.zeros((num_nodes,), jnp.int32), jnp.zeros((num_nodes,), jnp.int32),
+                   jnp.zeros((num_nodes,), bool).at[0].set(True), jnp.eye(num_nodes, dtype=bool))
+
+
+def truncate_tree(tree: DraftTree, num_nodes: int) -> DraftTree:
+  """The first `num_nodes` nodes of one tree [T] or a batch [B, T] (parents precede children, so this is still a
+  tree); works on numpy and jax arrays."""
+  return DraftTree(tree.tokens[..., :num_nodes], tree.parents[..., :num_nodes], tree.depths[..., :num_nodes],
+                   tree.valid[..., :num_nodes], tree.ancestors[..., :num_nodes, :num_nodes])

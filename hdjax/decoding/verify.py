@@ -1,4 +1,5 @@
-"""Lossless acceptance of one draft tree (jittable, one sequence; vmap over the batch).
+"""Lossless acceptance of one draft tree (jittable, one sequence; vmap over the batch), and `verify_tree`: the
+whole verify step (model call, acceptance, commit) as one traceable function.
 
 Both rules return `Accepted(path_d1, num_accepted, tokens_d1)`: path_d1[d] is the accepted node at depth d
 (path_d1[0] = root), `num_accepted` the number of accepted draft nodes n, and tokens_d1[:n + 1] the tokens the
@@ -7,10 +8,18 @@ step emits: the n accepted draft tokens then the bonus token drawn at the deepes
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from hdjax import model
+from hdjax.attention import prefix_plus_block_mask
+from hdjax.config import LlamaConfig
+from hdjax.decoding.sampling import SamplingConfig, target_probs
+from hdjax.decoding.tree import DraftTree
+from hdjax.kvcache import KVCache, commit_rows
 
 
 class Accepted(NamedTuple):
@@ -83,3 +92,51 @@ def rejection_accept(tokens_t: jax.Array, parents_t: jax.Array, valid_t: jax.Arr
   _, num, path_d2, bonus, _ = jax.lax.fori_loop(0, max_depth + 1, step, init)
   path_d1 = path_d2[:max_depth + 1]
   return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, bonus))
+
+
+class Verified(NamedTuple):
+  tokens_bd: jax.Array  # [B, max_depth + 1] emitted tokens; the first num_b + 1 are real
+  num_b: jax.Array  # [B] accepted draft tokens (0 for inactive rows)
+  cache: KVCache  # root and accepted path committed
+
+
+def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, active_b: jax.Array, key: jax.Array,
+                step: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None,
+                head_layer: int | None = None, root_h_bd: jax.Array | None = None) -> Verified:
+  """One verify step, traceable (the host loop's jitted `verify_step` and the device loop both call it).
+
+  Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, accepts (greedy longest path, or
+  recursive rejection sampling drawing from `fold_in(key, step)`) and commits the root and the accepted path.
+  Inactive rows write and commit nothing. `visible_lbs` restricts each layer to the slots that hold K/V there
+  (after a pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below
+  it is already in the cache) and the draft nodes run layers [0, head_layer) first.
+  """
+  batch, num_nodes = tree.tokens.shape
+  lengths_b = cache.lengths
+  offsets_bt = jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32), (batch, num_nodes))
+  slots_bt = jnp.where(active_b[:, None] & tree.valid, lengths_b[:, None] + offsets_bt, cache.num_slots)
+  positions_bt = lengths_b[:, None] + tree.depths
+  mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
+  if head_layer is None:
+    h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
+  else:
+    h_btd = root_h_bd[:, None]
+    if num_nodes > 1:  # draft nodes catch up with the root: layers [0, l)
+      below = model.run_layers(params, cfg, model.embed(params, cfg, tree.tokens[:, 1:]), positions_bt[:, 1:],
+                               mask_bts[:, 1:], cache, slots_bt[:, 1:], 0, head_layer, visible_lbs=visible_lbs)
+      h_btd, cache = jnp.concatenate([h_btd, below.h_btd], axis=1), below.cache
+    above = model.run_layers(params, cfg, h_btd, positions_bt, mask_bts, cache, slots_bt, head_layer,
+                             visible_lbs=visible_lbs)
+    h_btd, cache = above.h_btd, above.cache
+  logits_btv = model.unembed(params, cfg, h_btd)
+  if sampling.greedy:
+    target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
+    acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
+        tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt)
+  else:
+    probs_btv = target_probs(logits_btv, sampling)
+    acc = jax.vmap(functools.partial(rejection_accept, max_depth=max_depth))(
+        tree.tokens, tree.parents, tree.valid, probs_btv, jax.random.split(jax.random.fold_in(key, step), batch))
+  num_b = jnp.where(active_b, acc.num_accepted, 0)
+  cache = commit_rows(cache, lengths_b[:, None] + acc.path_d1, jnp.where(active_b, num_b + 1, 0))
+  return Verified(acc.tokens_d1, num_b, cache)

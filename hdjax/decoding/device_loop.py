@@ -1,0 +1,219 @@
+"""Speculative decoding that never leaves the device: draft -> tree -> verify -> accept -> stop in one jitted loop.
+
+After the prefill, one jitted `lax.while_loop` (cache donated) runs every step of a request: the device n-gram
+drafter (`drafting/device_ngram.py`) reads each sequence's token buffer, `tree.device_tree` merges its chains
+into one static prefix tree, `verify.verify_tree` runs and accepts it (the same function as the host loop's
+`verify_step`), and the emitted tokens are appended to the buffer, with per-sequence cursors and stop flags
+(EOS, max_new_tokens, cache room). The tree's node count is chosen per step from the same buckets and by the same
+rule as the host loop (`speculative.py`), with `lax.switch` over one verify branch per bucket, so both loops build
+the same trees, take the same samples and emit the same tokens.
+
+The host waits on the device twice per request: once for the first token (time to first token) and once for
+the results; with `on_tokens` (streaming) the loop runs per chunk of `chunk_tokens` new tokens, one more wait
+each. `stats["host_syncs"]` counts them.
+
+Methods: `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens) and `hd_context` (HD's context
+database alone: keys of 2 then 1 tokens, up to 7 chains of 4). The host loops stay registered as `pld_host`
+and `hd_context_host`, the reference for identity tests and speed comparisons.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hdjax import api
+from hdjax.config import LlamaConfig
+from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.prefill import Prefill, full_prefill
+from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.speculative import HD_DEFAULTS, PLD_DEFAULTS, SpecConfig
+from hdjax.decoding.tree import device_tree, truncate_tree
+from hdjax.decoding.verify import verify_tree
+from hdjax.drafting.context_db import NgramConfig, context_drafter
+from hdjax.drafting.device_ngram import DeviceNgramConfig, device_draft
+from hdjax.drafting.pld import pld_drafter
+from hdjax.errors import HdjaxError
+from hdjax.kvcache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+  """Static settings of the loop (hashable: a jit static argument)."""
+
+  drafter: DeviceNgramConfig
+  buckets: tuple[int, ...]  # node counts per step, root included, sorted, starting at 1
+  max_depth: int
+
+
+class LoopState(NamedTuple):
+  """Everything the loop carries; it stays on the device between chunks."""
+
+  tokens_bs: jax.Array  # [B, S] prompt then emitted tokens; the last one (the root) is not yet in the cache
+  lengths_b: jax.Array  # [B] tokens in the buffer
+  prompt_b: jax.Array  # [B] prompt lengths
+  done_b: jax.Array  # [B] EOS emitted or max_new_tokens reached
+  cache: KVCache
+  accept_bs: jax.Array  # [B, S] tokens emitted by each step (column = step; 0 where a row was done)
+  steps: jax.Array  # int32: steps so far, the prefill's first token included
+  bucket_counts_k: jax.Array  # [len(buckets)] steps verified at each node count
+
+
+def _room(state: LoopState) -> jax.Array:
+  """Free cache slots of the fullest active row (the host loop's rule)."""
+  active_b = ~state.done_b
+  return state.cache.num_slots - jnp.max(jnp.where(active_b, state.cache.lengths, 0))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "spec", "sampling"), donate_argnames=("state",))
+def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max_new: jax.Array,
+                 stop_at: jax.Array, spec: DeviceSpec, sampling: SamplingConfig,
+                 visible_lbs: jax.Array | None = None) -> LoopState:
+  """Steps until every row is done, the cache has no room, or every active row has `stop_at` new tokens."""
+  ar.TRACE_COUNTS["device_loop"] += 1
+  batch = state.tokens_bs.shape[0]
+  buckets_k = jnp.asarray(spec.buckets, jnp.int32)
+
+  def cond(st: LoopState) -> jax.Array:
+    active_b = ~st.done_b
+    return jnp.any(active_b & (st.lengths_b - st.prompt_b < stop_at)) & (_room(st) >= 1)
+
+  def body(st: LoopState) -> LoopState:
+    active_b = ~st.done_b
+    chains_bcd = device_draft(st.tokens_bs, st.lengths_b, spec.drafter)
+    chains_bcd = jnp.where(active_b[:, None, None], chains_bcd, -1)  # done rows draft nothing
+    root_b = jnp.take_along_axis(st.tokens_bs, (st.lengths_b - 1)[:, None], axis=1)[:, 0]
+    tree = jax.vmap(functools.partial(device_tree, num_nodes=spec.buckets[-1], max_depth=spec.max_depth))(
+        root_b, chains_bcd)
+    # the host loop's bucket: the smallest holding the largest tree, capped by the room left in the cache
+    num_real = jnp.max(jnp.sum(tree.valid, axis=1))
+    wanted = jnp.min(jnp.where(buckets_k >= num_real, buckets_k, buckets_k[-1]))
+    fitting = jnp.max(jnp.where(buckets_k <= _room(st), buckets_k, 1))
+    bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
+
+    def verify(num_nodes: int, cache: KVCache):
+      out = verify_tree(params, cfg, cache, truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
+                        spec.max_depth, visible_lbs)
+      return out.tokens_bd, out.num_b, out.cache
+
+    branches = [functools.partial(verify, n) for n in spec.buckets]
+    tokens_bd, num_b, cache = jax.lax.switch(bucket, branches, st.cache)
+    # emitted: the accepted drafts and the bonus token, cut after an EOS and at max_new tokens
+    depth_d = jnp.arange(tokens_bd.shape[1], dtype=jnp.int32)
+    eos_bd = ar.is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
+    first_eos_b = jnp.where(jnp.any(eos_bd, axis=1), jnp.argmax(eos_bd, axis=1), tokens_bd.shape[1])
+    new_b = st.lengths_b - st.prompt_b
+    emit_b = jnp.minimum(jnp.minimum(num_b + 1, first_eos_b + 1), max_new - new_b)
+    emit_b = jnp.where(active_b, emit_b, 0)
+    rows_b1 = jnp.arange(batch)[:, None]
+    cols_bd = jnp.where(depth_d[None, :] < emit_b[:, None], st.lengths_b[:, None] + depth_d[None, :],
+                        st.tokens_bs.shape[1])
+    tokens_bs = st.tokens_bs.at[rows_b1, cols_bd].set(tokens_bd, mode="drop")
+    lengths_b = st.lengths_b + emit_b
+    done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (lengths_b - st.prompt_b >= max_new)))
+    return LoopState(tokens_bs, lengths_b, st.prompt_b, done_b, cache,
+                     st.accept_bs.at[:, st.steps].set(emit_b, mode="drop"), st.steps + 1,
+                     st.bucket_counts_k.at[bucket].add(1))
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_drafter: NgramConfig,
+                    defaults: SpecConfig, prefill: Prefill = full_prefill) -> list[api.GenerationResult]:
+  """Prefill, then `decode_chunk` once (or once per streamed chunk). `host_drafter` is the config of the host
+  n-gram drafter that this loop's device drafter reproduces."""
+  cfg, spec = lm.cfg, defaults.with_options(request)
+  if spec.adaptive:
+    raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available; "
+                     f"use {method}_host")
+  dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
+                     spec.max_depth)
+  num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
+  key, first_key = jax.random.split(jax.random.key(request.seed))
+  on_tokens = request.option("on_tokens")
+  chunk = int(request.option("chunk_tokens", 16)) if on_tokens else request.max_new_tokens
+  batch = len(request.prompts)
+  start = time.perf_counter()
+  logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
+  first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
+  host_syncs = 1
+  ttft = time.perf_counter() - start
+  tokens_bs, prompt_b = api.pad_prompts(request.prompts, cfg.pad_id, num_slots)
+  prompt_b = jnp.asarray(prompt_b)
+  tokens_bs = jnp.asarray(tokens_bs).at[jnp.arange(batch), prompt_b].set(first_b)
+  done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1)
+  accept_bs = jnp.zeros((batch, num_slots), jnp.int32).at[:, 0].set(1)
+  state = LoopState(tokens_bs, prompt_b + 1, prompt_b, done_b, cache, accept_bs, jnp.int32(1),
+                    jnp.zeros((len(spec.buckets),), jnp.int32))
+  max_new = jnp.int32(request.max_new_tokens)
+  run = functools.partial(decode_chunk, lm.params, cfg, key=key, max_new=max_new, spec=dspec,
+                          sampling=request.sampling, visible_lbs=visible_lbs)
+  if request.option("warmup", False):  # compile the loop for this cache shape (no step runs); first token only
+    state = run(state, stop_at=jnp.int32(0))
+    first = np.asarray(first_b)
+    return api.make_results(lm, first[:, None], np.ones(batch, np.int32),
+                            [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
+                                  accept_lengths=[1], prompt_tokens=len(p), host_syncs=2, **prefill_stats)
+                             for p in request.prompts])
+  if not on_tokens:
+    state = run(state, stop_at=max_new)
+  else:
+    first0, done_b = jax.device_get((first_b[0], state.done_b))
+    host_syncs += 1
+    on_tokens([int(first0)])
+    sent, new_b = 1, np.ones(batch, np.int64)
+    while not done_b.all():
+      stop_at = min(int(new_b[~done_b].min()) + chunk, request.max_new_tokens)
+      state = run(state, stop_at=jnp.int32(stop_at))
+      row0, new_b, done_b, room = jax.device_get(
+          (state.tokens_bs[0], state.lengths_b - state.prompt_b, state.done_b, _room(state)))
+      host_syncs += 1
+      on_tokens([int(t) for t in row0[len(request.prompts[0]) + sent:len(request.prompts[0]) + int(new_b[0])]])
+      sent = int(new_b[0])
+      if room < 1:
+        break
+  tokens_bs, lengths_b, prompt_b, accept_bs, steps, bucket_counts = jax.device_get(
+      (state.tokens_bs, state.lengths_b, state.prompt_b, state.accept_bs, state.steps, state.bucket_counts_k))
+  host_syncs += 1
+  total = time.perf_counter() - start
+  rows = [tokens_bs[b, prompt_b[b]:lengths_b[b]].tolist() for b in range(batch)]
+  stats = []
+  for b, (row, prompt) in enumerate(zip(rows, request.prompts)):
+    acc = [int(a) for a in accept_bs[b, :int(steps)] if a > 0]
+    stats.append(dict(method=method, engine="device", new_tokens=len(row), steps=int(steps), ttft_s=ttft,
+                      total_s=total, decode_s=total - ttft, accept_lengths=acc, prompt_tokens=len(prompt),
+                      tau=float(np.mean(acc)), host_syncs=host_syncs, node_budget=max(spec.buckets),
+                      max_depth=spec.max_depth,
+                      bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
+                      **prefill_stats))
+  return api.make_results(lm, *api.padded_rows(rows), stats)
+
+
+def device_method(method: str, host_drafter: Callable[[], NgramConfig], defaults: SpecConfig, source: str,
+                  prefill: Prefill = full_prefill) -> api.Method:
+  def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+    order = request.option("order", source)
+    if order != source:
+      raise HdjaxError(f"method {method!r} runs on the device with the {source!r} source only (order={order!r}); "
+                       f"use {method}_host for other orders")
+    results = device_generate(lm, request, method, host_drafter(), defaults, prefill)
+    for r in results:
+      r.stats["sources"] = source
+    return results
+
+  return generate
+
+
+DEVICE_METHODS: dict[str, api.Method] = {
+    "pld": device_method("pld", lambda: pld_drafter().config, PLD_DEFAULTS, "pld"),
+    "hd_context": device_method("hd_context", lambda: context_drafter().config, HD_DEFAULTS, "context"),
+}
+
+for _name, _generate in DEVICE_METHODS.items():
+  api.register_method(_name)(_generate)
