@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
+import numbers
 import os
 import time
 from typing import Any, Callable, Sequence
@@ -15,7 +17,7 @@ import numpy as np
 
 from hdjax import model, sharding
 from hdjax.attention import causal_mask
-from hdjax.config import LlamaConfig
+from hdjax.config import LlamaConfig, is_int
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.errors import HdjaxError
@@ -49,13 +51,51 @@ class GenerateRequest:
 
 Method = Callable[["LM", GenerateRequest], list[GenerationResult]]
 METHODS: dict[str, Method] = {}
+# Per method: the options it reads, each with its default (the example its values must match in kind, or None for
+# any value). `hdjax.methods` fills it for the built-in methods; a method registered without options takes any.
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
-def register_method(name: str) -> Callable[[Method], Method]:
+def register_method(name: str, options: dict[str, Any] | None = None) -> Callable[[Method], Method]:
   def wrap(fn: Method) -> Method:
     METHODS[name] = fn
+    if options is not None:
+      METHOD_OPTIONS[name] = dict(options)
     return fn
   return wrap
+
+
+def _matches(value: Any, example: Any) -> bool:
+  """Whether an option value is of the kind of its default `example` (None: anything)."""
+  if example is None:
+    return True
+  if isinstance(example, bool):
+    return isinstance(value, (bool, np.bool_))
+  if isinstance(example, numbers.Integral):
+    return is_int(value)
+  if isinstance(example, numbers.Real):
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)))
+  if isinstance(example, tuple):
+    return isinstance(value, (tuple, list)) and all(_matches(v, example[0] if example else None) for v in value)
+  return isinstance(value, type(example))
+
+
+def check_options(method: str, options: dict[str, Any]) -> None:
+  """Every option is one that `method` reads, with a value of the kind of its default."""
+  accepted = METHOD_OPTIONS.get(method)
+  if accepted is None:
+    return
+  unknown = sorted(set(options) - set(accepted))
+  if unknown:
+    raise HdjaxError(f"method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(accepted))}")
+  for name, value in options.items():
+    example = accepted[name]
+    if not _matches(value, example):
+      raise HdjaxError(f"option {name}={value!r} of method {method!r} must be of the kind of its default "
+                       f"{example!r} ({type(example).__name__}{', finite' if isinstance(example, float) else ''})")
+  if "chunk_tokens" in options and options["chunk_tokens"] < 1:
+    raise HdjaxError(f"chunk_tokens must be >= 1, got {options['chunk_tokens']}")
 
 
 def default_dtype() -> str:
@@ -102,14 +142,16 @@ class LM:
   def generate(self, prompts: Sequence[Sequence[int]], method: str = "ar", max_new_tokens: int = 64,
                temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                **options) -> list[GenerationResult]:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
       raise HdjaxError(f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
-    if isinstance(max_new_tokens, bool) or int(max_new_tokens) < 1:
-      raise HdjaxError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-      raise HdjaxError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
-    if not prompts:
-      raise HdjaxError("no prompts given")
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+      raise HdjaxError(f"max_new_tokens must be >= 1 (an integer), got {max_new_tokens!r}")
+    self._check_sampling(temperature, top_k, top_p)
+    if not is_int(seed):
+      raise HdjaxError(f"seed must be an integer, got {seed!r}")
+    check_options(method, options)
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
+      raise HdjaxError("prompts must be a non-empty list of token-id lists")
     checked = tuple(tuple(self._check_prompt(p, max_new_tokens)) for p in prompts)
     request = GenerateRequest(checked, int(max_new_tokens), SamplingConfig(float(temperature), int(top_k),
                                                                            float(top_p)), int(seed),
@@ -120,7 +162,19 @@ class LM:
   def decode_text(self, ids: Sequence[int]) -> str:
     return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
+  def _check_sampling(self, temperature: float, top_k: int, top_p: float) -> None:
+    numbers_ok = all(isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+                     for x in (temperature, top_p)) and is_int(top_k)
+    if not numbers_ok or temperature < 0 or not 0 < top_p <= 1 or not 0 <= top_k <= self.cfg.vocab_size:
+      raise HdjaxError(f"bad sampling settings: temperature={temperature!r} (finite, >= 0), top_k={top_k!r} "
+                       f"(integer in [0, {self.cfg.vocab_size}]), top_p={top_p!r} (in (0, 1])")
+
   def _check_prompt(self, ids: Sequence[int], max_new_tokens: int) -> list[int]:
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, (Sequence, np.ndarray)):
+      raise HdjaxError(f"a prompt must be a list of token ids, got {type(ids).__name__}")
+    bad = [i for i in ids if not is_int(i)]
+    if bad:
+      raise HdjaxError(f"token ids must be integers, got {bad[0]!r}")
     ids = [int(i) for i in ids]
     if not ids:
       raise HdjaxError("empty prompt: give at least one token")
@@ -154,8 +208,16 @@ def params_to_device(params_np: model.Params, dtype: str, mesh=None) -> model.Pa
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
          max_seq_len: int | None = None) -> LM:
-  """Loads a model by registry name, *.gguf file, HF safetensors directory, or hdjax orbax directory."""
-  path = resolve_path(name_or_path)
+  """Loads a model by registry name, *.gguf file, HF safetensors directory, or hdjax orbax directory; `mesh` is any
+  `jax.sharding.Mesh` with axes "data" and "model" (its axis types are made Auto, see `sharding.auto_mesh`)."""
+  if not isinstance(name_or_path, (str, os.PathLike)):
+    raise HdjaxError(f"model must be a name or a path, got {type(name_or_path).__name__}")
+  if dtype not in (None, "float32", "bfloat16", "float16"):
+    raise HdjaxError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+  if max_seq_len is not None and (not is_int(max_seq_len) or max_seq_len < 1):
+    raise HdjaxError(f"max_seq_len must be an integer >= 1, got {max_seq_len!r}")
+  mesh = None if mesh is None else sharding.auto_mesh(mesh)
+  path = resolve_path(os.fspath(name_or_path))
   dtype = dtype or default_dtype()
   if os.path.isdir(path) and checkpoint.is_checkpoint(path):
     cfg, params = checkpoint.restore_params(path)

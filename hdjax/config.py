@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Mapping
+
+import numpy as np
 
 from hdjax.errors import HdjaxError
 
@@ -40,6 +44,16 @@ class LlamaConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+      low = 0 if name == "n_layers" else 1
+      if not is_int(getattr(self, name)) or getattr(self, name) < low:
+        raise HdjaxError(f"config {name}={getattr(self, name)!r} must be an integer >= {low}")
+    if not all(isinstance(x, numbers.Real) and math.isfinite(x) and x > 0 for x in (self.rope_theta, self.rms_eps)):
+      raise HdjaxError(f"config rope_theta={self.rope_theta!r} and rms_eps={self.rms_eps!r} must be finite and > 0")
+    ids = (self.bos_id, self.pad_id, *self.eos_ids)
+    if not self.eos_ids or not all(is_int(i) and i >= 0 for i in ids):
+      raise HdjaxError(f"config token ids must be integers >= 0: bos_id={self.bos_id!r}, eos_ids={self.eos_ids!r}, "
+                       f"pad_id={self.pad_id!r}")
     if self.n_heads % self.n_kv_heads:
       raise HdjaxError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
 
@@ -94,10 +108,23 @@ class LlamaConfig:
       )
     except KeyError as e:
       raise HdjaxError(f"GGUF metadata lacks required key {e.args[0]!r}") from None
+    except (TypeError, ValueError) as e:
+      raise HdjaxError(f"GGUF metadata has a value of the wrong type ({e})") from None
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaConfig":
     """Builds a config from a HF `config.json` dict."""
+    if not isinstance(hf, Mapping):
+      raise HdjaxError(f"HF config must be a JSON object, got {type(hf).__name__}")
+    try:
+      return cls._from_hf(hf)
+    except KeyError as e:
+      raise HdjaxError(f"HF config lacks required key {e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError) as e:
+      raise HdjaxError(f"HF config has a value of the wrong type ({e})") from None
+
+  @classmethod
+  def _from_hf(cls, hf: Mapping[str, Any]) -> "LlamaConfig":
     if hf.get("model_type") not in ("llama", "mistral") and "LlamaForCausalLM" not in hf.get("architectures", []):
       raise HdjaxError(f"unsupported HF model_type {hf.get('model_type')!r}: only LLaMA-family is supported")
     scaling = None
@@ -109,7 +136,7 @@ class LlamaConfig:
     elif rs:
       raise HdjaxError(f"unsupported rope_scaling {rs!r}")
     eos = hf.get("eos_token_id", 2)
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
     n_heads = int(hf["num_attention_heads"])
     pad = hf.get("pad_token_id")
     return cls(
@@ -127,7 +154,7 @@ class LlamaConfig:
         rope_scaling=scaling,
         bos_id=int(hf.get("bos_token_id") or 1),
         eos_ids=eos_ids,
-        pad_id=int(pad if pad is not None else eos_ids[0]),
+        pad_id=int(pad if pad is not None and int(pad) >= 0 else eos_ids[0]),
     )
 
   def to_hf(self) -> dict[str, Any]:
@@ -145,6 +172,11 @@ class LlamaConfig:
                                  high_freq_factor=rs.high_freq_factor,
                                  original_max_position_embeddings=rs.original_max_position)
     return out
+
+
+def is_int(x: Any) -> bool:
+  """An integer (Python or numpy), not a bool."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 PRESETS: dict[str, LlamaConfig] = {

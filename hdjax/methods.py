@@ -1,6 +1,42 @@
-"""Imports every decoding method so that it registers itself in `hdjax.api.METHODS`."""
-from hdjax.decoding import speculative  # noqa: F401  pld, rest, hd, hd_context, hd_model, hd_stats
-from hdjax.adadecode import decode as _adadecode  # noqa: F401  adadecode
-from hdjax import lazy as _lazy  # noqa: F401  lazy, lazy_static, lazy_random, lazy_single, full
+"""Imports every decoding method so that it registers itself in `hdjax.api.METHODS`, and records the options each
+one reads in `hdjax.api.METHOD_OPTIONS` (so `LM.generate` rejects a misspelled option instead of ignoring it)."""
+
+import dataclasses
+
+from hdjax import api
+from hdjax.decoding import speculative  # pld, rest, hd, hd_context, hd_model, hd_stats
+from hdjax.adadecode import decode as _adadecode  # adadecode
+from hdjax import lazy as _lazy  # lazy, lazy_static, lazy_random, lazy_single, full
 # lazy+pld, lazy+rest, lazy+hd, lazy+adadecode, hd+adadecode, lazy+hd+adadecode
 from hdjax import compose as _compose  # noqa: F401
+
+
+def _fields(config) -> dict:
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+# Streaming (`stream_generate`) and the launchers' warm-up pass these to every method.
+COMMON = dict(on_tokens=None, chunk_tokens=16, warmup=False)
+SPEC = {**_fields(speculative.SpecConfig()), "order": ""}  # `SpecConfig.with_options`, `spec_method`
+LAZY = {**_fields(_lazy.LazyConfig()), "lazy_config": None}  # `lazy.config_from_request`
+HEADS = dict(heads=None, head_layers=None)  # `adadecode.decode.resolve_heads`
+ADADECODE = dict(gamma=0.75, max_pending=5)  # `adadecode.decode.generate_adadecode`
+
+
+def method_options(name: str) -> dict:
+  """The options that method `name` (or a "+" composition) reads, with their defaults."""
+  parts = name.split("+")
+  spec = any(p in speculative.SPEC_METHODS for p in parts)
+  options = dict(COMMON)
+  if spec:
+    options.update(SPEC)
+  if any(p in _lazy.SCHEDULES for p in parts):
+    options.update(LAZY)
+  if name == "lazy_single":
+    options["single_layer"] = 0
+  if "adadecode" in parts:
+    options.update(HEADS if spec else {**HEADS, **ADADECODE})
+  return options
+
+
+api.METHOD_OPTIONS.update({name: method_options(name) for name in api.METHODS if name not in api.METHOD_OPTIONS})

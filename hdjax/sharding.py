@@ -90,6 +90,19 @@ def make_mesh(data: int | None = None, model: int | None = None,
   return jax.make_mesh((data, model), MESH_AXES, axis_types=(AxisType.Auto,) * 2, devices=devices)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+  """`mesh` with Auto axis types: any `jax.sharding.Mesh` whose axes are "data" and "model" (in any order), e.g.
+  `jax.make_mesh((4, 2), ("data", "model"))`, whose Explicit axes jax's sharding-in-types would otherwise apply
+  to every op (the embedding gather then has no sharding rule)."""
+  if not isinstance(mesh, Mesh):
+    raise HdjaxError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  if sorted(mesh.axis_names) != sorted(MESH_AXES):
+    raise HdjaxError(f"mesh axes must be {MESH_AXES}, got {tuple(mesh.axis_names)} (see hdjax.sharding.make_mesh)")
+  if all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def _rule_table(rules: Sequence[tuple[str, str | None]]) -> dict[str, str | None]:
   table = dict(rules)
   if len(table) != len(rules):

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from hdjax import model
-from hdjax.config import LlamaConfig
+from hdjax.config import LlamaConfig, is_int
 from hdjax.errors import HdjaxError
 
 META_FILE = "heads.json"
@@ -70,15 +70,32 @@ def save_heads(path: str, heads: ExitHeads, model_identity: str, info: dict | No
 
 
 def load_heads(path: str, cfg: LlamaConfig) -> ExitHeads:
+  """Heads saved by `save_heads`; an `HdjaxError` naming the file for a missing, partial or corrupt directory,
+  heads for another model size, or non-finite values."""
+  from hdjax.weights.safetensors_dir import read_json  # pylint: disable=import-outside-toplevel
   meta_path = os.path.join(path, META_FILE)
   if not os.path.isfile(meta_path):
     raise HdjaxError(f"no exit heads at {path!r} (missing {META_FILE})")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta["d_model"] != cfg.d_model:
-    raise HdjaxError(f"exit heads at {path!r} are for d_model={meta['d_model']}, the model has {cfg.d_model}")
-  layers = check_layers(cfg, meta["layers"])
+  meta = read_json(meta_path)
+  layers, d_model = meta.get("layers"), meta.get("d_model")
+  if not isinstance(layers, list) or not all(is_int(l) for l in layers) or not is_int(d_model):
+    raise HdjaxError(f"{meta_path} needs 'layers' (a list of integers) and 'd_model' (an integer)")
+  if d_model != cfg.d_model:
+    raise HdjaxError(f"exit heads at {path!r} are for d_model={d_model}, the model has {cfg.d_model}")
+  layers = check_layers(cfg, layers)
+  if list(layers) != meta["layers"]:
+    raise HdjaxError(f"{meta_path}: head layers must be increasing, got {meta['layers']}")
   target = {"t_idd": jax.ShapeDtypeStruct((len(layers), cfg.d_model, cfg.d_model), jnp.float32)}
-  with ocp.StandardCheckpointer() as ckpt:
-    restored = ckpt.restore(os.path.join(os.path.abspath(path), PARAMS_DIR), target)
-  return ExitHeads(layers, jnp.asarray(restored["t_idd"]))
+  params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+  if not os.path.isdir(params_dir):
+    raise HdjaxError(f"incomplete exit heads at {path!r}: {META_FILE} but no {PARAMS_DIR}/ directory")
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      t_idd = np.asarray(ckpt.restore(params_dir, target)["t_idd"])
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many untyped errors)
+    raise HdjaxError(f"cannot restore the exit heads in {params_dir} for layers {list(layers)} (partial or "
+                     f"corrupt?): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  if t_idd.shape != target["t_idd"].shape or not np.isfinite(t_idd).all():
+    raise HdjaxError(f"exit heads in {params_dir} have shape {t_idd.shape} (need {target['t_idd'].shape}) or "
+                     f"non-finite values")
+  return ExitHeads(layers, jnp.asarray(t_idd))

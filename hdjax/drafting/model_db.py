@@ -146,6 +146,7 @@ class ModelDB(store.PersistedDB):
   @classmethod
   def from_arrays(cls, arrays: dict[str, np.ndarray], tokenizer_identity: str = "",
                   info: dict[str, Any] | None = None) -> "ModelDB":
+    check_arrays(arrays)
     config = NgramConfig(tuple(int(k) for k in arrays["key_orders"]), int(arrays["conts"].shape[1]),
                          int(arrays["max_entries"]))
     db = cls(config, tokenizer_identity, info)
@@ -157,6 +158,19 @@ class ModelDB(store.PersistedDB):
     """Prunes to the budget, then writes atomically (to `checkpoints/hd/model_db.npz` by default)."""
     self.prune()
     super().save(path)
+
+
+def check_arrays(arrays: dict[str, np.ndarray]) -> None:
+  """The layout `to_arrays` writes: keys [E, max order], conts [E, C] and counts [E] of one length E, token ids
+  >= -1 (padding), key orders within the key width, a positive entry budget."""
+  store.check_arrays(arrays, dict(keys=2, conts=2, counts=1, key_orders=1, max_entries=0))
+  keys, conts, counts, orders = arrays["keys"], arrays["conts"], arrays["counts"], arrays["key_orders"]
+  if not len(keys) == len(conts) == len(counts):
+    raise HdjaxError(f"keys, conts and counts have {len(keys)}, {len(conts)} and {len(counts)} rows")
+  if not len(orders) or orders.min() < 1 or orders.max() > keys.shape[1] or conts.shape[1] < 1:
+    raise HdjaxError(f"key_orders {orders.tolist()} do not fit keys of width {keys.shape[1]}, or no continuation")
+  if len(keys) and (min(keys.min(), conts.min()) < -1 or counts.min() < 1) or int(arrays["max_entries"]) < 1:
+    raise HdjaxError("token ids below -1, counts below 1 or max_entries below 1")
 
 
 # Building: the model's greedy outputs on ShareGPT first user turns, generated in resumable batches.

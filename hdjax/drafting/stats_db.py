@@ -24,6 +24,7 @@ import numpy as np
 
 from hdjax.drafting import sharegpt, store
 from hdjax.drafting.model_db import select_chains
+from hdjax.errors import HdjaxError
 
 KIND = "stats_db"
 KEY_BASE = 1 << 20  # > any vocabulary size: a 2-token key code fits in int64
@@ -152,11 +153,29 @@ class StatsDB(store.PersistedDB):
   @classmethod
   def from_arrays(cls, arrays: dict[str, np.ndarray], tokenizer_identity: str = "",
                   info: dict[str, Any] | None = None) -> "StatsDB":
+    check_arrays(arrays)
     orders = tuple(int(k) for k in arrays["key_orders"])
     continuation, top_k, min_count = (int(x) for x in arrays["params"])
     tables = {o: {n: arrays[f"o{o}_{n}"] for n in ("keys", "offsets", "conts", "counts")} for o in orders}
     return cls(StatsConfig(orders, continuation, top_k, min_count), tables, tokenizer_identity, info)
 
+
+
+def check_arrays(arrays: dict[str, np.ndarray]) -> None:
+  """The layout `to_arrays` writes: per key order o, keys [U, o], offsets [U + 1] rising from 0 to M, conts
+  [M, continuation] and counts [M], token ids >= -1 (padding)."""
+  store.check_arrays(arrays, dict(key_orders=1, params=1))
+  if len(arrays["params"]) != 3 or not len(arrays["key_orders"]) or arrays["key_orders"].min() < 1:
+    raise HdjaxError(f"params {arrays['params'].tolist()} or key_orders {arrays['key_orders'].tolist()} malformed")
+  for o in arrays["key_orders"].tolist():
+    store.check_arrays(arrays, {f"o{o}_keys": 2, f"o{o}_offsets": 1, f"o{o}_conts": 2, f"o{o}_counts": 1})
+    keys, offsets, conts, counts = (arrays[f"o{o}_{n}"] for n in ("keys", "offsets", "conts", "counts"))
+    if (keys.shape[1] != o or len(offsets) != len(keys) + 1 or offsets[0] != 0 or offsets[-1] != len(conts)
+        or (np.diff(offsets) < 0).any() or len(counts) != len(conts) or conts.shape[1] != int(arrays["params"][0])):
+      raise HdjaxError(f"order-{o} table: keys {keys.shape}, offsets {offsets.shape}, conts {conts.shape} and "
+                       f"counts {counts.shape} disagree")
+    if len(keys) and (keys.min() < 0 or conts.min() < -1):
+      raise HdjaxError(f"order-{o} table has token ids below 0 (keys) or -1 (continuations)")
 
 
 def from_stream(tokens_n: np.ndarray, config: StatsConfig, tokenizer_identity: str = "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import zipfile
 from pathlib import Path
@@ -100,6 +101,26 @@ def _read(path: Path, header_only: bool) -> tuple[dict[str, Any], dict[str, np.n
   return header, arrays
 
 
+def check_arrays(arrays: Mapping[str, np.ndarray], ndims: Mapping[str, int]) -> None:
+  """Each named array is present, an integer array, and has its number of dimensions."""
+  for name, ndim in ndims.items():
+    if name not in arrays:
+      raise HdjaxError(f"lacks array {name!r}")
+    a = arrays[name]
+    if a.ndim != ndim or not np.issubdtype(a.dtype, np.integer):
+      raise HdjaxError(f"array {name!r} is {a.dtype} with shape {a.shape}, not a {ndim}-d integer array")
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+  """One `warning: ...` line on stderr per distinct message (a hierarchy that drops a database says so once)."""
+  if message not in _WARNED:
+    _WARNED.add(message)
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
 class PersistedDB:
   """Save/load for a database class with `KIND`, `tokenizer_identity`, `info`, `to_arrays` and `from_arrays`."""
 
@@ -111,7 +132,16 @@ class PersistedDB:
 
   @classmethod
   def load(cls, tokenizer, path: str | os.PathLike | None = None):
-    """The database at `path` (default: the committed one); `HdjaxError` if it was built for another tokenizer."""
+    """The database at `path` (default: the committed one); `HdjaxError` (and one warning line on stderr) if it is
+    missing, corrupt, inconsistent or built for another tokenizer."""
     identity = tokenizer.identity
-    arrays, info = load_arrays(path or default_path(cls.KIND), cls.KIND, identity)
-    return cls.from_arrays(arrays, identity, info)
+    path = path or default_path(cls.KIND)
+    try:
+      arrays, info = load_arrays(path, cls.KIND, identity)
+      try:
+        return cls.from_arrays(arrays, identity, info)
+      except HdjaxError as e:
+        raise HdjaxError(f"corrupt database file {path}: {e}; delete it and rebuild ({BUILD_HINT})") from None
+    except HdjaxError as e:
+      warn_once(f"{cls.KIND} unavailable, methods that combine databases run without it: {e}")
+      raise

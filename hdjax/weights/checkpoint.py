@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 from hdjax.config import LlamaConfig, RopeScaling
 from hdjax.errors import HdjaxError
 from hdjax.model import Params, param_shapes
+from hdjax.weights.safetensors_dir import read_json
 
 CONFIG_FILE = "hdjax_config.json"
 
@@ -32,12 +33,17 @@ def is_checkpoint(path: str) -> bool:
 
 
 def load_config(path: str) -> LlamaConfig:
-  with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as f:
-    d = json.load(f)
-  d["eos_ids"] = tuple(d["eos_ids"])
-  if d.get("rope_scaling"):
-    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-  return LlamaConfig(**d)
+  config_path = os.path.join(path, CONFIG_FILE)
+  d = read_json(config_path)
+  try:
+    d["eos_ids"] = tuple(d["eos_ids"])
+    if d.get("rope_scaling"):
+      d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    return LlamaConfig(**d)
+  except (KeyError, TypeError, ValueError) as e:
+    raise HdjaxError(f"{config_path} is not a valid hdjax config ({type(e).__name__}: {e})") from None
+  except HdjaxError as e:
+    raise HdjaxError(f"{config_path}: {e}") from None
 
 
 def restore_params(path: str, shardings=None) -> tuple[LlamaConfig, Params]:
@@ -49,6 +55,16 @@ def restore_params(path: str, shardings=None) -> tuple[LlamaConfig, Params]:
   target = param_shapes(cfg)
   if shardings is not None:
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), target, shardings)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(path, "params"), target)
+  params_dir = os.path.join(path, "params")
+  if not os.path.isdir(params_dir):
+    raise HdjaxError(f"incomplete hdjax checkpoint {path}: {CONFIG_FILE} but no params/ directory")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_dir, target)
+  except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many untyped errors)
+    raise HdjaxError(f"cannot restore the params of {path} for its config (partial or corrupt checkpoint?): "
+                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+  for key_path, x in jax.tree_util.tree_leaves_with_path(params):
+    if not bool(jax.numpy.isfinite(x).all()):
+      raise HdjaxError(f"tensor {jax.tree_util.keystr(key_path)} of {path} holds non-finite values (NaN/inf)")
   return cfg, params

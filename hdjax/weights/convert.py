@@ -29,22 +29,44 @@ def _is_norm(key: str) -> bool:
   return key.endswith("norm")
 
 
+def hf_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The shape every HF-named tensor must have under `cfg` ([out, in] matrices)."""
+  d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
+  per_layer = {"input_layernorm": (d,), "post_attention_layernorm": (d,), "self_attn.q_proj": (n * h, d),
+               "self_attn.k_proj": (k * h, d), "self_attn.v_proj": (k * h, d), "self_attn.o_proj": (d, n * h),
+               "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+  shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+  if not cfg.tie_embeddings:
+    shapes["lm_head.weight"] = (cfg.vocab_size, d)
+  for i in range(cfg.n_layers):
+    shapes.update({f"model.layers.{i}.{module}.weight": shape for module, shape in per_layer.items()})
+  return shapes
+
+
+def check_tensor(name: str, w: np.ndarray, shape: tuple[int, ...]) -> None:
+  """A tensor of the config's shape with only finite values (one pass over the weights, at load)."""
+  if tuple(w.shape) != tuple(shape):
+    raise HdjaxError(f"tensor {name} has shape {tuple(w.shape)}, the config needs {tuple(shape)}")
+  if not np.isfinite(w).all():
+    raise HdjaxError(f"tensor {name} holds {int(np.size(w) - np.isfinite(w).sum())} non-finite values (NaN/inf)")
+
+
 def params_from_hf_state(cfg: LlamaConfig, state: dict[str, np.ndarray]) -> Params:
-  """fp32 numpy params from an HF-named state dict."""
+  """fp32 numpy params from an HF-named state dict, each tensor checked for its shape and finite values."""
+  shapes = hf_shapes(cfg)
 
   def get(name):
     if name not in state:
       raise HdjaxError(f"weights lack tensor {name}")
-    return np.asarray(state[name], np.float32)
+    w = np.asarray(state[name], np.float32)
+    check_tensor(name, w, shapes[name])
+    return w
 
   layers = {}
   for key, module, to_ours, _ in _layer_entries(cfg):
     stacked = np.stack([to_ours(get(f"model.layers.{i}.{module}.weight")) for i in range(cfg.n_layers)])
     layers[key] = {"scale": stacked} if _is_norm(key) else stacked
   embedder = {"embedding_vd": get("model.embed_tokens.weight"), "final_norm": {"scale": get("model.norm.weight")}}
-  if embedder["embedding_vd"].shape != (cfg.vocab_size, cfg.d_model):
-    raise HdjaxError(f"embedding shape {embedder['embedding_vd'].shape} does not match config "
-                     f"({cfg.vocab_size}, {cfg.d_model})")
   if not cfg.tie_embeddings:
     embedder["lm_head_dv"] = get("lm_head.weight").T
   return {"embedder": embedder, "layers": layers}

@@ -9,6 +9,7 @@ import numpy as np
 
 from hdjax.config import LlamaConfig
 from hdjax.errors import HdjaxError
+from hdjax.weights.convert import hf_shapes
 
 SUPPORTED_QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                     "Q6_K")
@@ -24,8 +25,8 @@ def open_reader(path: str):
     raise HdjaxError(f"not a GGUF file (bad magic {magic!r}): {path}")
   try:
     return gguf.GGUFReader(path)
-  except (ValueError, IndexError, OSError, KeyError) as e:
-    raise HdjaxError(f"corrupt or truncated GGUF file {path}: {e}") from None
+  except (ValueError, IndexError, OSError, KeyError, TypeError, OverflowError, MemoryError) as e:
+    raise HdjaxError(f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}") from None
 
 
 def read_fields(reader) -> dict[str, Any]:
@@ -34,7 +35,11 @@ def read_fields(reader) -> dict[str, Any]:
   for name, field in reader.fields.items():
     if name.startswith("GGUF."):
       continue
-    out[name] = field.contents()
+    try:
+      out[name] = field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError, TypeError) as e:
+      raise HdjaxError(f"corrupt GGUF metadata {name!r} in {getattr(reader.data, 'filename', 'the GGUF file')}: "
+                       f"{type(e).__name__}: {e}") from None
   return out
 
 
@@ -58,20 +63,24 @@ def _dequantized(tensor) -> np.ndarray:
                      f"{', '.join(SUPPORTED_QUANTS)}")
   try:
     w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-  except (ValueError, NotImplementedError) as e:
+    return np.asarray(w, np.float32).reshape(tuple(int(x) for x in reversed(tensor.shape)))
+  except (ValueError, NotImplementedError, TypeError, IndexError) as e:
     raise HdjaxError(f"cannot dequantize tensor {tensor.name} ({qtype}): {e}") from None
-  return np.asarray(w, np.float32).reshape(tuple(int(x) for x in reversed(tensor.shape)))
 
 
 def hf_state_from_gguf(reader, cfg: LlamaConfig) -> dict[str, np.ndarray]:
   """GGUF tensors as an HF-named fp32 state dict ([out, in] matrices, RoPE permutation undone)."""
   tensors = {t.name: t for t in reader.tensors}
+  shapes = hf_shapes(cfg)
   state = {}
 
   def take(gguf_name: str, hf_name: str, n_heads: int | None = None):
     if gguf_name not in tensors:
       raise HdjaxError(f"GGUF file lacks tensor {gguf_name}")
     w = _dequantized(tensors[gguf_name])
+    if w.shape != shapes[hf_name]:
+      raise HdjaxError(f"GGUF tensor {gguf_name} has shape {w.shape[::-1]} (GGUF order), the config needs "
+                       f"{shapes[hf_name][::-1]}")
     state[hf_name] = unpermute_rope(w, n_heads) if n_heads else w
 
   take("token_embd.weight", "model.embed_tokens.weight")

@@ -20,11 +20,15 @@ def load_hf_dir(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   config_path = os.path.join(path, "config.json")
   if not os.path.isfile(config_path):
     raise HdjaxError(f"no config.json in {path}")
-  with open(config_path, encoding="utf-8") as f:
-    cfg = LlamaConfig.from_hf(json.load(f))
+  try:
+    cfg = LlamaConfig.from_hf(read_json(config_path))
+  except HdjaxError as e:
+    raise HdjaxError(f"{config_path}: {e}") from None
   if os.path.isfile(os.path.join(path, INDEX)):
-    with open(os.path.join(path, INDEX), encoding="utf-8") as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = read_json(os.path.join(path, INDEX)).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+      raise HdjaxError(f"{os.path.join(path, INDEX)} has no weight_map of tensor name -> shard file")
+    files = sorted(set(weight_map.values()))
   elif os.path.isfile(os.path.join(path, SINGLE)):
     files = [SINGLE]
   else:
@@ -39,6 +43,18 @@ def load_hf_dir(path: str) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
   if "lm_head.weight" not in state and not cfg.tie_embeddings:
     cfg = cfg.replace(tie_embeddings=True)
   return cfg, state
+
+
+def read_json(path: str) -> dict:
+  """A JSON object from `path`; an `HdjaxError` naming the file if it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      obj = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise HdjaxError(f"{path} is not readable JSON ({type(e).__name__}: {e})") from None
+  if not isinstance(obj, dict):
+    raise HdjaxError(f"{path} must hold a JSON object, got {type(obj).__name__}")
+  return obj
 
 
 def save_hf_dir(path: str, cfg: LlamaConfig, state: dict[str, np.ndarray], shard_size: int | None = None) -> None:

@@ -148,12 +148,15 @@ def from_hf_dir(path: str, bos_id: int, eos_ids: Sequence[int]) -> HdTokenizer:
   tj = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(tj):
     raise HdjaxError(f"no tokenizer.json in {path}")
-  tok = Tokenizer.from_file(tj)
+  from hdjax.weights.safetensors_dir import read_json  # pylint: disable=import-outside-toplevel
+  try:
+    tok = Tokenizer.from_file(tj)
+  except Exception as e:  # pylint: disable=broad-except  (tokenizers raises its own untyped Exception)
+    raise HdjaxError(f"{tj} is not a valid tokenizer file ({str(e).splitlines()[0] if str(e) else e!r})") from None
   template, add_bos = None, False
   tc = os.path.join(path, "tokenizer_config.json")
   if os.path.isfile(tc):
-    with open(tc, encoding="utf-8") as f:
-      conf = json.load(f)
+    conf = read_json(tc)
     template = conf.get("chat_template")
     add_bos = bool(conf.get("add_bos_token", False))
     if isinstance(template, list):
