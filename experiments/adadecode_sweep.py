@@ -1,8 +1,9 @@
 """AdaDecode vs ar on a stratified Spec-Bench subset, in one process after warm-up: speedup, parity, exit rates,
 rejection, the identity-head ablation, a gamma sweep (PNG) and a per-component cost profile.
 
-  PYTHONPATH=. .venv/bin/python -m experiments.adadecode_sweep --per_category=3 --max_new_tokens=128 \
+  .venv/bin/python -m experiments.adadecode_sweep --per_category=3 --max_new_tokens=128 \
       --gammas=0.5,0.75,0.9 --out_dir=results/adadecode
+  .venv/bin/python experiments/adadecode_sweep.py ...     (the same, from any directory)
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 import collections
 import json
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +22,14 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import median_ms, read_jsonl, run_main, write_json_atomic
+from experiments.common import (at_least, check_output_dir, int_list, median_ms, read_questions, require, run_main,
+                                write_json_atomic)
 from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads
 from hdjax.decoding.autoregressive import next_pow2
 from hdjax.attention import causal_mask, rope_sin_cos
+from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
 
 flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file")
@@ -41,7 +48,7 @@ F = flags.FLAGS
 
 def select_questions(path, per_category, categories):
   by_cat = collections.OrderedDict()
-  for q in read_jsonl(path):
+  for q in read_questions(path):
     if categories and q["category"] not in categories:
       continue
     if len(by_cat.setdefault(q["category"], [])) < per_category:
@@ -59,7 +66,7 @@ def profile(lm, heads, reps: int = 20) -> dict:
     r = h_1rd.shape[1]
     pos = jnp.arange(100, 100 + r)[None]
     sin, cos = rope_sin_cos(cfg, pos)
-    p = jax.tree.map(lambda x: x[7], params["layers"])
+    p = model.layer_params(params, 7)
     return model.DecoderLayer(cfg).apply({"params": p}, h_1rd, sin, cos, causal_mask(pos, 512), k, v, pos, 7)[0]
 
   head = jax.jit(lambda h: head_logits(params, cfg, heads.t_idd[0], h))
@@ -74,11 +81,21 @@ def profile(lm, heads, reps: int = 20) -> dict:
 
 def main(argv):
   del argv
-  lm = hdjax.load("smollm2-135m", dtype="float32")
-  trained = decode.select_heads(lm.cfg, load_heads(F.heads, lm.cfg), [int(l) for l in F.head_layers])
+  require(per_category=(F.per_category, at_least(1)), max_new_tokens=(F.max_new_tokens, at_least(1)),
+          max_pending=(F.max_pending, at_least(1)), gamma=(F.gamma, at_least(0)))
+  head_layers = int_list("head_layers", F.head_layers)
+  try:
+    gammas = sorted({F.gamma} | {float(g) for g in F.gammas})
+  except ValueError:
+    raise HdjaxError(f"--gammas must be numbers, got {','.join(F.gammas)!r}") from None
+  require(**{f"gammas[{i}]": (g, at_least(0)) for i, g in enumerate(gammas)})
   qs = select_questions(F.questions, F.per_category, set(F.categories))
+  if not qs:
+    raise HdjaxError(f"no questions in categories {F.categories} of {F.questions}")
+  check_output_dir(F.out_dir)
+  lm = hdjax.load("smollm2-135m", dtype="float32")
+  trained = decode.select_heads(lm.cfg, load_heads(F.heads, lm.cfg), head_layers)
   prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]
-  gammas = sorted({F.gamma} | {float(g) for g in F.gammas})
   configs = [("ar", "ar", {})] + [(f"adadecode_g{g}", "adadecode", dict(heads=trained, gamma=g)) for g in gammas]
   if F.ablation:
     configs.append((f"identity_g{F.gamma}", "adadecode",

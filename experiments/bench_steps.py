@@ -105,10 +105,10 @@ def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool =
   if random_weights and name not in hdjax.PRESETS:
     raise HdjaxError(f"--random_weights needs a preset --model ({', '.join(hdjax.PRESETS)}), got {name!r}")
   if name in hdjax.PRESETS and (random_weights or name not in api.EMBEDDED):
-    cfg = hdjax.PRESETS[name].replace(dtype=dtype)
+    cfg = hdjax.PRESETS[name].replace(dtype=dtype, **api.engine_settings(dtype))
     cfg = cfg.replace(n_layers=layers) if layers else cfg
     params = jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"), jax.random.key(0))
-    params = api.params_to_device(jax.device_get(params), dtype, mesh)
+    params = api.params_to_device(jax.device_get(params), cfg, mesh)
     return cfg, params, "random weights"
   lm = api.load(name, dtype=dtype, mesh=mesh)
   cfg, params = lm.cfg, lm.params
@@ -116,7 +116,7 @@ def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool =
     if layers > cfg.n_layers:
       raise HdjaxError(f"--layers={layers} exceeds the model's {cfg.n_layers} layers")
     cfg = cfg.replace(n_layers=layers)
-    params = dict(params, layers=jax.tree.map(lambda x: x[:layers], params["layers"]))
+    params = dict(params, layers=params["layers"][:layers])
   return cfg, params, "real weights"
 
 

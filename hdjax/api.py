@@ -88,7 +88,8 @@ def check_options(method: str, options: dict[str, Any]) -> None:
     return
   unknown = sorted(set(options) - set(accepted))
   if unknown:
-    raise HdjaxError(f"method {method!r} has no option {', '.join(unknown)}; its options: {', '.join(sorted(accepted))}")
+    raise HdjaxError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
+                     f"{', '.join(sorted(accepted))}")
   for name, value in options.items():
     example = accepted[name]
     if not _matches(value, example):
@@ -195,12 +196,24 @@ def _full_logits(params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   return model.unembed(params, cfg, h)
 
 
-def params_to_device(params_np: model.Params, dtype: str, mesh=None) -> model.Params:
-  """Casts numpy params to the compute dtype (norm scales stay fp32) and places them (sharded with a mesh)."""
+def engine_settings(dtype: str, backend: str | None = None) -> dict[str, Any]:
+  """The engine's layout and numerics for a weight dtype on a backend (measured with `experiments/bench_steps.py`,
+  see the README): on CPU the KV cache stays fp32, and bf16 weights get steps padded to 4 rows (a 1-row bf16 dot
+  takes a slow path on XLA:CPU, and 4 rows round like the 8- and 16-row verify steps) and a [D, V] LM head
+  (a bf16 `x @ embedding.T` is ~8x slower there); accelerators keep the cache in the weights' dtype."""
+  backend = backend or jax.default_backend()
+  cpu_bf16 = backend == "cpu" and dtype == "bfloat16"
+  return dict(cache_dtype="float32" if backend == "cpu" else dtype, min_rows=4 if cpu_bf16 else 1,
+              untie_head=cpu_bf16)
+
+
+def params_to_device(params_np: model.Params, cfg: LlamaConfig, mesh=None) -> model.Params:
+  """Casts numpy params to `cfg.dtype` (norm scales stay fp32), gives a tied head the layout the config asks for,
+  and places them (sharded with a mesh)."""
   def cast(path, x):
     keep_fp32 = any(getattr(k, "key", None) == "scale" for k in path)
-    return jnp.asarray(x, jnp.float32 if keep_fp32 else jnp.dtype(dtype))
-  params = jax.tree_util.tree_map_with_path(cast, params_np)
+    return jnp.asarray(x, jnp.float32 if keep_fp32 else jnp.dtype(cfg.dtype))
+  params = model.tie_head_copy(cfg, jax.tree_util.tree_map_with_path(cast, params_np))
   if mesh is not None:
     params = sharding.shard_params(params, mesh)
   return params
@@ -235,8 +248,8 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, mesh: jax.
     params_np = convert.params_from_hf_state(cfg, state)
   if tok is not None:
     cfg = cfg.replace(eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tok.eos_ids)))
-  cfg = cfg.replace(dtype=dtype, max_seq_len=max_seq_len or cfg.max_seq_len)
-  return LM(cfg, params_to_device(params_np, dtype, mesh), tok, name=name_or_path, mesh=mesh)
+  cfg = cfg.replace(dtype=dtype, max_seq_len=max_seq_len or cfg.max_seq_len, **engine_settings(dtype))
+  return LM(cfg, params_to_device(params_np, cfg, mesh), tok, name=name_or_path, mesh=mesh)
 
 
 def make_results(lm: LM, tokens_bn: np.ndarray, num_b: np.ndarray, stats: list[dict[str, Any]]

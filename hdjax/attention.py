@@ -55,3 +55,74 @@ def prefix_plus_block_mask(prefix_len_b: jax.Array, block_mask_btt: jax.Array, c
       block_mask_btt, jnp.broadcast_to(jnp.clip(offset, 0, block_mask_btt.shape[-1] - 1),
                                        block_mask_btt.shape[:2] + (cache_len,)), axis=-1)
   return (offset < 0) | (in_block & block)
+
+
+def dense_attention(q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array, mask_bts: jax.Array
+                    ) -> jax.Array:
+  """Attention of T queries over S cache slots under a boolean mask; returns [B, T, N, H] fp32.
+
+  Both contractions take their inputs in the cache's dtype and accumulate in fp32; the softmax is fp32."""
+  b, t, n, h = q_btnh.shape
+  k = keys_bskh.shape[2]
+  q_btkgh = q_btnh.reshape(b, t, k, n // k, h).astype(keys_bskh.dtype)
+  # [B, K, G, T, S]
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, keys_bskh, preferred_element_type=jnp.float32) * h ** -0.5
+  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(values_bskh.dtype)
+  # [B, T, K, G, H]
+  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values_bskh, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h)
+
+
+def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btkh: jax.Array,
+                             positions_bt: jax.Array, valid_bt: jax.Array, block: int) -> jax.Array:
+  """Causal self-attention of T tokens in position order, flash-style: queries and keys in blocks of `block`,
+  a running max and sum in fp32 (online softmax), and the key blocks above the diagonal never computed, so no
+  [heads, T, T] score tensor exists. Query i sees key j iff position_j <= position_i and j is valid.
+
+  T is padded up to a multiple of `block` (invalid keys). Returns [B, T, N, H] fp32; a query with no visible
+  key gets zeros.
+  """
+  b, t, n, h = q_btnh.shape
+  k = keys_btkh.shape[2]
+  g, c = n // k, min(block, t)
+  blocks = -(-t // c)
+  if blocks * c != t:
+    def pad(x):
+      return jnp.pad(x, [(0, 0), (0, blocks * c - t)] + [(0, 0)] * (x.ndim - 2))
+
+    out = blocked_causal_attention(pad(q_btnh), pad(keys_btkh), pad(values_btkh), pad(positions_bt),
+                                   pad(valid_bt), c)
+    return out[:, :t]
+  dtype = keys_btkh.dtype
+  # Block-major views: [blocks, B, C, ...]
+  q_ibckgh = q_btnh.astype(dtype).reshape(b, blocks, c, k, g, h).swapaxes(0, 1)
+  k_jbckh = keys_btkh.reshape(b, blocks, c, k, h).swapaxes(0, 1)
+  v_jbckh = values_btkh.reshape(b, blocks, c, k, h).swapaxes(0, 1)
+  pos_jbc = positions_bt.reshape(b, blocks, c).swapaxes(0, 1)
+  valid_jbc = valid_bt.reshape(b, blocks, c).swapaxes(0, 1)
+  low = jnp.finfo(jnp.float32).min
+
+  def query_block(_, xs):
+    i, q_bckgh, qpos_bc = xs
+
+    def key_block(j, carry):
+      max_bkgc, sum_bkgc, acc_bkgch = carry
+      # [B, K, G, C, E]: E the block's keys
+      logits = jnp.einsum("BCKGH,BEKH->BKGCE", q_bckgh, k_jbckh[j], preferred_element_type=jnp.float32) * h ** -0.5
+      mask_bce = (pos_jbc[j][:, None, :] <= qpos_bc[:, :, None]) & valid_jbc[j][:, None, :]
+      logits = jnp.where(mask_bce[:, None, None], logits, low)
+      new_max = jnp.maximum(max_bkgc, jnp.max(logits, axis=-1))
+      probs = jnp.where(mask_bce[:, None, None], jnp.exp(logits - new_max[..., None]), 0.0)
+      scale = jnp.exp(max_bkgc - new_max)
+      acc_bkgch = acc_bkgch * scale[..., None] + jnp.einsum(
+          "BKGCE,BEKH->BKGCH", probs.astype(dtype), v_jbckh[j], preferred_element_type=jnp.float32)
+      return new_max, sum_bkgc * scale + jnp.sum(probs, axis=-1), acc_bkgch
+
+    init = (jnp.full((b, k, g, c), low), jnp.zeros((b, k, g, c)), jnp.zeros((b, k, g, c, h)))
+    _, sum_bkgc, acc_bkgch = jax.lax.fori_loop(0, i + 1, key_block, init)
+    out_bkgch = acc_bkgch / jnp.maximum(sum_bkgc, jnp.finfo(jnp.float32).tiny)[..., None]
+    return None, out_bkgch.transpose(0, 3, 1, 2, 4).reshape(b, c, n, h)
+
+  _, out_ibcnh = jax.lax.scan(query_block, None, (jnp.arange(blocks), q_ibckgh, pos_jbc))
+  return out_ibcnh.swapaxes(0, 1).reshape(b, t, n, h)

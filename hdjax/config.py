@@ -41,7 +41,12 @@ class LlamaConfig:
   bos_id: int = 1
   eos_ids: tuple[int, ...] = (2,)
   pad_id: int = 0
-  dtype: str = "float32"
+  # The engine's numerics and layout (`hdjax.api.engine_settings` picks them per backend and dtype):
+  dtype: str = "float32"  # weights and the inputs of weight contractions; every contraction accumulates in fp32,
+  #                         and the residual stream, norms, RoPE and softmax stay fp32
+  cache_dtype: str = "float32"  # the KV cache and the inputs of attention's two contractions
+  min_rows: int = 1  # a step of fewer rows runs padded to this many (a 1-row bf16 dot is slow on XLA:CPU)
+  untie_head: bool = False  # a tied LM head also kept as its own [D, V] copy (the layout a bf16 CPU dot wants)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
@@ -135,24 +140,35 @@ class LlamaConfig:
                             int(rs.get("original_max_position_embeddings", 8192)))
     elif rs:
       raise HdjaxError(f"unsupported rope_scaling {rs!r}")
+    def whole(key: str, default: int | None = None) -> int:
+      """hf[key] as an int (an integral float is fine; a fraction or a string is not); `default` if absent."""
+      value = hf.get(key)
+      if value is None and default is not None:
+        return default
+      if value is None:
+        raise KeyError(key)
+      if not (is_int(value) or isinstance(value, float) and value.is_integer()):
+        raise HdjaxError(f"HF config {key}={value!r} must be an integer")
+      return int(value)
+
     eos = hf.get("eos_token_id", 2)
-    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (int(eos),)
-    n_heads = int(hf["num_attention_heads"])
+    eos_ids = tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else (whole("eos_token_id", 2),)
+    n_heads = whole("num_attention_heads")
     pad = hf.get("pad_token_id")
     return cls(
-        vocab_size=int(hf["vocab_size"]),
-        d_model=int(hf["hidden_size"]),
-        n_layers=int(hf["num_hidden_layers"]),
+        vocab_size=whole("vocab_size"),
+        d_model=whole("hidden_size"),
+        n_layers=whole("num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or hf["hidden_size"] // n_heads),
-        ffn_dim=int(hf["intermediate_size"]),
+        n_kv_heads=whole("num_key_value_heads", n_heads),
+        head_dim=whole("head_dim", whole("hidden_size") // max(n_heads, 1)),
+        ffn_dim=whole("intermediate_size"),
         rope_theta=float(hf.get("rope_theta", 10000.0)),
         rms_eps=float(hf.get("rms_norm_eps", 1e-5)),
-        max_seq_len=int(hf.get("max_position_embeddings", 4096)),
+        max_seq_len=whole("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_scaling=scaling,
-        bos_id=int(hf.get("bos_token_id") or 1),
+        bos_id=whole("bos_token_id", 1),
         eos_ids=eos_ids,
         pad_id=int(pad if pad is not None and int(pad) >= 0 else eos_ids[0]),
     )

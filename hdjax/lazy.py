@@ -60,7 +60,7 @@ class LazyConfig:
   revive_budget: int = 4
   min_prompt: int = 1024
   bucket: int = 512
-  chunk: int = 1024
+  chunk: int = 256  # query and key rows per block of the gathered prefill's blocked attention
   seed: int = 0
   score_window: int = 1  # query rows that score the prompt: the last w prompt tokens (1: LazyLLM's last token)
   score_pool: int = 1  # odd; a token's score is the max over live tokens within pool // 2 positions (1: none)
@@ -117,9 +117,9 @@ def prefill_bucket(n: int, lazy_cfg: LazyConfig) -> int:
 
 def _norm_qk(cfg: LlamaConfig, p_layer, h_btd: jax.Array, positions_bt: jax.Array, weight: str) -> jax.Array:
   """Post-RoPE queries (weight='q_dnh') or keys ('k_dkh') of one layer: [B, T, heads, H]."""
-  x_btd = model.RMSNorm(cfg.rms_eps, jnp.dtype(cfg.dtype)).apply({"params": p_layer["attn_norm"]}, h_btd)
+  x_btd = model.RMSNorm(cfg.rms_eps).apply({"params": p_layer["attn_norm"]}, h_btd)
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
-  return apply_rope(jnp.einsum("BTD,DNH->BTNH", x_btd, p_layer[weight]), sin_bth, cos_bth)
+  return apply_rope(model.contract("BTD,DNH->BTNH", x_btd, p_layer[weight]), sin_bth, cos_bth)
 
 
 def _row_probs(cfg: LlamaConfig, q_bwnh: jax.Array, k_bskh: jax.Array, visible_bws: jax.Array) -> jax.Array:
@@ -195,28 +195,25 @@ def run_layers_masked(params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: 
   b_idx = jnp.arange(h_btd.shape[0])[:, None]
   causal_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
 
-  def body(carry, xs):
-    h, k_cache, v_cache = carry
-    idx, live_bt, computed_bs = xs
+  k, v, entering = cache.k, cache.v, []
+  for idx in range(start, end):
+    live_bt = live_lbt[idx - start]
     slots = jnp.where(live_bt, slots_bt, s)
-    written_bs = jnp.zeros((h.shape[0], s), bool).at[b_idx, slots].set(True, mode="drop")
-    mask_bts = causal_bts & ((computed_bs > 0) | written_bs)[:, None, :]
-    new_h, k_cache, v_cache = layer.apply({"params": model.layer_params(params, idx)}, h, sin_bth, cos_bth, mask_bts,
-                                          k_cache, v_cache, slots, idx)
-    return (jnp.where(live_bt[:, :, None], new_h, h), k_cache, v_cache), h
-
-  (h_btd, k, v), entering_lbtd = jax.lax.scan(
-      body, (h_btd, cache.k, cache.v), (jnp.arange(start, end), live_lbt, computed_lbs[start:end]))
-  return h_btd, cache.replace(k=k, v=v), _count(computed_lbs, start, slots_bt, live_lbt), entering_lbtd
+    written_bs = jnp.zeros((h_btd.shape[0], s), bool).at[b_idx, slots].set(True, mode="drop")
+    mask_bts = causal_bts & ((computed_lbs[idx] > 0) | written_bs)[:, None, :]
+    entering.append(h_btd)
+    new_h, k, v = layer.apply({"params": model.layer_params(params, idx)}, h_btd, sin_bth, cos_bth, mask_bts, k, v,
+                              slots, idx)
+    h_btd = jnp.where(live_bt[:, :, None], new_h, h_btd)
+  return h_btd, cache.replace(k=k, v=v), _count(computed_lbs, start, slots_bt, live_lbt), jnp.stack(entering)
 
 
 def _empty_state(cfg: LlamaConfig, batch: int, num_slots: int) -> LazyState:
-  dtype = jnp.dtype(cfg.dtype)
   return LazyState(
       cache=init_cache(cfg, batch, num_slots),
       computed_lbs=jnp.zeros((cfg.n_layers, batch, num_slots), jnp.int32),
-      aux_h_bsd=jnp.zeros((batch, num_slots, cfg.d_model), dtype),
-      aux_k_bskh=jnp.zeros((batch, num_slots, cfg.n_kv_heads, cfg.head_dim), dtype),
+      aux_h_bsd=jnp.zeros((batch, num_slots, cfg.d_model), jnp.float32),
+      aux_k_bskh=jnp.zeros((batch, num_slots, cfg.n_kv_heads, cfg.head_dim), jnp.float32),
       aux_layer_bs=jnp.full((batch, num_slots), cfg.n_layers, jnp.int32))
 
 
@@ -247,16 +244,17 @@ def _to_aux(state: LazyState, layer: int, h_bnd, k_bnkh, slots_bn) -> LazyState:
 
 def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, positions_bn, valid_bn,
                         state: LazyState, start: int, end: int) -> tuple[jax.Array, LazyState]:
-  """Layers [start, end) on the N gathered tokens only, attending over a compact N-slot buffer in query chunks
-  (a chunk sees the compact slots up to its end: tokens are in position order), then scatter K/V to the cache."""
+  """Layers [start, end) on the N gathered tokens only (in position order, with their original positions),
+  attending blockwise among themselves (`model.prefill_layers`) into a compact N-slot buffer, then scatter K/V
+  to the cache."""
   batch, n, _ = h_bnd.shape
-  sub_params = {"layers": jax.tree.map(lambda x: x[start:end], params["layers"])}
-  dtype = jnp.dtype(cfg.dtype)
+  sub_params = {"layers": params["layers"][start:end]}
+  dtype = jnp.dtype(cfg.cache_dtype)
   local = KVCache(k=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
                   v=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
                   lengths=jnp.zeros((batch,), jnp.int32))
-  h_bnd, local = model.run_layers_chunked(sub_params, cfg, h_bnd, positions_bn, valid_bn, local, 0, end - start,
-                                          lazy_cfg.chunk)
+  h_bnd, local = model.prefill_layers(sub_params, cfg, h_bnd, positions_bn, valid_bn, local, 0, end - start,
+                                      lazy_cfg.chunk)
   b_idx = jnp.arange(batch)[:, None]
   slots_bn = jnp.where(valid_bn, positions_bn, state.cache.num_slots)
   cache = state.cache.replace(k=state.cache.k.at[start:end, b_idx, slots_bn].set(local.k, mode="drop"),

@@ -3,12 +3,13 @@
 Shape letters: B batch, T new tokens, S cache slots, D d_model, N query heads, K kv heads, G query heads
 per kv head, H head_dim, F ffn_dim, V vocab, L layers.
 
-Decoder layers are stacked on a leading L axis and run with `lax.scan` over any static range [start, end): the
-scan runs over layer indices and reads one layer's weights per iteration (`layer_params`), so a sub-range never
-copies a slice of the whole stack.
+Each decoder layer has its own weight buffers (`params["layers"]` is a tuple of L dicts) and the layers of any
+static range [start, end) run one after the other, so no step slices weights out of a stack (a `lax.scan` over
+stacked bf16 weights ran ~6x slower per step on XLA:CPU). The residual stream, norms, RoPE and softmax are fp32;
+every weight contraction takes its inputs in the weights' dtype (`cfg.dtype`) and accumulates in fp32.
 Every step writes its new K/V rows into the cache at explicit `slots` (out-of-range slots are dropped) and
 attends through an explicit boolean mask [B, T, S], so prefill, decoding, draft trees and pruned prefill
-differ only in their positions, slots and mask.
+differ only in their positions, slots and mask. A prefill attends blockwise (`prefill_layers`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hdjax import sharding
-from hdjax.attention import apply_rope, rope_sin_cos
+from hdjax.attention import apply_rope, blocked_causal_attention, dense_attention, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.kvcache import KVCache
 
@@ -28,67 +29,81 @@ Params = dict[str, Any]
 
 
 class RMSNorm(nn.Module):
+  """RMS norm in fp32 (its output feeds a contraction that casts it to the weights' dtype)."""
+
   eps: float
-  dtype: Any
 
   @nn.compact
   def __call__(self, x_btd):
     scale_d = self.param("scale", nn.initializers.ones, (x_btd.shape[-1],), jnp.float32)
     x = x_btd.astype(jnp.float32)
-    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-    return (x * scale_d).astype(self.dtype)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale_d
+
+
+def contract(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+  """A weight contraction: the activation is cast to the weight's dtype and the sum accumulates in fp32 (bf16 dots
+  without an fp32 result are slow on XLA:CPU, and fail on its unfused path)."""
+  return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+
+def write_kv(k_lbskh: jax.Array, v_lbskh: jax.Array, layer_idx, slots_bt: jax.Array, k_btkh: jax.Array,
+             v_btkh: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """K/V rows of layer `layer_idx` written at `slots_bt` (slots >= S are dropped)."""
+  b_idx = jnp.arange(slots_bt.shape[0])[:, None]
+  return (k_lbskh.at[layer_idx, b_idx, slots_bt].set(k_btkh.astype(k_lbskh.dtype), mode="drop"),
+          v_lbskh.at[layer_idx, b_idx, slots_bt].set(v_btkh.astype(v_lbskh.dtype), mode="drop"))
 
 
 class DecoderLayer(nn.Module):
-  """One pre-norm decoder layer. Reads and writes the full stacked cache at layer `layer_idx`."""
+  """One pre-norm decoder layer over an fp32 residual stream. `__call__` attends through the full stacked cache at
+  layer `layer_idx`; `project_qkv` and `finish` let a prefill run its own (blocked) attention in between."""
 
   cfg: LlamaConfig
 
-  @nn.compact
-  def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbskh, v_lbskh, slots_bt, layer_idx):
+  def setup(self):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     init = nn.initializers.normal(0.02)
     d, n, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    q_dnh = self.param("q_dnh", init, (d, n, hd), dtype)
-    k_dkh = self.param("k_dkh", init, (d, k, hd), dtype)
-    v_dkh = self.param("v_dkh", init, (d, k, hd), dtype)
-    o_nhd = self.param("o_nhd", init, (n, hd, d), dtype)
-    gate_df = self.param("gate_df", init, (d, f), dtype)
-    up_df = self.param("up_df", init, (d, f), dtype)
-    down_fd = self.param("down_fd", init, (f, d), dtype)
+    self.q_dnh = self.param("q_dnh", init, (d, n, hd), dtype)
+    self.k_dkh = self.param("k_dkh", init, (d, k, hd), dtype)
+    self.v_dkh = self.param("v_dkh", init, (d, k, hd), dtype)
+    self.o_nhd = self.param("o_nhd", init, (n, hd, d), dtype)
+    self.gate_df = self.param("gate_df", init, (d, f), dtype)
+    self.up_df = self.param("up_df", init, (d, f), dtype)
+    self.down_fd = self.param("down_fd", init, (f, d), dtype)
+    self.attn_norm = RMSNorm(cfg.rms_eps)
+    self.mlp_norm = RMSNorm(cfg.rms_eps)
 
-    x_btd = RMSNorm(cfg.rms_eps, dtype, name="attn_norm")(h_btd)
-    q_btnh = apply_rope(jnp.einsum("BTD,DNH->BTNH", x_btd, q_dnh), sin_bth, cos_bth)
-    k_btkh = apply_rope(jnp.einsum("BTD,DKH->BTKH", x_btd, k_dkh), sin_bth, cos_bth)
-    v_btkh = jnp.einsum("BTD,DKH->BTKH", x_btd, v_dkh)
+  def project_qkv(self, h_btd, sin_bth, cos_bth):
+    """Queries [B, T, N, H] and keys [B, T, K, H] after RoPE, values [B, T, K, H]; all fp32."""
+    x_btd = self.attn_norm(h_btd)
+    q_btnh = apply_rope(contract("BTD,DNH->BTNH", x_btd, self.q_dnh), sin_bth, cos_bth)
+    k_btkh = apply_rope(contract("BTD,DKH->BTKH", x_btd, self.k_dkh), sin_bth, cos_bth)
+    return q_btnh, k_btkh, contract("BTD,DKH->BTKH", x_btd, self.v_dkh)
 
-    b_idx = jnp.arange(h_btd.shape[0])[:, None]
-    k_lbskh = k_lbskh.at[layer_idx, b_idx, slots_bt].set(k_btkh.astype(k_lbskh.dtype), mode="drop")
-    v_lbskh = v_lbskh.at[layer_idx, b_idx, slots_bt].set(v_btkh.astype(v_lbskh.dtype), mode="drop")
-    keys_bskh = k_lbskh[layer_idx]
-    values_bskh = v_lbskh[layer_idx]
+  def finish(self, h_btd, attn_btnh):
+    """The output projection's residual, then the MLP's."""
+    h_btd = h_btd + contract("BTNH,NHD->BTD", attn_btnh, self.o_nhd)
+    x_btd = self.mlp_norm(h_btd)
+    gate_btf = contract("BTD,DF->BTF", x_btd, self.gate_df)
+    up_btf = contract("BTD,DF->BTF", x_btd, self.up_df)
+    return h_btd + contract("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_fd)
 
-    b, t = q_btnh.shape[:2]
-    q_btkgh = q_btnh.reshape(b, t, k, cfg.q_per_kv, hd)
-    # [B, K, G, T, S]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, keys_bskh, preferred_element_type=jnp.float32)
-    logits = logits * (hd ** -0.5)
-    logits = jnp.where(mask_bts[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    # [B, T, K, G, H]
-    attn_btkgh = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values_bskh)
-    h_btd = h_btd + jnp.einsum("BTNH,NHD->BTD", attn_btkgh.reshape(b, t, n, hd), o_nhd)
-
-    x_btd = RMSNorm(cfg.rms_eps, dtype, name="mlp_norm")(h_btd)
-    gate_btf = jnp.einsum("BTD,DF->BTF", x_btd, gate_df)
-    up_btf = jnp.einsum("BTD,DF->BTF", x_btd, up_df)
-    h_btd = h_btd + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, down_fd)
-    return h_btd, k_lbskh, v_lbskh
+  def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbskh, v_lbskh, slots_bt, layer_idx):
+    """Fewer than `cfg.min_rows` rows run padded (pad rows see nothing and write nothing)."""
+    t, rows = h_btd.shape[1], self.cfg.min_rows
+    h_btd, sin_bth, cos_bth = (pad_rows(x, rows) for x in (h_btd.astype(jnp.float32), sin_bth, cos_bth))
+    mask_bts, slots_bt = pad_rows(mask_bts, rows, False), pad_rows(slots_bt, rows, k_lbskh.shape[2])
+    q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
+    k_lbskh, v_lbskh = write_kv(k_lbskh, v_lbskh, layer_idx, slots_bt, k_btkh, v_btkh)
+    attn_btnh = dense_attention(q_btnh, k_lbskh[layer_idx], v_lbskh[layer_idx], mask_bts)
+    return self.finish(h_btd, attn_btnh)[:, :t], k_lbskh, v_lbskh
 
 
 class Embedder(nn.Module):
-  """Token embedding, final norm and LM head (tied to the embedding when the config says so)."""
+  """Token embedding, final norm and LM head (tied to the embedding when the config says so; a tied head may also
+  be kept as its own [D, V] copy, `cfg.untie_head`, which `tie_head_copy` fills)."""
 
   cfg: LlamaConfig
 
@@ -97,43 +112,70 @@ class Embedder(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     self.embedding_vd = self.param("embedding_vd", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                                    dtype)
-    self.final_norm = RMSNorm(cfg.rms_eps, dtype)
-    if not cfg.tie_embeddings:
+    self.final_norm = RMSNorm(cfg.rms_eps)
+    if has_head_dv(cfg):
       self.lm_head_dv = self.param("lm_head_dv", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
                                    dtype)
 
   def encode(self, tokens_bt):
-    return jnp.take(self.embedding_vd, tokens_bt, axis=0)
+    return jnp.take(self.embedding_vd, tokens_bt, axis=0).astype(jnp.float32)
 
   def normalize(self, h_btd):
     return self.final_norm(h_btd)
 
   def decode(self, x_btd):
-    """Logits [B, T, V] in fp32 from already-normalized hidden states."""
-    if self.cfg.tie_embeddings:
-      return jnp.einsum("BTD,VD->BTV", x_btd, self.embedding_vd, preferred_element_type=jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", x_btd, self.lm_head_dv, preferred_element_type=jnp.float32)
+    """Logits [B, T, V] in fp32 from already-normalized hidden states (rows padded to `cfg.min_rows`)."""
+    t = x_btd.shape[1]
+    x_btd = pad_rows(x_btd, self.cfg.min_rows)
+    if has_head_dv(self.cfg):
+      return contract("BTD,DV->BTV", x_btd, self.lm_head_dv)[:, :t]
+    return contract("BTD,VD->BTV", x_btd, self.embedding_vd)[:, :t]
 
   def __call__(self, tokens_bt):
     h = self.encode(tokens_bt)
     return self.decode(self.normalize(h))
 
 
+def has_head_dv(cfg: LlamaConfig) -> bool:
+  return not cfg.tie_embeddings or cfg.untie_head
+
+
+def tie_head_copy(cfg: LlamaConfig, params: Params) -> Params:
+  """Params whose embedder holds `lm_head_dv` exactly when the config wants it: for a tied head, the embedding's
+  transpose (added or dropped here, so one checkpoint serves both layouts)."""
+  if not cfg.tie_embeddings:
+    return params
+  embedder = {k: v for k, v in params["embedder"].items() if k != "lm_head_dv"}
+  if cfg.untie_head:
+    embedder["lm_head_dv"] = embedder["embedding_vd"].T
+  return dict(params, embedder=embedder)
+
+
+def pad_rows(x_bt: jax.Array, min_rows: int, value=0) -> jax.Array:
+  """`x` with its axis 1 padded up to `min_rows` entries of `value` (unchanged when it has enough)."""
+  t = x_bt.shape[1]
+  if t >= min_rows:
+    return x_bt
+  pad = [(0, 0)] * x_bt.ndim
+  pad[1] = (0, min_rows - t)
+  return jnp.pad(x_bt, pad, constant_values=value)
+
+
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
-  """Random params: {'embedder': ..., 'layers': stacked with leading L}."""
+  """Random params: {'embedder': ..., 'layers': a tuple of L per-layer dicts}."""
   k_emb, k_layers = jax.random.split(key)
   embedder = Embedder(cfg).init(k_emb, jnp.zeros((1, 1), jnp.int32))["params"]
   layer = DecoderLayer(cfg)
   dummy = _dummy_layer_inputs(cfg)
-  layers = jax.vmap(lambda k: layer.init(k, *dummy)["params"])(jax.random.split(k_layers, cfg.n_layers))
-  return {"embedder": embedder, "layers": layers}
+  stacked = jax.vmap(lambda k: layer.init(k, *dummy)["params"])(jax.random.split(k_layers, cfg.n_layers))
+  layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.n_layers))
+  return tie_head_copy(cfg, {"embedder": embedder, "layers": layers})
 
 
 def _dummy_layer_inputs(cfg: LlamaConfig):
-  dtype = jnp.dtype(cfg.dtype)
-  kv = jnp.zeros((1, 1, 1, cfg.n_kv_heads, cfg.head_dim), dtype)
+  kv = jnp.zeros((1, 1, 1, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(cfg.cache_dtype))
   hd = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
-  return (jnp.zeros((1, 1, cfg.d_model), dtype), hd, hd, jnp.ones((1, 1, 1), bool), kv, kv,
+  return (jnp.zeros((1, 1, cfg.d_model), jnp.float32), hd, hd, jnp.ones((1, 1, 1), bool), kv, kv,
           jnp.zeros((1, 1), jnp.int32), 0)
 
 
@@ -142,7 +184,13 @@ def param_shapes(cfg: LlamaConfig) -> Params:
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
+def stack_layers(params: Params) -> Params:
+  """The per-layer weights stacked on a leading L axis, for code that picks a layer by a traced index."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])
+
+
 def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
+  """Embeddings [B, T, D] in fp32 (the residual stream's dtype)."""
   return Embedder(cfg).apply({"params": params["embedder"]}, tokens_bt, method=Embedder.encode)
 
 
@@ -166,57 +214,54 @@ class LayerOut(NamedTuple):
   hidden_lbtd: jax.Array | None  # state after each layer of the range, when requested
 
 
-def layer_params(params: Params, idx: jax.Array) -> Params:
-  """The weights of layer `idx` (traced) of the stacked decoder layers."""
-  return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, idx, keepdims=False), params["layers"])
+def layer_params(params: Params, idx: int) -> Params:
+  """The weights of decoder layer `idx` (a Python int: each layer has its own buffers)."""
+  return params["layers"][idx]
 
 
 def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                cache: KVCache, slots_bt: jax.Array, start: int = 0, end: int | None = None,
                collect_hidden: bool = False, visible_lbs: jax.Array | None = None) -> LayerOut:
-  """Runs decoder layers [start, end) with `lax.scan`. `start`/`end` must be static.
+  """Runs decoder layers [start, end) (static), one after the other on their own weight buffers.
 
   positions_bt: RoPE positions of the T tokens. slots_bt: cache slots their K/V rows go to (>= S drops the
   row). mask_bts: which cache slots each token attends to, including the slots written in this call.
   Does not move `cache.lengths`: committing is the caller's decision.
   """
   end = cfg.n_layers if end is None else end
+  h_btd = sharding.constrain(h_btd.astype(jnp.float32), sharding.ACTIVATION_AXES["h_btd"])
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
-  h_btd = sharding.constrain(h_btd, sharding.ACTIVATION_AXES["h_btd"])
   layer = DecoderLayer(cfg)
-
-  def body(carry, xs):
-    h, k_cache, v_cache = carry
-    idx, visible_bs = xs
-    mask = mask_bts if visible_bs is None else mask_bts & visible_bs[:, None, :]
-    h, k_cache, v_cache = layer.apply({"params": layer_params(params, idx)}, h, sin_bth, cos_bth, mask, k_cache,
-                                      v_cache, slots_bt, idx)
-    return (h, k_cache, v_cache), (h if collect_hidden else None)
-
-  visible = None if visible_lbs is None else visible_lbs[start:end]
-  (h_btd, k, v), hidden = jax.lax.scan(body, (h_btd, cache.k, cache.v), (jnp.arange(start, end), visible))
-  return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden)
+  k, v, hidden = cache.k, cache.v, []
+  for idx in range(start, end):
+    mask = mask_bts if visible_lbs is None else mask_bts & visible_lbs[idx][:, None, :]
+    h_btd, k, v = layer.apply({"params": layer_params(params, idx)}, h_btd, sin_bth, cos_bth, mask, k, v, slots_bt,
+                              idx)
+    hidden.append(h_btd)
+  hidden_lbtd = jnp.stack(hidden) if collect_hidden else None
+  return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden_lbtd)
 
 
-def run_layers_chunked(params: Params, cfg: LlamaConfig, h_bnd: jax.Array, positions_bn: jax.Array,
-                       valid_bn: jax.Array, cache: KVCache, start: int, end: int, chunk: int
-                       ) -> tuple[jax.Array, KVCache]:
-  """Layers [start, end) for N tokens in position order whose K/V go to cache slots 0..N-1 (invalid tokens write
-  nothing), in query chunks of `chunk` rows: chunk [c0, c1) attends over slots [0, c1) only, so the attention
-  scores come in [chunk, <= N] pieces (about N^2 / 2 entries in all) instead of one [N, S] tensor."""
-  n = h_bnd.shape[1]
-  slots_bn = jnp.where(valid_bn, jnp.arange(n)[None, :], cache.num_slots)
-  outs = []
-  for c0 in range(0, n, chunk):
-    c1 = min(n, c0 + chunk)
-    # [B, C, c1]: causal over positions, valid tokens only
-    mask_bcs = (positions_bn[:, None, :c1] <= positions_bn[:, c0:c1, None]) & valid_bn[:, None, :c1]
-    part = cache.replace(k=cache.k[:, :, :c1], v=cache.v[:, :, :c1])
-    out = run_layers(params, cfg, h_bnd[:, c0:c1], positions_bn[:, c0:c1], mask_bcs, part, slots_bn[:, c0:c1],
-                     start, end)
-    cache = cache.replace(k=cache.k.at[:, :, :c1].set(out.cache.k), v=cache.v.at[:, :, :c1].set(out.cache.v))
-    outs.append(out.h_btd)
-  return jnp.concatenate(outs, axis=1), cache
+def prefill_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array,
+                   valid_bt: jax.Array, cache: KVCache, start: int, end: int, block: int
+                   ) -> tuple[jax.Array, KVCache]:
+  """Layers [start, end) for T tokens in position order whose K/V go to cache slots 0..T-1 (invalid tokens write
+  nothing): each layer projects all T rows at once, then attends with `attention.blocked_causal_attention` over
+  the T tokens themselves in blocks of `block` rows, never over a [T, S] score tensor."""
+  t = h_btd.shape[1]
+  slots_bt = jnp.where(valid_bt, jnp.arange(t)[None, :], cache.num_slots)
+  sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
+  layer = DecoderLayer(cfg)
+  h_btd = sharding.constrain(h_btd.astype(jnp.float32), sharding.ACTIVATION_AXES["h_btd"])
+  k, v = cache.k, cache.v
+  for idx in range(start, end):
+    bound = layer.bind({"params": layer_params(params, idx)})
+    q_btnh, k_btkh, v_btkh = bound.project_qkv(h_btd, sin_bth, cos_bth)
+    k, v = write_kv(k, v, idx, slots_bt, k_btkh, v_btkh)
+    attn_btnh = blocked_causal_attention(q_btnh, k_btkh.astype(k.dtype), v_btkh.astype(v.dtype), positions_bt,
+                                         valid_bt, block)
+    h_btd = bound.finish(h_btd, attn_btnh)
+  return h_btd, sharding.constrain_cache(cache.replace(k=k, v=v))
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,

@@ -46,7 +46,7 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("mlp", "model"),
 )
 
-# Logical axes of every param, by its name in `model.py`. Params under "layers" carry a leading "layers" axis.
+# Logical axes of every param, by its name in `model.py` (each decoder layer has its own params).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embedding_vd": ("vocab", "embed"),
     "lm_head_dv": ("embed", "vocab"),
@@ -146,13 +146,13 @@ def logical_to_spec(logical_axes: Sequence[str], shape: Sequence[int], mesh_shap
 
 
 def param_logical_axes(path: Sequence[Any]) -> tuple[str, ...]:
-  """Logical axes of the param at a pytree `path` (keys of `{'embedder': ..., 'layers': ...}`)."""
+  """Logical axes of the param at a pytree `path` (keys of `{'embedder': ..., 'layers': (per-layer dicts)}`)."""
   keys = [getattr(k, "key", getattr(k, "name", k)) for k in path]
   name = keys[-1]
   if name not in PARAM_AXES:
     raise HdjaxError(f"param {'/'.join(map(str, keys))} has no logical axes: add {name!r} to "
                      f"hdjax.sharding.PARAM_AXES")
-  return (("layers",) if keys[0] == "layers" else ()) + PARAM_AXES[name]
+  return PARAM_AXES[name]
 
 
 def param_specs(params: Any, mesh: Mesh | jax.sharding.AbstractMesh,

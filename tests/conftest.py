@@ -18,7 +18,7 @@ def smollm() -> LM:
 def make_tiny_lm(seed: int = 0, **cfg_changes) -> LM:
   cfg = hdjax.PRESETS["tiny"].replace(**cfg_changes)
   params = model.init_params(cfg, jax.random.key(seed))
-  return LM(cfg, params_to_device(params, cfg.dtype), tokenizer=None, name="tiny")
+  return LM(cfg, params_to_device(params, cfg), tokenizer=None, name="tiny")
 
 
 @pytest.fixture(scope="session")

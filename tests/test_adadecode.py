@@ -65,9 +65,8 @@ def test_always_exit_parity_and_pending_bound(deep_tiny, max_pending):
 def _skip_late_layers(lm: LM, first_skipped: int) -> LM:
   """Layers >= first_skipped add nothing to the residual stream (their K/V still exist): an identity head at
   first_skipped predicts exactly what the full model does."""
-  layers = dict(lm.params["layers"])
-  for name in ("o_nhd", "down_fd"):
-    layers[name] = layers[name].at[first_skipped:].set(0.0)
+  layers = tuple(dict(p, o_nhd=p["o_nhd"] * 0.0, down_fd=p["down_fd"] * 0.0) if i >= first_skipped else p
+                 for i, p in enumerate(lm.params["layers"]))
   return LM(lm.cfg, dict(lm.params, layers=layers), None, name="tiny-skip")
 
 

@@ -24,7 +24,8 @@ def tiny_data():
   # a random tiny model is almost uniform at the output and its last layer barely moves the residual stream:
   # sharpen the LM head and amplify the last layer so that intermediate heads have something to learn
   embedder = dict(lm.params["embedder"], lm_head_dv=lm.params["embedder"]["lm_head_dv"] * 50.0)
-  layers = dict(lm.params["layers"], down_fd=lm.params["layers"]["down_fd"].at[-1].multiply(30.0))
+  last = lm.params["layers"][-1]
+  layers = lm.params["layers"][:-1] + (dict(last, down_fd=last["down_fd"] * 30.0),)
   lm.params = dict(lm.params, embedder=embedder, layers=layers)
   rng = np.random.default_rng(0)
   seqs = [rng.integers(3, lm.cfg.vocab_size, size=32).tolist() for _ in range(8)]

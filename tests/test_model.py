@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import hdjax
+
 from hdjax import attention, kvcache, model
 from hdjax.api import resolve_path
 from hdjax.config import RopeScaling
@@ -113,8 +115,88 @@ def test_tree_mask_sees_prefix_and_ancestors():
   np.testing.assert_array_equal(mask[3], [1, 1, 1, 1, 0, 0, 1, 0, 0, 0])
 
 
-def test_params_are_stacked_for_scan(tiny_lm):
+def test_each_layer_has_its_own_buffers(tiny_lm):
   shapes = jax.tree.map(lambda x: x.shape, tiny_lm.params)
   cfg = tiny_lm.cfg
-  assert shapes["layers"]["q_dnh"] == (cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.head_dim)
-  assert shapes["layers"]["attn_norm"]["scale"] == (cfg.n_layers, cfg.d_model)
+  assert len(shapes["layers"]) == cfg.n_layers
+  assert shapes["layers"][1]["q_dnh"] == (cfg.d_model, cfg.n_heads, cfg.head_dim)
+  assert shapes["layers"][1]["attn_norm"]["scale"] == (cfg.d_model,)
+
+
+def _dense_reference_attention(q_btnh, k_btkh, v_btkh, positions_bt, valid_bt):
+  """NumPy: softmax over the visible keys (position <= the query's, valid), zeros for a query that sees none."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q_btnh, k_btkh, v_btkh))
+  b, t, n, h = q.shape
+  g = n // k.shape[2]
+  out = np.zeros((b, t, n, h))
+  for bi in range(b):
+    for i in range(t):
+      seen = (np.asarray(positions_bt)[bi] <= np.asarray(positions_bt)[bi, i]) & np.asarray(valid_bt)[bi]
+      if not seen.any():
+        continue
+      for head in range(n):
+        s = k[bi, seen, head // g] @ q[bi, i, head] / np.sqrt(h)
+        p = np.exp(s - s.max())
+        out[bi, i, head] = (p / p.sum()) @ v[bi, seen, head // g]
+  return out
+
+
+@pytest.mark.parametrize("t,block", [(16, 4), (13, 4), (8, 16)])
+def test_blocked_attention_matches_dense_and_numpy(t, block):
+  """Flash-style blocks == one dense masked softmax == NumPy, with gaps in the positions (a pruned prompt), invalid
+  tokens at the end and T not a multiple of the block."""
+  rng = np.random.default_rng(t)
+  b, n, k, h = 2, 6, 2, 8
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  keys = jnp.asarray(rng.standard_normal((b, t, k, h)), jnp.float32)
+  values = jnp.asarray(rng.standard_normal((b, t, k, h)), jnp.float32)
+  positions = jnp.asarray(np.cumsum(rng.integers(1, 4, (b, t)), axis=1), jnp.int32)
+  valid = jnp.asarray(np.arange(t)[None, :] < np.array([[t], [t - 3]]))
+  blocked = attention.blocked_causal_attention(q, keys, values, positions, valid, block)
+  mask = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
+  dense = attention.dense_attention(q, keys, values, mask)
+  rows = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(dense)[rows], atol=1e-5)
+  np.testing.assert_allclose(np.asarray(blocked), _dense_reference_attention(q, keys, values, positions, valid),
+                             atol=1e-5)
+
+
+def test_blocked_attention_skips_blocks_above_the_diagonal():
+  """Keys after a query's block never reach it: NaN keys/values there leave every earlier output finite."""
+  rng = np.random.default_rng(0)
+  t, block = 16, 4
+  q = jnp.asarray(rng.standard_normal((1, t, 2, 4)), jnp.float32)
+  keys = np.asarray(rng.standard_normal((1, t, 1, 4)), np.float32)
+  keys[:, 12:] = np.nan
+  positions = jnp.arange(t)[None]
+  out = attention.blocked_causal_attention(q, jnp.asarray(keys), jnp.asarray(keys), positions,
+                                           jnp.ones((1, t), bool), block)
+  assert np.isfinite(np.asarray(out)[:, :12]).all()
+
+
+def test_bf16_engine_tracks_fp32():
+  """bf16 weights with fp32 accumulation, padded rows and a [D, V] copy of the tied head: logits close to fp32,
+  and a step's first row rounds the same whether it runs alone (padded to 4) or among 8 rows."""
+  from hdjax.api import engine_settings, params_to_device  # pylint: disable=import-outside-toplevel
+  lm = make_tiny_lm(seed=5, tie_embeddings=True)
+  params_np = jax.device_get(lm.params)
+  cfg16 = lm.cfg.replace(dtype="bfloat16", **engine_settings("bfloat16", "cpu"))
+  assert cfg16.min_rows == 4 and cfg16.untie_head and cfg16.cache_dtype == "float32"
+  params16 = params_to_device(params_np, cfg16)
+  np.testing.assert_array_equal(np.asarray(params16["embedder"]["lm_head_dv"], np.float32),
+                                np.asarray(params16["embedder"]["embedding_vd"], np.float32).T)
+  assert params16["layers"][0]["q_dnh"].dtype == jnp.bfloat16
+  assert params16["layers"][0]["attn_norm"]["scale"].dtype == jnp.float32
+  ids = [5, 9, 1, 77, 3, 3, 100, 42]
+  ref = lm.logits(ids)
+  got = hdjax.LM(cfg16, params16, None).logits(ids)
+  assert np.abs(got - ref).max() <= 0.05 * np.abs(ref).max()
+  num_slots = 16
+  positions = jnp.arange(8)[None]
+  h8, _ = model.forward(params16, cfg16, jnp.asarray([ids]), positions, attention.causal_mask(positions, num_slots),
+                        kvcache.init_cache(cfg16, 1, num_slots), positions)
+  h1, _ = model.forward(params16, cfg16, jnp.asarray([ids[:1]]), positions[:, :1],
+                        attention.causal_mask(positions[:, :1], num_slots), kvcache.init_cache(cfg16, 1, num_slots),
+                        positions[:, :1])
+  np.testing.assert_array_equal(np.asarray(model.unembed(params16, cfg16, h1))[0, 0],
+                                np.asarray(model.unembed(params16, cfg16, h8))[0, 0])

@@ -104,14 +104,14 @@ def test_accelerator_dtype_survives_sharding():
   import hdjax  # pylint: disable=import-outside-toplevel
   from hdjax import kvcache, model, sharding  # pylint: disable=import-outside-toplevel
   from hdjax.api import params_to_device  # pylint: disable=import-outside-toplevel
-  cfg = hdjax.PRESETS["tiny"].replace(dtype="bfloat16")
+  cfg = hdjax.PRESETS["tiny"].replace(dtype="bfloat16", **hdjax.api.engine_settings("bfloat16", "gpu"))
   mesh = sharding.make_mesh()
   params_np = jax.device_get(jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"),
                                                                           jax.random.key(0)))
-  params = params_to_device(params_np, cfg.dtype, mesh)
-  assert params["layers"]["q_dnh"].dtype == jnp.bfloat16
-  assert params["layers"]["attn_norm"]["scale"].dtype == jnp.float32
-  assert isinstance(params["layers"]["q_dnh"].sharding, jax.sharding.NamedSharding)
+  params = params_to_device(params_np, cfg, mesh)
+  assert params["layers"][0]["q_dnh"].dtype == jnp.bfloat16
+  assert params["layers"][0]["attn_norm"]["scale"].dtype == jnp.float32
+  assert isinstance(params["layers"][0]["q_dnh"].sharding, jax.sharding.NamedSharding)
   with sharding.use_mesh(mesh):
     cache = kvcache.init_cache(cfg, 2, 16)
   assert cache.k.dtype == jnp.bfloat16 and cache.k.sharding.mesh.shape == mesh.shape
@@ -125,15 +125,15 @@ def expected_param_specs(model: int) -> dict[str, tuple]:
       "embedder/embedding_vd": (m, None),
       "embedder/lm_head_dv": (None, m),
       "embedder/final_norm/scale": (None,),
-      "layers/q_dnh": (None, None, m, None),
-      "layers/k_dkh": (None, None, m, None),
-      "layers/v_dkh": (None, None, m, None),
-      "layers/o_nhd": (None, m, None, None),
-      "layers/gate_df": (None, None, m),
-      "layers/up_df": (None, None, m),
-      "layers/down_fd": (None, m, None),
-      "layers/attn_norm/scale": (None, None),
-      "layers/mlp_norm/scale": (None, None),
+      "layers/q_dnh": (None, m, None),
+      "layers/k_dkh": (None, m, None),
+      "layers/v_dkh": (None, m, None),
+      "layers/o_nhd": (m, None, None),
+      "layers/gate_df": (None, m),
+      "layers/up_df": (None, m),
+      "layers/down_fd": (m, None),
+      "layers/attn_norm/scale": (None,),
+      "layers/mlp_norm/scale": (None,),
   }
 
 
@@ -201,9 +201,9 @@ def smollm_sharded():
 def test_smollm2_sharded_logits_and_ar(smollm_sharded):
   got = smollm_sharded["meshes"]["4x2"]
   # Heads (9) and KV heads (3) do not divide model=2: attention is replicated; vocab and MLP are sharded.
-  assert got["param_specs"]["layers/q_dnh"] == [None, None, None, None]
-  assert got["param_specs"]["layers/k_dkh"] == [None, None, None, None]
-  assert got["param_specs"]["layers/gate_df"] == [None, None, "model"]
+  assert got["param_specs"]["layers/q_dnh"] == [None, None, None]
+  assert got["param_specs"]["layers/k_dkh"] == [None, None, None]
+  assert got["param_specs"]["layers/gate_df"] == [None, "model"]
   assert got["param_specs"]["embedder/embedding_vd"] == ["model", None]
   assert "embedder/lm_head_dv" not in got["param_specs"]  # tied
   assert got["logits_max_abs_err"] < 1e-4 * max(1.0, got["logits_max_abs"])
@@ -245,10 +245,10 @@ def _worker_main(job: dict) -> dict:
     cfg = hdjax.PRESETS["tiny"].replace(n_layers=job["layers"], **DIVISIBLE)
     params_np = jax.device_get(model.init_params(cfg, jax.random.key(0)))
     tok = tokenizer.from_gguf_fields(gguf.read_fields(gguf.open_reader(resolve_path("smollm2-135m"))))
-    reference = LM(cfg, params_to_device(params_np, "float32"), tok, name="divisible")
+    reference = LM(cfg, params_to_device(params_np, cfg), tok, name="divisible")
 
     def sharded(mesh):
-      return LM(cfg, params_to_device(params_np, "float32", mesh), tok, name="divisible", mesh=mesh)
+      return LM(cfg, params_to_device(params_np, cfg, mesh), tok, name="divisible", mesh=mesh)
   else:
     first = sharding.make_mesh(*job["meshes"][0])
     loaded = hdjax.load(job["model"], dtype="float32", mesh=first, max_seq_len=1024)
@@ -293,7 +293,9 @@ def _worker_main(job: dict) -> dict:
         "logits_max_abs_err": float(np.abs(logits - ref_logits).max()),
         "logits_max_abs": float(np.abs(ref_logits).max()),
         "logits_argmax_equal": bool((logits.argmax(-1) == ref_logits.argmax(-1)).all()),
-        "param_specs": {"/".join(str(k.key) for k in path): _padded_spec(s, len(x.shape)) for (path, s), x in
+        # one name per param of every layer (each layer has its own buffers, all sharded alike)
+        "param_specs": {"/".join(str(k.key) for k in path if hasattr(k, "key")): _padded_spec(s, len(x.shape))
+                        for (path, s), x in
                         zip(flat, jax.tree.leaves(lm.params))},
         "prefill_cache_specs": {f: _padded_spec(getattr(cache, f).sharding.spec, getattr(cache, f).ndim)
                                 for f in ("k", "v", "lengths")},

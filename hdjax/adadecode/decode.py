@@ -87,9 +87,9 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bskh, v_1bskh, base_b, g0_b, g_b,
+def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bskh, v_1bskh, base_b, g0_b, g_b,
                 visible_lbs):
-  """Runs decoder layer `layer` on window slots [g0, g0 + g) of every sequence as a static block of `rows` rows
+  """Runs decoder layer `layer` (traced: its weights come from `stacked_layers`) on window slots [g0, g0 + g) of every sequence as a static block of `rows` rows
   (g = 0: the sequence sits this layer out), with that layer's K/V cache [1, B, S, K, H] (only it enters the
   `lax.switch`, so the whole cache is never copied); they see the slots of `visible_lbs[layer]` (all slots when
   None) at positions <= their own."""
@@ -101,7 +101,7 @@ def _layer_rows(params, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bskh, v_1b
   pos_br = base_b[:, None] + g0_b[:, None] + j_r
   slots_br = jnp.where(valid_br, pos_br, num_slots)
   sin, cos = rope_sin_cos(cfg, pos_br)
-  p_layer = model.layer_params(params, layer)
+  p_layer = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, keepdims=False), stacked_layers)
   mask_brs = causal_mask(pos_br, num_slots)
   if visible_lbs is not None:
     mask_brs = mask_brs & visible_lbs[layer][:, None, :]
@@ -137,6 +137,7 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
   prefill (None: all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
+  stacked_layers = model.stack_layers(params)  # once per call: the loop picks its layer by a traced index
   buckets = jnp.asarray(row_buckets(window))
   head_of_depth = np.full(n_layers + 1, -1, np.int32)
   head_of_depth[list(head_layers)] = np.arange(len(head_layers))
@@ -158,7 +159,7 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
     g_b = jnp.where(taking_b, win.n - g0_b, 0)
-    branches = [functools.partial(_layer_rows, params, cfg, r) for r in row_buckets(window)]
+    branches = [functools.partial(_layer_rows, stacked_layers, cfg, r) for r in row_buckets(window)]
     layer_kv = [jax.lax.dynamic_slice_in_dim(x, layer, 1) for x in (s.cache.k, s.cache.v)]
     h_bwd, *layer_kv = jax.lax.switch(jnp.searchsorted(buckets, jnp.max(g_b)), branches, layer, win.h_wd,
                                       *layer_kv, s.cache.lengths, g0_b, g_b, visible_lbs)
@@ -257,7 +258,7 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     zero = jnp.int32(0)
     counters = Counters(zero, jnp.zeros((n_layers,), jnp.int32), jnp.zeros((n_heads,), jnp.int32),
                         jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
-    h_wd = jnp.zeros((window, cfg.d_model), jnp.dtype(cfg.dtype)).at[0].set(embed_one(first))
+    h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(first))
     return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
                   jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
                   jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32),

@@ -56,7 +56,7 @@ def head_logits(params, cfg: LlamaConfig, t_dd: jax.Array, h_btd: jax.Array) -> 
   """Logits [B, T, V] fp32 of one exit head on raw hidden states [B, T, D]."""
   x_btd = model.final_norm(params, cfg, h_btd).astype(jnp.float32)
   y_btd = jnp.einsum("BTD,DE->BTE", x_btd, t_dd)
-  return model.lm_head(params, cfg, y_btd.astype(jnp.dtype(cfg.dtype)))
+  return model.lm_head(params, cfg, y_btd)
 
 
 def save_heads(path: str, heads: ExitHeads, model_identity: str, info: dict | None = None) -> None:

@@ -19,7 +19,7 @@ from hdjax.kvcache import KVCache, init_cache
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
-PREFILL_CHUNK = 1024  # query rows per attention chunk of a prefill: bounds its [B, K, G, C, S] score tensor
+PREFILL_BLOCK = 256  # query and key rows per block of a prefill's blocked attention
 
 
 def next_pow2(n: int, minimum: int = 16) -> int:
@@ -38,15 +38,15 @@ def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array
   """Runs right-padded prompts [B, T] into a fresh cache of `num_slots` slots.
 
   Returns the logits [B, V] after each prompt's last token and the cache with lengths = prompt lengths.
-  Padding rows go to an out-of-range slot, so they are never written. Attention runs in query chunks of
-  PREFILL_CHUNK rows over the slots written so far (T <= num_slots).
+  Padding rows go to an out-of-range slot, so they are never written. Attention is blocked and causal
+  (`model.prefill_layers`, blocks of PREFILL_BLOCK rows; T <= num_slots).
   """
   TRACE_COUNTS["prefill"] += 1
   batch, t = tokens_bt.shape
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-  h_btd, cache = model.run_layers_chunked(params, cfg, model.embed(params, cfg, tokens_bt), positions_bt,
-                                          positions_bt < lengths_b[:, None], init_cache(cfg, batch, num_slots), 0,
-                                          cfg.n_layers, PREFILL_CHUNK)
+  h_btd, cache = model.prefill_layers(params, cfg, model.embed(params, cfg, tokens_bt), positions_bt,
+                                      positions_bt < lengths_b[:, None], init_cache(cfg, batch, num_slots), 0,
+                                      cfg.n_layers, PREFILL_BLOCK)
   return last_token_logits(params, cfg, h_btd, lengths_b), cache.replace(lengths=lengths_b.astype(jnp.int32))
 
 

@@ -1,4 +1,4 @@
-"""HF-named state dicts <-> hdjax params (stacked layers, einsum-ready shapes)."""
+"""HF-named state dicts <-> hdjax params (one dict per layer, einsum-ready shapes)."""
 
 from __future__ import annotations
 
@@ -62,10 +62,14 @@ def params_from_hf_state(cfg: LlamaConfig, state: dict[str, np.ndarray]) -> Para
     check_tensor(name, w, shapes[name])
     return w
 
-  layers = {}
-  for key, module, to_ours, _ in _layer_entries(cfg):
-    stacked = np.stack([to_ours(get(f"model.layers.{i}.{module}.weight")) for i in range(cfg.n_layers)])
-    layers[key] = {"scale": stacked} if _is_norm(key) else stacked
+  def layer(i):
+    out = {}
+    for key, module, to_ours, _ in _layer_entries(cfg):
+      w = to_ours(get(f"model.layers.{i}.{module}.weight"))
+      out[key] = {"scale": w} if _is_norm(key) else w
+    return out
+
+  layers = tuple(layer(i) for i in range(cfg.n_layers))
   embedder = {"embedding_vd": get("model.embed_tokens.weight"), "final_norm": {"scale": get("model.norm.weight")}}
   if not cfg.tie_embeddings:
     embedder["lm_head_dv"] = get("lm_head.weight").T
@@ -79,8 +83,8 @@ def hf_state_from_params(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarr
            "model.norm.weight": np.asarray(params["embedder"]["final_norm"]["scale"], np.float32)}
   if not cfg.tie_embeddings:
     state["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["embedder"]["lm_head_dv"], np.float32).T)
-  for key, module, _, to_hf in _layer_entries(cfg):
-    stacked = layers[key]["scale"] if _is_norm(key) else layers[key]
-    for i in range(cfg.n_layers):
-      state[f"model.layers.{i}.{module}.weight"] = np.ascontiguousarray(to_hf(np.asarray(stacked[i], np.float32)))
+  for i, layer in enumerate(layers):
+    for key, module, _, to_hf in _layer_entries(cfg):
+      w = layer[key]["scale"] if _is_norm(key) else layer[key]
+      state[f"model.layers.{i}.{module}.weight"] = np.ascontiguousarray(to_hf(np.asarray(w, np.float32)))
   return state
