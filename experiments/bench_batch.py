@@ -6,7 +6,7 @@ method against batched `ar` at batch sizes B, on the same B Spec-Bench prompts, 
 
 Each (method, B) runs once untimed (compiles every shape it will use) and then `--repeats` timed runs; the median
 is reported. Every sequence's greedy output is compared with batched `ar`'s for the same prompt in the same run.
-Writes the JSON and a PNG of throughput against B next to it.
+Writes the JSON and a PNG of throughput against B next to it. Also runs as `python experiments/bench_batch.py ...`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,17 @@ from __future__ import annotations
 import collections
 import itertools
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import device_name, read_jsonl, run_main, write_json_atomic
+from experiments.common import (at_least, check_output_file, device_name, int_list, read_questions, require, run_main,
+                                write_json_atomic)
 from experiments.specbench_lib import spec_bench_category
 from hdjax.decoding import speculative
 from hdjax.errors import HdjaxError
@@ -81,12 +86,14 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main(argv):
   del argv
-  batches = sorted({int(b) for b in FLAGS.batches})
+  batches = sorted(set(int_list("batches", FLAGS.batches)))
   unknown = [m for m in FLAGS.methods if m not in hdjax.METHODS]
-  if unknown or batches[0] < 1 or FLAGS.max_new_tokens < 1 or FLAGS.repeats < 1:
-    raise HdjaxError(f"need known --methods (unknown: {unknown}) and positive --batches, --max_new_tokens, --repeats")
+  if unknown:
+    raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
+  require(max_new_tokens=(FLAGS.max_new_tokens, at_least(1)), repeats=(FLAGS.repeats, at_least(1)))
+  questions = read_questions(FLAGS.questions)
+  check_output_file(FLAGS.out)
   lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
-  questions = read_jsonl(FLAGS.questions)
   rows = []
   for batch in batches:
     prompts = batch_prompts(lm, questions, batch, FLAGS.categories)

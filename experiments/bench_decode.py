@@ -4,12 +4,16 @@
 
 Prints prefill tokens/s (512 and 2048 tokens), decode tokens/s (256 new tokens, batch 1 and 8), the hdjax/HF ratio,
 and the share of the memory-bandwidth limit reached (weight bytes per token / time per token, against a measured
-copy bandwidth).
+copy bandwidth). Also runs as `python experiments/bench_decode.py ...` from any directory.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import statistics
 import time
 
@@ -18,15 +22,15 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import run_main, write_json_atomic
+from experiments.common import check_output_file, int_list, run_main, write_json_atomic
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repetitions per measurement (median reported).")
-_PREFILL = flags.DEFINE_list("prefill_lengths", ["512", "2048"], "Prompt lengths for prefill throughput.")
+_PREFILL = flags.DEFINE_list("prefill_lengths", ["512", "2048"], "Integers >= 1: prompt lengths for prefill speed.")
 _NEW = flags.DEFINE_integer("new_tokens", 256, "Decoded tokens per sequence.")
-_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Batch sizes for decode throughput.")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "Integers >= 1: batch sizes for decode throughput.")
 _HF = flags.DEFINE_bool("hf", True, "Also time HF transformers (needs torch, transformers, accelerate).")
 _OUT = flags.DEFINE_string("out", "", "Optional JSON output path.")
 
@@ -102,12 +106,15 @@ def main(argv):
   del argv
   if _REPEATS.value < 1 or _NEW.value < 2:
     raise HdjaxError("--repeats must be >= 1 and --new_tokens >= 2")
+  cases = ([("prefill", n) for n in int_list("prefill_lengths", _PREFILL.value)]
+           + [("decode", b) for b in int_list("batches", _BATCHES.value)])
+  if _OUT.value:
+    check_output_file(_OUT.value)
   lm = hdjax.load(_MODEL.value, dtype="float32")
   lm_no_eos = hdjax.LM(lm.cfg.replace(eos_ids=(-1,)), lm.params, lm.tokenizer, lm.name)
   hf = HFRunner(hdjax.api.resolve_path(_MODEL.value)) if _HF.value else None
   prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a long story about a dragon."}])
   rows = []
-  cases = [("prefill", int(n)) for n in _PREFILL.value] + [("decode", int(b)) for b in _BATCHES.value]
   for kind, size in cases:
     ours, theirs = [], []
     for rep in range(_REPEATS.value + 1):  # repetition 0 is warm-up

@@ -5,19 +5,24 @@
 
 Resumable: model outputs are checkpointed atomically after every batch to OUT_DIR/model_outputs.partial.npz, so a
 killed build continues where it stopped (and a larger --num_prompts extends it). Final files are written atomically
-with the tokenizer's identity: OUT_DIR/model_db.npz and OUT_DIR/stats_db.npz.
+with the tokenizer's identity: OUT_DIR/model_db.npz and OUT_DIR/stats_db.npz. Also runs as
+`python experiments/build_datastores.py ...` from any directory.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time
 
 from absl import flags
 from tqdm import tqdm
 
-from experiments.common import run_main, write_json_atomic
+from experiments.common import at_least, check_output_dir, require, run_main, write_json_atomic
 from hdjax.drafting import model_db, stats_db
 from hdjax.errors import HdjaxError
 
@@ -110,11 +115,14 @@ def main(argv):
   unknown = set(FLAGS.which) - {"model", "stats"}
   if unknown or not FLAGS.which:
     raise HdjaxError(f"--which takes model and/or stats, got {','.join(FLAGS.which)}")
+  require(**{name: (getattr(FLAGS, name), at_least(1)) for name in (
+      "num_prompts", "max_prompt_tokens", "max_new_tokens", "batch_size", "model_entries", "stats_chars", "stats_top_k",
+      "stats_min_count", "heldout_chars")}, generate_budget_s=(FLAGS.generate_budget_s, at_least(0)))
+  check_output_dir(FLAGS.out_dir)
   import hdjax  # pylint: disable=import-outside-toplevel  (keeps --help fast)
   lm = hdjax.load(FLAGS.model)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; the databases are built from text")
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
   report = {}
   if "model" in FLAGS.which:
     report["model_db"] = build_model_db(lm, FLAGS.out_dir)

@@ -1,12 +1,22 @@
-"""What every absl launcher shares: one-line errors with a non-zero exit, multi-host flags, JSONL writing, timing."""
+"""What every absl launcher shares: one-line errors with a non-zero exit, checks of flags, input records and
+output paths before any model work, JSONL writing, timing.
+
+Every launcher runs both as `python -m experiments.X` (from the repository root) and as `python experiments/X.py`
+(from anywhere): the second form starts with only `experiments/` on `sys.path`, so each launcher begins with
+
+  if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 from absl import app, logging
@@ -49,18 +59,149 @@ def median_ms(fn: Callable[..., Any], *args, repeats: int) -> float:
   return 1e3 * float(np.median(times))
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
+def read_records(path: str) -> list[tuple[int, dict[str, Any]]]:
+  """(line number, JSON object) for every non-blank line of a JSONL file; an `HdjaxError` with `file:line` for a
+  line that is not a JSON object, and for a file with no records."""
   if not os.path.isfile(path):
     raise HdjaxError(f"file not found: {path}")
   rows = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise HdjaxError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+  try:
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if line.strip():
+          try:
+            row = json.loads(line)
+          except json.JSONDecodeError as e:
+            raise HdjaxError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+          if not isinstance(row, dict):
+            raise HdjaxError(f"{path}:{n}: a record must be a JSON object, got {type(row).__name__}")
+          rows.append((n, row))
+  except UnicodeDecodeError as e:
+    raise HdjaxError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+  if not rows:
+    raise HdjaxError(f"{path}: no records (the file is empty)")
   return rows
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  return [row for _, row in read_records(path)]
+
+
+def read_questions(path: str) -> list[dict[str, Any]]:
+  """A Spec-Bench question file, every record checked (question_id, category, non-empty turns; unique ids)."""
+  records = read_records(path)
+  check_records(path, records, dict(question_id=is_id, category=is_text, turns=is_turns), unique="question_id")
+  return [q for _, q in records]
+
+
+def check_records(path: str, records: Sequence[tuple[int, dict[str, Any]]], fields: Mapping[str, Callable[[Any], bool]],
+                  optional: Mapping[str, Callable[[Any], bool]] | None = None, unique: str | None = None) -> None:
+  """Every record has each of `fields` passing its check (and each present `optional` field passing its own), and
+  the `unique` field differs between records; else an `HdjaxError` with `file:line`."""
+  seen: dict[Any, int] = {}
+  for n, row in records:
+    for name, ok in fields.items():
+      if name not in row:
+        raise HdjaxError(f"{path}:{n}: record lacks {name!r} (needs {', '.join(fields)})")
+      if not ok(row[name]):
+        raise HdjaxError(f"{path}:{n}: bad {name!r}: {json.dumps(row[name])[:80]} ({describe(ok)})")
+    for name, ok in (optional or {}).items():
+      if name in row and not ok(row[name]):
+        raise HdjaxError(f"{path}:{n}: bad {name!r}: {json.dumps(row[name])[:80]} ({describe(ok)})")
+    if unique is not None:
+      key = json.dumps(row[unique])
+      if key in seen:
+        raise HdjaxError(f"{path}:{n}: {unique} {row[unique]!r} repeats line {seen[key]}")
+      seen[key] = n
+
+
+def describe(check: Callable[[Any], bool]) -> str:
+  return (check.__doc__ or check.__name__).strip()
+
+
+def is_id(x: Any) -> bool:
+  """a string or an integer"""
+  return (isinstance(x, str) and bool(x.strip())) or (isinstance(x, int) and not isinstance(x, bool))
+
+
+def is_text(x: Any) -> bool:
+  """a non-empty string"""
+  return isinstance(x, str) and bool(x.strip())
+
+
+def is_turns(x: Any) -> bool:
+  """a non-empty list of non-empty strings"""
+  return isinstance(x, list) and bool(x) and all(is_text(t) for t in x)
+
+
+def is_string(x: Any) -> bool:
+  """a string"""
+  return isinstance(x, str)
+
+
+def require(**checks: tuple[Any, Callable[[Any], bool]]) -> None:
+  """`require(limit=(FLAGS.limit, at_least(1)))`: an `HdjaxError` naming the first flag whose value fails."""
+  for name, (value, ok) in checks.items():
+    if not ok(value):
+      raise HdjaxError(f"--{name} must be {describe(ok)}, got {value!r}")
+
+
+def at_least(low: float) -> Callable[[Any], bool]:
+  def ok(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= low
+  ok.__doc__ = f">= {low}"
+  return ok
+
+
+def int_list(name: str, values: Sequence[str], low: int = 1) -> list[int]:
+  """The integers of a comma-separated list flag, each >= `low`; else an `HdjaxError` naming the flag."""
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise HdjaxError(f"--{name} must be a comma-separated list of integers >= {low}, got {','.join(values)!r}"
+                     ) from None
+  if not out or min(out) < low:
+    raise HdjaxError(f"--{name} must be a non-empty list of integers >= {low}, got {','.join(values)!r}")
+  return out
+
+
+def parse_method_options(text: str, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """`--method_options`: a JSON object {method: {option: value}} over the run's methods, each option one that its
+  method reads, with a value of the right kind (`hdjax.api.check_options`), checked before any model work."""
+  from hdjax.api import check_options  # pylint: disable=import-outside-toplevel  (launchers' --help stays fast)
+  try:
+    options = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise HdjaxError(f"--method_options is not valid JSON ({e.msg})") from None
+  if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+    raise HdjaxError(f"--method_options must be a JSON object {{method: {{option: value}}}}, got {text!r}")
+  extra = sorted(set(options) - set(methods))
+  if extra:
+    raise HdjaxError(f"--method_options names method(s) {', '.join(extra)} not in --methods={','.join(methods)}")
+  for method, opts in options.items():
+    check_options(method, opts)
+  return options
+
+
+def check_output_dir(path: str) -> None:
+  """Creates `path` and proves it writable (a probe file), before any model work; an `HdjaxError` otherwise."""
+  if not path:
+    raise HdjaxError("the output directory is empty")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except (FileExistsError, NotADirectoryError):
+    raise HdjaxError(f"output directory {path} is a file (or lies under one)") from None
+  except OSError as e:
+    raise HdjaxError(f"output directory {path} is not writable ({e.strerror})") from None
+
+
+def check_output_file(path: str) -> None:
+  """`path` is not a directory and its directory is writable (see `check_output_dir`)."""
+  if os.path.isdir(path):
+    raise HdjaxError(f"output file {path} is a directory")
+  check_output_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:

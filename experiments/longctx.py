@@ -2,6 +2,7 @@
 
   python -m experiments.longctx --prompts=FILE --methods=full,lazy --out_dir=DIR
   python -m experiments.longctx --build=passkey,multidoc --lengths=2048,4096,7500 --num=8 --out_dir=DIR
+  python experiments/longctx.py ...     (the same, from any directory)
 
 `--build` writes DIR/prompts.jsonl from the XSum articles (passkey retrieval and multi-document summarization)
 and runs it. Each prompt is one user turn in the chat template. Every method is warmed up (compiled) on each
@@ -12,6 +13,11 @@ see the same machine load. Writes DIR/<method>.jsonl, DIR/summary.json and DIR/t
 from __future__ import annotations
 
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from absl import flags
 from experiments import common
 from hdjax.errors import HdjaxError
@@ -20,17 +26,18 @@ from experiments.longctx_lib import build_sets, parse_method, summarize, plot
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompts", None, "JSONL of {id, prompt, reference?, task?, answer?}")
 flags.DEFINE_list("build", [], "build sets from --xsum instead: passkey, multidoc")
-flags.DEFINE_list("lengths", ["2048", "4096", "7500"], "prompt lengths in tokens (upper bounds) for --build")
-flags.DEFINE_integer("num", 8, "prompts per set and length for --build")
+flags.DEFINE_list("lengths", ["2048", "4096", "7500"], "integers >= 1: prompt lengths in tokens (upper bounds) for "
+                  "--build")
+flags.DEFINE_integer("num", 8, "prompts per set and length for --build (>= 1)")
 flags.DEFINE_string("xsum", "/work/shared/data/xsum/test.jsonl", "XSum JSONL {document, summary}")
 flags.DEFINE_list("methods", ["full", "lazy"], "methods; agreement is measured against the first one. A lazy* "
                   "method may carry its own schedule, e.g. lazy@3-6-10-16:0.7-0.5-0.35-0.2 (layers:keep ratios)")
 flags.DEFINE_string("out_dir", None, "output directory")
-flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt")
+flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (>= 1)")
 flags.DEFINE_integer("seed", 0, "seed for building sets")
 flags.DEFINE_string("model", "smollm2-135m", "model name or path")
-flags.DEFINE_list("prune_layers", None, "LazyLLM pruning layers (lazy* methods)")
-flags.DEFINE_list("keep_ratios", None, "LazyLLM keep ratios, one per pruning layer")
+flags.DEFINE_list("prune_layers", None, "integers: LazyLLM pruning layers (lazy* methods)")
+flags.DEFINE_list("keep_ratios", None, "numbers in (0, 1]: LazyLLM keep ratios, one per pruning layer")
 flags.DEFINE_integer("min_prompt", None, "prompts shorter than this fall back to full prefill")
 flags.DEFINE_integer("reselect_every", None, "decode steps between re-selections")
 flags.DEFINE_integer("revive_budget", None, "tokens revived per pruning layer per re-selection")
@@ -41,13 +48,23 @@ flags.DEFINE_integer("score_pool", None, "odd; max-pool scores over this many ne
 def _lazy_options() -> dict:
   opts = {}
   if FLAGS.prune_layers is not None:
-    opts["prune_layers"] = tuple(int(x) for x in FLAGS.prune_layers)
+    opts["prune_layers"] = tuple(common.int_list("prune_layers", FLAGS.prune_layers))
   if FLAGS.keep_ratios is not None:
-    opts["keep_ratios"] = tuple(float(x) for x in FLAGS.keep_ratios)
+    try:
+      opts["keep_ratios"] = tuple(float(x) for x in FLAGS.keep_ratios)
+    except ValueError:
+      raise HdjaxError(f"--keep_ratios must be numbers in (0, 1], got {','.join(FLAGS.keep_ratios)!r}") from None
   for name in ("min_prompt", "reselect_every", "revive_budget", "score_window", "score_pool"):
     if getattr(FLAGS, name) is not None:
       opts[name] = getattr(FLAGS, name)
   return opts
+
+
+def method_options(spec: str, opts: dict) -> dict:
+  """The LazyLLM flags, then the method's own schedule, for lazy* and full methods; nothing for the others."""
+  method, schedule = parse_method(spec)
+  return {**opts, **schedule} if method.startswith("lazy") or method == "full" else {}
+
 
 def main(argv):
   del argv
@@ -55,28 +72,36 @@ def main(argv):
     raise HdjaxError("--out_dir is required")
   if bool(FLAGS.prompts) == bool(FLAGS.build):
     raise HdjaxError("give exactly one of --prompts=FILE or --build=passkey,multidoc")
+  common.require(max_new_tokens=(FLAGS.max_new_tokens, common.at_least(1)), num=(FLAGS.num, common.at_least(1)))
+  lengths = common.int_list("lengths", FLAGS.lengths)
   if FLAGS.prompts:
-    prompts = common.read_jsonl(FLAGS.prompts)
-    bad = [i for i, p in enumerate(prompts) if not isinstance(p.get("prompt"), str) or "id" not in p]
-    if bad or not prompts:
-      line = bad[0] + 1 if bad else 1
-      raise HdjaxError(f"{FLAGS.prompts}: every line needs 'id' and a string 'prompt' (line {line})")
+    records = common.read_records(FLAGS.prompts)
+    common.check_records(FLAGS.prompts, records, dict(id=common.is_id, prompt=common.is_text),
+                         optional=dict(reference=common.is_string, task=common.is_string,
+                                       answer=common.is_string), unique="id")
+    prompts = [p for _, p in records]
+  if len(set(FLAGS.methods)) != len(FLAGS.methods):
+    raise HdjaxError(f"--methods must name distinct methods, got {','.join(FLAGS.methods)}")
+  opts = _lazy_options()
   import hdjax  # pylint: disable=import-outside-toplevel
   from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
   unknown = [m for m in FLAGS.methods if parse_method(m)[0] not in hdjax.METHODS]
   if unknown or not FLAGS.methods:
     raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
+  for spec in FLAGS.methods:
+    hdjax.api.check_options(parse_method(spec)[0], method_options(spec, opts))
+  common.check_output_dir(FLAGS.out_dir)
   lm = hdjax.load(FLAGS.model)
+  if lm.tokenizer is None:
+    raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; prompts are text")
   if FLAGS.build:
-    prompts = build_sets(lm, FLAGS.build, [int(x) for x in FLAGS.lengths], FLAGS.num, FLAGS.xsum, FLAGS.seed)
+    prompts = build_sets(lm, FLAGS.build, lengths, FLAGS.num, FLAGS.xsum, FLAGS.seed)
     common.write_jsonl_atomic(os.path.join(FLAGS.out_dir, "prompts.jsonl"), prompts)
   ids = {p["id"]: lm.tokenizer.apply_chat_template([{"role": "user", "content": p["prompt"]}]) for p in prompts}
-  opts = _lazy_options()
 
   def run(spec, pid, **options):
-    method, schedule = parse_method(spec)
-    extra = {**opts, **schedule} if method.startswith("lazy") or method == "full" else {}
-    return lm.generate([ids[pid]], method=method, max_new_tokens=FLAGS.max_new_tokens, **extra, **options)[0]
+    return lm.generate([ids[pid]], method=parse_method(spec)[0], max_new_tokens=FLAGS.max_new_tokens,
+                       **method_options(spec, opts), **options)[0]
 
   groups = {}
   for p in prompts:  # one warm-up prompt per compiled shape (prompt bucket of 512 and cache size)

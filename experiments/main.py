@@ -3,20 +3,24 @@ stratified Spec-Bench subset (ar, pld, hd, adadecode, hd+adadecode), a quick lon
 lazy+hd) and batched throughput (ar, hd at B = 1, 4, 8), then one compact table of the headline figures.
 
 Each stage is one of the project's launchers, run as a subprocess so its flags and outputs are the documented
-ones; results land under --out_dir.
+ones; results land under --out_dir. Runs as `python -m experiments.main` from the repository root (what `make run`
+does) or as `python experiments/main.py` from anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import subprocess
 import time
 
 from absl import flags
 
-from experiments.common import run_main
+from experiments.common import check_output_dir, run_main
 from hdjax.errors import HdjaxError
 
 _OUT = flags.DEFINE_string("out_dir", "results", "Where every stage writes its outputs.")
@@ -74,11 +78,13 @@ def report(out_dir: str) -> list[str]:
 
 def main(argv):
   del argv
-  os.makedirs(_OUT.value, exist_ok=True)
+  check_output_dir(_OUT.value)
   started = time.perf_counter()
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))))
   for title, cmd in stages(_OUT.value, _QUICK.value):
     print(f"\n=== {title}: python -m {' '.join(cmd)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", *cmd], check=False)
+    proc = subprocess.run([sys.executable, "-m", *cmd], check=False, env=env)
     if proc.returncode:
       raise HdjaxError(f"stage '{title}' failed with exit status {proc.returncode}")
   print("\n" + "\n".join(report(_OUT.value)))

@@ -3,6 +3,7 @@ order rotates per question), so that the machine's drift over a long run does no
 
   python -m experiments.specbench --questions=/work/shared/data/spec_bench/question.jsonl \
       --methods=ar,pld,hd --limit=5 --subset=stratified --max_new_tokens=256 --out_dir=results/specbench
+  python experiments/specbench.py ...     (the same, from any directory)
 
 Writes DIR/<method>.jsonl (Spec-Bench answer format plus token ids and the method's stats per turn),
 DIR/summary.json (per-category and overall speedup by Spec-Bench's rule: per-question tokens/s averaged, as a
@@ -14,13 +15,18 @@ timed runs each method generates once per distinct prompt shape (warm-up), so co
 
 from __future__ import annotations
 
-import json
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from typing import Any, Sequence
 from absl import flags
 import hdjax
 from experiments import multihost
-from experiments.common import device_name, read_jsonl, run_main, write_json_atomic, write_jsonl_atomic
+from experiments.common import (at_least, check_output_dir, device_name, parse_method_options, read_questions, require,
+                                run_main, write_json_atomic, write_jsonl_atomic)
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
@@ -29,11 +35,11 @@ from experiments.specbench_lib import select_questions, answer, warmup_prompts, 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file.")
 flags.DEFINE_string("methods", "ar,pld,hd", "Comma-separated decoding methods; `ar` is the reference.")
-flags.DEFINE_integer("limit", None, "Questions to run (default: all); with --subset=stratified, per category.")
+flags.DEFINE_integer("limit", None, "Questions to run, >= 1 (default: all); with --subset=stratified, per category.")
 flags.DEFINE_enum("subset", "first", ["first", "stratified"], "first: the first N; stratified: N per category.")
-flags.DEFINE_integer("max_new_tokens", 256, "New tokens per turn.")
-flags.DEFINE_integer("max_turns", None, "Turns per question (default: all; 1 = first turn only).")
-flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+flags.DEFINE_integer("max_new_tokens", 256, "New tokens per turn (>= 1).")
+flags.DEFINE_integer("max_turns", None, "Turns per question, >= 1 (default: all; 1 = first turn only).")
+flags.DEFINE_float("temperature", 0.0, "Finite, >= 0; 0 is greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (per question: seed + question index).")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
@@ -46,26 +52,17 @@ def main(argv: Sequence[str]) -> None:
   del argv
   info = multihost.initialize_from_flags()
   methods = [m.strip() for m in FLAGS.methods.split(",") if m.strip()]
-  if not methods:
-    raise HdjaxError("--methods is empty")
+  if not methods or len(set(methods)) != len(methods):
+    raise HdjaxError(f"--methods must name distinct methods, got {FLAGS.methods!r}")
   unknown = [m for m in methods if m not in hdjax.METHODS]
   if unknown:
     raise HdjaxError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(hdjax.METHODS))}")
-  if FLAGS.limit is not None and FLAGS.limit < 1:
-    raise HdjaxError(f"--limit must be >= 1, got {FLAGS.limit}")
-  if FLAGS.max_turns is not None and FLAGS.max_turns < 1:
-    raise HdjaxError(f"--max_turns must be >= 1, got {FLAGS.max_turns}")
-  if FLAGS.max_new_tokens < 1:
-    raise HdjaxError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
-  try:
-    method_options = json.loads(FLAGS.method_options)
-  except json.JSONDecodeError as e:
-    raise HdjaxError(f"--method_options is not valid JSON ({e.msg})") from None
-  questions = read_jsonl(FLAGS.questions)
-  bad = [n for n, q in enumerate(questions, 1) if not {"question_id", "category", "turns"} <= set(q)]
-  if bad:
-    raise HdjaxError(f"{FLAGS.questions}:{bad[0]}: a question needs question_id, category and turns")
-  questions = select_questions(questions, FLAGS.limit, FLAGS.subset)
+  require(limit=(1 if FLAGS.limit is None else FLAGS.limit, at_least(1)),
+          max_turns=(1 if FLAGS.max_turns is None else FLAGS.max_turns, at_least(1)),
+          max_new_tokens=(FLAGS.max_new_tokens, at_least(1)), temperature=(FLAGS.temperature, at_least(0)))
+  method_options = parse_method_options(FLAGS.method_options, methods)
+  questions = select_questions(read_questions(FLAGS.questions), FLAGS.limit, FLAGS.subset)
+  check_output_dir(FLAGS.out_dir)
   lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
   model_id = os.path.basename(FLAGS.model)
   for method in methods:
@@ -96,6 +93,9 @@ def main(argv: Sequence[str]) -> None:
     for method, rows in rows_by_method.items():
       write_jsonl_atomic(os.path.join(FLAGS.out_dir, f"{method}.jsonl"), rows)
   summary = summarize(rows_by_method)
+  # the draft sources each method used: a database that failed to load (warned once on stderr) is missing here
+  summary["sources"] = {m: sorted({st["sources"] for r in rows for st in r["choices"][0]["stats"] if "sources" in st})
+                        for m, rows in rows_by_method.items()}
   summary["settings"] = dict(questions=FLAGS.questions, methods=methods, limit=FLAGS.limit, subset=FLAGS.subset,
                              max_new_tokens=FLAGS.max_new_tokens, max_turns=FLAGS.max_turns,
                              temperature=FLAGS.temperature, model=FLAGS.model, dtype=FLAGS.dtype,

@@ -1,17 +1,23 @@
 """Trains AdaDecode exit heads (T_i, identity-initialised) on teacher-forced ShareGPT hidden states.
 
-  PYTHONPATH=. .venv/bin/python -m experiments.train_exit_heads --config=experiments/configs/exit_heads.py \
-      --config.steps=150
+  .venv/bin/python -m experiments.train_exit_heads --config=experiments/configs/exit_heads.py --config.steps=150
+  .venv/bin/python experiments/train_exit_heads.py --config.steps=150     (the same, from any directory)
 
 Writes `workdir/metrics.jsonl` (one line per step, plus the evaluation tables), resumable orbax checkpoints in
 `workdir/ckpt`, `workdir/summary.json` (held-out top-1 agreement of the identity head at every table layer and of
-the trained heads), and exports the final heads to `export_dir`.
+the trained heads), and exports the final heads to `export_dir`. A rerun resumes from the last checkpoint, drops
+the log lines of steps after it (a killed run logged them, the resumed run logs them again), and refuses a
+`workdir` whose run (`workdir/run.json`: model, layers and every setting that shapes the batches) differs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import time
 
 import numpy as np
@@ -20,12 +26,55 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import hdjax
-from experiments.common import run_main, write_json_atomic
+from experiments.common import at_least, check_output_dir, require, run_main, write_json_atomic
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
+from hdjax.errors import HdjaxError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/exit_heads.py", "training config")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "exit_heads.py"), "training config")
 MAX_USER_CHARS = 600
+# The settings a resumed run must share with the run that wrote its checkpoints.
+RUN_KEYS = ("model", "layers", "num_train_seqs", "seq_len", "steps", "batch", "lr", "warmup_frac", "weight_decay",
+            "seed")
+
+
+def check_run(workdir: str, run: dict) -> None:
+  """Records `run` in `workdir/run.json`, or checks that a resumed workdir holds the same run."""
+  path = os.path.join(workdir, "run.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    changed = sorted(k for k in run if saved.get(k) != run[k])
+    if changed:
+      was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+      now = ", ".join(f"{k}={run[k]!r}" for k in changed)
+      raise HdjaxError(f"{workdir} holds checkpoints of another run ({was}; now {now}): use a new workdir or "
+                       f"delete it")
+  elif os.path.isdir(os.path.join(workdir, "ckpt")) and os.listdir(os.path.join(workdir, "ckpt")):
+    raise HdjaxError(f"{workdir}/ckpt holds checkpoints of an unknown run (no run.json): use a new workdir or "
+                     f"delete it")
+  else:
+    write_json_atomic(path, run)
+
+
+def truncate_log(path: str, last_step: int) -> None:
+  """Drops the lines of steps after `last_step` (and evaluation lines) from a metrics log, atomically."""
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = [line for line in f if line.strip()]
+  keep = []
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue  # a line cut short by the kill
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+      keep.append(line)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(keep)
+  os.replace(path + ".tmp", path)
 
 
 def exchange_tokens(tok, exchanges):
@@ -42,14 +91,22 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   c = _CONFIG.value
+  counts = ("num_train_seqs", "num_eval_seqs", "seq_len", "steps", "batch", "ckpt_every")
+  require(**{f"config.{k}": (c[k], at_least(1)) for k in counts},
+          **{f"config.{k}": (c[k], at_least(0)) for k in ("lr", "warmup_frac", "weight_decay")})
+  check_output_dir(c.workdir)
+  if c.export_dir:
+    check_output_dir(c.export_dir)
   t0 = time.perf_counter()
   lm = hdjax.load(c.model, dtype="float32")
   layers = heads_lib.check_layers(lm.cfg, c.layers)
   table_layers = tuple(sorted(set(heads_lib.check_layers(lm.cfg, c.table_layers)) | set(layers)))
+  check_run(c.workdir, dict({k: c[k] for k in RUN_KEYS}, layers=list(layers)))
+  ckpt_dir = os.path.join(c.workdir, "ckpt")
+  truncate_log(os.path.join(c.workdir, "metrics.jsonl"), train.latest_step(ckpt_dir))
   exchanges = train.first_exchanges(train.sharegpt_path(), c.num_train_seqs + c.num_eval_seqs)
   seqs, starts = exchange_tokens(lm.tokenizer, exchanges)
   n_train = c.num_train_seqs
-  os.makedirs(c.workdir, exist_ok=True)
   log = open(os.path.join(c.workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   with tqdm(total=len(seqs), desc="hidden states", unit="seq") as bar:
@@ -71,7 +128,7 @@ def main(argv):
       bar.refresh()
 
     state = train.fit(lm.params, lm.cfg, train_set, steps=c.steps, batch=c.batch, lr=c.lr, warmup_frac=c.warmup_frac,
-                      weight_decay=c.weight_decay, seed=c.seed, ckpt_dir=os.path.join(c.workdir, "ckpt"),
+                      weight_decay=c.weight_decay, seed=c.seed, ckpt_dir=ckpt_dir,
                       ckpt_every=c.ckpt_every, stop_after=c.stop_after if c.stop_after > 0 else None,
                       on_step=on_step)
   if int(state.step) < c.steps:

@@ -176,6 +176,15 @@ def evaluate(params, cfg: LlamaConfig, t_idd, data: HiddenSet, chunk: int = 256)
   return dict(kl=np.mean(kls, axis=0), agree=np.mean(agrees, axis=0))
 
 
+def latest_step(ckpt_dir: str) -> int:
+  """The step of the newest checkpoint in `ckpt_dir` (0 without one)."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(ckpt_dir):
+    return 0
+  with ocp.CheckpointManager(os.path.abspath(ckpt_dir)) as mgr:
+    return mgr.latest_step() or 0
+
+
 def fit(params, cfg: LlamaConfig, data: HiddenSet, *, steps: int, batch: int, lr: float, warmup_frac: float,
         weight_decay: float, seed: int, ckpt_dir: str, ckpt_every: int, stop_after: int | None = None,
         on_step=None) -> TrainState:
@@ -192,7 +201,12 @@ def fit(params, cfg: LlamaConfig, data: HiddenSet, *, steps: int, batch: int, lr
   with ocp.CheckpointManager(os.path.abspath(ckpt_dir), options=options) as mgr:
     if mgr.latest_step() is not None:
       abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-      state = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      try:
+        state = mgr.restore(mgr.latest_step(),
+                            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+      except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many untyped errors)
+        raise HdjaxError(f"cannot resume from {ckpt_dir} step {mgr.latest_step()} with {state.t_idd.shape[0]} heads "
+                         f"of d_model={cfg.d_model} (another run's checkpoints?): {type(e).__name__}") from None
     num_rows = data.final_rd.shape[0]
     for step in range(int(state.step), steps):
       if stop_after is not None and step >= stop_after:
