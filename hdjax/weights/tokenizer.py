@@ -45,7 +45,10 @@ class HdTokenizer:
     self.chat_template = chat_template or CHAT_TEMPLATES["chatml"]
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise_template_error
-    self._template = env.from_string(self.chat_template)
+    try:
+      self._template = env.from_string(self.chat_template)
+    except jinja2.TemplateError as e:
+      raise HdjaxError(f"the chat template does not compile ({type(e).__name__}: {e})") from None
 
   @property
   def vocab_size(self) -> int:
@@ -115,10 +118,31 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]
 
 
 def from_gguf_fields(fields: dict[str, Any]) -> HdTokenizer | None:
-  """A tokenizer from `tokenizer.ggml.*` metadata, or None when the file has none."""
+  """A tokenizer from `tokenizer.ggml.*` metadata, or None when the file has none; an `HdjaxError` for metadata
+  that is missing, of the wrong type or that `tokenizers` rejects."""
   kind = fields.get("tokenizer.ggml.model")
   if kind is None:
     return None
+  tokens, merges = fields.get("tokenizer.ggml.tokens"), fields.get("tokenizer.ggml.merges", [])
+  ids = [fields.get(f"tokenizer.ggml.{k}_token_id", 0) for k in ("bos", "eos", "padding")]
+  if (not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens)
+      or not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges)
+      or not all(isinstance(i, int) and 0 <= i < len(tokens) for i in ids)
+      or not isinstance(fields.get("tokenizer.chat_template", ""), str)):
+    raise HdjaxError("GGUF tokenizer metadata is missing or malformed (tokens, merges, special token ids or chat "
+                     "template)")
+  try:
+    return _gguf_tokenizer(fields, kind)
+  except (KeyError, TypeError, ValueError, IndexError) as e:
+    raise HdjaxError(f"GGUF tokenizer metadata is malformed ({type(e).__name__}: {e})") from None
+  except HdjaxError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (tokenizers raises its own untyped Exception)
+    raise HdjaxError(f"GGUF tokenizer metadata is rejected by tokenizers ({str(e).splitlines()[0] if str(e) else e!r})"
+                     ) from None
+
+
+def _gguf_tokenizer(fields: dict[str, Any], kind: str) -> HdTokenizer:
   tokens = list(fields["tokenizer.ggml.tokens"])
   types = list(fields.get("tokenizer.ggml.token_type", [1] * len(tokens)))
   vocab = {t: i for i, t in enumerate(tokens)}
