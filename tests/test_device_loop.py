@@ -14,7 +14,6 @@ from hdjax.decoding.tree import build_tree, device_tree
 from hdjax.drafting import device_ngram
 from hdjax.drafting.context_db import NgramConfig, NgramDrafter, context_drafter
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
-from hdjax.errors import HdjaxError
 from tests.conftest import make_tiny_lm
 from tests.test_speculative import REPETITIVE
 
@@ -165,11 +164,11 @@ def test_recompiles_are_bounded(lm):
   assert ar.TRACE_COUNTS["device_loop"] == before  # the warm-up traced the one loop all of these use
 
 
-def test_unsupported_options_are_errors(lm):
-  with pytest.raises(HdjaxError, match="pld_host"):
-    lm.generate([REPETITIVE], method="pld", max_new_tokens=4, adaptive=True)
-  with pytest.raises(HdjaxError, match="hd_context_host"):
-    lm.generate([REPETITIVE], method="hd_context", max_new_tokens=4, order="context,stats")
+def test_host_only_options_run_the_host_loop(lm):
+  ref = lm.generate(PROMPTS[:1], max_new_tokens=26)[0].token_ids
+  for method, options in (("pld", dict(adaptive=True)), ("hd_context", dict(order="context,pld"))):
+    out = lm.generate(PROMPTS[:1], method=method, max_new_tokens=26, **options)[0]
+    assert out.stats["engine"] == "host" and out.token_ids == ref
 
 
 def chat(lm, texts):

@@ -57,7 +57,7 @@ def eos_lm():
   return make_tiny_lm(eos_ids=(ids[6],))
 
 
-@pytest.mark.parametrize("method", ["pld", "hd_context"])
+@pytest.mark.parametrize("method", ["pld_host", "hd_context_host"])  # the host loops (device: test_device_loop.py)
 @pytest.mark.parametrize("max_new", [1, 7, 40])
 def test_registered_methods_equal_ar(lm, method, max_new):
   prompts = [REPETITIVE, REPETITIVE[:17], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -118,8 +118,8 @@ def test_adversarial_trees_never_change_greedy_output(lm, kind, seed, depth, buc
 def test_recompiles_are_bounded(lm):
   before = ar.TRACE_COUNTS["verify_step"]
   for n, prompt in enumerate([REPETITIVE[:20], REPETITIVE[:15], REPETITIVE[3:20], [7, 7, 7, 7]]):
-    lm.generate([prompt], method="hd_context", max_new_tokens=21 + n)
-  lm.generate([REPETITIVE[:20]], method="hd_context", max_new_tokens=24, warmup=True)
+    lm.generate([prompt], method="hd_context_host", max_new_tokens=21 + n)
+  lm.generate([REPETITIVE[:20]], method="hd_context_host", max_new_tokens=24, warmup=True)
   # one cache size (64 slots), one batch size, one depth: at most one trace per bucket
   assert ar.TRACE_COUNTS["verify_step"] - before <= len(SpecConfig().buckets)
 
@@ -171,7 +171,7 @@ def test_real_model_greedy_equals_ar(smollm):
       "Write a Python function that returns the square of a number.")]
   refs = [smollm.generate([p], max_new_tokens=48)[0].token_ids for p in prompts]
   taus = []
-  for method in ["pld", "hd_context"]:
+  for method in ["pld_host", "hd_context_host"]:  # the host loops (device: test_device_loop.py)
     for prompt, ref in zip(prompts, refs):
       out = smollm.generate([prompt], method=method, max_new_tokens=48)[0]
       assert out.token_ids == ref, (method, smollm.tokenizer.decode(ref))

@@ -14,7 +14,8 @@ each. `stats["host_syncs"]` counts them.
 
 Methods: `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens) and `hd_context` (HD's context
 database alone: keys of 2 then 1 tokens, up to 7 chains of 4). The host loops stay registered as `pld_host`
-and `hd_context_host`, the reference for identity tests and speed comparisons.
+and `hd_context_host`, the reference for identity tests and speed comparisons; a request with an option that
+only the host loop has (`adaptive`, another `order`) runs there.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.sampling import SamplingConfig, select_token
-from hdjax.decoding.speculative import HD_DEFAULTS, PLD_DEFAULTS, SpecConfig
+from hdjax.decoding.speculative import HD_DEFAULTS, PLD_DEFAULTS, SpecConfig, spec_method
 from hdjax.decoding.tree import device_tree, truncate_tree
 from hdjax.decoding.verify import verify_tree
 from hdjax.drafting.context_db import NgramConfig, context_drafter
@@ -130,8 +131,7 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
   n-gram drafter that this loop's device drafter reproduces."""
   cfg, spec = lm.cfg, defaults.with_options(request)
   if spec.adaptive:
-    raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available; "
-                     f"use {method}_host")
+    raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
   dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
                      spec.max_depth)
   num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
@@ -197,11 +197,13 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
 
 def device_method(method: str, host_drafter: Callable[[], NgramConfig], defaults: SpecConfig, source: str,
                   prefill: Prefill = full_prefill) -> api.Method:
+  """`method` on the device. Options only the host loop has (`adaptive` tree sizes, another source `order`) run
+  the host loop instead (`stats["engine"]` says which ran)."""
+  host_loop = spec_method(method, prefill)
+
   def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
-    order = request.option("order", source)
-    if order != source:
-      raise HdjaxError(f"method {method!r} runs on the device with the {source!r} source only (order={order!r}); "
-                       f"use {method}_host for other orders")
+    if request.option("adaptive", False) or request.option("order", source) != source:
+      return host_loop(lm, request)
     results = device_generate(lm, request, method, host_drafter(), defaults, prefill)
     for r in results:
       r.stats["sources"] = source
