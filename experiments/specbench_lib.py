@@ -78,6 +78,8 @@ def answer_row(q: dict[str, Any], method: str, model_id: str, turns: list[tuple[
                ) -> dict[str, Any]:
   choice = dict(index=0, turns=[r.text for r, _ in turns], new_tokens=[len(r.token_ids) for r, _ in turns],
                 wall_time=[w for _, w in turns], decoding_steps=[r.stats["steps"] for r, _ in turns],
+                # device-to-host waits while decoding, per turn (None where a method does not count them)
+                host_syncs=[r.stats.get("host_syncs") for r, _ in turns],
                 accept_lengths=[a for r, _ in turns for a in r.stats["accept_lengths"]],
                 token_ids=[r.token_ids for r, _ in turns], stats=[jsonable(r.stats) for r, _ in turns])
   return dict(question_id=q["question_id"], category=spec_bench_category(q["category"]), method=method,
