@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import numpy as np
@@ -190,3 +191,24 @@ def test_spec_bench_questions_greedy_equal_ar(smollm):
     ref = smollm.generate([prompt], max_new_tokens=64)[0].token_ids
     for method in ["pld", "hd_context", "hd", "hd+adadecode"]:
       assert smollm.generate([prompt], method=method, max_new_tokens=64)[0].token_ids == ref, method
+
+
+def test_each_row_of_a_batch_teaches_the_model_database_its_own_ngrams():
+  """The online model database learns a batch's rows as separate sequences: exactly the n-grams of each row's
+  output, never one that spans two rows (one ModelDB shared by every row once mixed them, e.g. (11 -> 21))."""
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from hdjax.api import LM  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  from hdjax.drafting.model_db import ModelDB, count_ngrams  # pylint: disable=import-outside-toplevel
+  base = make_tiny_lm()
+  lm = LM(base.cfg, base.params, SimpleNamespace(identity="tiny-test", decode=lambda ids: ""), name="tiny")
+  db = ModelDB()
+  with speculative.database_scope("row-isolation"):
+    speculative._LOADED[("model", "tiny-test", "row-isolation")] = db  # pylint: disable=protected-access
+    try:
+      out = lm.generate([REPETITIVE[:20], [3, 1, 4, 1, 5, 9, 2, 6]], method="hd_model", max_new_tokens=12)
+    finally:
+      speculative._LOADED.pop(("model", "tiny-test", "row-isolation"))  # pylint: disable=protected-access
+  want = sum((count_ngrams(o.token_ids, db.config.key_orders, db.config.continuation) for o in out),
+             collections.Counter())
+  assert {(key, cont): n for key, cont, n in db.entries()} == dict(want)

@@ -265,7 +265,8 @@ def database_scope(name: str) -> Iterator[None]:
 
 def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
   """A source backed by a persisted database (`ModelDB` / `StatsDB` under checkpoints/hd), loaded once per
-  tokenizer and shared across requests (the model database learns online from each finished request)."""
+  tokenizer and shared across requests (the model database learns online from each finished sequence, through
+  one `ModelDBSession` per sequence)."""
 
   def make(lm: api.LM, spec: SpecConfig) -> Drafter:
     del spec
@@ -278,7 +279,8 @@ def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
       else:
         from hdjax.drafting.stats_db import StatsDB as db_class  # pylint: disable=import-outside-toplevel
       _LOADED[cache_key] = db_class.load(lm.tokenizer)
-    return _LOADED[cache_key]
+    # the model database learns online: every sequence gets its own view, which folds in only its own tokens
+    return _LOADED[cache_key].session() if kind == "model" else _LOADED[cache_key]
 
   return make
 

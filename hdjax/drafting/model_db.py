@@ -129,6 +129,11 @@ class ModelDB(store.PersistedDB):
       self.add_sequence(self._generated)
     self._generated = []
 
+  def session(self) -> "ModelDBSession":
+    """A `Drafter` for one sequence over this table. Each row of a batch needs its own: the rows of one batch
+    sharing this object's generated tokens once taught the table n-grams that spanned two rows."""
+    return ModelDBSession(self)
+
   # Persistence.
   def to_arrays(self) -> dict[str, np.ndarray]:
     """Keys [E, max order] and continuations [E, continuation], -1 padded, with counts [E]; one row per entry."""
@@ -158,6 +163,32 @@ class ModelDB(store.PersistedDB):
     """Prunes to the budget, then writes atomically (to `checkpoints/hd/model_db.npz` by default)."""
     self.prune()
     super().save(path)
+
+
+class ModelDBSession:
+  """One sequence's `Drafter` view of a shared `ModelDB`: drafts from the shared table, keeps its own generated
+  tokens and folds them in at `finish` (rows finish in order, each as its own sequence)."""
+
+  name = "model"
+
+  def __init__(self, db: ModelDB):
+    self.db = db
+    self._generated: list[int] = []
+
+  def start(self, prompt: Sequence[int]) -> None:
+    del prompt  # like `ModelDB.start`: the table learns model outputs only
+    self._generated = []
+
+  def extend(self, tokens: Sequence[int]) -> None:
+    self._generated.extend(int(t) for t in tokens)
+
+  def draft(self, context: Sequence[int], max_chains: int, depth: int) -> list[list[int]]:
+    return self.db.draft(context, max_chains, depth)
+
+  def finish(self) -> None:
+    if self._generated:
+      self.db.add_sequence(self._generated)
+    self._generated = []
 
 
 def check_arrays(arrays: dict[str, np.ndarray]) -> None:
