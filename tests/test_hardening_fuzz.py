@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import hdjax
 from hdjax.weights import convert, gguf
@@ -56,6 +56,12 @@ def test_the_unfuzzed_file_loads(tmp_path_factory):
        # half the flips land in the first 2 KiB (header, metadata, tensor infos), the rest anywhere
        flips=st.lists(st.tuples(st.one_of(st.integers(0, 2047), st.integers(0, 1 << 16)), st.integers(1, 255)),
                       max_size=4))
+# Inputs a longer run found (each used to end in a raw exception): a tensor shape that disagrees with the config
+# (ValueError in the RoPE unpermute), tokenizer keys renamed (KeyError), invalid UTF-8 in metadata strings.
+@example(cut=0, truncate=False, flips=[(288, 22), (7421, 4)])
+@example(cut=0, truncate=False, flips=[(709, 46), (2318, 211)])
+@example(cut=0, truncate=False, flips=[(1224, 54), (358, 75)])
+@example(cut=0, truncate=False, flips=[(1371, 246), (12710, 158)])
 def test_truncated_or_flipped_gguf_is_an_error_or_a_load(tmp_path_factory, cut, flips, truncate):
   data = bytearray(small_gguf(str(tmp_path_factory.getbasetemp())))
   for where, xor in flips:
