@@ -64,7 +64,10 @@ def restore_params(path: str, shardings=None) -> tuple[LlamaConfig, Params]:
   except Exception as e:  # pylint: disable=broad-except  (orbax and tensorstore raise many untyped errors)
     raise HdjaxError(f"cannot restore the params of {path} for its config (partial or corrupt checkpoint?): "
                      f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-  for key_path, x in jax.tree_util.tree_leaves_with_path(params):
+  for (key_path, x), want in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(target)):
+    name = jax.tree_util.keystr(key_path)
+    if x.shape != want.shape:  # orbax may restore a saved array of another shape without complaint
+      raise HdjaxError(f"tensor {name} of {path} has shape {x.shape}, its config needs {want.shape}")
     if not bool(jax.numpy.isfinite(x).all()):
-      raise HdjaxError(f"tensor {jax.tree_util.keystr(key_path)} of {path} holds non-finite values (NaN/inf)")
+      raise HdjaxError(f"tensor {name} of {path} holds non-finite values (NaN/inf)")
   return cfg, params
