@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # started as `python experiments/X.py`: make the 
 from absl import flags
 from experiments import common
 from hdjax.errors import HdjaxError
-from experiments.longctx_lib import build_sets, parse_method, summarize, plot
+from experiments.longctx_lib import build_sets, check_build, parse_method, summarize, plot
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompts", None, "JSONL of {id, prompt, reference?, task?, answer?}")
@@ -80,6 +80,8 @@ def main(argv):
                          optional=dict(reference=common.is_string, task=common.is_string,
                                        answer=common.is_string), unique="id")
     prompts = [p for _, p in records]
+  else:
+    check_build(FLAGS.build, FLAGS.xsum)
   if len(set(FLAGS.methods)) != len(FLAGS.methods):
     raise HdjaxError(f"--methods must name distinct methods, got {','.join(FLAGS.methods)}")
   opts = _lazy_options()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import random
 import re
 import statistics
@@ -72,10 +73,16 @@ def build_multidoc(lm, articles, limit: int, rng: random.Random, idx: int) -> di
               reference=docs[target]["summary"], n_docs=fitted)
 
 
-def build_sets(lm, tasks, lengths, num, xsum, seed) -> list[dict]:
+def check_build(tasks, xsum) -> None:
+  """The --build sets are known and the XSum file exists (checked before the model loads)."""
   unknown = set(tasks) - set(TASKS)
   if unknown:
     raise HdjaxError(f"unknown --build set(s) {sorted(unknown)}; known: {', '.join(TASKS)}")
+  if not os.path.isfile(xsum):
+    raise HdjaxError(f"file not found: {xsum} (--xsum, needed by --build)")
+
+
+def build_sets(lm, tasks, lengths, num, xsum, seed) -> list[dict]:
   articles = _articles(xsum)
   rows = []
   for task in tasks:

@@ -148,8 +148,8 @@ class LM:
     if not is_int(max_new_tokens) or max_new_tokens < 1:
       raise HdjaxError(f"max_new_tokens must be >= 1 (an integer), got {max_new_tokens!r}")
     self._check_sampling(temperature, top_k, top_p)
-    if not is_int(seed):
-      raise HdjaxError(f"seed must be an integer, got {seed!r}")
+    if not is_int(seed) or not -2 ** 63 <= seed < 2 ** 63:
+      raise HdjaxError(f"seed must be an integer in [-2**63, 2**63), got {seed!r}")
     check_options(method, options)
     if isinstance(prompts, (str, bytes)) or not isinstance(prompts, (Sequence, np.ndarray)) or len(prompts) == 0:
       raise HdjaxError("prompts must be a non-empty list of token-id lists")

@@ -44,6 +44,7 @@ def small():
     (dict(top_k=10_000), "bad sampling"),  # larger than the vocabulary
     (dict(top_k=2.5), "bad sampling"),
     (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=2 ** 64), "seed must be an integer"),
     (dict(max_new_tokens=2.0), "max_new_tokens"),
     (dict(chunk_tokens=0), "chunk_tokens must be >= 1"),
     (dict(chunk_tokens=-3), "chunk_tokens must be >= 1"),

@@ -122,6 +122,14 @@ def test_output_paths_are_checked_before_work(tmp_path):
   assert os.listdir(tmp_path / "new" / "dir") == []  # the probe file is gone
 
 
+def test_longctx_build_inputs_are_checked_before_the_model_loads(tmp_path):
+  from experiments import longctx_lib  # pylint: disable=import-outside-toplevel
+  with pytest.raises(HdjaxError, match="unknown --build set"):
+    longctx_lib.check_build(["passkey", "nope"], str(tmp_path))
+  with pytest.raises(HdjaxError, match="file not found"):
+    longctx_lib.check_build(["passkey"], str(tmp_path / "missing.jsonl"))
+
+
 # ------------------------------------------------------------------------------------------------ launchers
 def test_every_launcher_bootstraps_the_repository_path():
   """`python experiments/X.py` has only experiments/ on sys.path: each launcher adds the repository root
