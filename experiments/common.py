@@ -120,7 +120,7 @@ def describe(check: Callable[[Any], bool]) -> str:
 
 
 def is_id(x: Any) -> bool:
-  """a string or an integer"""
+  """a non-empty string or an integer"""
   return (isinstance(x, str) and bool(x.strip())) or (isinstance(x, int) and not isinstance(x, bool))
 
 

@@ -14,7 +14,8 @@ from tests.conftest import make_tiny_lm
 
 SMALL = dict(vocab_size=32, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, ffn_dim=64, max_seq_len=64)
 TOKENIZER = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "default",
-             "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(26)] + ["ab", "ba", "<s>", "</s>", "<pad>", " "],
+             "tokenizer.ggml.tokens": [chr(ord("a") + i) for i in range(26)] + ["ab", "ba", "<s>", "</s>", "<pad>",
+                                                                                  " "],
              "tokenizer.ggml.token_type": [1] * 28 + [3, 3, 3, 1], "tokenizer.ggml.merges": ["a b", "b a"],
              "tokenizer.chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"}
 

@@ -16,8 +16,14 @@ from experiments import common
 from hdjax.errors import HdjaxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAUNCHERS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments"))
-                   if f.endswith(".py") and "__main__" in open(os.path.join(ROOT, "experiments", f), encoding="utf-8").read())
+def _is_launcher(fname: str) -> bool:
+  if not fname.endswith(".py"):
+    return False
+  with open(os.path.join(ROOT, "experiments", fname), encoding="utf-8") as f:
+    return 'if __name__ == "__main__":' in f.read()
+
+
+LAUNCHERS = sorted(f[:-3] for f in os.listdir(os.path.join(ROOT, "experiments")) if _is_launcher(f))
 BOOTSTRAP = "if __package__ in (None, \"\"):"
 # Owned by other work in progress; they need the same two lines (see experiments/common.py).
 NOT_YET = {"bench_steps", "bench_prefill"}
