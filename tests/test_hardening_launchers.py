@@ -197,3 +197,17 @@ def test_resumed_training_log_keeps_one_line_per_step(tmp_path):
   (tmp_path / "other" / "ckpt" / "3").mkdir(parents=True)
   with pytest.raises(HdjaxError, match="unknown run"):
     train_exit_heads.check_run(str(tmp_path / "other"), run)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_training_logs_each_step_once(tmp_path):
+  """The real launcher (SmolLM2, a few ShareGPT exchanges): stop after step 3 (checkpoint at 2), resume to 4."""
+  args = [f"--config.workdir={tmp_path}", "--config.num_train_seqs=4", "--config.num_eval_seqs=6", "--config.steps=4",
+          "--config.ckpt_every=2", "--config.batch=8", "--config.layers=(6,)", "--config.table_layers=(6,)",
+          "--config.export_dir="]
+  for stop_after in (3, -1):
+    proc = launch("train_exit_heads", *args, f"--config.stop_after={stop_after}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4] and "eval" in rows[-1]
+  assert_one_error(launch("train_exit_heads", *args, "--config.layers=(8,)"), "holds checkpoints of another run")
