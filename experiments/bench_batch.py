@@ -42,8 +42,8 @@ flags.DEFINE_string("out", "results/bench_batch.json", "Output JSON (the plot go
 FLAGS = flags.FLAGS
 
 
-def batch_prompts(lm: hdjax.LM, questions: list[dict], batch: int, categories: list[str]) -> list[list[int]]:
-  """First turns of `batch` questions taken round-robin over Spec-Bench's categories (or the given ones)."""
+def batch_questions(questions: list[dict], batch: int, categories: list[str]) -> list[dict]:
+  """`batch` questions taken round-robin over Spec-Bench's categories (or the given ones)."""
   by_category = collections.defaultdict(list)
   for q in questions:
     if not categories or spec_bench_category(q["category"]) in categories:
@@ -51,8 +51,7 @@ def batch_prompts(lm: hdjax.LM, questions: list[dict], batch: int, categories: l
   if sum(map(len, by_category.values())) < batch:
     raise HdjaxError(f"only {sum(map(len, by_category.values()))} questions in categories {categories}, need {batch}")
   round_robin = [q for group in itertools.zip_longest(*by_category.values()) for q in group if q is not None]
-  return [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
-          for q in round_robin[:batch]]
+  return round_robin[:batch]
 
 
 def timed(lm: hdjax.LM, method: str, prompts: list[list[int]], max_new: int, repeats: int
@@ -92,11 +91,12 @@ def main(argv):
     raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
   require(max_new_tokens=(FLAGS.max_new_tokens, at_least(1)), repeats=(FLAGS.repeats, at_least(1)))
   questions = read_questions(FLAGS.questions)
+  chosen = {batch: batch_questions(questions, batch, FLAGS.categories) for batch in batches}
   check_output_file(FLAGS.out)
   lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
   rows = []
   for batch in batches:
-    prompts = batch_prompts(lm, questions, batch, FLAGS.categories)
+    prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in chosen[batch]]
     ar_wall, ar_res = timed(lm, "ar", prompts, FLAGS.max_new_tokens, FLAGS.repeats)
     ar_tokens = sum(len(r.token_ids) - 1 for r in ar_res)  # the first token comes from the prefill
     rows.append(dict(method="ar", batch=batch, decode_s=ar_wall, new_tokens=ar_tokens,
