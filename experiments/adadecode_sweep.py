@@ -92,7 +92,7 @@ def main(argv):
   qs = select_questions(F.questions, F.per_category, set(F.categories))
   if not qs:
     raise HdjaxError(f"no questions in categories {F.categories} of {F.questions}")
-  check_output_dir(F.out_dir)
+  check_output_dir(F.out_dir, ["runs.jsonl", "summary.json", "gamma_sweep.png"])
   lm = hdjax.load("smollm2-135m", dtype="float32")
   trained = decode.select_heads(lm.cfg, load_heads(F.heads, lm.cfg), head_layers)
   prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]

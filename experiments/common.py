@@ -183,8 +183,9 @@ def parse_method_options(text: str, methods: Sequence[str]) -> dict[str, dict[st
   return options
 
 
-def check_output_dir(path: str) -> None:
-  """Creates `path` and proves it writable (a probe file), before any model work; an `HdjaxError` otherwise."""
+def check_output_dir(path: str, files: Iterable[str] = ()) -> None:
+  """Creates `path` and proves it writable (a probe file), and that none of the `files` it will hold is a directory,
+  before any model work; an `HdjaxError` otherwise."""
   if not path:
     raise HdjaxError("the output directory is empty")
   try:
@@ -195,6 +196,9 @@ def check_output_dir(path: str) -> None:
     raise HdjaxError(f"output directory {path} is a file (or lies under one)") from None
   except OSError as e:
     raise HdjaxError(f"output directory {path} is not writable ({e.strerror})") from None
+  taken = [f for f in files if os.path.isdir(os.path.join(path, f))]
+  if taken:
+    raise HdjaxError(f"output file {os.path.join(path, taken[0])} is a directory")
 
 
 def check_output_file(path: str) -> None:

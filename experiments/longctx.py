@@ -92,7 +92,8 @@ def main(argv):
     raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
   for spec in FLAGS.methods:
     hdjax.api.check_options(parse_method(spec)[0], method_options(spec, opts))
-  common.check_output_dir(FLAGS.out_dir)
+  common.check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in FLAGS.methods] + ["summary.json", "ttft.png",
+                                                                                  "prompts.jsonl"])
   lm = hdjax.load(FLAGS.model)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; prompts are text")

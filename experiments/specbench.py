@@ -62,7 +62,8 @@ def main(argv: Sequence[str]) -> None:
           max_new_tokens=(FLAGS.max_new_tokens, at_least(1)), temperature=(FLAGS.temperature, at_least(0)))
   method_options = parse_method_options(FLAGS.method_options, methods)
   questions = select_questions(read_questions(FLAGS.questions), FLAGS.limit, FLAGS.subset)
-  check_output_dir(FLAGS.out_dir)
+  check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in methods] + ["summary.json", "speedup.png",
+                                                                     "accept_lengths.png"])
   lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
   model_id = os.path.basename(FLAGS.model)
   for method in methods:

@@ -94,7 +94,7 @@ def main(argv):
   counts = ("num_train_seqs", "num_eval_seqs", "seq_len", "steps", "batch", "ckpt_every")
   require(**{f"config.{k}": (c[k], at_least(1)) for k in counts},
           **{f"config.{k}": (c[k], at_least(0)) for k in ("lr", "warmup_frac", "weight_decay")})
-  check_output_dir(c.workdir)
+  check_output_dir(c.workdir, ["metrics.jsonl", "summary.json", "run.json"])
   if c.export_dir:
     check_output_dir(c.export_dir)
   t0 = time.perf_counter()

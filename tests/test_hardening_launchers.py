@@ -126,6 +126,9 @@ def test_output_paths_are_checked_before_work(tmp_path):
     common.check_output_file(str(tmp_path))
   common.check_output_dir(str(tmp_path / "new" / "dir"))
   assert os.listdir(tmp_path / "new" / "dir") == []  # the probe file is gone
+  (tmp_path / "new" / "dir" / "ar.jsonl").mkdir()
+  with pytest.raises(HdjaxError, match="ar.jsonl is a directory"):
+    common.check_output_dir(str(tmp_path / "new" / "dir"), ["summary.json", "ar.jsonl"])
 
 
 def test_longctx_build_inputs_are_checked_before_the_model_loads(tmp_path):
