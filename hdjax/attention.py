@@ -57,21 +57,40 @@ def prefix_plus_block_mask(prefix_len_b: jax.Array, block_mask_btt: jax.Array, c
   return (offset < 0) | (in_block & block)
 
 
-def dense_attention(q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array, mask_bts: jax.Array
-                    ) -> jax.Array:
-  """Attention of T queries over S cache slots under a boolean mask; returns [B, T, N, H] fp32.
+def _block_step(carry, q_btkgh, keys_bekh, values_bekh, mask_bte):
+  """One block of E keys into an online softmax. carry: running max and sum [B, K, G, T] and the weighted sum of
+  values [B, K, G, T, H], all fp32. A block whose keys are all masked leaves the carry bitwise unchanged."""
+  max_bkgt, sum_bkgt, acc_bkgth = carry
+  low = jnp.finfo(jnp.float32).min
+  # [B, K, G, T, E]
+  logits = jnp.einsum("BTKGH,BEKH->BKGTE", q_btkgh, keys_bekh, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask_bte[:, None, None], logits * q_btkgh.shape[-1] ** -0.5, low)
+  new_max = jnp.maximum(max_bkgt, jnp.max(logits, axis=-1))
+  probs = jnp.where(mask_bte[:, None, None], jnp.exp(logits - new_max[..., None]), 0.0)
+  scale = jnp.exp(max_bkgt - new_max)
+  acc_bkgth = acc_bkgth * scale[..., None] + jnp.einsum(
+      "BKGTE,BEKH->BKGTH", probs.astype(values_bekh.dtype), values_bekh, preferred_element_type=jnp.float32)
+  return new_max, sum_bkgt * scale + jnp.sum(probs, axis=-1), acc_bkgth
 
-  Both contractions take their inputs in the cache's dtype and accumulate in fp32; the softmax is fp32."""
+
+def _online_init(b: int, k: int, g: int, t: int, h: int):
+  return (jnp.full((b, k, g, t), jnp.finfo(jnp.float32).min), jnp.zeros((b, k, g, t)), jnp.zeros((b, k, g, t, h)))
+
+
+def _online_result(carry) -> jax.Array:
+  """[B, T, K, G, H]: the softmax-weighted values (zeros for a query that saw no key)."""
+  _, sum_bkgt, acc_bkgth = carry
+  return (acc_bkgth / jnp.maximum(sum_bkgt, jnp.finfo(jnp.float32).tiny)[..., None]).transpose(0, 3, 1, 2, 4)
+
+
+def attend(q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+  """Attention of T queries over S cache slots under a boolean mask; returns [B, T, N, H] fp32 (one block of the
+  online softmax holding every slot). Both contractions take the cache's dtype and accumulate in fp32."""
   b, t, n, h = q_btnh.shape
   k = keys_bskh.shape[2]
   q_btkgh = q_btnh.reshape(b, t, k, n // k, h).astype(keys_bskh.dtype)
-  # [B, K, G, T, S]
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q_btkgh, keys_bskh, preferred_element_type=jnp.float32) * h ** -0.5
-  logits = jnp.where(mask_bts[:, None, None], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(values_bskh.dtype)
-  # [B, T, K, G, H]
-  out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values_bskh, preferred_element_type=jnp.float32)
-  return out.reshape(b, t, n, h)
+  carry = _block_step(_online_init(b, k, n // k, t, h), q_btkgh, keys_bskh, values_bskh, mask_bts)
+  return _online_result(carry).reshape(b, t, n, h)
 
 
 def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btkh: jax.Array,
@@ -101,28 +120,16 @@ def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btk
   v_jbckh = values_btkh.reshape(b, blocks, c, k, h).swapaxes(0, 1)
   pos_jbc = positions_bt.reshape(b, blocks, c).swapaxes(0, 1)
   valid_jbc = valid_bt.reshape(b, blocks, c).swapaxes(0, 1)
-  low = jnp.finfo(jnp.float32).min
 
   def query_block(_, xs):
     i, q_bckgh, qpos_bc = xs
 
     def key_block(j, carry):
-      max_bkgc, sum_bkgc, acc_bkgch = carry
-      # [B, K, G, C, E]: E the block's keys
-      logits = jnp.einsum("BCKGH,BEKH->BKGCE", q_bckgh, k_jbckh[j], preferred_element_type=jnp.float32) * h ** -0.5
       mask_bce = (pos_jbc[j][:, None, :] <= qpos_bc[:, :, None]) & valid_jbc[j][:, None, :]
-      logits = jnp.where(mask_bce[:, None, None], logits, low)
-      new_max = jnp.maximum(max_bkgc, jnp.max(logits, axis=-1))
-      probs = jnp.where(mask_bce[:, None, None], jnp.exp(logits - new_max[..., None]), 0.0)
-      scale = jnp.exp(max_bkgc - new_max)
-      acc_bkgch = acc_bkgch * scale[..., None] + jnp.einsum(
-          "BKGCE,BEKH->BKGCH", probs.astype(dtype), v_jbckh[j], preferred_element_type=jnp.float32)
-      return new_max, sum_bkgc * scale + jnp.sum(probs, axis=-1), acc_bkgch
+      return _block_step(carry, q_bckgh, k_jbckh[j], v_jbckh[j], mask_bce)
 
-    init = (jnp.full((b, k, g, c), low), jnp.zeros((b, k, g, c)), jnp.zeros((b, k, g, c, h)))
-    _, sum_bkgc, acc_bkgch = jax.lax.fori_loop(0, i + 1, key_block, init)
-    out_bkgch = acc_bkgch / jnp.maximum(sum_bkgc, jnp.finfo(jnp.float32).tiny)[..., None]
-    return None, out_bkgch.transpose(0, 3, 1, 2, 4).reshape(b, c, n, h)
+    out_bckgh = _online_result(jax.lax.fori_loop(0, i + 1, key_block, _online_init(b, k, g, c, h)))
+    return None, out_bckgh.reshape(b, c, n, h)
 
   _, out_ibcnh = jax.lax.scan(query_block, None, (jnp.arange(blocks), q_ibckgh, pos_jbc))
   return out_ibcnh.swapaxes(0, 1).reshape(b, t, n, h)

@@ -45,7 +45,8 @@ class LlamaConfig:
   dtype: str = "float32"  # weights and the inputs of weight contractions; every contraction accumulates in fp32,
   #                         and the residual stream, norms, RoPE and softmax stay fp32
   cache_dtype: str = "float32"  # the KV cache and the inputs of attention's two contractions
-  min_rows: int = 1  # a step of fewer rows runs padded to this many (a 1-row bf16 dot is slow on XLA:CPU)
+  row_multiple: int = 1  # a step's rows run padded to a multiple of this (XLA:CPU's bf16 dots are slow on one row
+  #                        and round a row differently when it falls in a remainder block)
   untie_head: bool = False  # a tied LM head also kept as its own [D, V] copy (the layout a bf16 CPU dot wants)
 
   def __post_init__(self):

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from hdjax import sharding
-from hdjax.attention import apply_rope, blocked_causal_attention, dense_attention, rope_sin_cos
+from hdjax.attention import apply_rope, attend, blocked_causal_attention, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.kvcache import KVCache
 
@@ -91,14 +91,14 @@ class DecoderLayer(nn.Module):
     return h_btd + contract("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_fd)
 
   def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbskh, v_lbskh, slots_bt, layer_idx):
-    """Fewer than `cfg.min_rows` rows run padded (pad rows see nothing and write nothing)."""
-    t, rows = h_btd.shape[1], self.cfg.min_rows
-    h_btd, sin_bth, cos_bth = (pad_rows(x, rows) for x in (h_btd.astype(jnp.float32), sin_bth, cos_bth))
-    mask_bts, slots_bt = pad_rows(mask_bts, rows, False), pad_rows(slots_bt, rows, k_lbskh.shape[2])
+    """Rows run padded to a multiple of `cfg.row_multiple` with copies of the last row (which write its K/V again)."""
+    t, rows = h_btd.shape[1], self.cfg.row_multiple
+    h_btd, sin_bth, cos_bth, mask_bts, slots_bt = (
+        pad_rows(x, rows) for x in (h_btd.astype(jnp.float32), sin_bth, cos_bth, mask_bts, slots_bt))
     q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
     k_lbskh, v_lbskh = write_kv(k_lbskh, v_lbskh, layer_idx, slots_bt, k_btkh, v_btkh)
-    attn_btnh = dense_attention(q_btnh, k_lbskh[layer_idx], v_lbskh[layer_idx], mask_bts)
-    return self.finish(h_btd, attn_btnh)[:, :t], k_lbskh, v_lbskh
+    attn_btnh = attend(q_btnh, k_lbskh[layer_idx], v_lbskh[layer_idx], mask_bts)
+    return unpad_rows(self.finish(h_btd, attn_btnh), t), k_lbskh, v_lbskh
 
 
 class Embedder(nn.Module):
@@ -124,12 +124,12 @@ class Embedder(nn.Module):
     return self.final_norm(h_btd)
 
   def decode(self, x_btd):
-    """Logits [B, T, V] in fp32 from already-normalized hidden states (rows padded to `cfg.min_rows`)."""
+    """Logits [B, T, V] in fp32 from already-normalized hidden states (rows padded to `cfg.row_multiple`)."""
     t = x_btd.shape[1]
-    x_btd = pad_rows(x_btd, self.cfg.min_rows)
+    x_btd = pad_rows(x_btd, self.cfg.row_multiple)
     if has_head_dv(self.cfg):
-      return contract("BTD,DV->BTV", x_btd, self.lm_head_dv)[:, :t]
-    return contract("BTD,VD->BTV", x_btd, self.embedding_vd)[:, :t]
+      return unpad_rows(contract("BTD,DV->BTV", x_btd, self.lm_head_dv), t)
+    return unpad_rows(contract("BTD,VD->BTV", x_btd, self.embedding_vd), t)
 
   def __call__(self, tokens_bt):
     h = self.encode(tokens_bt)
@@ -151,14 +151,22 @@ def tie_head_copy(cfg: LlamaConfig, params: Params) -> Params:
   return dict(params, embedder=embedder)
 
 
-def pad_rows(x_bt: jax.Array, min_rows: int, value=0) -> jax.Array:
-  """`x` with its axis 1 padded up to `min_rows` entries of `value` (unchanged when it has enough)."""
-  t = x_bt.shape[1]
-  if t >= min_rows:
+def pad_rows(x_bt: jax.Array, multiple: int, value=None) -> jax.Array:
+  """`x` with its axis 1 padded up to a multiple of `multiple`, with `value` or (None) copies of its last entry,
+  behind a barrier: XLA would otherwise push the pad through the dots and run them on the real rows alone."""
+  extra = -x_bt.shape[1] % multiple
+  if not extra:
     return x_bt
   pad = [(0, 0)] * x_bt.ndim
-  pad[1] = (0, min_rows - t)
-  return jnp.pad(x_bt, pad, constant_values=value)
+  pad[1] = (0, extra)
+  padded = jnp.pad(x_bt, pad, mode="edge") if value is None else jnp.pad(x_bt, pad, constant_values=value)
+  return jax.lax.optimization_barrier(padded)
+
+
+def unpad_rows(x_bt: jax.Array, t: int) -> jax.Array:
+  """The first `t` entries of axis 1, behind a barrier: XLA would otherwise move the slice back through the
+  computation and run its dots on the real rows alone (the slow path padding avoids)."""
+  return x_bt if x_bt.shape[1] == t else jax.lax.optimization_barrier(x_bt)[:, :t]
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:

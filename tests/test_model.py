@@ -154,7 +154,7 @@ def test_blocked_attention_matches_dense_and_numpy(t, block):
   valid = jnp.asarray(np.arange(t)[None, :] < np.array([[t], [t - 3]]))
   blocked = attention.blocked_causal_attention(q, keys, values, positions, valid, block)
   mask = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
-  dense = attention.dense_attention(q, keys, values, mask)
+  dense = attention.attend(q, keys, values, mask)
   rows = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(dense)[rows], atol=1e-5)
   np.testing.assert_allclose(np.asarray(blocked), _dense_reference_attention(q, keys, values, positions, valid),
@@ -176,12 +176,12 @@ def test_blocked_attention_skips_blocks_above_the_diagonal():
 
 def test_bf16_engine_tracks_fp32():
   """bf16 weights with fp32 accumulation, padded rows and a [D, V] copy of the tied head: logits close to fp32,
-  and a step's first row rounds the same whether it runs alone (padded to 4) or among 8 rows."""
+  and padding rows changes nothing in the real ones (a 1-row step padded to 8 == the first row of 8)."""
   from hdjax.api import engine_settings, params_to_device  # pylint: disable=import-outside-toplevel
   lm = make_tiny_lm(seed=5, tie_embeddings=True)
   params_np = jax.device_get(lm.params)
   cfg16 = lm.cfg.replace(dtype="bfloat16", **engine_settings("bfloat16", "cpu"))
-  assert cfg16.min_rows == 4 and cfg16.untie_head and cfg16.cache_dtype == "float32"
+  assert cfg16.row_multiple == 8 and cfg16.untie_head and cfg16.cache_dtype == "float32"
   params16 = params_to_device(params_np, cfg16)
   np.testing.assert_array_equal(np.asarray(params16["embedder"]["lm_head_dv"], np.float32),
                                 np.asarray(params16["embedder"]["embedding_vd"], np.float32).T)
