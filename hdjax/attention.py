@@ -57,30 +57,38 @@ def prefix_plus_block_mask(prefix_len_b: jax.Array, block_mask_btt: jax.Array, c
   return (offset < 0) | (in_block & block)
 
 
-def _block_step(carry, q_btkgh, keys_bekh, values_bekh, mask_bte):
-  """One block of E keys into an online softmax. carry: running max and sum [B, K, G, T] and the weighted sum of
-  values [B, K, G, T, H], all fp32. A block whose keys are all masked leaves the carry bitwise unchanged."""
-  max_bkgt, sum_bkgt, acc_bkgth = carry
-  low = jnp.finfo(jnp.float32).min
-  # [B, K, G, T, E]
-  logits = jnp.einsum("BTKGH,BEKH->BKGTE", q_btkgh, keys_bekh, preferred_element_type=jnp.float32)
-  logits = jnp.where(mask_bte[:, None, None], logits * q_btkgh.shape[-1] ** -0.5, low)
-  new_max = jnp.maximum(max_bkgt, jnp.max(logits, axis=-1))
-  probs = jnp.where(mask_bte[:, None, None], jnp.exp(logits - new_max[..., None]), 0.0)
-  scale = jnp.exp(max_bkgt - new_max)
-  acc_bkgth = acc_bkgth * scale[..., None] + jnp.einsum(
-      "BKGTE,BEKH->BKGTH", probs.astype(values_bekh.dtype), values_bekh, preferred_element_type=jnp.float32)
-  return new_max, sum_bkgt * scale + jnp.sum(probs, axis=-1), acc_bkgth
+def _block_step(carry, q_bkmh, keys_bkeh, values_bkeh, mask_bme):
+  """One block of E keys into an online softmax, in the batch-major layouts the dots want (M = G * T query rows per
+  kv head, g-major). carry: running max and sum [B, K, M] and the weighted sum of values [B, K, M, H], all fp32. A
+  block whose keys are all masked leaves the carry bitwise unchanged."""
+  max_bkm, sum_bkm, acc_bkmh = carry
+  # [B, K, M, E]
+  logits = jnp.einsum("BKMH,BKEH->BKME", q_bkmh, keys_bkeh, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask_bme[:, None], logits * q_bkmh.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
+  new_max = jnp.maximum(max_bkm, jnp.max(logits, axis=-1))
+  probs = jnp.where(mask_bme[:, None], jnp.exp(logits - new_max[..., None]), 0.0)
+  scale = jnp.exp(max_bkm - new_max)
+  acc_bkmh = acc_bkmh * scale[..., None] + jnp.einsum(
+      "BKME,BKEH->BKMH", probs.astype(values_bkeh.dtype), values_bkeh, preferred_element_type=jnp.float32)
+  return new_max, sum_bkm * scale + jnp.sum(probs, axis=-1), acc_bkmh
 
 
-def _online_init(b: int, k: int, g: int, t: int, h: int):
-  return (jnp.full((b, k, g, t), jnp.finfo(jnp.float32).min), jnp.zeros((b, k, g, t)), jnp.zeros((b, k, g, t, h)))
+def _online_init(b: int, k: int, m: int, h: int):
+  return jnp.full((b, k, m), jnp.finfo(jnp.float32).min), jnp.zeros((b, k, m)), jnp.zeros((b, k, m, h))
 
 
-def _online_result(carry) -> jax.Array:
-  """[B, T, K, G, H]: the softmax-weighted values (zeros for a query that saw no key)."""
-  _, sum_bkgt, acc_bkgth = carry
-  return (acc_bkgth / jnp.maximum(sum_bkgt, jnp.finfo(jnp.float32).tiny)[..., None]).transpose(0, 3, 1, 2, 4)
+def _queries_bkmh(q_btnh: jax.Array, k: int, dtype) -> jax.Array:
+  """[B, T, N, H] -> [B, K, G * T, H]: each kv head's G query heads stacked along M."""
+  b, t, n, h = q_btnh.shape
+  return q_btnh.astype(dtype).reshape(b, t, k, n // k, h).transpose(0, 2, 3, 1, 4).reshape(b, k, n // k * t, h)
+
+
+def _online_result(carry, t: int) -> jax.Array:
+  """[B, T, N, H]: the softmax-weighted values (zeros for a query that saw no key)."""
+  _, sum_bkm, acc_bkmh = carry
+  b, k, m, h = acc_bkmh.shape
+  out_bkmh = acc_bkmh / jnp.maximum(sum_bkm, jnp.finfo(jnp.float32).tiny)[..., None]
+  return out_bkmh.reshape(b, k, m // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, m // t * k, h)
 
 
 def attend(q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
@@ -88,9 +96,9 @@ def attend(q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array, mask
   online softmax holding every slot). Both contractions take the cache's dtype and accumulate in fp32."""
   b, t, n, h = q_btnh.shape
   k = keys_bskh.shape[2]
-  q_btkgh = q_btnh.reshape(b, t, k, n // k, h).astype(keys_bskh.dtype)
-  carry = _block_step(_online_init(b, k, n // k, t, h), q_btkgh, keys_bskh, values_bskh, mask_bts)
-  return _online_result(carry).reshape(b, t, n, h)
+  carry = _block_step(_online_init(b, k, n // k * t, h), _queries_bkmh(q_btnh, k, keys_bskh.dtype),
+                      keys_bskh.swapaxes(1, 2), values_bskh.swapaxes(1, 2), jnp.tile(mask_bts, (1, n // k, 1)))
+  return _online_result(carry, t)
 
 
 def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btkh: jax.Array,
@@ -114,22 +122,21 @@ def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btk
                                    pad(valid_bt), c)
     return out[:, :t]
   dtype = keys_btkh.dtype
-  # Block-major views: [blocks, B, C, ...]
-  q_ibckgh = q_btnh.astype(dtype).reshape(b, blocks, c, k, g, h).swapaxes(0, 1)
-  k_jbckh = keys_btkh.reshape(b, blocks, c, k, h).swapaxes(0, 1)
-  v_jbckh = values_btkh.reshape(b, blocks, c, k, h).swapaxes(0, 1)
+  # Block-major, batch-major views: [blocks, B, K, rows, H]
+  q_ibkmh = jnp.stack([_queries_bkmh(q_btnh[:, i * c:(i + 1) * c], k, dtype) for i in range(blocks)])
+  k_jbkeh = keys_btkh.reshape(b, blocks, c, k, h).transpose(1, 0, 3, 2, 4)
+  v_jbkeh = values_btkh.reshape(b, blocks, c, k, h).transpose(1, 0, 3, 2, 4)
   pos_jbc = positions_bt.reshape(b, blocks, c).swapaxes(0, 1)
   valid_jbc = valid_bt.reshape(b, blocks, c).swapaxes(0, 1)
 
   def query_block(_, xs):
-    i, q_bckgh, qpos_bc = xs
+    i, q_bkmh, qpos_bc = xs
 
     def key_block(j, carry):
       mask_bce = (pos_jbc[j][:, None, :] <= qpos_bc[:, :, None]) & valid_jbc[j][:, None, :]
-      return _block_step(carry, q_bckgh, k_jbckh[j], v_jbckh[j], mask_bce)
+      return _block_step(carry, q_bkmh, k_jbkeh[j], v_jbkeh[j], jnp.tile(mask_bce, (1, g, 1)))
 
-    out_bckgh = _online_result(jax.lax.fori_loop(0, i + 1, key_block, _online_init(b, k, g, c, h)))
-    return None, out_bckgh.reshape(b, c, n, h)
+    return None, _online_result(jax.lax.fori_loop(0, i + 1, key_block, _online_init(b, k, g * c, h)), c)
 
-  _, out_ibcnh = jax.lax.scan(query_block, None, (jnp.arange(blocks), q_ibckgh, pos_jbc))
+  _, out_ibcnh = jax.lax.scan(query_block, None, (jnp.arange(blocks), q_ibkmh, pos_jbc))
   return out_ibcnh.swapaxes(0, 1).reshape(b, t, n, h)
