@@ -23,6 +23,7 @@ from absl import flags
 
 import hdjax
 from experiments.common import check_output_file, int_list, run_main, write_json_atomic
+from experiments.hf_peer import HFRunner
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
 
@@ -72,34 +73,11 @@ def hdjax_decode_tps(lm, batch: int, new: int) -> float:
   return sum(r.stats["new_tokens"] for r in res) / res[0].stats["decode_s"]
 
 
-class HFRunner:
-  def __init__(self, path: str):
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-    folder, fname = os.path.split(path)
-    self.torch = torch
-    self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    self.model.eval()
-    self.model.generation_config.pad_token_id = self.model.config.eos_token_id
-
-  def prefill_s(self, n: int) -> float:
-    ids = self.torch.randint(10, 1000, (1, n))
-    with self.torch.no_grad():
-      start = time.perf_counter()
-      self.model(ids, logits_to_keep=1)
-      return time.perf_counter() - start
-
-  def decode_tps(self, prompt, batch: int, new: int) -> float:
-    ids = self.torch.tensor([prompt] * batch)
-    kwargs = dict(attention_mask=self.torch.ones_like(ids), do_sample=False)
-    with self.torch.no_grad():
-      start = time.perf_counter()
-      self.model.generate(ids, max_new_tokens=1, **kwargs)
-      first = time.perf_counter() - start
-      start = time.perf_counter()
-      self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kwargs)
-      total = time.perf_counter() - start
-    return batch * (new - 1) / max(total - first, 1e-9)
+def hf_decode_tps(hf: HFRunner, prompt, batch: int, new: int) -> float:
+  """Decode tokens/s of HF generate: the time of `new` tokens less the time of the first (its prefill)."""
+  _, first = hf.generate([prompt] * batch, 1)
+  _, total = hf.generate([prompt] * batch, new, exact=True)
+  return batch * (new - 1) / max(total - first, 1e-9)
 
 
 def main(argv):
@@ -123,7 +101,7 @@ def main(argv):
         t = size / hf.prefill_s(size) if hf else float("nan")
       else:
         o = hdjax_decode_tps(lm_no_eos, size, _NEW.value)
-        t = hf.decode_tps(prompt, size, _NEW.value) if hf else float("nan")
+        t = hf_decode_tps(hf, prompt, size, _NEW.value) if hf else float("nan")
       if rep:
         ours.append(o)
         theirs.append(t)

@@ -15,6 +15,11 @@ It fits full(n) = a n + b n^2 over every timed n and reports the quadratic (atte
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 import numpy as np

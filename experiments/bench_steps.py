@@ -15,9 +15,13 @@ is an upper bound for this device, not a measurement.
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import functools
 import json
-import os
 import time
 
 import jax

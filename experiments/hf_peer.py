@@ -1,0 +1,50 @@
+"""HF transformers on the same GGUF as hdjax: the peer every speed figure is compared with (torch keeps its threads
+and its default attention)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Sequence
+
+
+class HFRunner:
+  """`AutoModelForCausalLM` from the GGUF file (dequantized), in fp32 or bf16."""
+
+  def __init__(self, path: str, dtype: str = "float32"):
+    import torch  # pylint: disable=import-outside-toplevel  (torch is the optional `hf` extra)
+    import transformers  # pylint: disable=import-outside-toplevel
+    folder, fname = os.path.split(path)
+    self.torch = torch
+    self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname,
+                                                                   dtype=getattr(torch, dtype))
+    self.model.eval()
+    self.model.generation_config.pad_token_id = self.model.config.eos_token_id
+
+  def prefill_s(self, n: int) -> float:
+    """One forward over n random tokens, the LM head on the last one only."""
+    ids = self.torch.randint(10, 1000, (1, n))
+    with self.torch.no_grad():
+      start = time.perf_counter()
+      self.model(ids, logits_to_keep=1)
+      return time.perf_counter() - start
+
+  def generate(self, prompts: Sequence[Sequence[int]], new: int, exact: bool = False,
+               prompt_lookup: int = 0) -> tuple[list[list[int]], float]:
+    """Greedy new token ids per prompt (EOS ends a sequence unless `exact`) and the wall time; with
+    `prompt_lookup`, HF's prompt lookup decoding with that many draft tokens."""
+    ids = self.torch.tensor([list(p) for p in prompts])
+    kwargs = dict(attention_mask=self.torch.ones_like(ids), do_sample=False, max_new_tokens=new)
+    if exact:
+      kwargs["min_new_tokens"] = new
+    if prompt_lookup:
+      kwargs["prompt_lookup_num_tokens"] = prompt_lookup
+    with self.torch.no_grad():
+      start = time.perf_counter()
+      out = self.model.generate(ids, **kwargs)
+      elapsed = time.perf_counter() - start
+    eos = self.model.config.eos_token_id
+    rows = []
+    for row in out[:, ids.shape[1]:].tolist():
+      rows.append(row[:row.index(eos) + 1] if eos in row and not exact else row)
+    return rows, elapsed
