@@ -12,10 +12,10 @@ The host waits on the device twice per request: once for the first token (time t
 the results; with `on_tokens` (streaming) the loop runs per chunk of `chunk_tokens` new tokens, one more wait
 each. `stats["host_syncs"]` counts them.
 
-Methods: `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens) and `hd_context` (HD's context
-database alone: keys of 2 then 1 tokens, up to 7 chains of 4). The host loops stay registered as `pld_host`
-and `hd_context_host`, the reference for identity tests and speed comparisons; a request with an option that
-only the host loop has (`adaptive`, another `order`) runs there.
+`speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens) and `hd_context`
+(HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) on this loop. The host loops stay
+registered as `pld_host` and `hd_context_host`, the reference for identity tests and speed comparisons; a request
+with an option that only the host loop has (`adaptive`, another `order`) runs there.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +34,10 @@ from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.sampling import SamplingConfig, select_token
-from hdjax.decoding.speculative import HD_DEFAULTS, PLD_DEFAULTS, SpecConfig, spec_method
 from hdjax.decoding.tree import device_tree, truncate_tree
 from hdjax.decoding.verify import verify_tree
-from hdjax.drafting.context_db import NgramConfig, context_drafter
+from hdjax.drafting.context_db import NgramConfig
 from hdjax.drafting.device_ngram import DeviceNgramConfig, device_draft
-from hdjax.drafting.pld import pld_drafter
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -125,11 +123,12 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
   return jax.lax.while_loop(cond, body, state)
 
 
-def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_drafter: NgramConfig,
-                    defaults: SpecConfig, prefill: Prefill = full_prefill) -> list[api.GenerationResult]:
+def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_drafter: NgramConfig, spec,
+                    prefill: Prefill = full_prefill) -> list[api.GenerationResult]:
   """Prefill, then `decode_chunk` once (or once per streamed chunk). `host_drafter` is the config of the host
-  n-gram drafter that this loop's device drafter reproduces."""
-  cfg, spec = lm.cfg, defaults.with_options(request)
+  n-gram drafter that this loop's device drafter reproduces; `spec` the request's `speculative.SpecConfig`
+  (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature)."""
+  cfg = lm.cfg
   if spec.adaptive:
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
   dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
@@ -193,29 +192,3 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
                       bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
                       **prefill_stats))
   return api.make_results(lm, *api.padded_rows(rows), stats)
-
-
-def device_method(method: str, host_drafter: Callable[[], NgramConfig], defaults: SpecConfig, source: str,
-                  prefill: Prefill = full_prefill) -> api.Method:
-  """`method` on the device. Options only the host loop has (`adaptive` tree sizes, another source `order`) run
-  the host loop instead (`stats["engine"]` says which ran)."""
-  host_loop = spec_method(method, prefill)
-
-  def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
-    if request.option("adaptive", False) or request.option("order", source) != source:
-      return host_loop(lm, request)
-    results = device_generate(lm, request, method, host_drafter(), defaults, prefill)
-    for r in results:
-      r.stats["sources"] = source
-    return results
-
-  return generate
-
-
-DEVICE_METHODS: dict[str, api.Method] = {
-    "pld": device_method("pld", lambda: pld_drafter().config, PLD_DEFAULTS, "pld"),
-    "hd_context": device_method("hd_context", lambda: context_drafter().config, HD_DEFAULTS, "context"),
-}
-
-for _name, _generate in DEVICE_METHODS.items():
-  api.register_method(_name)(_generate)

@@ -11,6 +11,9 @@ on that state joins the next step's tree as a depth-1 chain, ahead of the databa
 [0, l) are then never run again: the next step runs the draft nodes through [0, l), appends the root's stored
 state, and runs all of them through [l, L) together (AdaDecode's deferred layers, batched with the later tokens).
 Every K/V row is the exact one, so the output is still lossless.
+
+`pld` and `hd_context` run in the on-device loop instead (`device_loop.py`, registered at the end of this file);
+this host loop serves the other methods and, as `pld_host` and `hd_context_host`, is their reference.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from hdjax.adadecode.heads import ExitHeads, head_logits
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding import device_loop
 from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, truncate_tree
 from hdjax.decoding.tree_policy import TreeSizePolicy
 from hdjax.decoding.verify import verify_tree
 from hdjax.drafting.base import Drafter
-from hdjax.drafting.context_db import context_drafter
+from hdjax.drafting.context_db import NgramConfig, context_drafter
 from hdjax.drafting.hierarchy import HierarchyDrafter
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
 from hdjax.errors import HdjaxError
@@ -345,5 +349,27 @@ SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
 for _method in SPEC_METHODS:
   api.register_method(_method)(spec_method(_method))
 
-# `pld` and `hd_context` run on the device; importing the module re-registers them there.
-from hdjax.decoding import device_loop as _device_loop  # noqa: E402,F401  pylint: disable=wrong-import-position
+
+def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: str,
+                  prefill: Prefill = full_prefill) -> api.Method:
+  """`method` in the on-device loop (`device_loop.py`), whose drafter reproduces `host_drafter()` over the one
+  source `source`. Options only the host loop has (`adaptive` tree sizes, another `order`) run the host loop
+  instead; `stats["engine"]` says which ran."""
+  host_loop = spec_method(method, prefill)
+  defaults = SPEC_METHODS[method][1]
+
+  def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+    if request.option("adaptive", False) or request.option("order", source) != source:
+      return host_loop(lm, request)
+    results = device_loop.device_generate(lm, request, method, host_drafter(), defaults.with_options(request),
+                                          prefill)
+    for r in results:
+      r.stats["sources"] = source
+    return results
+
+  return generate
+
+
+# On the device: every step's draft, tree, verify and stop check inside one jitted loop.
+api.register_method("pld")(device_method("pld", lambda: pld_drafter().config, "pld"))
+api.register_method("hd_context")(device_method("hd_context", lambda: context_drafter().config, "context"))
