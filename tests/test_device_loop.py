@@ -208,3 +208,13 @@ def test_spec_bench_questions_greedy_equal_ar(smollm):
       out = smollm.generate(prompts[i:i + 4], method=method, max_new_tokens=64)
       ref = smollm.generate(prompts[i:i + 4], max_new_tokens=64)
       assert [o.token_ids for o in out] == [r.token_ids for r in ref], (method, i)
+
+
+@pytest.mark.slow
+def test_bf16_device_loop_equals_the_host_loop():
+  """In bf16 both loops run the same verify function on the same trees, so they emit the same tokens."""
+  lm = make_tiny_lm(dtype="bfloat16")
+  for method in ("pld", "hd_context"):
+    out = lm.generate(PROMPTS, method=method, max_new_tokens=26)
+    host = lm.generate(PROMPTS, method=f"{method}_host", max_new_tokens=26)
+    assert [o.token_ids for o in out] == [h.token_ids for h in host]
