@@ -24,3 +24,11 @@ def make_tiny_lm(seed: int = 0, **cfg_changes) -> LM:
 @pytest.fixture(scope="session")
 def tiny_lm() -> LM:
   return make_tiny_lm()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops jax's compiled programs after each test module: the suite compiles hundreds of unrolled 30-layer
+  programs, and keeping them all ran one process out of memory."""
+  yield
+  jax.clear_caches()
