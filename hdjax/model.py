@@ -266,7 +266,10 @@ def prefill_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions
     bound = layer.bind({"params": layer_params(params, idx)})
     q_btnh, k_btkh, v_btkh = bound.project_qkv(h_btd, sin_bth, cos_bth)
     k, v = write_kv(k, v, idx, slots_bt, k_btkh, v_btkh)
-    attn_btnh = blocked_causal_attention(q_btnh, k_btkh.astype(k.dtype), v_btkh.astype(v.dtype), positions_bt,
+    # the dots take the narrower of the cache's and the weights' dtypes (bf16 weights over an fp32 cache on CPU:
+    # the prefill's large blocks are where bf16 pays)
+    dtype = min(k.dtype, jnp.dtype(cfg.dtype), key=lambda d: d.itemsize)
+    attn_btnh = blocked_causal_attention(q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), positions_bt,
                                          valid_bt, block)
     h_btd = bound.finish(h_btd, attn_btnh)
   return h_btd, sharding.constrain_cache(cache.replace(k=k, v=v))
