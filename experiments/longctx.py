@@ -36,6 +36,8 @@ flags.DEFINE_string("out_dir", None, "output directory")
 flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (>= 1)")
 flags.DEFINE_integer("seed", 0, "seed for building sets")
 flags.DEFINE_string("model", "smollm2-135m", "model name or path")
+flags.DEFINE_bool("hf", False, "also time HF transformers' full prefill (generate with max_new_tokens=1, same GGUF "
+                  "and dtype) on every prompt: the summary's ttft_speedup_vs_hf")
 flags.DEFINE_list("prune_layers", None, "integers: LazyLLM pruning layers (lazy* methods)")
 flags.DEFINE_list("keep_ratios", None, "numbers in (0, 1]: LazyLLM keep ratios, one per pruning layer")
 flags.DEFINE_integer("min_prompt", None, "prompts shorter than this fall back to full prefill")
@@ -114,8 +116,16 @@ def main(argv):
     for pid in groups.values():
       run(method, pid, warmup=True)
   speculative.reset_databases()  # warm-up answers must not seed the online model database
+  hf = None
+  if FLAGS.hf:
+    from experiments.hf_peer import HFRunner  # pylint: disable=import-outside-toplevel  (torch: the `hf` extra)
+    hf = HFRunner(hdjax.api.resolve_path(FLAGS.model), lm.cfg.dtype)
+    hf.generate([ids[prompts[0]["id"]]], 1)  # warm-up
+  hf_ttft = {}
   rows_by_method = {m: [] for m in FLAGS.methods}
   for p in prompts:
+    if hf is not None:
+      hf_ttft[p["id"]] = hf.generate([ids[p["id"]]], 1)[1]
     for method in FLAGS.methods:
       res = run(method, p["id"])
       row = dict(id=p["id"], method=method, token_ids=res.token_ids, text=res.text)
@@ -123,7 +133,7 @@ def main(argv):
       rows_by_method[method].append(row)
       common.write_jsonl_atomic(os.path.join(FLAGS.out_dir, f"{method}.jsonl"), rows_by_method[method])
     print(p["id"], " ".join(f"{m}={rows_by_method[m][-1]['ttft_s']:.2f}s" for m in FLAGS.methods), flush=True)
-  summary = summarize(rows_by_method, prompts)
+  summary = summarize(rows_by_method, prompts, hf_ttft)
   summary["lazy_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
   summary["max_new_tokens"] = FLAGS.max_new_tokens
   common.write_json_atomic(os.path.join(FLAGS.out_dir, "summary.json"), summary)

@@ -126,7 +126,9 @@ def _median(xs):
   return statistics.median(xs) if xs else None
 
 
-def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict]) -> dict:
+def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict], hf_ttft: dict | None = None) -> dict:
+  """Per method and prompt group: medians, speedups against the first method (and, given HF transformers' full
+  prefill TTFT per prompt id, against it), agreement and accuracy."""
   base = list(rows_by_method)[0]
   base_by_id = {r["id"]: r for r in rows_by_method[base]}
   meta = {p["id"]: p for p in prompts}
@@ -147,6 +149,8 @@ def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict]) -> dic
                first_token_agreement=statistics.fmean(
                    float(r["token_ids"][:1] == base_by_id[r["id"]]["token_ids"][:1]) for r in rs),
                rougeL_vs_base=statistics.fmean(_rouge_l(base_by_id[r["id"]]["text"], r["text"]) for r in rs))
+      if hf_ttft:
+        g["ttft_speedup_vs_hf"] = _median([hf_ttft[r["id"]] / r["ttft_s"] for r in rs])
       if any("answer" in meta[r["id"]] for r in rs):
         g["passkey_accuracy"] = statistics.fmean(float(passkey_correct(r["text"], meta[r["id"]]["answer"]))
                                                  for r in rs)

@@ -63,6 +63,10 @@ def test_summary_agreement_and_speedup():
   g = longctx.summarize(rows, prompts)["methods"]["lazy"]["passkey@2048"]
   assert g["passkey_accuracy"] == 0.5 and g["first_token_agreement"] == 0.5
   assert g["ttft_speedup_vs_base"] == 3.0 and abs(g["computed_fraction_prefill"] - 0.45) < 1e-9
+  assert "ttft_speedup_vs_hf" not in g
+  with_hf = longctx.summarize(rows, prompts, dict(a=3.0, b=5.0))["methods"]
+  assert with_hf["lazy"]["passkey@2048"]["ttft_speedup_vs_hf"] == 4.0  # median of 3.0 / 1.0 and 5.0 / 1.0
+  assert with_hf["full"]["passkey@2048"]["ttft_speedup_vs_hf"] == pytest.approx(1.375)  # median of 1.5 and 1.25
 
 
 def test_method_schedules_parse():
