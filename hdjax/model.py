@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
     q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
     k_lbskh, v_lbskh = write_kv(k_lbskh, v_lbskh, layer_idx, slots_bt, k_btkh, v_btkh)
     attn_btnh = attend(q_btnh, k_lbskh[layer_idx], v_lbskh[layer_idx], mask_bts)
-    return unpad_rows(self.finish(h_btd, attn_btnh), t), k_lbskh, v_lbskh
+    return self.finish(h_btd, attn_btnh)[:, :t], k_lbskh, v_lbskh
 
 
 class Embedder(nn.Module):
@@ -128,8 +128,8 @@ class Embedder(nn.Module):
     t = x_btd.shape[1]
     x_btd = pad_rows(x_btd, self.cfg.row_multiple)
     if has_head_dv(self.cfg):
-      return unpad_rows(contract("BTD,DV->BTV", x_btd, self.lm_head_dv), t)
-    return unpad_rows(contract("BTD,VD->BTV", x_btd, self.embedding_vd), t)
+      return contract("BTD,DV->BTV", x_btd, self.lm_head_dv)[:, :t]
+    return contract("BTD,VD->BTV", x_btd, self.embedding_vd)[:, :t]
 
   def __call__(self, tokens_bt):
     h = self.encode(tokens_bt)
@@ -151,22 +151,14 @@ def tie_head_copy(cfg: LlamaConfig, params: Params) -> Params:
   return dict(params, embedder=embedder)
 
 
-def pad_rows(x_bt: jax.Array, multiple: int, value=None) -> jax.Array:
-  """`x` with its axis 1 padded up to a multiple of `multiple`, with `value` or (None) copies of its last entry,
-  behind a barrier: XLA would otherwise push the pad through the dots and run them on the real rows alone."""
+def pad_rows(x_bt: jax.Array, multiple: int) -> jax.Array:
+  """`x` with its axis 1 padded up to a multiple of `multiple` with copies of its last entry."""
   extra = -x_bt.shape[1] % multiple
   if not extra:
     return x_bt
   pad = [(0, 0)] * x_bt.ndim
   pad[1] = (0, extra)
-  padded = jnp.pad(x_bt, pad, mode="edge") if value is None else jnp.pad(x_bt, pad, constant_values=value)
-  return jax.lax.optimization_barrier(padded)
-
-
-def unpad_rows(x_bt: jax.Array, t: int) -> jax.Array:
-  """The first `t` entries of axis 1, behind a barrier: XLA would otherwise move the slice back through the
-  computation and run its dots on the real rows alone (the slow path padding avoids)."""
-  return x_bt if x_bt.shape[1] == t else jax.lax.optimization_barrier(x_bt)[:, :t]
+  return jnp.pad(x_bt, pad, mode="edge")
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
