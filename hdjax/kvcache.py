@@ -43,6 +43,13 @@ def init_cache(cfg: LlamaConfig, batch: int, num_slots: int, dtype=None) -> KVCa
   return sharding.constrain_cache(cache)
 
 
+def cache_shardings(mesh: jax.sharding.Mesh, cfg: LlamaConfig, batch: int, num_slots: int) -> KVCache:
+  """A `KVCache` of NamedShardings for a cache of `batch` rows and `num_slots` slots (an in/out_shardings)."""
+  kv = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.head_dim)
+  specs = sharding.cache_specs({"k": kv, "v": kv, "lengths": (batch,)}, dict(mesh.shape))
+  return KVCache(**{f: jax.sharding.NamedSharding(mesh, s) for f, s in specs.items()})
+
+
 def rollback(cache: KVCache, lengths_b: jax.Array) -> KVCache:
   """Forgets every slot at or past `lengths_b` (only the cursor moves)."""
   return cache.replace(lengths=jnp.minimum(cache.lengths, lengths_b).astype(jnp.int32))

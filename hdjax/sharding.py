@@ -25,7 +25,6 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from hdjax.config import LlamaConfig
 from hdjax.errors import HdjaxError
 
 log = logging.getLogger(__name__)
@@ -173,16 +172,9 @@ def shard_params(params: Any, mesh: Mesh, rules: Sequence[tuple[str, str | None]
   return jax.device_put(params, param_shardings(params, mesh, rules))
 
 
-def _cache_specs(shapes: Mapping[str, Sequence[int]], mesh_shape: Mapping[str, int]) -> dict[str, PartitionSpec]:
+def cache_specs(shapes: Mapping[str, Sequence[int]], mesh_shape: Mapping[str, int]) -> dict[str, PartitionSpec]:
+  """The PartitionSpec of each `KVCache` field of the given shapes (`kvcache.cache_shardings` builds on it)."""
   return {f: logical_to_spec(CACHE_AXES[f], shapes[f], mesh_shape, what=f"cache.{f}") for f in CACHE_AXES}
-
-
-def cache_shardings(mesh: Mesh, cfg: LlamaConfig, batch: int, num_slots: int):
-  """A `KVCache` of NamedShardings for a cache of `batch` rows and `num_slots` slots (an in/out_shardings)."""
-  from hdjax.kvcache import KVCache  # pylint: disable=import-outside-toplevel  (kvcache imports this module)
-  kv = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.head_dim)
-  specs = _cache_specs({"k": kv, "v": kv, "lengths": (batch,)}, dict(mesh.shape))
-  return KVCache(**{f: NamedSharding(mesh, s) for f, s in specs.items()})
 
 
 def current_mesh_shape() -> dict[str, int] | None:
@@ -205,7 +197,7 @@ def constrain_cache(cache):
   if mesh_shape is None:
     return cache
   fields = {f: getattr(cache, f) for f in CACHE_AXES}
-  specs = _cache_specs({f: x.shape for f, x in fields.items()}, mesh_shape)
+  specs = cache_specs({f: x.shape for f, x in fields.items()}, mesh_shape)
   return cache.replace(**{f: jax.lax.with_sharding_constraint(x, specs[f]) for f, x in fields.items()})
 
 

@@ -229,7 +229,7 @@ def _worker_main(job: dict) -> dict:
   import jax
   import numpy as np
   import hdjax
-  from hdjax import model, sharding
+  from hdjax import kvcache, model, sharding
   from hdjax.api import LM, pad_prompts, params_to_device, resolve_path
   from hdjax.weights import gguf, tokenizer
   from hdjax.decoding import autoregressive as ar
@@ -286,7 +286,7 @@ def _worker_main(job: dict) -> dict:
     tokens, lengths = pad_prompts([p[:8] for p in (prompts * 4)[:4]], cfg.pad_id, 8)  # a cache of batch 4
     with sharding.use_mesh(mesh):
       _, cache = ar.prefill(lm.params, cfg, tokens, lengths, 64)
-    expected = sharding.cache_shardings(mesh, cfg, 4, 64)  # what an in/out_shardings would be given
+    expected = kvcache.cache_shardings(mesh, cfg, 4, 64)  # what an in/out_shardings would be given
     flat = jax.tree_util.tree_flatten_with_path(sharding.describe(lm.params),
                                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
     out["meshes"][name] = {
