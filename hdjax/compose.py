@@ -20,10 +20,12 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import api, lazy
+from hdjax import lazy
 from hdjax.adadecode.decode import adadecode_method, resolve_heads
 from hdjax.adadecode.heads import ExitHeads
 from hdjax.decoding.prefill import Prefilled, full_prefill
+from hdjax.decoding.registry import register_method
+from hdjax.decoding.request import GenerateRequest, LoadedModel
 from hdjax.decoding.speculative import HD_DEFAULTS, spec_method
 from hdjax.errors import HdjaxError
 
@@ -31,7 +33,7 @@ from hdjax.errors import HdjaxError
 HEAD_DRAFT_DEFAULTS = dataclasses.replace(HD_DEFAULTS, buckets=(1, 2, 4, 8))
 
 
-def pruned_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Prefilled:
+def pruned_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int) -> Prefilled:
   """The `lazy` method's pruned prefill (its schedule from the request's options), with per-layer visibility."""
   lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
   prompt_tokens = sum(len(p) for p in request.prompts)
@@ -46,7 +48,7 @@ def pruned_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> 
                         computed_fraction_prefill=computed / (lm.cfg.n_layers * prompt_tokens)))
 
 
-def one_exit_head(lm: api.LM, request: api.GenerateRequest) -> ExitHeads:
+def one_exit_head(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
   """The request's exit heads (options heads, head_layers; see `resolve_heads`), which must be exactly one."""
   heads = resolve_heads(lm, request)
   if len(heads.layers) != 1:
@@ -55,7 +57,7 @@ def one_exit_head(lm: api.LM, request: api.GenerateRequest) -> ExitHeads:
 
 
 for _name in ("pld", "rest", "hd"):
-  api.register_method(f"lazy+{_name}")(spec_method(f"lazy+{_name}", pruned_prefill))
-api.register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))
+  register_method(f"lazy+{_name}")(spec_method(f"lazy+{_name}", pruned_prefill))
+register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))
 for _prefill, _name in ((full_prefill, "hd+adadecode"), (pruned_prefill, "lazy+hd+adadecode")):
-  api.register_method(_name)(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))
+  register_method(_name)(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

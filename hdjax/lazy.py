@@ -32,10 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import api, model
+from hdjax import model
 from hdjax.attention import apply_rope, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.ar_method import generate_ar
+from hdjax.decoding.registry import register_method
+from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
+                                    pad_prompts)
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache, init_cache
@@ -391,34 +395,34 @@ def lazy_decode_loop(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: Lazy
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(LazyConfig))
 
 
-def config_from_request(request: api.GenerateRequest, base: LazyConfig) -> LazyConfig:
+def config_from_request(request: GenerateRequest, base: LazyConfig) -> LazyConfig:
   """`lazy_config=LazyConfig(...)` replaces the base; single fields (keep_ratios=..., min_prompt=...) override."""
   cfg = request.option("lazy_config", base)
   changes = {k: (tuple(v) if isinstance(v, list) else v) for k, v in request.options if k in _OPTION_FIELDS}
   return dataclasses.replace(cfg, **changes)
 
 
-def prefill_request(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig, num_slots: int
+def prefill_request(lm: LoadedModel, request: GenerateRequest, lazy_cfg: LazyConfig, num_slots: int
                     ) -> tuple[jax.Array, LazyState, int]:
   """Pruned prefill of the request's prompts padded to their bucket: last-token logits, state, bucket length."""
   t = min(prefill_bucket(max(len(p) for p in request.prompts), lazy_cfg), num_slots)
-  tokens, lengths = api.pad_prompts(request.prompts, lm.cfg.pad_id, t)
+  tokens, lengths = pad_prompts(request.prompts, lm.cfg.pad_id, t)
   logits_bv, state = lazy_prefill(lm.params, lm.cfg, lazy_cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
   return logits_bv, state, t
 
 
-def generate_lazy(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig, name: str
-                  ) -> list[api.GenerationResult]:
+def generate_lazy(lm: LoadedModel, request: GenerateRequest, lazy_cfg: LazyConfig, name: str
+                  ) -> list[GenerationResult]:
   """Runs one request with a schedule; prompts shorter than `min_prompt` fall back to full prefill ("ar")."""
   cfg = lm.cfg
   lazy_cfg = lazy_cfg.validate(cfg)
   longest = max(len(p) for p in request.prompts)
   if longest < lazy_cfg.min_prompt:
-    results = api.generate_ar(lm, request)
+    results = generate_ar(lm, request)
     for r in results:
       r.stats.update(method=name, lazy_fallback=True, computed_fraction_prefill=1.0, revived=0)
     return results
-  num_slots = api.cache_slots_for(cfg, request)
+  num_slots = cache_slots_for(cfg, request)
   key = jax.random.key(request.seed)
   key, first_key = jax.random.split(key)
   start = time.perf_counter()
@@ -441,10 +445,10 @@ def generate_lazy(lm: api.LM, request: api.GenerateRequest, lazy_cfg: LazyConfig
         computed_fraction_final=float(np.sum(computed_lbs[:, b, :n] > 0)) / (cfg.n_layers * n),
         max_layer_computes=int(computed_lbs[:, b].max()), revived=int(revived_b[b]),
         token_layers_computed=int(computed_lbs[:, b].sum())))
-  return api.make_results(lm, tokens_bn, num_b, stats)
+  return make_results(lm, tokens_bn, num_b, stats)
 
 
-def _single(lazy_cfg: LazyConfig, n_layers: int, request: api.GenerateRequest) -> LazyConfig:
+def _single(lazy_cfg: LazyConfig, n_layers: int, request: GenerateRequest) -> LazyConfig:
   return single_layer_config(lazy_cfg, n_layers, request.option("single_layer", lazy_cfg.prune_layers[0]))
 
 
@@ -459,8 +463,8 @@ SCHEDULES = {
 
 
 def _register(name: str):
-  @api.register_method(name)
-  def run(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+  @register_method(name)
+  def run(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     lazy_cfg = SCHEDULES[name](config_from_request(request, LazyConfig()), lm.cfg.n_layers, request)
     return generate_lazy(lm, request, lazy_cfg, name)
   return run

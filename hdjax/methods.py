@@ -1,14 +1,15 @@
-"""Imports every decoding method so that it registers itself in `hdjax.api.METHODS`, and records the options each
-one reads in `hdjax.api.METHOD_OPTIONS` (so `LM.generate` rejects a misspelled option instead of ignoring it)."""
+"""Imports every decoding method so that it registers itself in `hdjax.decoding.registry.METHODS`, and records the
+options each one reads in `METHOD_OPTIONS` (so `LM.generate` rejects a misspelled option instead of ignoring it)."""
 
 import dataclasses
 
-from hdjax import api
+from hdjax.decoding import ar_method as _ar  # ar
 from hdjax.decoding import speculative  # pld, rest, hd, hd_context, hd_model, hd_stats
 from hdjax.adadecode import decode as _adadecode  # adadecode
 from hdjax import lazy as _lazy  # lazy, lazy_static, lazy_random, lazy_single, full
 # lazy+pld, lazy+rest, lazy+hd, lazy+adadecode, hd+adadecode, lazy+hd+adadecode
 from hdjax import compose as _compose  # noqa: F401
+from hdjax.decoding.registry import METHOD_OPTIONS, METHODS
 
 
 def _fields(config) -> dict:
@@ -39,4 +40,4 @@ def method_options(name: str) -> dict:
   return options
 
 
-api.METHOD_OPTIONS.update({name: method_options(name) for name in api.METHODS if name not in api.METHOD_OPTIONS})
+METHOD_OPTIONS.update({name: method_options(name) for name in METHODS if name not in METHOD_OPTIONS})

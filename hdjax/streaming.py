@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import Any, Iterator, Sequence
 
-from hdjax.api import LM
+from hdjax.decoding.request import LoadedModel
 
 
 @dataclasses.dataclass
@@ -21,7 +21,7 @@ class StreamEvent:
   stats: dict[str, Any] | None = None
 
 
-def stream_generate(lm: LM, prompt: Sequence[int], method: str = "ar", **kwargs) -> Iterator[StreamEvent]:
+def stream_generate(lm: LoadedModel, prompt: Sequence[int], method: str = "ar", **kwargs) -> Iterator[StreamEvent]:
   events: queue.Queue = queue.Queue()
   done = object()
   outcome: dict[str, Any] = {}

@@ -36,11 +36,12 @@ import numpy as np
 
 from hdjax import model
 from hdjax.adadecode.heads import ExitHeads, check_layers, head_logits, identity_heads, load_heads
-from hdjax.api import GenerateRequest, GenerationResult, LM, Method, cache_slots_for, make_results, register_method
 from hdjax.attention import causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
+from hdjax.decoding.registry import Method, register_method
+from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results
 from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
@@ -276,7 +277,7 @@ def select_heads(cfg: LlamaConfig, heads: ExitHeads, layers) -> ExitHeads:
   return ExitHeads(layers, heads.t_idd[jnp.asarray([heads.layers.index(l) for l in layers])])
 
 
-def resolve_heads(lm: LM, request: GenerateRequest) -> ExitHeads:
+def resolve_heads(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
   """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head);
   `head_layers`: which of them to use (default: DEFAULT_LAYERS for "identity" and the committed heads, else all)."""
   heads = request.option("heads", DEFAULT_HEADS_DIR)
@@ -312,7 +313,7 @@ def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
   return functools.partial(generate_adadecode, method=method, prefill=prefill)
 
 
-def generate_adadecode(lm: LM, request: GenerateRequest, method: str = "adadecode",
+def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = "adadecode",
                        prefill: Prefill = full_prefill) -> list[GenerationResult]:
   """`prefill` of the whole batch, then one `adadecode_loop` over its cache (masked by its per-layer visibility,
   if any)."""

@@ -29,10 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import api
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
+from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
+                                    pad_prompts, padded_rows)
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.decoding.tree import device_tree, truncate_tree
 from hdjax.decoding.verify import verify_tree
@@ -123,8 +124,8 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
   return jax.lax.while_loop(cond, body, state)
 
 
-def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_drafter: NgramConfig, spec,
-                    prefill: Prefill = full_prefill) -> list[api.GenerationResult]:
+def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host_drafter: NgramConfig, spec,
+                    prefill: Prefill = full_prefill) -> list[GenerationResult]:
   """Prefill, then `decode_chunk` once (or once per streamed chunk). `host_drafter` is the config of the host
   n-gram drafter that this loop's device drafter reproduces; `spec` the request's `speculative.SpecConfig`
   (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature)."""
@@ -133,7 +134,7 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
   dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
                      spec.max_depth)
-  num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
+  num_slots = cache_slots_for(cfg, request, extra=max(spec.buckets))
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
   chunk = int(request.option("chunk_tokens", 16)) if on_tokens else request.max_new_tokens
@@ -143,7 +144,7 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
   first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   host_syncs = 1
   ttft = time.perf_counter() - start
-  tokens_bs, prompt_b = api.pad_prompts(request.prompts, cfg.pad_id, num_slots)
+  tokens_bs, prompt_b = pad_prompts(request.prompts, cfg.pad_id, num_slots)
   prompt_b = jnp.asarray(prompt_b)
   tokens_bs = jnp.asarray(tokens_bs).at[jnp.arange(batch), prompt_b].set(first_b)
   done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1)
@@ -156,10 +157,10 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
   if request.option("warmup", False):  # compile the loop for this cache shape (no step runs); first token only
     state = run(state, stop_at=jnp.int32(0))
     first = np.asarray(first_b)
-    return api.make_results(lm, first[:, None], np.ones(batch, np.int32),
-                            [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
-                                  accept_lengths=[1], prompt_tokens=len(p), host_syncs=2, **prefill_stats)
-                             for p in request.prompts])
+    return make_results(lm, first[:, None], np.ones(batch, np.int32),
+                        [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
+                              accept_lengths=[1], prompt_tokens=len(p), host_syncs=2, **prefill_stats)
+                         for p in request.prompts])
   if not on_tokens:
     state = run(state, stop_at=max_new)
   else:
@@ -191,4 +192,4 @@ def device_generate(lm: api.LM, request: api.GenerateRequest, method: str, host_
                       max_depth=spec.max_depth,
                       bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
                       **prefill_stats))
-  return api.make_results(lm, *api.padded_rows(rows), stats)
+  return make_results(lm, *padded_rows(rows), stats)

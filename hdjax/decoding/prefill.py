@@ -11,8 +11,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hdjax import api
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.request import GenerateRequest, LoadedModel, pad_prompts
 from hdjax.kvcache import KVCache
 
 
@@ -23,12 +23,12 @@ class Prefilled(NamedTuple):
   stats: dict[str, Any]  # per-request facts about the prefill, merged into every sequence's stats
 
 
-Prefill = Callable[[api.LM, api.GenerateRequest, int], Prefilled]
+Prefill = Callable[[LoadedModel, GenerateRequest, int], Prefilled]
 
 
-def full_prefill(lm: api.LM, request: api.GenerateRequest, num_slots: int) -> Prefilled:
+def full_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int) -> Prefilled:
   """Every prompt token through every layer (prompts right-padded to a power-of-two bucket)."""
   t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
-  tokens, lengths = api.pad_prompts(request.prompts, lm.cfg.pad_id, t)
+  tokens, lengths = pad_prompts(request.prompts, lm.cfg.pad_id, t)
   logits_bv, cache = ar.prefill(lm.params, lm.cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
   return Prefilled(logits_bv, cache, None, {})

@@ -28,13 +28,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import api, model
+from hdjax import model
 from hdjax.adadecode.heads import ExitHeads, head_logits
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop
 from hdjax.decoding.prefill import Prefill, full_prefill
+from hdjax.decoding.registry import Method, register_method
+from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
+                                    padded_rows)
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, truncate_tree
 from hdjax.decoding.tree_policy import TreeSizePolicy
@@ -61,7 +64,7 @@ class SpecConfig:
   adaptive: bool = False
   explore_every: int = 8  # with `adaptive`: every n-th step verifies the largest drafted bucket
 
-  def with_options(self, request: api.GenerateRequest) -> "SpecConfig":
+  def with_options(self, request: GenerateRequest) -> "SpecConfig":
     cfg = dataclasses.replace(self, **{f.name: request.option(f.name, getattr(self, f.name))
                                        for f in dataclasses.fields(self)})
     buckets = tuple(sorted({int(b) for b in cfg.buckets}))
@@ -120,15 +123,15 @@ start_head = functools.partial(jax.jit, static_argnames=("cfg", "head_layer"), d
     head_draft)
 
 
-def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
+def speculative_generate(lm: LoadedModel, request: GenerateRequest, method: str,
                          make_drafter: Callable[[SpecConfig], Drafter], defaults: SpecConfig = SpecConfig(),
                          prefill: Prefill = full_prefill, head: ExitHeads | None = None
-                         ) -> list[api.GenerationResult]:
+                         ) -> list[GenerationResult]:
   """Prefill, then draft -> verify steps until every sequence hits EOS, max_new_tokens or a full cache. `head`
   (one exit head) adds its draft to every tree (see the module docstring)."""
   cfg, spec = lm.cfg, defaults.with_options(request)
   head_layer, t_dd = (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
-  num_slots = api.cache_slots_for(cfg, request, extra=max(spec.buckets))
+  num_slots = cache_slots_for(cfg, request, extra=max(spec.buckets))
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
   start = time.perf_counter()
@@ -146,10 +149,10 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
     host_syncs += 1
   if request.option("warmup", False):  # trace every tree bucket for this cache shape, emit the first token only
     compile_buckets(lm, cache, spec, request.sampling, visible_lbs, head_layer, t_dd, root_h_bd)
-    return api.make_results(lm, first_b[:, None], np.ones(batch, np.int32),
-                            [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
-                                  accept_lengths=[1], prompt_tokens=len(p), **prefill_stats)
-                             for p in request.prompts])
+    return make_results(lm, first_b[:, None], np.ones(batch, np.int32),
+                        [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
+                              accept_lengths=[1], prompt_tokens=len(p), **prefill_stats)
+                         for p in request.prompts])
   lengths = [len(p) for p in request.prompts]
   rows = [[int(first_b[b])] for b in range(batch)]
   done = [rows[b][0] in cfg.eos_ids or request.max_new_tokens <= 1 for b in range(batch)]
@@ -225,7 +228,7 @@ def speculative_generate(lm: api.LM, request: api.GenerateRequest, method: str,
                 bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats,
                 **({} if head is None else dict(head_layer=head_layer, head_hit_rate=hits / max(len(acc) - 1, 1))))
            for row, acc, prompt, hits in zip(rows, accept_lengths, request.prompts, head_hits_b.tolist())]
-  return api.make_results(lm, *api.padded_rows(rows), stats)
+  return make_results(lm, *padded_rows(rows), stats)
 
 
 def step_regime(drafters: list[Drafter], accept_lengths: list[list[int]], done: list[bool]) -> tuple:
@@ -236,7 +239,7 @@ def step_regime(drafters: list[Drafter], accept_lengths: list[list[int]], done: 
           any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d))
 
 
-def compile_buckets(lm: api.LM, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig,
+def compile_buckets(lm: LoadedModel, cache: KVCache, spec: SpecConfig, sampling: SamplingConfig,
                     visible_lbs: jax.Array | None = None, head_layer: int | None = None, t_dd: jax.Array | None = None,
                     root_h_bd: jax.Array | None = None) -> None:
   """Traces the verify step for every bucket with all rows inactive (nothing is written or committed)."""
@@ -267,12 +270,12 @@ def database_scope(name: str) -> Iterator[None]:
     _SCOPES.pop()
 
 
-def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
+def _database(kind: str) -> Callable[[LoadedModel, SpecConfig], Drafter]:
   """A source backed by a persisted database (`ModelDB` / `StatsDB` under checkpoints/hd), loaded once per
   tokenizer and shared across requests (the model database learns online from each finished sequence, through
   one `ModelDBSession` per sequence)."""
 
-  def make(lm: api.LM, spec: SpecConfig) -> Drafter:
+  def make(lm: LoadedModel, spec: SpecConfig) -> Drafter:
     del spec
     if lm.tokenizer is None:
       raise HdjaxError(f"the {kind} database is keyed by tokenizer, and this model has none")
@@ -289,7 +292,7 @@ def _database(kind: str) -> Callable[[api.LM, SpecConfig], Drafter]:
   return make
 
 
-def _available(lm: api.LM, name: str, spec: SpecConfig) -> bool:
+def _available(lm: LoadedModel, name: str, spec: SpecConfig) -> bool:
   try:
     SOURCES[name](lm, spec)
   except HdjaxError:
@@ -302,7 +305,7 @@ def reset_databases() -> None:
   _LOADED.clear()
 
 
-SOURCES: dict[str, Callable[[api.LM, SpecConfig], Drafter]] = {
+SOURCES: dict[str, Callable[[LoadedModel, SpecConfig], Drafter]] = {
     "context": lambda lm, spec: context_drafter(),
     "pld": lambda lm, spec: pld_drafter(),
     "model": _database("model"),
@@ -314,15 +317,15 @@ PLD_DEFAULTS = SpecConfig(max_depth=PLD_MAX_TOKENS, max_chains=1)  # the 8-node 
 
 
 def spec_method(method: str, prefill: Prefill = full_prefill,
-                exit_head: Callable[[api.LM, api.GenerateRequest], ExitHeads] | None = None,
-                defaults: SpecConfig | None = None) -> api.Method:
+                exit_head: Callable[[LoadedModel, GenerateRequest], ExitHeads] | None = None,
+                defaults: SpecConfig | None = None) -> Method:
   """The generate function of a drafting method (its first "+"-part that is a key of SPEC_METHODS) after
   `prefill`: the sources named in the `order` option (comma-separated) are asked in that order, after the exit
   head that `exit_head` resolves for the request, if any (then `order` may be empty)."""
   order, base_defaults = SPEC_METHODS[next(p for p in method.split("+") if p in SPEC_METHODS)]
   defaults = defaults or base_defaults
 
-  def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+  def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     names = [n.strip() for n in str(request.option("order", order)).split(",") if n.strip()]
     unknown = [n for n in names if n not in SOURCES]
     if unknown or not (names or exit_head):
@@ -347,18 +350,18 @@ SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
     "pld_host": ("pld", PLD_DEFAULTS), "hd_context_host": ("context", HD_DEFAULTS)}
 
 for _method in SPEC_METHODS:
-  api.register_method(_method)(spec_method(_method))
+  register_method(_method)(spec_method(_method))
 
 
 def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: str,
-                  prefill: Prefill = full_prefill) -> api.Method:
+                  prefill: Prefill = full_prefill) -> Method:
   """`method` in the on-device loop (`device_loop.py`), whose drafter reproduces `host_drafter()` over the one
   source `source`. Options only the host loop has (`adaptive` tree sizes, another `order`) run the host loop
   instead; `stats["engine"]` says which ran."""
   host_loop = spec_method(method, prefill)
   defaults = SPEC_METHODS[method][1]
 
-  def generate(lm: api.LM, request: api.GenerateRequest) -> list[api.GenerationResult]:
+  def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     if request.option("adaptive", False) or request.option("order", source) != source:
       return host_loop(lm, request)
     results = device_loop.device_generate(lm, request, method, host_drafter(), defaults.with_options(request),
@@ -371,5 +374,5 @@ def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: 
 
 
 # On the device: every step's draft, tree, verify and stop check inside one jitted loop.
-api.register_method("pld")(device_method("pld", lambda: pld_drafter().config, "pld"))
-api.register_method("hd_context")(device_method("hd_context", lambda: context_drafter().config, "context"))
+register_method("pld")(device_method("pld", lambda: pld_drafter().config, "pld"))
+register_method("hd_context")(device_method("hd_context", lambda: context_drafter().config, "context"))
