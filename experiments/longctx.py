@@ -4,8 +4,8 @@
   python -m experiments.longctx --build=passkey,multidoc --lengths=2048,4096,7500 --num=8 --out_dir=DIR
   python experiments/longctx.py ...     (the same, from any directory)
 
-`--build` writes DIR/prompts.jsonl from the XSum articles (passkey retrieval and multi-document summarization)
-and runs it. Each prompt is one user turn in the chat template. Every method is warmed up (compiled) on each
+`--build` writes DIR/prompts.jsonl from the XSum articles (passkey retrieval, multi-document summarization, and
+multi-document question answering with exact-match answers: `multidoc_qa`) and runs it. Each prompt is one user turn in the chat template. Every method is warmed up (compiled) on each
 prompt-length group first; then prompts run one by one, each through every method in turn, so the methods
 see the same machine load. Writes DIR/<method>.jsonl, DIR/summary.json and DIR/ttft.png.
 """
@@ -25,13 +25,14 @@ from experiments.longctx_lib import build_sets, check_build, parse_method, summa
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompts", None, "JSONL of {id, prompt, reference?, task?, answer?}")
-flags.DEFINE_list("build", [], "build sets from --xsum instead: passkey, multidoc")
+flags.DEFINE_list("build", [], "build sets from --xsum instead: passkey, multidoc, multidoc_qa")
 flags.DEFINE_list("lengths", ["2048", "4096", "7500"], "integers >= 1: prompt lengths in tokens (upper bounds) for "
                   "--build")
 flags.DEFINE_integer("num", 8, "prompts per set and length for --build (>= 1)")
 flags.DEFINE_string("xsum", "/work/shared/data/xsum/test.jsonl", "XSum JSONL {document, summary}")
 flags.DEFINE_list("methods", ["full", "lazy"], "methods; agreement is measured against the first one. A lazy* "
-                  "method may carry its own schedule, e.g. lazy@3-6-10-16:0.7-0.5-0.35-0.2 (layers:keep ratios)")
+                  "method may carry its own schedule, e.g. lazy@3-6-10-16:0.7-0.5-0.35-0.2 (layers:keep ratios), with optional "
+                  ":wW:pP:sS:kK (score_window, score_pool, score_skip, keep_sinks)")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (>= 1)")
 flags.DEFINE_integer("seed", 0, "seed for building sets")
@@ -45,6 +46,9 @@ flags.DEFINE_integer("reselect_every", None, "decode steps between re-selections
 flags.DEFINE_integer("revive_budget", None, "tokens revived per pruning layer per re-selection")
 flags.DEFINE_integer("score_window", None, "prompt tokens whose attention rows score the prompt (1: the last only)")
 flags.DEFINE_integer("score_pool", None, "odd; max-pool scores over this many neighbouring positions (1: none)")
+flags.DEFINE_integer("score_skip", None, "the observation window ends this many tokens before the last prompt token "
+                     "(6 skips SmolLM2's chat-template assistant header)")
+flags.DEFINE_integer("keep_sinks", None, "the first n prompt tokens are always kept")
 
 
 def _lazy_options() -> dict:
@@ -56,7 +60,8 @@ def _lazy_options() -> dict:
       opts["keep_ratios"] = tuple(float(x) for x in FLAGS.keep_ratios)
     except ValueError:
       raise HdjaxError(f"--keep_ratios must be numbers in (0, 1], got {','.join(FLAGS.keep_ratios)!r}") from None
-  for name in ("min_prompt", "reselect_every", "revive_budget", "score_window", "score_pool"):
+  for name in ("min_prompt", "reselect_every", "revive_budget", "score_window", "score_pool", "score_skip",
+               "keep_sinks"):
     if getattr(FLAGS, name) is not None:
       opts[name] = getattr(FLAGS, name)
   return opts
@@ -73,7 +78,7 @@ def main(argv):
   if not FLAGS.out_dir:
     raise HdjaxError("--out_dir is required")
   if bool(FLAGS.prompts) == bool(FLAGS.build):
-    raise HdjaxError("give exactly one of --prompts=FILE or --build=passkey,multidoc")
+    raise HdjaxError("give exactly one of --prompts=FILE or --build=passkey,multidoc,multidoc_qa")
   common.require(max_new_tokens=(FLAGS.max_new_tokens, common.at_least(1)), num=(FLAGS.num, common.at_least(1)))
   lengths = common.int_list("lengths", FLAGS.lengths)
   if FLAGS.prompts:

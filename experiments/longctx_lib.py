@@ -13,7 +13,7 @@ from experiments import common
 from hdjax.errors import HdjaxError
 
 
-TASKS = ("passkey", "multidoc")
+TASKS = ("passkey", "multidoc", "multidoc_qa")
 
 
 def _articles(path: str) -> list[dict]:
@@ -73,6 +73,65 @@ def build_multidoc(lm, articles, limit: int, rng: random.Random, idx: int) -> di
               reference=docs[target]["summary"], n_docs=fitted)
 
 
+# Synthetic facts for multidoc_qa: (sentence inserted into an article, question, kind of answer, values). Each prompt
+# gives every article a different fact, so the question has to be matched to its fact, not just to "the odd
+# sentence out"; values are invented, so the answer cannot come from the model's prior.
+QA_FACTS = (
+    ("The name of the mayor's dog is {}.", "What is the name of the mayor's dog?", "name",
+     ("Biscuit", "Pepper", "Rufus", "Mabel", "Nugget", "Crumble", "Winston", "Tilly")),
+    ("The winning raffle number drawn that evening was {}.", "What was the winning raffle number drawn that evening?",
+     "number", None),
+    ("The old lighthouse on the hill is painted {}.", "What colour is the old lighthouse on the hill painted?",
+     "colour", ("purple", "orange", "turquoise", "pink", "silver", "yellow", "crimson", "lilac")),
+    ("The company's new headquarters will be in {}.", "In which city will the company's new headquarters be?",
+     "city", ("Lisbon", "Oslo", "Nairobi", "Montreal", "Osaka", "Valencia", "Krakow", "Perth")),
+    ("The festival's official mascot is a {}.", "What animal is the festival's official mascot?", "animal",
+     ("penguin", "giraffe", "hedgehog", "kangaroo", "flamingo", "walrus", "badger", "tortoise")),
+    ("The code name of the secret project was {}.", "What was the code name of the secret project?", "code name",
+     ("Falcon", "Bluebell", "Granite", "Monsoon", "Juniper", "Comet", "Thistle", "Harbour")),
+    ("The new bridge was designed by an engineer called {}.", "What was the name of the engineer who designed the "
+     "new bridge?", "name", ("Harriet Vance", "Omar Castell", "Ingrid Solberg", "Felix Marlow", "Priya Anand",
+                              "Tobias Wren", "Elena Duarte", "Magnus Reid")),
+    ("The number of volunteers who helped at the event was {}.", "How many volunteers helped at the event?", "number",
+     None),
+)
+
+
+def build_multidoc_qa(lm, articles, limit: int, rng: random.Random, idx: int) -> dict:
+  """Whole articles (as many as fit in `limit` tokens), each with one invented fact sentence inserted at a random
+  sentence boundary, every article a different kind of fact; the question asks for one of them. The answer is
+  checked by `qa_correct` (normalized containment)."""
+  pool = [a for a in articles if limit / 12 < len(a["document"]) / 4.2 < limit / 4]
+  if len(pool) < len(QA_FACTS):
+    raise HdjaxError(f"multidoc_qa: not enough articles of a suitable size for length {limit}")
+  docs = rng.sample(pool, len(QA_FACTS))
+  facts = rng.sample(range(len(QA_FACTS)), len(QA_FACTS))
+  texts, answers = [], []
+  for doc, f in zip(docs, facts):
+    sentence, _, _, values = QA_FACTS[f]
+    value = str(rng.randrange(1000, 10000)) if values is None else rng.choice(values)
+    lines = [s for s in doc["document"].split("\n") if s.strip()]
+    at = rng.randrange(len(lines) + 1)
+    texts.append("\n".join(lines[:at] + [sentence.format(value)] + lines[at:]))
+    answers.append(value)
+  pick = rng.random()
+
+  def make(parts):
+    target = int(pick * len(parts))
+    _, question, kind, _ = QA_FACTS[facts[target]]
+    return ("\n\n".join(f"Article {i + 1}:\n{p}" for i, p in enumerate(parts))
+            + f"\n\nAnswer the question from the articles above. {question} Answer with the {kind} only.")
+
+  prompt, fitted = _fit(lm, make, texts, limit)
+  while fitted < 2:  # fewer than two articles fit whole: shorten the longest of the first two until they do
+    longest = max(range(2), key=lambda i: len(texts[i]))
+    texts[longest] = texts[longest][:int(len(texts[longest]) * 0.9)]
+    prompt, fitted = _fit(lm, make, texts, limit)
+  target = int(pick * fitted)
+  return dict(id=f"multidoc_qa-{limit}-{idx}", task="multidoc_qa", target_len=limit, prompt=prompt,
+              answer=answers[target], n_docs=fitted, target_doc=target + 1, fact=QA_FACTS[facts[target]][2])
+
+
 def check_build(tasks, xsum) -> None:
   """The --build sets are known and the XSum file exists (checked before the model loads)."""
   unknown = set(tasks) - set(TASKS)
@@ -88,7 +147,7 @@ def build_sets(lm, tasks, lengths, num, xsum, seed) -> list[dict]:
   for task in tasks:
     for limit in lengths:
       rng = random.Random(f"{seed}-{task}-{limit}")
-      make = build_passkey if task == "passkey" else build_multidoc
+      make = dict(passkey=build_passkey, multidoc=build_multidoc, multidoc_qa=build_multidoc_qa)[task]
       rows += [make(lm, articles, limit, rng, i) for i in range(num)]
   return rows
 
@@ -103,14 +162,33 @@ def passkey_correct(text: str, answer: str) -> bool:
   return bool(found) and found[0] == answer
 
 
+def _normalize(text: str) -> str:
+  return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower().replace(",", "")).split())
+
+
+def qa_correct(text: str, answer: str) -> bool:
+  """The normalized answer (lower case, punctuation and thousands separators dropped) appears as whole words in
+  the normalized first line of the response."""
+  first = next((ln for ln in text.splitlines() if ln.strip()), "")
+  return f" {_normalize(answer)} " in f" {_normalize(first)} "
+
+
+def answer_correct(text: str, prompt: dict) -> bool:
+  """Scores a response by its prompt's task: multidoc_qa by `qa_correct`, anything else with an answer as a
+  passkey."""
+  if prompt.get("task") == "multidoc_qa":
+    return qa_correct(text, prompt["answer"])
+  return passkey_correct(text, prompt["answer"])
+
 
 def parse_method(spec: str) -> tuple[str, dict]:
-  """'lazy@3-6:0.5-0.3' -> ('lazy', {prune_layers: (3, 6), keep_ratios: (0.5, 0.3)}); an optional ':wW' and
-  ':pP' set score_window and score_pool ('lazy@16:0.5:w16:p7'); plain names pass through."""
+  """'lazy@3-6:0.5-0.3' -> ('lazy', {prune_layers: (3, 6), keep_ratios: (0.5, 0.3)}); optional ':wW', ':pP',
+  ':sS' and ':kK' set score_window, score_pool, score_skip and keep_sinks ('lazy@16:0.5:w16:p7:s6:k32'); plain
+  names pass through."""
   name, _, schedule = spec.partition("@")
   if not schedule:
     return name, {}
-  names = {"w": "score_window", "p": "score_pool"}
+  names = {"w": "score_window", "p": "score_pool", "s": "score_skip", "k": "keep_sinks"}
   try:
     layers, ratios, *extras = schedule.split(":")
     opts = dict(prune_layers=tuple(int(x) for x in layers.split("-")),
@@ -118,7 +196,7 @@ def parse_method(spec: str) -> tuple[str, dict]:
     for extra in extras:
       opts[names[extra[0]]] = int(extra[1:])
   except (ValueError, KeyError, IndexError):
-    raise HdjaxError(f"bad schedule in method {spec!r}: want NAME@L1-L2-...:R1-R2-...[:wW][:pP]") from None
+    raise HdjaxError(f"bad schedule in method {spec!r}: want NAME@L1-L2-...:R1-R2-...[:wW][:pP][:sS][:kK]") from None
   return name, opts
 
 
@@ -151,9 +229,11 @@ def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict], hf_ttf
                rougeL_vs_base=statistics.fmean(_rouge_l(base_by_id[r["id"]]["text"], r["text"]) for r in rs))
       if hf_ttft:
         g["ttft_speedup_vs_hf"] = _median([hf_ttft[r["id"]] / r["ttft_s"] for r in rs])
-      if any("answer" in meta[r["id"]] for r in rs):
-        g["passkey_accuracy"] = statistics.fmean(float(passkey_correct(r["text"], meta[r["id"]]["answer"]))
-                                                 for r in rs)
+      scored = [r for r in rs if "answer" in meta[r["id"]]]
+      if scored:
+        name_acc = "qa_accuracy" if meta[scored[0]["id"]].get("task") == "multidoc_qa" else "passkey_accuracy"
+        g[name_acc] = statistics.fmean(float(answer_correct(r["text"], meta[r["id"]])) for r in scored)
+        g["correct"] = sum(answer_correct(r["text"], meta[r["id"]]) for r in scored)
       if any("reference" in meta[r["id"]] for r in rs):
         g["rougeL_vs_reference"] = statistics.fmean(_rouge_l(meta[r["id"]]["reference"], r["text"]) for r in rs)
       per[name] = g

@@ -3,9 +3,12 @@
 Prefill runs the layers in groups separated by the pruning layers. At pruning layer p every still-active prompt
 token is scored by the attention it receives from the last prompt token at layer p (one query row, q_last . K^T,
 averaged over heads; `score_window` > 1 averages the rows of the last w prompt tokens instead, an observation
-window as in SnapKV, and always keeps those w tokens; `score_pool` > 1 max-pools the scores over neighbouring
-positions); the top `keep_ratios[g]` fraction of the bucket length stays active, a subset of the previous set, and
-the last token always stays. The gathered path runs each group only on the kept tokens (static keep counts per
+window as in SnapKV, and always keeps those w tokens; `score_skip` = s ends that window s tokens before the last
+one, so a chat prompt is scored by the end of the user's turn rather than by the template's assistant header, and
+keeps the skipped tail too; `score_pool` > 1 max-pools the scores over neighbouring positions, so a run of tokens
+next to a high-scoring one, e.g. the digits of a number, survives whole); the top `keep_ratios[g]` fraction of the
+bucket length stays active, a subset of the previous set, and the last token always stays, as do the first
+`keep_sinks` tokens (attention sinks). The gathered path runs each group only on the kept tokens (static keep counts per
 prompt-length bucket, original positions for RoPE and the causal mask, attention over a compact per-group KV
 buffer) and scatters their K/V into the full-length cache. A token pruned at layer p leaves its hidden state
 entering layer p (and its key at p, for re-scoring) in the Aux Cache. The masked path has the same semantics
@@ -68,6 +71,9 @@ class LazyConfig:
   seed: int = 0
   score_window: int = 1  # query rows that score the prompt: the last w prompt tokens (1: LazyLLM's last token)
   score_pool: int = 1  # odd; a token's score is the max over live tokens within pool // 2 positions (1: none)
+  score_skip: int = 0  # the observation window ends this many tokens before the last prompt token (a chat prompt
+  # ends with the template's assistant header; skipping it scores by the end of the user's turn); always kept
+  keep_sinks: int = 0  # the first n prompt tokens (attention sinks; a chat template's system turn) are always kept
 
   def validate(self, cfg: LlamaConfig) -> "LazyConfig":
     layers, ratios = self.prune_layers, self.keep_ratios
@@ -81,6 +87,8 @@ class LazyConfig:
       raise HdjaxError(f"lazy: selection must be one of {SELECTIONS}, got {self.selection!r}")
     if min(self.reselect_every, self.revive_budget, self.bucket, self.chunk, self.score_window, self.score_pool) < 1:
       raise HdjaxError("lazy: reselect_every, revive_budget, bucket, chunk, score_window and score_pool must be >= 1")
+    if min(self.score_skip, self.keep_sinks) < 0:
+      raise HdjaxError("lazy: score_skip and keep_sinks must be >= 0")
     if self.score_pool % 2 == 0:
       raise HdjaxError(f"lazy: score_pool must be odd (a window centred on the token), got {self.score_pool}")
     return self
@@ -140,12 +148,14 @@ def _row_probs(cfg: LlamaConfig, q_bwnh: jax.Array, k_bskh: jax.Array, visible_b
 
 
 def score_tokens(params, cfg: LlamaConfig, layer: int, h_bnd: jax.Array, positions_bn: jax.Array,
-                 valid_bn: jax.Array, last_pos_b: jax.Array, window: int = 1) -> tuple[jax.Array, jax.Array]:
-  """LazyLLM scores at `layer` of the N given tokens: attention from the last `window` prompt tokens only (their
-  rows, never the full matrix), averaged over heads and rows. Returns scores [B, N] and keys [B, N, K, H]."""
+                 valid_bn: jax.Array, last_pos_b: jax.Array, window: int = 1, skip: int = 0
+                 ) -> tuple[jax.Array, jax.Array]:
+  """LazyLLM scores at `layer` of the N given tokens: attention from the `window` prompt tokens ending `skip`
+  tokens before the last one (their rows, never the full matrix), averaged over heads and rows. Returns scores
+  [B, N] and keys [B, N, K, H]."""
   p = model.layer_params(params, layer)
   k_bnkh = _norm_qk(cfg, p, h_bnd, positions_bn, "k_dkh")
-  query_pos_bw = last_pos_b[:, None] - jnp.arange(window)[None, :]
+  query_pos_bw = last_pos_b[:, None] - skip - jnp.arange(window)[None, :]
   match_bwn = (positions_bn[:, None, :] == query_pos_bw[:, :, None]) & valid_bn[:, None, :]
   h_query_bwd = jnp.take_along_axis(h_bnd, jnp.argmax(match_bwn, axis=2)[:, :, None], axis=1)
   q_bwnh = _norm_qk(cfg, p, h_query_bwd, query_pos_bw, "q_dnh")
@@ -169,11 +179,12 @@ def pool_scores(scores_bn: jax.Array, positions_bn: jax.Array, valid_bn: jax.Arr
 
 
 def _select(scores_bn: jax.Array, positions_bn: jax.Array, valid_bn: jax.Array, last_pos_b: jax.Array,
-            count: int, window: int = 1) -> jax.Array:
+            count: int, window: int = 1, sinks: int = 0) -> jax.Array:
   """Indices [B, count] (ascending) of the kept tokens: the top scores among valid ones; the last `window`
-  tokens always."""
+  tokens and the first `sinks` always (while the count allows)."""
   ranked = jnp.where(valid_bn, scores_bn, -1.0)
-  ranked = jnp.where(valid_bn & (positions_bn > last_pos_b[:, None] - window), 2.0, ranked)
+  forced_bn = (positions_bn > last_pos_b[:, None] - window) | (positions_bn < sinks)
+  ranked = jnp.where(valid_bn & forced_bn, 2.0, ranked)
   return jnp.sort(jax.lax.top_k(ranked, count)[1], axis=1)
 
 
@@ -232,7 +243,7 @@ def _prune_scores(params, cfg, lazy_cfg: LazyConfig, group: int, h_bnd, position
   if lazy_cfg.selection == "static" and group > 1:
     return jnp.take_along_axis(static_scores_bt, positions_bn, axis=1), None, static_scores_bt
   scores_bn, k_bnkh = score_tokens(params, cfg, layer, h_bnd, positions_bn, valid_bn, last_pos_b,
-                                   lazy_cfg.score_window)
+                                   lazy_cfg.score_window, lazy_cfg.score_skip)
   scores_bn = pool_scores(scores_bn, positions_bn, valid_bn, static_scores_bt.shape[1], lazy_cfg.score_pool)
   b_idx = jnp.arange(h_bnd.shape[0])[:, None]
   return scores_bn, k_bnkh, static_scores_bt.at[b_idx, positions_bn].set(scores_bn)
@@ -289,7 +300,8 @@ def lazy_prefill(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, tokens_bt: jax.
       scores_bn, k_bnkh, static_scores_bt = _prune_scores(params, cfg, lazy_cfg, g, h_bnd, positions_bn, valid_bn,
                                                           last_pos_b, static_scores_bt)
       state = _to_aux(state, start, h_bnd, k_bnkh, jnp.where(valid_bn, positions_bn, num_slots))
-      keep_bk = _select(scores_bn, positions_bn, valid_bn, last_pos_b, counts[g], lazy_cfg.score_window)
+      keep_bk = _select(scores_bn, positions_bn, valid_bn, last_pos_b, counts[g],
+                        lazy_cfg.score_window + lazy_cfg.score_skip, lazy_cfg.keep_sinks)
       if gathered:
         h_bnd, positions_bn, valid_bn = (jnp.take_along_axis(h_bnd, keep_bk[:, :, None], axis=1),
                                          jnp.take_along_axis(positions_bn, keep_bk, axis=1),

@@ -86,3 +86,57 @@ def test_prefill_profile_recovers_the_quadratic_share():
   want = {n: b * n / (a + b * n) for n in lengths}
   assert quadratic_share({n: a * n + b * n * n for n in lengths}) == pytest.approx(want, rel=1e-6)
   assert quadratic_share({n: a * n for n in lengths}) == pytest.approx({n: 0.0 for n in lengths}, abs=1e-6)
+
+
+def test_method_schedules_parse_skip_and_sinks():
+  assert longctx.parse_method("lazy@14:0.1:w16:p15:s6:k32") == (
+      "lazy", dict(prune_layers=(14,), keep_ratios=(0.1,), score_window=16, score_pool=15, score_skip=6,
+                   keep_sinks=32))
+
+
+def test_qa_scoring():
+  assert longctx.qa_correct("The mascot is a penguin.", "penguin")
+  assert longctx.qa_correct("Harriet Vance", "Harriet Vance")
+  assert longctx.qa_correct("4,821 volunteers", "4821")
+  assert not longctx.qa_correct("penguins", "penguin")  # whole words only
+  assert not longctx.qa_correct("48210", "4821")
+  assert not longctx.qa_correct("I do not know.\nPenguin", "penguin")  # the first line only
+  prompt = dict(task="multidoc_qa", answer="Oslo")
+  assert longctx.answer_correct("Oslo.", prompt) and not longctx.answer_correct("12345", prompt)
+  assert longctx.answer_correct("The pass key is 12345.", dict(task="passkey", answer="12345"))
+
+
+class _ByteTokenizer:
+  """Stands in for the chat template: one token per 4 characters plus a 20-token frame."""
+
+  def apply_chat_template(self, messages):
+    return [0] * (20 + len(messages[0]["content"]) // 4)
+
+
+def test_multidoc_qa_builder():
+  import random  # pylint: disable=import-outside-toplevel
+
+  class FakeLM:
+    tokenizer = _ByteTokenizer()
+
+  articles = [dict(document="\n".join(f"Sentence {i} of article {a} says something." for i in range(12)),
+                   summary="s") for a in range(40)]
+  for idx in range(6):
+    row = longctx.build_multidoc_qa(FakeLM(), articles, 1024, random.Random(idx), idx)
+    assert row["task"] == "multidoc_qa" and len(FakeLM.tokenizer.apply_chat_template(
+        [dict(content=row["prompt"])])) <= 1024
+    assert row["n_docs"] >= 2 and 1 <= row["target_doc"] <= row["n_docs"]
+    assert row["prompt"].count(f" {row['answer']}.") == 1  # the fact is stated once, in the target article
+    facts = [f for f in longctx.QA_FACTS if f[2] == row["fact"] and f[1] in row["prompt"]]
+    assert len(facts) == 1
+    target_text = row["prompt"].split(f"Article {row['target_doc']}:\n")[1].split("\n\nArticle ")[0]
+    assert facts[0][0].format(row["answer"]) in target_text
+
+
+def test_summary_scores_qa_by_task():
+  prompts = [dict(id="a", prompt="x", answer="Oslo", task="multidoc_qa", target_len=4096),
+             dict(id="b", prompt="y", answer="4821", task="multidoc_qa", target_len=4096)]
+  rows = {"full": [dict(id="a", token_ids=[1], text="Oslo", ttft_s=1.0, total_s=1.0, prompt_tokens=4000),
+                   dict(id="b", token_ids=[2], text="4,821.", ttft_s=1.0, total_s=1.0, prompt_tokens=4000)]}
+  g = longctx.summarize(rows, prompts)["methods"]["full"]["multidoc_qa@4096"]
+  assert g["qa_accuracy"] == 1.0 and g["correct"] == 2 and "passkey_accuracy" not in g
