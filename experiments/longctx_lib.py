@@ -119,8 +119,9 @@ def build_multidoc_qa(lm, articles, limit: int, rng: random.Random, idx: int) ->
   def make(parts):
     target = int(pick * len(parts))
     _, question, kind, _ = QA_FACTS[facts[target]]
-    return ("\n\n".join(f"Article {i + 1}:\n{p}" for i, p in enumerate(parts))
-            + f"\n\nAnswer the question from the articles above. {question} Answer with the {kind} only.")
+    return (f"Read the articles below, then answer this question: {question}\n\n"
+            + "\n\n".join(f"Article {i + 1}:\n{p}" for i, p in enumerate(parts))
+            + f"\n\nQuestion: {question} Answer with the {kind} only.")
 
   prompt, fitted = _fit(lm, make, texts, limit)
   while fitted < 2:  # fewer than two articles fit whole: shorten the longest of the first two until they do
