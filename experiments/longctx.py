@@ -5,9 +5,11 @@
   python experiments/longctx.py ...     (the same, from any directory)
 
 `--build` writes DIR/prompts.jsonl from the XSum articles (passkey retrieval, multi-document summarization, and
-multi-document question answering with exact-match answers: `multidoc_qa`) and runs it. Each prompt is one user turn in the chat template. Every method is warmed up (compiled) on each
-prompt-length group first; then prompts run one by one, each through every method in turn, so the methods
-see the same machine load. Writes DIR/<method>.jsonl, DIR/summary.json and DIR/ttft.png.
+multi-document question answering with exact-match answers: `multidoc_qa`) and runs it. Each prompt is one user
+turn in the chat template. Every method is warmed up (compiled) on each prompt-length group first; then prompts run
+one by one, each through every method in turn, so the methods see the same machine load. Writes DIR/<method>.jsonl,
+DIR/summary.json, DIR/table.md (answers found, first-token agreement and token-layers computed per method) and
+DIR/ttft.png.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ if __package__ in (None, ""):  # started as `python experiments/X.py`: make the 
 from absl import flags
 from experiments import common
 from hdjax.errors import HdjaxError
-from experiments.longctx_lib import build_sets, check_build, parse_method, summarize, plot
+from experiments.longctx_lib import accuracy_table, build_sets, check_build, parse_method, summarize, plot
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompts", None, "JSONL of {id, prompt, reference?, task?, answer?}")
@@ -31,8 +33,8 @@ flags.DEFINE_list("lengths", ["2048", "4096", "7500"], "integers >= 1: prompt le
 flags.DEFINE_integer("num", 8, "prompts per set and length for --build (>= 1)")
 flags.DEFINE_string("xsum", "/work/shared/data/xsum/test.jsonl", "XSum JSONL {document, summary}")
 flags.DEFINE_list("methods", ["full", "lazy"], "methods; agreement is measured against the first one. A lazy* "
-                  "method may carry its own schedule, e.g. lazy@3-6-10-16:0.7-0.5-0.35-0.2 (layers:keep ratios), with optional "
-                  ":wW:pP:sS:kK (score_window, score_pool, score_skip, keep_sinks)")
+                  "method may carry its own schedule, e.g. lazy@3-6-10-16:0.7-0.5-0.35-0.2 (layers:keep ratios), with "
+                  "optional :wW:pP:sS:kK (score_window, score_pool, score_skip, keep_sinks)")
 flags.DEFINE_string("out_dir", None, "output directory")
 flags.DEFINE_integer("max_new_tokens", 64, "new tokens per prompt (>= 1)")
 flags.DEFINE_integer("seed", 0, "seed for building sets")
@@ -99,8 +101,8 @@ def main(argv):
     raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
   for spec in FLAGS.methods:
     hdjax.api.check_options(parse_method(spec)[0], method_options(spec, opts))
-  common.check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in FLAGS.methods] + ["summary.json", "ttft.png",
-                                                                                  "prompts.jsonl"])
+  common.check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in FLAGS.methods] + ["summary.json", "table.md",
+                                                                                  "ttft.png", "prompts.jsonl"])
   lm = hdjax.load(FLAGS.model)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; prompts are text")
@@ -142,6 +144,8 @@ def main(argv):
   summary["lazy_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
   summary["max_new_tokens"] = FLAGS.max_new_tokens
   common.write_json_atomic(os.path.join(FLAGS.out_dir, "summary.json"), summary)
+  with open(os.path.join(FLAGS.out_dir, "table.md"), "w", encoding="utf-8") as f:
+    f.write(accuracy_table(summary))
   plot(rows_by_method, os.path.join(FLAGS.out_dir, "ttft.png"))
   for method, per in summary["methods"].items():
     for name, g in per.items():

@@ -242,6 +242,30 @@ def summarize(rows_by_method: dict[str, list[dict]], prompts: list[dict], hf_ttf
   return dict(base=base, methods=out)
 
 
+def accuracy_table(summary: dict) -> str:
+  """A markdown table, one row per method: per prompt group the answers found (passkey, QA), first tokens equal
+  to the base method's, and the mean fraction of prompt token-layers computed (a load-independent proxy for
+  prefill cost); TTFT speedups against the base are medians and depend on machine load."""
+  methods = summary["methods"]
+  groups = sorted({g for per in methods.values() for g in per})
+  head = ["method", "token-layers"] + [f"{g} {col}" for g in groups for col in ("correct", "first token =",
+                                                                                 "TTFT vs base")]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for method, per in methods.items():
+    n_all = sum(g["n"] for g in per.values())
+    frac = sum(g["computed_fraction_prefill"] * g["n"] for g in per.values()) / max(n_all, 1)
+    cells = [method, f"{frac:.3f}"]
+    for name in groups:
+      g = per.get(name)
+      if g is None:
+        cells += ["", "", ""]
+        continue
+      cells += [f"{g['correct']}/{g['n']}" if "correct" in g else "-",
+                f"{round(g['first_token_agreement'] * g['n'])}/{g['n']}", f"{g['ttft_speedup_vs_base']:.2f}x"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def plot(rows_by_method: dict[str, list[dict]], path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")

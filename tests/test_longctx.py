@@ -140,3 +140,18 @@ def test_summary_scores_qa_by_task():
                    dict(id="b", token_ids=[2], text="4,821.", ttft_s=1.0, total_s=1.0, prompt_tokens=4000)]}
   g = longctx.summarize(rows, prompts)["methods"]["full"]["multidoc_qa@4096"]
   assert g["qa_accuracy"] == 1.0 and g["correct"] == 2 and "passkey_accuracy" not in g
+
+
+def test_accuracy_table():
+  prompts = [dict(id="a", prompt="x", answer="12345", task="passkey", target_len=4096),
+             dict(id="q", prompt="y", answer="Oslo", task="multidoc_qa", target_len=4096)]
+  rows = {"full": [dict(id="a", token_ids=[1], text="12345", ttft_s=4.0, total_s=4.0, prompt_tokens=4000),
+                   dict(id="q", token_ids=[2], text="Oslo", ttft_s=4.0, total_s=4.0, prompt_tokens=4000)],
+          "lazy": [dict(id="a", token_ids=[1], text="12340", ttft_s=2.0, total_s=2.0, prompt_tokens=4000,
+                        computed_fraction_prefill=0.5),
+                   dict(id="q", token_ids=[3], text="Oslo", ttft_s=1.0, total_s=1.0, prompt_tokens=4000,
+                        computed_fraction_prefill=0.3)]}
+  table = longctx.accuracy_table(longctx.summarize(rows, prompts)).splitlines()
+  assert table[0].startswith("| method | token-layers | multidoc_qa@4096 correct |")
+  assert table[2] == "| full | 1.000 | 1/1 | 1/1 | 1.00x | 1/1 | 1/1 | 1.00x |"
+  assert table[3] == "| lazy | 0.400 | 1/1 | 0/1 | 4.00x | 0/1 | 1/1 | 2.00x |"
