@@ -142,8 +142,9 @@ def engine_settings(dtype: str, backend: str | None = None) -> dict[str, Any]:
   """The engine's layout and numerics for a weight dtype on a backend (measured with `experiments/bench_steps.py`,
   see the README): on CPU the KV cache stays fp32, and bf16 weights get steps padded to a multiple of 8 rows (a
   1-row bf16 dot takes a slow path on XLA:CPU, and 8 rows ran faster than 1 to 4) and a [D, V] LM head (a bf16
-  `x @ embedding.T` is ~8x slower there); accelerators keep the cache in the weights' dtype. bf16 on XLA:CPU is
-  not lossless for the speculative methods (a padded 1-row step and a multi-row verify round differently)."""
+  `x @ embedding.T` is ~8x slower there); accelerators keep the cache in the weights' dtype. Decode and verify
+  steps are padded to that row count by their callers and compiled as one program (`model.step_logits`), which is
+  what makes the speculative methods bitwise lossless in bf16 on XLA:CPU."""
   backend = backend or jax.default_backend()
   cpu_bf16 = backend == "cpu" and dtype == "bfloat16"
   return dict(cache_dtype="float32" if backend == "cpu" else dtype, row_multiple=8 if cpu_bf16 else 1,

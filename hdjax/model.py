@@ -273,3 +273,25 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt
   out = run_layers(params, cfg, embed(params, cfg, tokens_bt), positions_bt, mask_bts, cache, slots_bt,
                    visible_lbs=visible_lbs)
   return out.h_btd, out.cache
+
+
+def step_logits(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
+                cache: KVCache, slots_bt: jax.Array, visible_lbs: jax.Array | None = None
+                ) -> tuple[jax.Array, KVCache]:
+  """One decoding step through all layers and the LM head: logits [B, T, V] fp32 and the written cache; a step in
+  which no row writes a slot (every sequence done) is skipped (zero logits, cache unchanged).
+
+  The step is the branch of a `lax.cond`, the one computation boundary XLA keeps, so it is compiled as its own
+  computation and fused alike wherever it is traced (a decode loop, a verify step, a branch of a switch): on
+  XLA:CPU bf16 another fusion of the same math rounds some activations differently, and a lossless method's
+  logits must equal the decode step's bit for bit.
+  """
+  def run(operands):
+    h_btd, new_cache = forward(params, cfg, *operands)
+    return unembed(params, cfg, h_btd), new_cache
+
+  def skip(operands):
+    return jnp.zeros(tokens_bt.shape + (cfg.vocab_size,), jnp.float32), cache
+
+  return jax.lax.cond(jnp.any(slots_bt < cache.num_slots), run, skip,
+                      (tokens_bt, positions_bt, mask_bts, cache, slots_bt, visible_lbs))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from hdjax.decoding.tree import build_tree, bucket_for, merge_chains
+from hdjax.decoding.tree import build_tree, bucket_for, merge_chains, pad_tree, stack_trees
 from hdjax.decoding.verify import greedy_accept, rejection_accept
 
 
@@ -95,3 +95,14 @@ def test_rejection_sampling_output_distribution_equals_target():
   freq = np.bincount(second, minlength=vocab) / len(second)
   tol = 4 * np.sqrt(probs[1] * (1 - probs[1]) / len(second)) + 1e-3
   assert np.all(np.abs(freq - probs[1]) < tol), (freq, probs[1])
+
+
+def test_pad_tree_appends_padding_nodes():
+  chains = [[5, 6, 7], [5, 8], [9]]
+  small = stack_trees([build_tree(3, chains, 6, 4), build_tree(4, chains[:1], 6, 4)])
+  padded = pad_tree(jax.tree.map(jnp.asarray, small), 8)
+  # the same chains built into 8 nodes fill only 6 of them: the same arrays
+  built = stack_trees([build_tree(3, chains, 8, 4), build_tree(4, chains[:1], 8, 4)])
+  for name in ("tokens", "parents", "depths", "valid", "ancestors"):
+    np.testing.assert_array_equal(np.asarray(getattr(padded, name)), getattr(built, name), err_msg=name)
+  assert pad_tree(padded, 8) is padded and pad_tree(padded, 3).num_nodes == 9

@@ -53,13 +53,17 @@ def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array
 def decode_one(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array, active_b: jax.Array
                ) -> tuple[jax.Array, KVCache]:
   """One token per sequence at slot = position = cache.lengths; inactive rows write nothing and stay put.
-  Returns logits [B, V] and the cache advanced by one for active rows."""
-  pos_b1 = cache.lengths[:, None]
-  slots_b1 = jnp.where(active_b[:, None], pos_b1, cache.num_slots)
-  h_b1d, cache = model.forward(params, cfg, tokens_b[:, None], pos_b1, causal_mask(pos_b1, cache.num_slots),
-                               cache, slots_b1)
-  logits_bv = model.unembed(params, cfg, h_b1d)[:, 0]
-  return logits_bv, cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32))
+  Returns logits [B, V] and the cache advanced by one for active rows.
+
+  The step runs `cfg.row_multiple` rows: the token, then copies that write nothing. It is then the same program
+  as a verify step of that many nodes (`verify.verify_tree` pads its tree alike), which on XLA:CPU bf16 is what
+  keeps the speculative methods' logits bitwise equal to these."""
+  batch, rows = tokens_b.shape[0], cfg.row_multiple
+  pos_br = jnp.broadcast_to(cache.lengths[:, None], (batch, rows))
+  slots_br = jnp.where(active_b[:, None] & (jnp.arange(rows) == 0)[None, :], pos_br, cache.num_slots)
+  logits_brv, cache = model.step_logits(params, cfg, jnp.broadcast_to(tokens_b[:, None], (batch, rows)), pos_br,
+                                        causal_mask(pos_br, cache.num_slots), cache, slots_br)
+  return logits_brv[:, 0], cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32))
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:

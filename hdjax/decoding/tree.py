@@ -126,6 +126,19 @@ def _padded_tree(root: jax.Array, num_nodes: int) -> DraftTree:
                    jnp.zeros((num_nodes,), bool).at[0].set(True), jnp.eye(num_nodes, dtype=bool))
 
 
+def pad_tree(tree: DraftTree, multiple: int) -> DraftTree:
+  """A batch of trees [B, T] (jax arrays) with padding nodes appended up to a multiple of `multiple` nodes."""
+  extra = -tree.num_nodes % multiple
+  if not extra:
+    return tree
+  batch, t = tree.tokens.shape
+  pad = lambda x, value: jnp.concatenate([x, jnp.full((batch, extra), value, x.dtype)], axis=1)
+  eye_tt = jnp.eye(t + extra, dtype=bool)
+  ancestors = eye_tt[None].repeat(batch, 0).at[:, :t, :t].set(tree.ancestors)
+  return DraftTree(pad(tree.tokens, 0), pad(tree.parents, 0), pad(tree.depths, 0), pad(tree.valid, False),
+                   ancestors)
+
+
 def truncate_tree(tree: DraftTree, num_nodes: int) -> DraftTree:
   """The first `num_nodes` nodes of one tree [T] or a batch [B, T] (parents precede children, so this is still a
   tree); works on numpy and jax arrays."""

@@ -18,7 +18,7 @@ from hdjax import model
 from hdjax.attention import prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, target_probs
-from hdjax.decoding.tree import DraftTree
+from hdjax.decoding.tree import DraftTree, pad_tree
 from hdjax.kvcache import KVCache, commit_rows
 
 
@@ -110,7 +110,12 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   Inactive rows write and commit nothing. `visible_lbs` restricts each layer to the slots that hold K/V there
   (after a pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below
   it is already in the cache) and the draft nodes run layers [0, head_layer) first.
+  The tree is padded to a multiple of `cfg.row_multiple` nodes, so every verify step and every decode step
+  (`autoregressive.decode_one`) is the same program over the same rows: on XLA:CPU bf16 that is what keeps a
+  node's logits bitwise equal to the decode step's for the same token (a step padded inside the model fuses
+  differently and rounds differently).
   """
+  tree = pad_tree(tree, cfg.row_multiple)
   batch, num_nodes = tree.tokens.shape
   lengths_b = cache.lengths
   offsets_bt = jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32), (batch, num_nodes))
@@ -118,7 +123,8 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   positions_bt = lengths_b[:, None] + tree.depths
   mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
   if head_layer is None:
-    h_btd, cache = model.forward(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
+    logits_btv, cache = model.step_logits(params, cfg, tree.tokens, positions_bt, mask_bts, cache, slots_bt,
+                                          visible_lbs)
   else:
     h_btd = root_h_bd[:, None]
     if num_nodes > 1:  # draft nodes catch up with the root: layers [0, l)
@@ -127,8 +133,7 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
       h_btd, cache = jnp.concatenate([h_btd, below.h_btd], axis=1), below.cache
     above = model.run_layers(params, cfg, h_btd, positions_bt, mask_bts, cache, slots_bt, head_layer,
                              visible_lbs=visible_lbs)
-    h_btd, cache = above.h_btd, above.cache
-  logits_btv = model.unembed(params, cfg, h_btd)
+    logits_btv, cache = model.unembed(params, cfg, above.h_btd), above.cache
   if sampling.greedy:
     target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
     acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(

@@ -1,0 +1,71 @@
+"""bf16 on the real model: every lossless method returns `ar`'s tokens in the same dtype.
+
+On XLA:CPU a bf16 step rounds its activations to bf16 before every weight contraction, so an fp32-level difference
+between two compiled programs (another fusion, another row count) can flip a rounding and then a token. The
+engine keeps decode and verify the same program (`model.step_logits`, rows padded to `cfg.row_multiple` by the
+callers). Before that, the travel-blog question below diverged from `ar` at its 7th token under `pld` and `hd`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import hdjax
+
+QUESTIONS = [
+    "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences and "
+    "must-see attractions.",
+    "Hallie had dance practice for 1 hour on Tuesdays and 2 hours on Thursdays.  On Saturdays, she had dance "
+    "practice that lasted twice as long as Tuesday's night class.  How many hours a week did she have dance "
+    "practice?",
+    "Write a Python function that returns the n-th Fibonacci number, then explain how it works.",
+]
+MORE_QUESTIONS = [
+    "Translate German to English: Die Katze sitzt auf der Matte, und der Hund schläft neben dem Ofen.",
+    "Summarize: The city council met on Tuesday to discuss the new bus routes. After three hours of debate, the "
+    "council voted to extend route 12 to the airport and to add two night buses on weekends, starting in May.",
+    "What are the main differences between a virus and a bacterium? Answer in a short list.",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm_bf16() -> hdjax.LM:
+  return hdjax.load("smollm2-135m", dtype="bfloat16")
+
+
+def _prompts(lm: hdjax.LM, questions: list[str]) -> list[list[int]]:
+  return [lm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+
+
+def _check_identical(lm: hdjax.LM, questions: list[str], methods: list[str], max_new_tokens: int) -> None:
+  for ids in _prompts(lm, questions):
+    ref = lm.generate([ids], method="ar", max_new_tokens=max_new_tokens)[0].token_ids
+    for method in methods:
+      out = lm.generate([ids], method=method, max_new_tokens=max_new_tokens)[0].token_ids
+      assert out == ref, f"{method} differs from ar in bf16 at token {_first_difference(out, ref)}"
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+  return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def test_bf16_engine_pads_steps(smollm_bf16):
+  assert smollm_bf16.cfg.dtype == "bfloat16" and smollm_bf16.cfg.row_multiple == 8
+
+
+def test_speculative_methods_identical_to_ar_in_bf16(smollm_bf16):
+  _check_identical(smollm_bf16, QUESTIONS, ["pld", "hd"], 64)
+
+
+@pytest.mark.slow
+def test_speculative_methods_identical_to_ar_in_bf16_more(smollm_bf16):
+  _check_identical(smollm_bf16, QUESTIONS + MORE_QUESTIONS, ["pld", "hd", "hd_context", "pld_host"], 128)
+
+
+@pytest.mark.slow
+def test_batched_speculative_identical_to_batched_ar_in_bf16(smollm_bf16):
+  prompts = _prompts(smollm_bf16, QUESTIONS + MORE_QUESTIONS)
+  refs = [r.token_ids for r in smollm_bf16.generate(prompts, method="ar", max_new_tokens=48)]
+  for method in ("pld", "hd"):
+    outs = [r.token_ids for r in smollm_bf16.generate(prompts, method=method, max_new_tokens=48)]
+    assert outs == refs, f"batched {method} differs from batched ar in bf16"
