@@ -44,3 +44,41 @@ class HierarchyDrafter:
   def finish(self) -> None:
     for s in self.sources:
       s.finish()
+
+
+def device_hierarchy_one(sources: Sequence, max_chains: int, max_nodes: int):
+  """`HierarchyDrafter.draft` inside a jit, for one sequence, over its sources' chains already drafted: `sources`
+  are [C_s, depth] arrays (best first, -1 padded; a chain ends at its first -1), each the source's answer for
+  `max_chains` chains (a source asked for fewer returns a prefix of that list: `select_chains` and the n-gram
+  drafters stop early). Returns the chains [max_chains, depth] in the order the host collects them, -1 padded,
+  and how many each source gave [S].
+
+  The host rule: source s is asked for `max_chains - collected` chains; each of them is kept when it adds a new
+  prefix (a chain's prefixes are new exactly when the whole chain is not a prefix of a kept chain; it adds
+  `length - longest common prefix with a kept chain` of them); drafting stops once `max_chains` chains or
+  `max_nodes` distinct prefixes are collected."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  depth = sources[0].shape[1]
+  out_cd = jnp.full((max_chains, depth), -1, jnp.int32)
+  num = jnp.int32(0)
+  prefixes = jnp.int32(0)
+  stopped = jnp.bool_(False)
+  counts = []
+  for chains_cd in sources:
+    asked = max_chains - num
+    given = jnp.int32(0)
+    for i in range(chains_cd.shape[0]):
+      chain_d = chains_cd[i].astype(jnp.int32)
+      real_d = jnp.cumprod(chain_d >= 0).astype(bool)
+      length = jnp.sum(real_d)
+      common = jnp.max(jnp.sum(jnp.cumprod((out_cd == chain_d[None, :]) & real_d[None, :], axis=1), axis=1))
+      seen = (i < asked) & (length > 0) & ~stopped
+      keep = seen & (length > common)
+      out_cd = out_cd.at[jnp.where(keep, num, max_chains)].set(jnp.where(real_d, chain_d, -1), mode="drop")
+      num += keep
+      given += keep
+      prefixes += jnp.where(keep, length - common, 0)
+      stopped |= seen & ((num >= max_chains) | (prefixes >= max_nodes))
+    counts.append(given)
+  return out_cd, jnp.stack(counts)

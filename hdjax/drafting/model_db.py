@@ -76,6 +76,7 @@ class ModelDB(store.PersistedDB):
     self._table: dict[Key, dict[Continuation, int]] = {}
     self._ranked: dict[Key, list[Continuation]] = {}
     self._generated: list[int] = []
+    self.version = 0  # counts changes to the table: device tables (`device_tables.py`) are rebuilt on change
 
   @property
   def num_entries(self) -> int:
@@ -85,6 +86,7 @@ class ModelDB(store.PersistedDB):
     return ((key, cont, n) for key, conts in self._table.items() for cont, n in conts.items())
 
   def add_counts(self, counts: collections.Counter[tuple[Key, Continuation]]) -> None:
+    self.version += 1
     for (key, cont), n in counts.items():
       self._table.setdefault(key, {})
       self._table[key][cont] = self._table[key].get(cont, 0) + n
@@ -99,6 +101,7 @@ class ModelDB(store.PersistedDB):
   def prune(self) -> None:
     """Keeps the `max_entries` most frequent (key, continuation) entries (ties by key, then continuation)."""
     kept = sorted(self.entries(), key=lambda e: (-e[2], len(e[0]), e[0], e[1]))[:self.config.max_entries]
+    self.version += 1
     self._table, self._ranked = {}, {}
     for key, cont, n in kept:
       self._table.setdefault(key, {})[cont] = n
@@ -155,6 +158,7 @@ class ModelDB(store.PersistedDB):
     config = NgramConfig(tuple(int(k) for k in arrays["key_orders"]), int(arrays["conts"].shape[1]),
                          int(arrays["max_entries"]))
     db = cls(config, tokenizer_identity, info)
+    db.version += 1
     for key, cont, n in zip(arrays["keys"].tolist(), arrays["conts"].tolist(), arrays["counts"].tolist()):
       db._table.setdefault(tuple(t for t in key if t >= 0), {})[tuple(t for t in cont if t >= 0)] = n
     return db

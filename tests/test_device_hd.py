@@ -1,0 +1,146 @@
+"""`hd` on the device: the model and statistics tables (`device_tables.py`) and the hierarchy
+(`hierarchy.device_hierarchy_one`) against the host drafters, and the device loop's `hd` against `ar` and `hd_host`."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hdjax.drafting import device_ngram, device_tables, model_db, stats_db, store
+from hdjax.drafting.context_db import context_drafter
+from hdjax.drafting.hierarchy import HierarchyDrafter, device_hierarchy_one
+
+BIG = (70_000, 131_071, 65_536, 199_999, 5, 100_003)  # a vocabulary above 65,536 ids (Llama-3 has 128k)
+
+
+def to_lists(out) -> list[list[list[int]]]:
+  return [[[int(t) for t in row if t >= 0] for row in chains if row[0] >= 0] for chains in np.asarray(out)]
+
+
+def buffer(streams, size: int):
+  buf = np.full((len(streams), size), 3, np.int32)  # stale tokens past each length must be ignored
+  lengths = np.ones(len(streams), np.int32)
+  for b, s in enumerate(streams):
+    buf[b, :len(s)], lengths[b] = s, len(s)
+  return jnp.asarray(buf), jnp.asarray(lengths)
+
+
+lookup = jax.jit(device_tables.lookup)
+
+
+def device_lookup(table, contexts, size: int = 64):
+  return to_lists(lookup(table, *buffer([c[-size:] for c in contexts], size)))
+
+
+def random_docs(rng, alphabet, num=20, max_len=30):
+  return [rng.choice(alphabet, rng.integers(1, max_len)).tolist() for _ in range(num)]
+
+
+def random_dbs(seed: int, alphabet, max_entries: int = 100_000):
+  rng = np.random.default_rng(seed)
+  mdb = model_db.ModelDB(model_db.NgramConfig(max_entries=max_entries))
+  for doc in random_docs(rng, alphabet):
+    mdb.add_sequence(doc)
+  sdb = stats_db.from_stream(stats_db.corpus_stream(random_docs(rng, alphabet, 40)),
+                             stats_db.StatsConfig(top_k=5, min_count=1))
+  contexts = [rng.choice(alphabet, rng.integers(1, 6)).tolist() for _ in range(40)]
+  return mdb, sdb, contexts
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10**6), big=st.booleans(), shape=st.sampled_from([(7, 4), (3, 2), (7, 1), (2, 6)]),
+       max_entries=st.sampled_from([10, 100_000]))
+def test_tables_equal_host_drafters_on_random_streams(seed, big, shape, max_entries):
+  """Small alphabets (many shared keys, ties in counts), also of ids above 65,536; pruned model databases."""
+  alphabet = np.asarray(BIG if big else range(5))
+  mdb, sdb, contexts = random_dbs(seed, alphabet, max_entries)
+  max_chains, depth = shape
+  for db, kind in ((mdb, "model"), (sdb, "stats")):
+    table = device_tables.table_for(db, kind, max_chains, depth)
+    assert device_lookup(table, contexts) == [db.draft(c, max_chains, depth) for c in contexts], kind
+
+
+def test_model_table_follows_the_online_updates():
+  """A snapshot per version: rebuilt after `finish` folds a sequence in, reused while nothing changed."""
+  db = model_db.ModelDB()
+  db.add_sequence([1, 2, 3, 4])
+  first = device_tables.table_for(db, "model", 7, 4)
+  assert device_tables.table_for(db, "model", 7, 4) is first
+  session = db.session()
+  session.start([9])
+  session.extend([1, 2, 5, 5, 1, 2, 5])
+  session.finish()
+  table = device_tables.table_for(db, "model", 7, 4)
+  assert table is not first
+  assert device_lookup(table, [[1, 2], [2], [7, 5]]) == [db.draft(c, 7, 4) for c in ([1, 2], [2], [7, 5])]
+  assert device_lookup(table, [[1, 2]]) == [[[3, 4], [5], [5, 5, 1, 2]]]  # counts tie: by token ids
+  assert table.keys[0].shape == first.keys[0].shape  # padded rows: same shape, no recompile
+
+
+@pytest.fixture(scope="module")
+def real_dbs(smollm):
+  if not (store.default_path("stats_db").is_file() and store.default_path("model_db").is_file()):
+    pytest.skip("the SmolLM2 databases are not built (python -m experiments.build_datastores)")
+  return model_db.ModelDB.load(smollm.tokenizer), stats_db.StatsDB.load(smollm.tokenizer)
+
+
+REAL_TEXT = ("Here is a Python function that returns the square of a number:\n\ndef square(x):\n    return x * x\n\n"
+             "For example, square(3) returns 9. In other words, the function multiplies the number by itself. "
+             "I hope this helps! Let me know if you have any other questions.")
+
+
+def test_tables_equal_host_drafters_on_real_text(smollm, real_dbs):
+  stream = smollm.tokenizer.encode(REAL_TEXT)
+  contexts = [stream[:n] for n in range(1, len(stream) + 1)]
+  for db, kind in zip(real_dbs, ("model", "stats")):
+    table = device_tables.table_for(db, kind, 7, 4)
+    want = [db.draft(c, 7, 4) for c in contexts]
+    assert device_lookup(table, contexts) == want, kind
+    assert sum(map(bool, want)) > len(contexts) / 2, kind  # real text: most positions draft
+
+
+def host_hierarchy(mdb, sdb, stream, max_chains, depth, max_nodes):
+  model = mdb.session()
+  drafter = HierarchyDrafter([context_drafter(), model, sdb], max_nodes)
+  drafter.start(stream)
+  return drafter.draft(stream, max_chains, depth)
+
+
+@functools.partial(jax.jit, static_argnames=("max_chains", "depth", "max_nodes"))
+def device_hierarchy(tables, tokens_bs, lengths_b, max_chains, depth, max_nodes):
+  context = device_ngram.device_draft(tokens_bs, lengths_b,
+                                      device_ngram.DeviceNgramConfig.like(context_drafter().config, max_chains, depth))
+  sources = [context] + [device_tables.lookup(t, tokens_bs, lengths_b) for t in tables]
+  return jax.vmap(lambda *s: device_hierarchy_one(s, max_chains, max_nodes))(*sources)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), big=st.booleans(), shape=st.sampled_from([(7, 4, 7), (7, 4, 3), (3, 2, 15)]))
+def test_device_hierarchy_equals_host(seed, big, shape):
+  """Context -> model -> statistics on every prefix of random streams: the same chains, in the same order."""
+  alphabet = np.asarray(BIG if big else range(5))
+  mdb, sdb, _ = random_dbs(seed, alphabet)
+  max_chains, depth, max_nodes = shape
+  stream = np.random.default_rng(seed + 1).choice(alphabet, 40).tolist()
+  prefixes = [stream[:n] for n in range(1, len(stream) + 1)]
+  tables = tuple(device_tables.table_for(db, kind, max_chains, depth) for db, kind in ((mdb, "model"), (sdb, "stats")))
+  chains, counts = device_hierarchy(tables, *buffer(prefixes, 48), max_chains, depth, max_nodes)
+  want = [host_hierarchy(mdb, sdb, p, max_chains, depth, max_nodes) for p in prefixes]
+  assert to_lists(chains) == want
+  assert np.asarray(counts).sum(axis=1).tolist() == [len(w) for w in want]
+  assert np.asarray(counts)[:, 1:].sum() > 0  # the databases contributed
+
+
+def test_device_hierarchy_equals_host_on_real_text(smollm, real_dbs):
+  mdb, sdb = real_dbs
+  stream = smollm.tokenizer.encode(REAL_TEXT)
+  prefixes = [stream[:n] for n in range(1, len(stream) + 1)]
+  tables = (device_tables.table_for(mdb, "model", 7, 4), device_tables.table_for(sdb, "stats", 7, 4))
+  chains, counts = device_hierarchy(tables, *buffer(prefixes, 128), 7, 4, 7)
+  assert to_lists(chains) == [host_hierarchy(mdb, sdb, p, 7, 4, 7) for p in prefixes]
+  assert (np.asarray(counts) > 0).any(axis=0).all()  # every tier drafted somewhere
