@@ -144,3 +144,89 @@ def test_device_hierarchy_equals_host_on_real_text(smollm, real_dbs):
   chains, counts = device_hierarchy(tables, *buffer(prefixes, 128), 7, 4, 7)
   assert to_lists(chains) == [host_hierarchy(mdb, sdb, p, 7, 4, 7) for p in prefixes]
   assert (np.asarray(counts) > 0).any(axis=0).all()  # every tier drafted somewhere
+
+
+# The loop: `hd` on the device against `ar` and the host loop `hd_host`.
+PROMPTS = [tuple([5, 6, 7, 8, 9, 10] * 5), (5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9),
+           (3, 1, 4, 1, 5, 9, 2, 6)]
+
+
+@pytest.fixture
+def tiny_with_dbs():
+  """The tiny model with a tokenizer identity and small model and statistics databases (one per loop, so that
+  each loop's model database learns only its own outputs)."""
+  from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
+  from hdjax.api import LM  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  from tests.conftest import make_tiny_lm  # pylint: disable=import-outside-toplevel
+  base = make_tiny_lm()
+  lm = LM(base.cfg, base.params, SimpleNamespace(identity="tiny-hd", decode=lambda ids: ""), name="tiny")
+  rng = np.random.default_rng(0)
+  docs = [rng.integers(0, 12, 40).tolist() for _ in range(30)] + [list(p) for p in PROMPTS]
+  sdb = stats_db.from_stream(stats_db.corpus_stream(docs), stats_db.StatsConfig())
+  dbs = {}
+  for scope in ("device", "host"):
+    dbs[scope] = model_db.ModelDB()
+    for doc in docs[:10]:
+      dbs[scope].add_sequence(doc)
+    speculative._LOADED[("model", "tiny-hd", scope)] = dbs[scope]  # pylint: disable=protected-access
+  speculative._LOADED[("stats", "tiny-hd", "")] = sdb  # pylint: disable=protected-access
+  yield lm, dbs
+  speculative.reset_databases()
+
+
+def test_tiny_hd_equals_ar_and_the_host_loop_across_requests(tiny_with_dbs):
+  """Batch 3, then batch 1, then batch 3 again: the device loop's trees are the host loop's (same steps, accept
+  lengths and buckets), and both model databases learn the same n-grams between requests."""
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  lm, dbs = tiny_with_dbs
+  for prompts in (PROMPTS, PROMPTS[2:], PROMPTS):
+    ref = lm.generate(list(prompts), method="ar", max_new_tokens=26)
+    with speculative.database_scope("device"):
+      out = lm.generate(list(prompts), method="hd", max_new_tokens=26)
+    with speculative.database_scope("host"):
+      host = lm.generate(list(prompts), method="hd_host", max_new_tokens=26)
+    for r, o, h in zip(ref, out, host):
+      assert o.token_ids == r.token_ids == h.token_ids
+      assert o.stats["engine"] == "device" and h.stats["engine"] == "host"
+      assert o.stats["sources"] == h.stats["sources"] == "context,model,stats"
+      for key in ("accept_lengths", "steps", "bucket_counts"):
+        assert o.stats[key] == h.stats[key], key
+      assert o.stats["host_syncs"] == 2
+    assert sorted(dbs["device"].entries()) == sorted(dbs["host"].entries())
+  assert sum(o.stats["source_chains"]["model"] + o.stats["source_chains"]["stats"] for o in out) > 0
+
+
+def chat(lm, texts):
+  return [lm.tokenizer.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+
+
+REAL_TEXTS = ("Write a Python function that returns the square of a number.",
+              "List the numbers from 1 to 20 separated by commas.",
+              "Summarize in one sentence: The quick brown fox jumps over the lazy dog. The dog sleeps.")
+
+
+def test_real_model_hd_equals_ar_and_the_host_loop(smollm, real_dbs):
+  """SmolLM2 fp32 with its real databases (each loop its own copy of the model database): batch 1 and batch 3,
+  48 tokens; the host syncs stay 2 whatever the number of steps."""
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  del real_dbs  # skips without the databases
+  prompts = chat(smollm, REAL_TEXTS)
+  speculative.reset_databases()
+  try:
+    refs = [smollm.generate([p], max_new_tokens=48)[0].token_ids for p in prompts]
+    for batch in ([[p] for p in prompts] + [prompts]):
+      with speculative.database_scope("device-test"):
+        out = smollm.generate(batch, method="hd", max_new_tokens=48)
+      with speculative.database_scope("host-test"):
+        host = smollm.generate(batch, method="hd_host", max_new_tokens=48)
+      want = [refs[prompts.index(p)] for p in batch]
+      assert [o.token_ids for o in out] == want == [h.token_ids for h in host]
+      for o, h in zip(out, host):
+        assert o.stats["engine"] == "device" and o.stats["host_syncs"] == 2
+        assert o.stats["accept_lengths"] == h.stats["accept_lengths"]
+    assert max(o.stats["tau"] for o in out) > 1.3
+    short = smollm.generate(prompts[:1], method="hd", max_new_tokens=8)[0]
+    assert short.stats["host_syncs"] == out[0].stats["host_syncs"] and short.stats["steps"] < out[0].stats["steps"]
+  finally:
+    speculative.reset_databases()

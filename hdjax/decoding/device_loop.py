@@ -12,10 +12,17 @@ The host waits on the device twice per request: once for the first token (time t
 the results; with `on_tokens` (streaming) the loop runs per chunk of `chunk_tokens` new tokens, one more wait
 each. `stats["host_syncs"]` counts them.
 
-`speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens) and `hd_context`
-(HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) on this loop. The host loops stay
-registered as `pld_host` and `hd_context_host`, the reference for identity tests and speed comparisons; a request
-with an option that only the host loop has (`adaptive`, another `order`) runs there.
+Each step drafts from the request's sources in order and merges their chains by the host `HierarchyDrafter`'s rule
+(`hierarchy.device_hierarchy_one`): the n-gram sources ("context", "pld") from the token buffer, the model and
+statistics databases from device tables (`drafting/device_tables.py`: sorted keys and the host's ranked chains,
+a snapshot taken when the request starts; the model database learns the request's outputs, one sequence per row,
+when it ends, through `finish`). `stats["source_chains"]` counts the chains each source gave a row.
+
+`speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens), `hd_context`
+(HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) and `hd` (context -> model ->
+statistics) on this loop. The host loops stay registered as `pld_host`, `hd_context_host` and `hd_host`, the
+reference for identity tests and speed comparisons; a request with an option that only the host loop has
+(`adaptive`, another `order`) runs there.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +45,9 @@ from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.decoding.tree import device_tree, truncate_tree
 from hdjax.decoding.verify import verify_tree
 from hdjax.drafting.context_db import NgramConfig
+from hdjax.drafting import device_tables
 from hdjax.drafting.device_ngram import DeviceNgramConfig, device_draft
+from hdjax.drafting.hierarchy import device_hierarchy_one
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -47,9 +56,14 @@ from hdjax.kvcache import KVCache
 class DeviceSpec:
   """Static settings of the loop (hashable: a jit static argument)."""
 
-  drafter: DeviceNgramConfig
+  drafter: DeviceNgramConfig  # the n-gram sources' drafter ("context" or "pld")
   buckets: tuple[int, ...]  # node counts per step, root included, sorted, starting at 1
   max_depth: int
+  sources: tuple[str, ...] = ("context",)  # asked in this order; the others than NGRAM_SOURCES read `tables`
+  max_chains: int = 7  # chains per step (the hierarchy's max_chains)
+
+
+NGRAM_SOURCES = ("context", "pld")
 
 
 class LoopState(NamedTuple):
@@ -63,6 +77,7 @@ class LoopState(NamedTuple):
   accept_bs: jax.Array  # [B, S] tokens emitted by each step (column = step; 0 where a row was done)
   steps: jax.Array  # int32: steps so far, the prefill's first token included
   bucket_counts_k: jax.Array  # [len(buckets)] steps verified at each node count
+  source_counts_bk: jax.Array  # [B, len(sources)] chains each source gave each row
 
 
 def _room(state: LoopState) -> jax.Array:
@@ -74,8 +89,9 @@ def _room(state: LoopState) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "sampling"), donate_argnames=("state",))
 def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max_new: jax.Array,
                  stop_at: jax.Array, spec: DeviceSpec, sampling: SamplingConfig,
-                 visible_lbs: jax.Array | None = None) -> LoopState:
-  """Steps until every row is done, the cache has no room, or every active row has `stop_at` new tokens."""
+                 visible_lbs: jax.Array | None = None, tables: tuple = ()) -> LoopState:
+  """Steps until every row is done, the cache has no room, or every active row has `stop_at` new tokens.
+  `tables` are the device tables of `spec.sources` other than the n-gram ones, in order."""
   ar.TRACE_COUNTS["device_loop"] += 1
   batch = state.tokens_bs.shape[0]
   buckets_k = jnp.asarray(spec.buckets, jnp.int32)
@@ -86,8 +102,9 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
 
   def body(st: LoopState) -> LoopState:
     active_b = ~st.done_b
-    chains_bcd = device_draft(st.tokens_bs, st.lengths_b, spec.drafter)
+    chains_bcd, counts_bk = draft(st.tokens_bs, st.lengths_b, spec, tables)
     chains_bcd = jnp.where(active_b[:, None, None], chains_bcd, -1)  # done rows draft nothing
+    counts_bk = jnp.where(active_b[:, None], counts_bk, 0)
     root_b = jnp.take_along_axis(st.tokens_bs, (st.lengths_b - 1)[:, None], axis=1)[:, 0]
     tree = jax.vmap(functools.partial(device_tree, num_nodes=spec.buckets[-1], max_depth=spec.max_depth))(
         root_b, chains_bcd)
@@ -119,21 +136,40 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
     done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (lengths_b - st.prompt_b >= max_new)))
     return LoopState(tokens_bs, lengths_b, st.prompt_b, done_b, cache,
                      st.accept_bs.at[:, st.steps].set(emit_b, mode="drop"), st.steps + 1,
-                     st.bucket_counts_k.at[bucket].add(1))
+                     st.bucket_counts_k.at[bucket].add(1), st.source_counts_bk + counts_bk)
 
   return jax.lax.while_loop(cond, body, state)
 
 
+def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: tuple
+          ) -> tuple[jax.Array, jax.Array]:
+  """Each row's chains [B, max_chains, depth] from `spec.sources` by the hierarchy's rule, and the chains each
+  source gave [B, len(sources)]."""
+  per_source, tables = [], list(tables)
+  for name in spec.sources:
+    if name in NGRAM_SOURCES:
+      per_source.append(device_draft(tokens_bs, lengths_b, spec.drafter))
+    else:
+      per_source.append(device_tables.lookup(tables.pop(0), tokens_bs, lengths_b))
+  max_nodes = spec.buckets[-1] - 1
+  return jax.vmap(lambda *s: device_hierarchy_one(s, spec.max_chains, max_nodes))(*per_source)
+
+
 def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host_drafter: NgramConfig, spec,
-                    prefill: Prefill = full_prefill) -> list[GenerationResult]:
+                    prefill: Prefill = full_prefill, sources: tuple[str, ...] = ("context",), tables: tuple = (),
+                    finish: Callable[[list[list[int]]], None] | None = None) -> list[GenerationResult]:
   """Prefill, then `decode_chunk` once (or once per streamed chunk). `host_drafter` is the config of the host
   n-gram drafter that this loop's device drafter reproduces; `spec` the request's `speculative.SpecConfig`
-  (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature)."""
+  (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature); `sources` the hierarchy's
+  sources in order, `tables` the device tables of those that are databases (in order); `finish(rows)` gets every
+  row's emitted tokens at the end (not after a warm-up), as the host drafters' `finish` does."""
   cfg = lm.cfg
   if spec.adaptive:
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
   dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
-                     spec.max_depth)
+                     spec.max_depth, tuple(sources), spec.max_chains)
+  if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):
+    raise HdjaxError(f"sources {sources} need one device table per database, got {len(tables)}")
   num_slots = cache_slots_for(cfg, request, extra=max(spec.buckets))
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
@@ -150,10 +186,10 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
   done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1)
   accept_bs = jnp.zeros((batch, num_slots), jnp.int32).at[:, 0].set(1)
   state = LoopState(tokens_bs, prompt_b + 1, prompt_b, done_b, cache, accept_bs, jnp.int32(1),
-                    jnp.zeros((len(spec.buckets),), jnp.int32))
+                    jnp.zeros((len(spec.buckets),), jnp.int32), jnp.zeros((batch, len(sources)), jnp.int32))
   max_new = jnp.int32(request.max_new_tokens)
   run = functools.partial(decode_chunk, lm.params, cfg, key=key, max_new=max_new, spec=dspec,
-                          sampling=request.sampling, visible_lbs=visible_lbs)
+                          sampling=request.sampling, visible_lbs=visible_lbs, tables=tuple(tables))
   if request.option("warmup", False):  # compile the loop for this cache shape (no step runs); first token only
     state = run(state, stop_at=jnp.int32(0))
     first = np.asarray(first_b)
@@ -178,11 +214,14 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
       sent = int(new_b[0])
       if room < 1:
         break
-  tokens_bs, lengths_b, prompt_b, accept_bs, steps, bucket_counts = jax.device_get(
-      (state.tokens_bs, state.lengths_b, state.prompt_b, state.accept_bs, state.steps, state.bucket_counts_k))
+  tokens_bs, lengths_b, prompt_b, accept_bs, steps, bucket_counts, source_counts = jax.device_get(
+      (state.tokens_bs, state.lengths_b, state.prompt_b, state.accept_bs, state.steps, state.bucket_counts_k,
+       state.source_counts_bk))
   host_syncs += 1
   total = time.perf_counter() - start
   rows = [tokens_bs[b, prompt_b[b]:lengths_b[b]].tolist() for b in range(batch)]
+  if finish is not None:
+    finish(rows)
   stats = []
   for b, (row, prompt) in enumerate(zip(rows, request.prompts)):
     acc = [int(a) for a in accept_bs[b, :int(steps)] if a > 0]
@@ -191,5 +230,6 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
                       tau=float(np.mean(acc)), host_syncs=host_syncs, node_budget=max(spec.buckets),
                       max_depth=spec.max_depth,
                       bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
+                      source_chains={s: int(n) for s, n in zip(sources, source_counts[b])},
                       **prefill_stats))
   return make_results(lm, *padded_rows(rows), stats)

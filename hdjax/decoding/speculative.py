@@ -12,8 +12,9 @@ on that state joins the next step's tree as a depth-1 chain, ahead of the databa
 state, and runs all of them through [l, L) together (AdaDecode's deferred layers, batched with the later tokens).
 Every K/V row is the exact one, so the output is still lossless.
 
-`pld` and `hd_context` run in the on-device loop instead (`device_loop.py`, registered at the end of this file);
-this host loop serves the other methods and, as `pld_host` and `hd_context_host`, is their reference.
+`pld`, `hd_context` and `hd` run in the on-device loop instead (`device_loop.py`, registered at the end of this
+file); this host loop serves the other methods and, as `pld_host`, `hd_context_host` and `hd_host`, is their
+reference.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, 
 from hdjax.decoding.tree_policy import TreeSizePolicy
 from hdjax.decoding.verify import verify_tree
 from hdjax.drafting.base import Drafter
+from hdjax.drafting import device_tables
 from hdjax.drafting.context_db import NgramConfig, context_drafter
 from hdjax.drafting.hierarchy import HierarchyDrafter
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
@@ -347,7 +349,8 @@ SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
     "pld": ("pld", PLD_DEFAULTS), "rest": ("stats", HD_DEFAULTS), "hd": ("context,model,stats", HD_DEFAULTS),
     "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS),
     # the host loops of the methods that now run on the device (`device_loop.py`): references for tests and timing
-    "pld_host": ("pld", PLD_DEFAULTS), "hd_context_host": ("context", HD_DEFAULTS)}
+    "pld_host": ("pld", PLD_DEFAULTS), "hd_context_host": ("context", HD_DEFAULTS),
+    "hd_host": ("context,model,stats", HD_DEFAULTS)}
 
 for _method in SPEC_METHODS:
   register_method(_method)(spec_method(_method))
@@ -355,19 +358,47 @@ for _method in SPEC_METHODS:
 
 def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: str,
                   prefill: Prefill = full_prefill) -> Method:
-  """`method` in the on-device loop (`device_loop.py`), whose drafter reproduces `host_drafter()` over the one
-  source `source`. Options only the host loop has (`adaptive` tree sizes, another `order`) run the host loop
-  instead; `stats["engine"]` says which ran."""
+  """`method` in the on-device loop (`device_loop.py`) over the sources `source` (comma-separated, in order, as
+  `order`): the n-gram source ("context" or "pld") reproduces `host_drafter()`, the model and statistics
+  databases are read from device tables (`device_tables.py`), a snapshot of each database taken at the start of
+  the request (rebuilt only when the model database changed); at the end every row's output is folded into the
+  model database, one sequence per row, as the host loop's `ModelDBSession`s do. As in the host loop, a
+  hierarchy of several sources uses the databases that exist. Options only the host loop has (`adaptive` tree
+  sizes, another `order`) run the host loop instead; `stats["engine"]` says which ran."""
   host_loop = spec_method(method, prefill)
   defaults = SPEC_METHODS[method][1]
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     if request.option("adaptive", False) or request.option("order", source) != source:
       return host_loop(lm, request)
-    results = device_loop.device_generate(lm, request, method, host_drafter(), defaults.with_options(request),
-                                          prefill)
+    spec = defaults.with_options(request)
+    names = [n.strip() for n in source.split(",")]
+    if len(names) > 1:
+      names = [n for n in names if _available(lm, n, spec)]
+    tables, model_db, start = [], None, time.perf_counter()
+    for name in names:
+      if name in device_loop.NGRAM_SOURCES:
+        continue
+      db = SOURCES[name](lm, spec)
+      if name == "model":
+        db = model_db = db.db  # the shared table behind this sequence's session
+      tables.append(device_tables.table_for(db, name, spec.max_chains, spec.max_depth))
+    tables_s = time.perf_counter() - start
+
+    def finish(rows: list[list[int]]) -> None:
+      if model_db is None:
+        return
+      for prompt, row in zip(request.prompts, rows):  # one sequence per row, in row order (as the host loop)
+        session = model_db.session()
+        session.start(prompt)
+        session.extend(row)
+        session.finish()
+
+    results = device_loop.device_generate(lm, request, method, host_drafter(), spec, prefill, tuple(names),
+                                          tuple(tables), finish)
     for r in results:
-      r.stats["sources"] = source
+      r.stats["sources"] = ",".join(names)
+      r.stats["tables_s"] = tables_s  # host time to snapshot the databases' device tables (before the prefill)
     return results
 
   return generate
@@ -376,3 +407,4 @@ def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: 
 # On the device: every step's draft, tree, verify and stop check inside one jitted loop.
 register_method("pld")(device_method("pld", lambda: pld_drafter().config, "pld"))
 register_method("hd_context")(device_method("hd_context", lambda: context_drafter().config, "context"))
+register_method("hd")(device_method("hd", lambda: context_drafter().config, "context,model,stats"))
