@@ -230,3 +230,16 @@ def test_real_model_hd_equals_ar_and_the_host_loop(smollm, real_dbs):
     assert short.stats["host_syncs"] == out[0].stats["host_syncs"] and short.stats["steps"] < out[0].stats["steps"]
   finally:
     speculative.reset_databases()
+
+
+def test_host_only_options_run_hd_on_the_host_loop(tiny_with_dbs):
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+  lm, dbs = tiny_with_dbs
+  ref = lm.generate([PROMPTS[0]], max_new_tokens=20)[0].token_ids
+  with speculative.database_scope("device"):
+    for options in (dict(adaptive=True), dict(order="context,stats")):
+      out = lm.generate([PROMPTS[0]], method="hd", max_new_tokens=20, **options)[0]
+      assert out.stats["engine"] == "host" and out.token_ids == ref
+    version = dbs["device"].version
+    warm = lm.generate([PROMPTS[0]], method="hd", max_new_tokens=20, warmup=True)[0]
+    assert len(warm.token_ids) == 1 and dbs["device"].version == version  # a warm-up teaches the database nothing
