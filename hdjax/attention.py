@@ -91,13 +91,13 @@ def _online_result(carry, t: int) -> jax.Array:
   return out_bkmh.reshape(b, k, m // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, m // t * k, h)
 
 
-def attend(q_btnh: jax.Array, keys_bskh: jax.Array, values_bskh: jax.Array, mask_bts: jax.Array) -> jax.Array:
+def attend(q_btnh: jax.Array, keys_bksh: jax.Array, values_bksh: jax.Array, mask_bts: jax.Array) -> jax.Array:
   """Attention of T queries over S cache slots under a boolean mask; returns [B, T, N, H] fp32 (one block of the
   online softmax holding every slot). Both contractions take the cache's dtype and accumulate in fp32."""
   b, t, n, h = q_btnh.shape
-  k = keys_bskh.shape[2]
-  carry = _block_step(_online_init(b, k, n // k * t, h), _queries_bkmh(q_btnh, k, keys_bskh.dtype),
-                      keys_bskh.swapaxes(1, 2), values_bskh.swapaxes(1, 2), jnp.tile(mask_bts, (1, n // k, 1)))
+  k = keys_bksh.shape[1]
+  carry = _block_step(_online_init(b, k, n // k * t, h), _queries_bkmh(q_btnh, k, keys_bksh.dtype), keys_bksh,
+                      values_bksh, jnp.tile(mask_bts, (1, n // k, 1)))
   return _online_result(carry, t)
 
 

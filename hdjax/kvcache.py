@@ -14,7 +14,8 @@ from hdjax.config import LlamaConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  """k, v: [L, B, S, K, H]; lengths: [B] int32, the number of committed slots of each sequence.
+  """k, v: [L, B, K, S, H] (each kv head's slots contiguous: the attention dots read a layer's [B, K, S, H] as it
+  lies, with no per-step transpose); lengths: [B] int32, the number of committed slots of each sequence.
 
   Slots at or past `lengths` hold stale or speculative rows; masks never let a query see them unless the
   caller wrote them in the same step. Rolling back is therefore only moving `lengths`.
@@ -26,7 +27,7 @@ class KVCache:
 
   @property
   def num_slots(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
   @property
   def batch(self) -> int:
@@ -37,7 +38,7 @@ class KVCache:
 
 
 def init_cache(cfg: LlamaConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
-  shape = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.head_dim)
+  shape = (cfg.n_layers, batch, cfg.n_kv_heads, num_slots, cfg.head_dim)
   dtype = dtype or jnp.dtype(cfg.cache_dtype)
   cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
   return sharding.constrain_cache(cache)
@@ -45,7 +46,7 @@ def init_cache(cfg: LlamaConfig, batch: int, num_slots: int, dtype=None) -> KVCa
 
 def cache_shardings(mesh: jax.sharding.Mesh, cfg: LlamaConfig, batch: int, num_slots: int) -> KVCache:
   """A `KVCache` of NamedShardings for a cache of `batch` rows and `num_slots` slots (an in/out_shardings)."""
-  kv = (cfg.n_layers, batch, num_slots, cfg.n_kv_heads, cfg.head_dim)
+  kv = (cfg.n_layers, batch, cfg.n_kv_heads, num_slots, cfg.head_dim)
   specs = sharding.cache_specs({"k": kv, "v": kv, "lengths": (batch,)}, dict(mesh.shape))
   return KVCache(**{f: jax.sharding.NamedSharding(mesh, s) for f, s in specs.items()})
 
@@ -68,8 +69,8 @@ def commit_rows(cache: KVCache, src_slots_bn: jax.Array, num_accepted_b: jax.Arr
   b_idx = jnp.arange(batch)[:, None]
   src_bn = jnp.clip(src_slots_bn, 0, cache.num_slots - 1)
 
-  def move(x_lbskh):
-    rows_lbnkh = x_lbskh[:, b_idx, src_bn]
-    return x_lbskh.at[:, b_idx, dst_bn].set(rows_lbnkh, mode="drop")
+  def move(x_lbksh):
+    rows_bnlkh = x_lbksh[:, b_idx, :, src_bn]
+    return x_lbksh.at[:, b_idx, :, dst_bn].set(rows_bnlkh, mode="drop")
 
   return KVCache(k=move(cache.k), v=move(cache.v), lengths=(cache.lengths + num_accepted_b).astype(jnp.int32))

@@ -265,15 +265,17 @@ def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, p
   batch, n, _ = h_bnd.shape
   sub_params = {"layers": params["layers"][start:end]}
   dtype = jnp.dtype(cfg.cache_dtype)
-  local = KVCache(k=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
-                  v=jnp.zeros((end - start, batch, n, cfg.n_kv_heads, cfg.head_dim), dtype),
+  local = KVCache(k=jnp.zeros((end - start, batch, cfg.n_kv_heads, n, cfg.head_dim), dtype),
+                  v=jnp.zeros((end - start, batch, cfg.n_kv_heads, n, cfg.head_dim), dtype),
                   lengths=jnp.zeros((batch,), jnp.int32))
   h_bnd, local = model.prefill_layers(sub_params, cfg, h_bnd, positions_bn, valid_bn, local, 0, end - start,
                                       lazy_cfg.chunk)
   b_idx = jnp.arange(batch)[:, None]
   slots_bn = jnp.where(valid_bn, positions_bn, state.cache.num_slots)
-  cache = state.cache.replace(k=state.cache.k.at[start:end, b_idx, slots_bn].set(local.k, mode="drop"),
-                              v=state.cache.v.at[start:end, b_idx, slots_bn].set(local.v, mode="drop"))
+  # the indexed view of the [L, B, K, S, H] cache at (start:end, b, :, slot) is [B, N, L', K, H]
+  cache = state.cache.replace(
+      k=state.cache.k.at[start:end, b_idx, :, slots_bn].set(local.k.transpose(1, 3, 0, 2, 4), mode="drop"),
+      v=state.cache.v.at[start:end, b_idx, :, slots_bn].set(local.v.transpose(1, 3, 0, 2, 4), mode="drop"))
   live_lbn = jnp.broadcast_to(valid_bn, (end - start,) + valid_bn.shape)
   computed = _count(state.computed_lbs, start, slots_bn, live_lbn)
   return h_bnd, state._replace(cache=cache, computed_lbs=computed)
@@ -336,7 +338,7 @@ def _revive(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, en
     q_b1nh = _norm_qk(cfg, p, entering_lbd[layer][:, None], pos_b[:, None], "q_dnh")
     candidate_bs = (state.aux_layer_bs == layer) & active_b[:, None]
     computed_bs = state.computed_lbs[layer] > 0
-    k_bskh = jnp.where(candidate_bs[:, :, None, None], state.aux_k_bskh, state.cache.k[layer])
+    k_bskh = jnp.where(candidate_bs[:, :, None, None], state.aux_k_bskh, state.cache.k[layer].swapaxes(1, 2))
     visible_bs = (computed_bs | candidate_bs) & (jnp.arange(s)[None, :] <= pos_b[:, None])
     probs_bs = _row_probs(cfg, q_b1nh, k_bskh, visible_bs[:, None])
     uniform_b = 1.0 / jnp.maximum(jnp.sum(visible_bs, axis=1), 1)

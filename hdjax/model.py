@@ -46,12 +46,13 @@ def contract(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
   return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
 
-def write_kv(k_lbskh: jax.Array, v_lbskh: jax.Array, layer_idx, slots_bt: jax.Array, k_btkh: jax.Array,
+def write_kv(k_lbksh: jax.Array, v_lbksh: jax.Array, layer_idx, slots_bt: jax.Array, k_btkh: jax.Array,
              v_btkh: jax.Array) -> tuple[jax.Array, jax.Array]:
   """K/V rows of layer `layer_idx` written at `slots_bt` (slots >= S are dropped)."""
   b_idx = jnp.arange(slots_bt.shape[0])[:, None]
-  return (k_lbskh.at[layer_idx, b_idx, slots_bt].set(k_btkh.astype(k_lbskh.dtype), mode="drop"),
-          v_lbskh.at[layer_idx, b_idx, slots_bt].set(v_btkh.astype(v_lbskh.dtype), mode="drop"))
+  # the indexed view of a [L, B, K, S, H] cache at (layer, b, :, slot) is [B, T, K, H]
+  return (k_lbksh.at[layer_idx, b_idx, :, slots_bt].set(k_btkh.astype(k_lbksh.dtype), mode="drop"),
+          v_lbksh.at[layer_idx, b_idx, :, slots_bt].set(v_btkh.astype(v_lbksh.dtype), mode="drop"))
 
 
 class DecoderLayer(nn.Module):
@@ -90,15 +91,15 @@ class DecoderLayer(nn.Module):
     up_btf = contract("BTD,DF->BTF", x_btd, self.up_df)
     return h_btd + contract("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_fd)
 
-  def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbskh, v_lbskh, slots_bt, layer_idx):
+  def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbksh, v_lbksh, slots_bt, layer_idx):
     """Rows run padded to a multiple of `cfg.row_multiple` with copies of the last row (which write its K/V again)."""
     t, rows = h_btd.shape[1], self.cfg.row_multiple
     h_btd, sin_bth, cos_bth, mask_bts, slots_bt = (
         pad_rows(x, rows) for x in (h_btd.astype(jnp.float32), sin_bth, cos_bth, mask_bts, slots_bt))
     q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
-    k_lbskh, v_lbskh = write_kv(k_lbskh, v_lbskh, layer_idx, slots_bt, k_btkh, v_btkh)
-    attn_btnh = attend(q_btnh, k_lbskh[layer_idx], v_lbskh[layer_idx], mask_bts)
-    return self.finish(h_btd, attn_btnh)[:, :t], k_lbskh, v_lbskh
+    k_lbksh, v_lbksh = write_kv(k_lbksh, v_lbksh, layer_idx, slots_bt, k_btkh, v_btkh)
+    attn_btnh = attend(q_btnh, k_lbksh[layer_idx], v_lbksh[layer_idx], mask_bts)
+    return self.finish(h_btd, attn_btnh)[:, :t], k_lbksh, v_lbksh
 
 
 class Embedder(nn.Module):
@@ -173,7 +174,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
 
 
 def _dummy_layer_inputs(cfg: LlamaConfig):
-  kv = jnp.zeros((1, 1, 1, cfg.n_kv_heads, cfg.head_dim), jnp.dtype(cfg.cache_dtype))
+  kv = jnp.zeros((1, 1, cfg.n_kv_heads, 1, cfg.head_dim), jnp.dtype(cfg.cache_dtype))
   hd = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
   return (jnp.zeros((1, 1, cfg.d_model), jnp.float32), hd, hd, jnp.ones((1, 1, 1), bool), kv, kv,
           jnp.zeros((1, 1), jnp.int32), 0)

@@ -61,8 +61,8 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
 
 # Logical axes of the `KVCache` fields.
 CACHE_AXES: dict[str, tuple[str, ...]] = {
-    "k": ("layers", "batch", "length", "kv_heads", "head_dim"),
-    "v": ("layers", "batch", "length", "kv_heads", "head_dim"),
+    "k": ("layers", "batch", "kv_heads", "length", "head_dim"),
+    "v": ("layers", "batch", "kv_heads", "length", "head_dim"),
     "lengths": ("batch",),
 }
 

@@ -23,7 +23,7 @@ def test_gathered_equals_masked_with_skip_and_sinks(lm8, window, pool, skip, sin
   np.testing.assert_allclose(np.asarray(logits_g), np.asarray(logits_m), atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(st_g.computed_lbs), np.asarray(st_m.computed_lbs))
   np.testing.assert_array_equal(np.asarray(st_g.aux_layer_bs), np.asarray(st_m.aux_layer_bs))
-  valid = np.asarray(st_g.computed_lbs > 0)[..., None, None]
+  valid = np.asarray(st_g.computed_lbs > 0)[:, :, None, :, None]  # over the cache [L, B, K, S, H]
   np.testing.assert_allclose(np.where(valid, st_g.cache.k, 0), np.where(valid, st_m.cache.k, 0), atol=2e-5)
   np.testing.assert_allclose(np.asarray(st_g.aux_h_bsd), np.asarray(st_m.aux_h_bsd), atol=2e-5)
   c = np.asarray(st_g.computed_lbs)

@@ -89,21 +89,21 @@ def test_out_of_range_slots_are_not_written(tiny_lm):
   slots = jnp.array([[0, 8]])  # second row dropped
   _, cache = model.forward(tiny_lm.params, cfg, jnp.array([[5, 6]]), pos, attention.causal_mask(pos, 8), cache,
                            slots)
-  assert np.abs(np.asarray(cache.k[:, 0, 0])).sum() > 0
-  assert np.abs(np.asarray(cache.k[:, 0, 1:])).sum() == 0
+  assert np.abs(np.asarray(cache.k[:, 0, :, 0])).sum() > 0
+  assert np.abs(np.asarray(cache.k[:, 0, :, 1:])).sum() == 0
 
 
 def test_commit_rows_and_rollback():
   cfg = make_tiny_lm().cfg
   cache = kvcache.init_cache(cfg, 2, 10)
-  rows = jnp.arange(10, dtype=jnp.float32)[None, None, :, None, None]
+  rows = jnp.arange(10, dtype=jnp.float32)[None, None, None, :, None]
   cache = cache.replace(k=jnp.broadcast_to(rows, cache.k.shape), v=jnp.broadcast_to(rows, cache.v.shape) * 2,
                         lengths=jnp.array([3, 5], jnp.int32))
   # sequence 0 accepts speculative rows 6 then 8 (into slots 3, 4); sequence 1 accepts row 5 only (in place)
   out = kvcache.commit_rows(cache, jnp.array([[6, 8, 9], [5, 7, 9]]), jnp.array([2, 1]))
   np.testing.assert_array_equal(out.lengths, [5, 6])
-  np.testing.assert_array_equal(out.k[0, 0, :, 0, 0], [0, 1, 2, 6, 8, 5, 6, 7, 8, 9])
-  np.testing.assert_array_equal(out.v[0, 1, :, 0, 0], 2 * np.arange(10))
+  np.testing.assert_array_equal(out.k[0, 0, 0, :, 0], [0, 1, 2, 6, 8, 5, 6, 7, 8, 9])
+  np.testing.assert_array_equal(out.v[0, 1, 0, :, 0], 2 * np.arange(10))
   np.testing.assert_array_equal(kvcache.rollback(out, jnp.array([4, 9])).lengths, [4, 6])
 
 
@@ -154,7 +154,7 @@ def test_blocked_attention_matches_dense_and_numpy(t, block):
   valid = jnp.asarray(np.arange(t)[None, :] < np.array([[t], [t - 3]]))
   blocked = attention.blocked_causal_attention(q, keys, values, positions, valid, block)
   mask = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
-  dense = attention.attend(q, keys, values, mask)
+  dense = attention.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)  # the cache layout [B, K, S, H]
   rows = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(dense)[rows], atol=1e-5)
   np.testing.assert_allclose(np.asarray(blocked), _dense_reference_attention(q, keys, values, positions, valid),

@@ -162,7 +162,7 @@ def test_param_and_cache_shardings_follow_the_rules(divisible_logits, mesh):
   assert got["param_specs"] == want
   d = "data" if data > 1 and 4 % data == 0 else None  # the cache's batch of 4 does not divide data=8
   m = "model" if model > 1 else None
-  assert got["prefill_cache_specs"] == {"k": [None, d, None, m, None], "v": [None, d, None, m, None],
+  assert got["prefill_cache_specs"] == {"k": [None, d, m, None, None], "v": [None, d, m, None, None],
                                         "lengths": [d]}
   assert got["cache_shardings_equal"]
   assert got["params_bytes_per_device"] * model == pytest.approx(got["params_bytes_total"], rel=0.02)

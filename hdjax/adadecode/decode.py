@@ -88,14 +88,14 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bskh, v_1bskh, base_b, g0_b, g_b,
+def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b,
                 visible_lbs):
   """Runs decoder layer `layer` (traced: its weights come from `stacked_layers`) on window slots [g0, g0 + g) of every sequence as a static block of `rows` rows
-  (g = 0: the sequence sits this layer out), with that layer's K/V cache [1, B, S, K, H] (only it enters the
+  (g = 0: the sequence sits this layer out), with that layer's K/V cache [1, B, K, S, H] (only it enters the
   `lax.switch`, so the whole cache is never copied); they see the slots of `visible_lbs[layer]` (all slots when
   None) at positions <= their own."""
   window = h_bwd.shape[1]
-  num_slots = k_1bskh.shape[2]
+  num_slots = k_1bksh.shape[3]
   j_r = jnp.arange(rows)
   idx_br = jnp.clip(g0_b[:, None] + j_r, 0, window - 1)
   valid_br = j_r[None, :] < g_b[:, None]
@@ -107,11 +107,11 @@ def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bs
   if visible_lbs is not None:
     mask_brs = mask_brs & visible_lbs[layer][:, None, :]
   h_brd = jnp.take_along_axis(h_bwd, idx_br[:, :, None], axis=1)
-  h_brd, k_1bskh, v_1bskh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_brd, sin, cos, mask_brs, k_1bskh,
-                                                          v_1bskh, slots_br, 0)
+  h_brd, k_1bksh, v_1bksh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_brd, sin, cos, mask_brs, k_1bksh,
+                                                          v_1bksh, slots_br, 0)
   b_idx = jnp.arange(h_bwd.shape[0])[:, None]
   h_bwd = h_bwd.at[b_idx, jnp.where(valid_br, idx_br, window)].set(h_brd, mode="drop")
-  return h_bwd, k_1bskh, v_1bskh
+  return h_bwd, k_1bksh, v_1bksh
 
 
 def _final_rows(params, cfg: LlamaConfig, rows: int, h_bwd):
