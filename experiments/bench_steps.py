@@ -85,8 +85,7 @@ def tree_verify_step(params, cfg: LlamaConfig, cache: KVCache, tokens_bt: jax.Ar
   slots_bt = cache.lengths[:, None] + jnp.arange(t)[None, :]
   positions_bt = cache.lengths[:, None] + depths_t[None, :]
   mask_bts = prefix_plus_block_mask(cache.lengths, jnp.broadcast_to(tree_mask_tt, (batch, t, t)), cache.num_slots)
-  h_btd, cache = model.forward(params, cfg, tokens_bt, positions_bt, mask_bts, cache, slots_bt)
-  return model.unembed(params, cfg, h_btd), cache
+  return model.step_logits(params, cfg, tokens_bt, positions_bt, mask_bts, cache, slots_bt)
 
 
 def interleaved_ms(steps, caches: list[KVCache], warmup: int, repeats: int) -> tuple[np.ndarray, list[KVCache]]:
