@@ -350,7 +350,8 @@ SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
     "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS),
     # the host loops of the methods that now run on the device (`device_loop.py`): references for tests and timing
     "pld_host": ("pld", PLD_DEFAULTS), "hd_context_host": ("context", HD_DEFAULTS),
-    "hd_host": ("context,model,stats", HD_DEFAULTS)}
+    "hd_host": ("context,model,stats", HD_DEFAULTS), "rest_host": ("stats", HD_DEFAULTS),
+    "hd_model_host": ("model", HD_DEFAULTS), "hd_stats_host": ("stats", HD_DEFAULTS)}
 
 for _method in SPEC_METHODS:
   register_method(_method)(spec_method(_method))
@@ -408,3 +409,5 @@ def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: 
 register_method("pld")(device_method("pld", lambda: pld_drafter().config, "pld"))
 register_method("hd_context")(device_method("hd_context", lambda: context_drafter().config, "context"))
 register_method("hd")(device_method("hd", lambda: context_drafter().config, "context,model,stats"))
+for _method, _source in (("rest", "stats"), ("hd_model", "model"), ("hd_stats", "stats")):
+  register_method(_method)(device_method(_method, lambda: context_drafter().config, _source))
