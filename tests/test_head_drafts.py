@@ -82,8 +82,8 @@ def test_head_step_equals_plain_step(lm8):
   for b in range(2):
     committed = int(plain.cache.lengths[b])
     for name in ("k", "v"):
-      np.testing.assert_allclose(getattr(headed.cache, name)[:, b, :committed],
-                                 getattr(plain.cache, name)[:, b, :committed], atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(getattr(headed.cache, name)[:, b, :, :committed],  # [L, B, K, S, H]
+                                 getattr(plain.cache, name)[:, b, :, :committed], atol=1e-5, rtol=1e-5)
 
   # the draft is the head's argmax on the next root's state after HEAD_LAYER layers, from an independent forward
   next_root_b = jnp.take_along_axis(plain.tokens_bd, plain.num_b[:, None], axis=1)

@@ -16,8 +16,9 @@ from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.sampling import SamplingConfig
 from tests.conftest import make_tiny_lm
 
+# LazyLLM's own scoring (the last prompt token's row, no pooling, no skip); tests override it where they need to
 SCHEDULE = lazy.LazyConfig(prune_layers=(2, 4, 6), keep_ratios=(0.6, 0.4, 0.25), min_prompt=0, bucket=64, chunk=48,
-                           revive_budget=3)
+                           revive_budget=3, score_window=1, score_pool=1, score_skip=0)
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +37,26 @@ def _prefill(lm, lazy_cfg, prompts, gathered, num_slots=256):
                            gathered=gathered)
 
 
-@pytest.mark.parametrize("selection,window,pool", [("attention", 1, 1), ("static", 1, 1), ("random", 1, 1),
-                                                   ("attention", 5, 1), ("attention", 4, 7)])
-def test_gathered_equals_masked(lm8, selection, window, pool):
-  cfg = dataclasses.replace(SCHEDULE, selection=selection, score_window=window, score_pool=pool)
-  prompts = _prompts()
-  logits_g, st_g = _prefill(lm8, cfg, prompts, gathered=True)
-  logits_m, st_m = _prefill(lm8, cfg, prompts, gathered=False)
+def check_gathered_equals_masked(lm, cfg, prompts):
+  """The gathered prefill equals the masked reference: logits, per-layer counts, Aux Cache and every computed K;
+  returns the gathered state."""
+  logits_g, st_g = _prefill(lm, cfg, prompts, gathered=True)
+  logits_m, st_m = _prefill(lm, cfg, prompts, gathered=False)
   np.testing.assert_allclose(np.asarray(logits_g), np.asarray(logits_m), atol=2e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(st_g.computed_lbs), np.asarray(st_m.computed_lbs))
   np.testing.assert_array_equal(np.asarray(st_g.aux_layer_bs), np.asarray(st_m.aux_layer_bs))
   valid = np.asarray(st_g.computed_lbs > 0)[:, :, None, :, None]  # over the cache [L, B, K, S, H]
   np.testing.assert_allclose(np.where(valid, st_g.cache.k, 0), np.where(valid, st_m.cache.k, 0), atol=2e-5)
   np.testing.assert_allclose(np.asarray(st_g.aux_h_bsd), np.asarray(st_m.aux_h_bsd), atol=2e-5)
+  return st_g
+
+
+@pytest.mark.parametrize("selection,window,pool", [("attention", 1, 1), ("static", 1, 1), ("random", 1, 1),
+                                                   ("attention", 5, 1), ("attention", 4, 7)])
+def test_gathered_equals_masked(lm8, selection, window, pool):
+  prompts = _prompts()
+  st_g = check_gathered_equals_masked(
+      lm8, dataclasses.replace(SCHEDULE, selection=selection, score_window=window, score_pool=pool), prompts)
   # Pruning is real: later layers computed fewer tokens, a nested subset, and every last token all layers.
   per_layer = np.asarray(st_g.computed_lbs).sum(axis=(1, 2))
   assert per_layer[0] == sum(map(len, prompts)) and per_layer[-1] < per_layer[3] < per_layer[0]

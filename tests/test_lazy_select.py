@@ -11,21 +11,14 @@ import numpy as np
 import pytest
 
 from hdjax import lazy
-from tests.test_lazy import SCHEDULE, _prefill, _prompts, lm8  # noqa: F401  (lm8: a fixture)
+from tests.test_lazy import SCHEDULE, _prefill, _prompts, check_gathered_equals_masked, lm8  # noqa: F401
 
 
 @pytest.mark.parametrize("window,pool,skip,sinks", [(1, 1, 3, 0), (1, 1, 0, 5), (4, 7, 6, 8), (8, 15, 6, 0)])
 def test_gathered_equals_masked_with_skip_and_sinks(lm8, window, pool, skip, sinks):  # noqa: F811
   cfg = dataclasses.replace(SCHEDULE, score_window=window, score_pool=pool, score_skip=skip, keep_sinks=sinks)
   prompts = _prompts(seed=21)
-  logits_g, st_g = _prefill(lm8, cfg, prompts, gathered=True)
-  logits_m, st_m = _prefill(lm8, cfg, prompts, gathered=False)
-  np.testing.assert_allclose(np.asarray(logits_g), np.asarray(logits_m), atol=2e-5, rtol=1e-5)
-  np.testing.assert_array_equal(np.asarray(st_g.computed_lbs), np.asarray(st_m.computed_lbs))
-  np.testing.assert_array_equal(np.asarray(st_g.aux_layer_bs), np.asarray(st_m.aux_layer_bs))
-  valid = np.asarray(st_g.computed_lbs > 0)[:, :, None, :, None]  # over the cache [L, B, K, S, H]
-  np.testing.assert_allclose(np.where(valid, st_g.cache.k, 0), np.where(valid, st_m.cache.k, 0), atol=2e-5)
-  np.testing.assert_allclose(np.asarray(st_g.aux_h_bsd), np.asarray(st_m.aux_h_bsd), atol=2e-5)
+  st_g = check_gathered_equals_masked(lm8, cfg, prompts)
   c = np.asarray(st_g.computed_lbs)
   assert np.all(c[1:] <= c[:-1]) and c[-1].sum() < c[0].sum()
   for b, p in enumerate(prompts):  # the window, the skipped tail and the sinks run every layer
