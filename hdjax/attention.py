@@ -91,14 +91,42 @@ def _online_result(carry, t: int) -> jax.Array:
   return out_bkmh.reshape(b, k, m // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, m // t * k, h)
 
 
-def attend(q_btnh: jax.Array, keys_bksh: jax.Array, values_bksh: jax.Array, mask_bts: jax.Array) -> jax.Array:
-  """Attention of T queries over S cache slots under a boolean mask; returns [B, T, N, H] fp32 (one block of the
-  online softmax holding every slot). Both contractions take the cache's dtype and accumulate in fp32."""
+KEY_BLOCK = 256  # cache slots per block of a step's attention
+
+
+def visible_extent(mask_bts: jax.Array) -> jax.Array:
+  """int32 scalar: one past the last slot that any query may see."""
+  return jnp.max(jnp.where(jnp.any(mask_bts, axis=(0, 1)), jnp.arange(mask_bts.shape[-1]) + 1, 0))
+
+
+def attend(q_btnh: jax.Array, k_lbksh: jax.Array, v_lbksh: jax.Array, layer: int, mask_bts: jax.Array,
+           block: int = KEY_BLOCK) -> jax.Array:
+  """Attention of T queries over the S cache slots of `layer` under a boolean mask; returns [B, T, N, H] fp32.
+  Both contractions take the cache's dtype and accumulate in fp32.
+
+  The slots are read in blocks of `block` (an online softmax), up to the block holding the last slot any query
+  may see: a step costs what the used part of the cache costs, not the whole allocation. Block boundaries sit at
+  fixed slots and a block with no visible slot is never read (a fully masked one would leave the sums bitwise
+  unchanged anyway), so a query's result depends on its visible slots only, not on the other queries of the step.
+  A cache of at most one block, or of a size that is not a multiple of it, is one block.
+  """
   b, t, n, h = q_btnh.shape
-  k = keys_bksh.shape[1]
-  carry = _block_step(_online_init(b, k, n // k * t, h), _queries_bkmh(q_btnh, k, keys_bksh.dtype), keys_bksh,
-                      values_bksh, jnp.tile(mask_bts, (1, n // k, 1)))
-  return _online_result(carry, t)
+  _, _, k, s, _ = k_lbksh.shape
+  q_bkmh = _queries_bkmh(q_btnh, k, k_lbksh.dtype)
+  mask_bms = jnp.tile(mask_bts, (1, n // k, 1))
+  init = _online_init(b, k, n // k * t, h)
+  if s <= block or s % block:
+    return _online_result(_block_step(init, q_bkmh, k_lbksh[layer], v_lbksh[layer], mask_bms), t)
+
+  def key_block(j, carry):
+    def cut(x):  # [L, B, K, S, H] -> [B, K, block, H]
+      return jax.lax.dynamic_slice(x, (layer, 0, 0, j * block, 0), (1, b, k, block, h))[0]
+
+    return _block_step(carry, q_bkmh, cut(k_lbksh), cut(v_lbksh),
+                       jax.lax.dynamic_slice_in_dim(mask_bms, j * block, block, axis=2))
+
+  num_blocks = (visible_extent(mask_bts) + block - 1) // block
+  return _online_result(jax.lax.fori_loop(0, num_blocks, key_block, init), t)
 
 
 def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btkh: jax.Array,

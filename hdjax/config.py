@@ -49,6 +49,13 @@ class LlamaConfig:
   #                        and round a row differently when it falls in a remainder block)
   untie_head: bool = False  # a tied LM head also kept as its own [D, V] copy (the layout a bf16 CPU dot wants)
 
+  @property
+  def bitwise_steps(self) -> bool:
+    """Decode and verify steps are one compiled program (rows padded alike), so a greedy speculative method can
+    return `ar`'s tokens bitwise by trusting only the tree nodes whose step equals a decode step
+    (`verify.slot_exact_nodes`)."""
+    return self.row_multiple > 1
+
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
       low = 0 if name == "n_layers" else 1

@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
         pad_rows(x, rows) for x in (h_btd.astype(jnp.float32), sin_bth, cos_bth, mask_bts, slots_bt))
     q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
     k_lbksh, v_lbksh = write_kv(k_lbksh, v_lbksh, layer_idx, slots_bt, k_btkh, v_btkh)
-    attn_btnh = attend(q_btnh, k_lbksh[layer_idx], v_lbksh[layer_idx], mask_bts)
+    attn_btnh = attend(q_btnh, k_lbksh, v_lbksh, layer_idx, mask_bts)
     return self.finish(h_btd, attn_btnh)[:, :t], k_lbksh, v_lbksh
 
 

@@ -154,11 +154,53 @@ def test_blocked_attention_matches_dense_and_numpy(t, block):
   valid = jnp.asarray(np.arange(t)[None, :] < np.array([[t], [t - 3]]))
   blocked = attention.blocked_causal_attention(q, keys, values, positions, valid, block)
   mask = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
-  dense = attention.attend(q, keys.swapaxes(1, 2), values.swapaxes(1, 2), mask)  # the cache layout [B, K, S, H]
+  dense = attention.attend(q, keys.swapaxes(1, 2)[None], values.swapaxes(1, 2)[None], 0, mask)  # [L, B, K, S, H]
   rows = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(dense)[rows], atol=1e-5)
   np.testing.assert_allclose(np.asarray(blocked), _dense_reference_attention(q, keys, values, positions, valid),
                              atol=1e-5)
+
+
+def _step_attention_case(seed: int, s: int = 64, t: int = 3):
+  """A [L=2, B=2, K=2, S, H] cache, T queries per row, each row seeing a prefix of its own length."""
+  rng = np.random.default_rng(seed)
+  b, n, k, h = 2, 4, 2, 8
+  q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+  cache = rng.standard_normal((2, 2, b, k, s, h)).astype(np.float32)
+  seen_b = np.array([21, 37])
+  mask = np.arange(s)[None, None, :] < (seen_b[:, None, None] - np.arange(t)[None, :, None])
+  return q, cache, mask
+
+
+@pytest.mark.parametrize("block", [8, 16, 64])
+def test_step_attention_reads_blocks_up_to_the_last_visible_slot(block):
+  """Key blocks == NumPy, and the slots past the last visible block are never read (NaN there changes nothing)."""
+  q, cache, mask = _step_attention_case(0)
+  cache[:, 1, :, :, 48:] = np.nan  # layer 1, past every row's extent (37) and its block of 8 or 16
+  k_lbksh, v_lbksh = jnp.asarray(cache[0]), jnp.asarray(cache[1])
+  out = np.asarray(attention.attend(q, k_lbksh, v_lbksh, 1, jnp.asarray(mask), block))
+  assert np.isfinite(out).all() or block == 64  # one block of 64 reads the NaN slots (masked, but NaN * 0)
+  if block < 64:
+    for bi in range(2):
+      for i in range(q.shape[1]):
+        seen = mask[bi, i]
+        for head in range(q.shape[2]):
+          kk, vv = cache[0, 1, bi, head // 2][seen], cache[1, 1, bi, head // 2][seen]
+          sc = kk @ np.asarray(q[bi, i, head]) / np.sqrt(q.shape[-1])
+          p = np.exp(sc - sc.max())
+          np.testing.assert_allclose(out[bi, i, head], (p / p.sum()) @ vv, atol=1e-5)
+
+
+def test_step_attention_of_a_query_ignores_the_other_queries():
+  """A query's result is bitwise the same whether the step's other queries see more slots (more blocks) or not:
+  what keeps a tree node's logits equal to a decode step's."""
+  q, cache, mask = _step_attention_case(1, t=4)
+  k_lbksh, v_lbksh = jnp.asarray(cache[0]), jnp.asarray(cache[1])
+  alone = np.asarray(attention.attend(q[:, :1], k_lbksh, v_lbksh, 0, jnp.asarray(mask[:, :1]), 8))
+  wider = mask.copy()
+  wider[:, 1:] = True  # the other queries see all 64 slots: 8 blocks instead of 5
+  together = np.asarray(attention.attend(q, k_lbksh, v_lbksh, 0, jnp.asarray(wider), 8))
+  np.testing.assert_array_equal(together[:, :1], alone)
 
 
 def test_blocked_attention_skips_blocks_above_the_diagonal():

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from hdjax.decoding.tree import build_tree, bucket_for, merge_chains, pad_tree, stack_trees
-from hdjax.decoding.verify import greedy_accept, rejection_accept
+from hdjax.decoding.verify import greedy_accept, rejection_accept, slot_exact_nodes
 
 
 def test_merge_shares_prefixes_and_respects_budget_and_depth():
@@ -34,10 +34,14 @@ def test_tree_arrays_and_padding():
   assert bucket_for(5, (1, 4, 8, 16)) == 8 and bucket_for(1, (1, 4, 8)) == 1 and bucket_for(30, (1, 4, 8)) == 8
 
 
-def reference_greedy(tokens, parents, valid, target):
-  """Walk from the root, following the (unique) child that matches the argmax at each node."""
+def reference_greedy(tokens, parents, valid, target, trusted=None):
+  """Walk from the root, following the (unique) child that matches the argmax at each node; at an untrusted node
+  stop without a bonus token (its own token, already emitted, is the last)."""
+  trusted = valid if trusted is None else trusted
   cur, out = 0, []
   while True:
+    if not trusted[cur]:
+      return out
     nxt = [j for j in range(1, len(tokens)) if valid[j] and parents[j] == cur and tokens[j] == target[cur]]
     if not nxt:
       return out + [int(target[cur])]
@@ -50,18 +54,25 @@ chains_strategy = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=5), 
 
 @settings(max_examples=60, deadline=None)
 @given(chains=chains_strategy, target=st.lists(st.integers(0, 5), min_size=16, max_size=16),
-       num_nodes=st.sampled_from([1, 4, 8, 16]))
-def test_greedy_accept_matches_reference(chains, target, num_nodes):
+       num_nodes=st.sampled_from([1, 4, 8, 16]), slot_exact=st.booleans())
+def test_greedy_accept_matches_reference(chains, target, num_nodes, slot_exact):
   tree = build_tree(3, chains, num_nodes, max_depth=4)
   target = np.asarray(target[:num_nodes], np.int32)
+  trusted = tree.valid & np.asarray(slot_exact_nodes(tree.depths)) if slot_exact else tree.valid
   acc = jax.jit(greedy_accept, static_argnames="max_depth")(
-      tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target, max_depth=4)
-  expected = reference_greedy(tree.tokens, tree.parents, tree.valid, target)
+      tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target, max_depth=4, trusted_t=trusted)
+  expected = reference_greedy(tree.tokens, tree.parents, tree.valid, target, trusted)
   n = int(acc.num_accepted)
   assert n == len(expected) - 1
   assert [int(t) for t in acc.tokens_d1[:n + 1]] == expected
   path = [int(p) for p in acc.path_d1[:n + 1]]
   assert path[0] == 0 and all(tree.parents[path[d + 1]] == path[d] for d in range(n))
+  assert all(trusted[p] for p in path), "a committed node must be trusted"
+
+
+def test_slot_exact_nodes_are_the_first_chain():
+  tree = build_tree(9, [[1, 2], [1, 3], [4]], num_nodes=8, max_depth=4)
+  np.testing.assert_array_equal(slot_exact_nodes(tree.depths), [1, 1, 1, 0, 0, 0, 0, 0])
 
 
 def test_rejection_with_one_hot_target_is_greedy():

@@ -41,19 +41,33 @@ def _emitted(tokens_t: jax.Array, path_d1: jax.Array, num: jax.Array, bonus: jax
 
 
 def greedy_accept(tokens_t: jax.Array, parents_t: jax.Array, depths_t: jax.Array, valid_t: jax.Array,
-                  ancestors_tt: jax.Array, target_t: jax.Array, max_depth: int) -> Accepted:
+                  ancestors_tt: jax.Array, target_t: jax.Array, max_depth: int, trusted_t: jax.Array | None = None
+                  ) -> Accepted:
   """Longest path whose every draft token equals the target argmax `target_t` at its parent.
 
-  In a trie each parent has at most one matching child, so the accepted nodes form a single path.
+  In a trie each parent has at most one matching child, so the accepted nodes form a single path. Only the
+  `trusted_t` nodes' targets are used (default: all): a match below an untrusted node is not looked at, and when
+  the deepest accepted node is untrusted its token (chosen by its trusted parent) is the step's last token, in
+  place of a bonus token, so the node itself is not committed.
   """
-  match_t = valid_t & (tokens_t == target_t[parents_t])
+  trusted_t = valid_t if trusted_t is None else trusted_t
+  match_t = valid_t & (tokens_t == target_t[parents_t]) & trusted_t[parents_t]
   accepted_t = jnp.zeros_like(valid_t).at[0].set(True)
   for _ in range(max_depth):
     accepted_t = accepted_t.at[1:].set((match_t & accepted_t[parents_t])[1:])
   deepest = jnp.argmax(jnp.where(accepted_t, depths_t, -1))
-  num = depths_t[deepest]
+  num = depths_t[deepest] - (~trusted_t[deepest]).astype(jnp.int32)
   path_d1 = _path_of(deepest, depths_t, ancestors_tt, max_depth)
-  return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, target_t[deepest]))
+  last = jnp.where(trusted_t[deepest], target_t[deepest], tokens_t[deepest])
+  return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, last))
+
+
+def slot_exact_nodes(depths_bt: jax.Array) -> jax.Array:
+  """[B, T] nodes whose step computes what a decode step would: node i at depth i, whose ancestors are nodes
+  0..i-1, so every key it attends to sits at the slot it will have once committed (the first chain of the tree).
+  Another node attends to its ancestors at other slots, and a softmax summed in another order may round
+  differently."""
+  return jnp.arange(depths_bt.shape[-1]) == depths_bt
 
 
 def rejection_accept(tokens_t: jax.Array, parents_t: jax.Array, valid_t: jax.Array, probs_tv: jax.Array,
@@ -136,8 +150,9 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
     logits_btv, cache = model.unembed(params, cfg, above.h_btd), above.cache
   if sampling.greedy:
     target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
+    trusted_bt = tree.valid & slot_exact_nodes(tree.depths) if cfg.bitwise_steps else tree.valid
     acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
-        tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt)
+        tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt, trusted_t=trusted_bt)
   else:
     probs_btv = target_probs(logits_btv, sampling)
     acc = jax.vmap(functools.partial(rejection_accept, max_depth=max_depth))(
