@@ -108,8 +108,10 @@ def main(argv: Sequence[str]) -> None:
     plot_accept_lengths(rows_by_method, os.path.join(FLAGS.out_dir, "accept_lengths.png"))
   for method, cats in summary["methods"].items():
     o = cats["overall"]
-    print(f"{method:12s} speedup {o.get('speedup', float('nan')):.2f}x  tau {o['tau']:.2f}  "
-          f"draft share {o['draft_share']:.3f}  identical {o.get('identical_rate', float('nan')):.2f}")
+    share = "on device" if o["draft_share"] is None else f"{o['draft_share']:.3f}"
+    syncs = "-" if o["host_syncs_per_turn"] is None else f"{o['host_syncs_per_turn']:.1f}"
+    print(f"{method:12s} speedup {o.get('speedup', float('nan')):.2f}x  tau {o['tau']:.2f}  draft share {share:>9s}  "
+          f"host syncs/turn {syncs:>5s}  identical {o.get('identical_rate', float('nan')):.2f}")
 
 
 if __name__ == "__main__":

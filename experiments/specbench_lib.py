@@ -101,10 +101,13 @@ def summarize(rows_by_method: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
     for cat in categories + ["overall"]:
       idx = [i for i, r in enumerate(rows) if cat in ("overall", r["category"])]
       steps = [s for i in idx for st in rows[i]["choices"][0]["stats"] for s in st["accept_lengths"]]
-      draft = sum(st.get("draft_s", 0.0) for i in idx for st in rows[i]["choices"][0]["stats"])
-      verify = sum(st.get("verify_s", 0.0) for i in idx for st in rows[i]["choices"][0]["stats"])
+      stats = [st for i in idx for st in rows[i]["choices"][0]["stats"]]
+      timed = [st for st in stats if "draft_s" in st]  # host loops time their drafting; on the device it is fused
+      draft, verify = sum(st["draft_s"] for st in timed), sum(st.get("verify_s", 0.0) for st in timed)
+      syncs = [st["host_syncs"] for st in stats if "host_syncs" in st]
       entry = dict(questions=len(idx), tokens_per_s=float(np.mean([speed(rows[i]) for i in idx])),
-                   tau=float(np.mean(steps)), draft_share=draft / max(draft + verify, 1e-12))
+                   tau=float(np.mean(steps)), draft_share=draft / max(draft + verify, 1e-12) if timed else None,
+                   host_syncs_per_turn=float(np.mean(syncs)) if syncs else None)
       if ref is not None:
         entry["speedup"] = entry["tokens_per_s"] / float(np.mean([speed(ref[i]) for i in idx]))
         entry["identical_rate"] = float(np.mean([rows[i]["choices"][0]["token_ids"] ==

@@ -26,8 +26,9 @@ def test_stratified_selection_keeps_file_order_and_groups_mt_bench():
   assert len(specbench.select_questions(questions(), None, "first")) == 7
 
 
-def row(qid, cat, tokens, wall, ids, accept, draft=0.0, verify=0.0):
-  stats = dict(accept_lengths=accept, draft_s=draft, verify_s=verify, steps=len(accept))
+def row(qid, cat, tokens, wall, ids, accept, draft=0.0, verify=0.0, syncs=None):
+  stats = dict(accept_lengths=accept, steps=len(accept))
+  stats.update(dict(draft_s=draft, verify_s=verify) if syncs is None else dict(host_syncs=syncs))
   return dict(question_id=qid, category=cat, choices=[dict(new_tokens=[tokens], wall_time=[wall], token_ids=[ids],
                                                            stats=[stats])])
 
@@ -42,6 +43,13 @@ def test_summary_follows_spec_bench_rule():
   assert s["hd"]["overall"]["tau"] == pytest.approx(30 / 5)
   assert s["hd"]["overall"]["draft_share"] == pytest.approx(0.15 / 1.5)
   assert s["hd"]["overall"]["identical_rate"] == 0.5 and s["ar"]["overall"]["speedup"] == 1.0
+  assert s["hd"]["overall"]["host_syncs_per_turn"] is None
+
+
+def test_summary_of_a_device_loop_reports_host_syncs_not_a_draft_share():
+  pld = [row(0, "qa", 10, 0.5, [1] * 10, [1, 4, 5], syncs=2), row(1, "rag", 20, 1.0, [3] * 20, [10, 10], syncs=4)]
+  s = specbench.summarize({"pld": pld})["methods"]["pld"]["overall"]
+  assert s["draft_share"] is None and s["host_syncs_per_turn"] == 3.0
 
 
 @pytest.mark.parametrize("args, message", [
