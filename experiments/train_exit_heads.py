@@ -3,11 +3,16 @@
   .venv/bin/python -m experiments.train_exit_heads --config=experiments/configs/exit_heads.py --config.steps=150
   .venv/bin/python experiments/train_exit_heads.py --config.steps=150     (the same, from any directory)
 
+  .venv/bin/python experiments/train_exit_heads.py --config.vocab_only     (only the vocabulary ranking)
+
 Writes `workdir/metrics.jsonl` (one line per step, plus the evaluation tables), resumable orbax checkpoints in
 `workdir/ckpt`, `workdir/summary.json` (held-out top-1 agreement of the identity head at every table layer and of
 the trained heads), and exports the final heads to `export_dir`. A rerun resumes from the last checkpoint, drops
 the log lines of steps after it (a killed run logged them, the resumed run logs them again), and refuses a
 `workdir` whose run (`workdir/run.json`: model, layers and every setting that shapes the batches) differs.
+The exported heads carry `vocab.json`: the token ids ranked by their count in the assistant replies of the
+training exchanges and of `vocab_seqs` more exchanges after the held-out ones (EOS first), the candidate set of a
+reduced-vocabulary head (`head_vocab`); `--config.vocab_only` writes just that file into `export_dir`.
 """
 
 from __future__ import annotations
@@ -87,18 +92,39 @@ def exchange_tokens(tok, exchanges):
   return seqs, starts
 
 
+def vocab_ranking(lm, c) -> tuple[tuple[int, ...], dict]:
+  """The reduced-vocabulary head's candidate ranking (see the module doc) and how it was made."""
+  n_train, n_eval = c.num_train_seqs, c.num_eval_seqs
+  path = train.sharegpt_path()
+  exchanges = (train.first_exchanges(path, n_train)
+               + train.first_exchanges(path, c.vocab_seqs, skip=n_train + n_eval))
+  seqs, starts = exchange_tokens(lm.tokenizer, exchanges)
+  ranking = heads_lib.rank_vocab(seqs, starts, lm.cfg.vocab_size, first_ids=lm.cfg.eos_ids)
+  info = dict(source=f"ShareGPT first exchanges [0, {n_train}) and [{n_train + n_eval}, "
+                     f"{n_train + n_eval + c.vocab_seqs}) (assistant replies, chat-templated)",
+              target_tokens=int(sum(len(q) - s for q, s in zip(seqs, starts))))
+  return ranking, info
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   c = _CONFIG.value
   counts = ("num_train_seqs", "num_eval_seqs", "seq_len", "steps", "batch", "ckpt_every")
-  require(**{f"config.{k}": (c[k], at_least(1)) for k in counts},
+  require(**{f"config.{k}": (c[k], at_least(1)) for k in counts}, **{"config.vocab_seqs": (c.vocab_seqs, at_least(0))},
           **{f"config.{k}": (c[k], at_least(0)) for k in ("lr", "warmup_frac", "weight_decay")})
   check_output_dir(c.workdir, ["metrics.jsonl", "summary.json", "run.json"])
   if c.export_dir:
     check_output_dir(c.export_dir)
   t0 = time.perf_counter()
   lm = hdjax.load(c.model, dtype="float32")
+  vocab, vocab_info = vocab_ranking(lm, c)
+  if c.vocab_only:
+    if not c.export_dir:
+      raise HdjaxError("--config.vocab_only writes into export_dir, which is empty")
+    heads_lib.save_vocab(c.export_dir, vocab, vocab_info)
+    print(f"{len(vocab)} ranked ids ({vocab_info['target_tokens']} reply tokens) -> {c.export_dir}")
+    return
   layers = heads_lib.check_layers(lm.cfg, c.layers)
   table_layers = tuple(sorted(set(heads_lib.check_layers(lm.cfg, c.table_layers)) | set(layers)))
   check_run(c.workdir, dict({k: c[k] for k in RUN_KEYS}, layers=list(layers)))
@@ -147,8 +173,8 @@ def main(argv):
   write_json_atomic(os.path.join(c.workdir, "summary.json"), summary)
   print(json.dumps(table, indent=1))
   if c.export_dir:
-    heads_lib.save_heads(c.export_dir, heads_lib.ExitHeads(layers, state.t_idd), lm.tokenizer.identity,
-                         info=dict(table=table, train_rows=summary["train_rows"], steps=c.steps))
+    heads_lib.save_heads(c.export_dir, heads_lib.ExitHeads(layers, state.t_idd, vocab), lm.tokenizer.identity,
+                         info=dict(table=table, train_rows=summary["train_rows"], steps=c.steps, vocab=vocab_info))
 
 
 if __name__ == "__main__":

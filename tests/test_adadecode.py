@@ -1,5 +1,6 @@
-"""AdaDecode: greedy parity with `ar` under any heads, exact acceptance with perfect heads, bounded traces, sampling
-distribution, and real-SmolLM2 parity with the committed trained heads."""
+"""AdaDecode: greedy parity with `ar` under any heads (full or reduced vocabulary), the reduced head's logits, exact
+acceptance with perfect heads, packed batches, bounded traces, sampling distribution, and real-SmolLM2 parity with
+the committed trained heads."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hdjax.adadecode import decode
-from hdjax.adadecode.heads import ExitHeads, identity_heads, load_heads
+from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads, load_heads, reduced_heads, reduced_logits
 from hdjax.api import LM
 from hdjax.decoding.autoregressive import TRACE_COUNTS
 from hdjax.errors import HdjaxError
@@ -31,25 +32,44 @@ def _prompts(seed: int, vocab: int):
   return [rng.integers(3, vocab, size=n).tolist() for n in (4, 9)]
 
 
-def _random_heads(seed: int, d: int, scale: float) -> ExitHeads:
-  t_idd = np.random.default_rng(seed).normal(size=(len(HEAD_LAYERS), d, d)) * scale
-  return ExitHeads(HEAD_LAYERS, jnp.asarray(t_idd, jnp.float32))
+def _random_heads(seed: int, d: int, scale: float, vocab: int = 128) -> ExitHeads:
+  rng = np.random.default_rng(seed)
+  t_idd = rng.normal(size=(len(HEAD_LAYERS), d, d)) * scale
+  return ExitHeads(HEAD_LAYERS, jnp.asarray(t_idd, jnp.float32), tuple(rng.permutation(vocab).tolist()))
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.0, 0.3, 30.0]), gamma=st.sampled_from([0.0, 0.2, 0.9]))
-def test_greedy_parity_with_any_heads(deep_tiny, seed, scale, gamma):
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.0, 0.3, 30.0]), gamma=st.sampled_from([0.0, 0.2, 0.9]),
+       head_vocab=st.sampled_from([0, 16]))
+def test_greedy_parity_with_any_heads(deep_tiny, seed, scale, gamma, head_vocab):
   """Random heads, all-wrong heads (T=0: uniform, argmax token 0) and sharp confident heads with gamma=0 (exit at
-  every head) never change greedy output."""
+  every head), over the full vocabulary or 16 random candidate ids, never change greedy output."""
   prompts = _prompts(seed, deep_tiny.cfg.vocab_size)
   ref = deep_tiny.generate(prompts, method="ar", max_new_tokens=24)
   out = deep_tiny.generate(prompts, method="adadecode", max_new_tokens=24, heads=_random_heads(seed, 64, scale),
-                           gamma=gamma, max_pending=3)
+                           gamma=gamma, max_pending=3, head_vocab=head_vocab)
   assert [r.token_ids for r in out] == [r.token_ids for r in ref]
   for r in out:
     assert sum(r.stats["accept_lengths"]) == r.stats["new_tokens"] == len(r.token_ids)
     if gamma == 0.0:
       assert r.stats["early_tokens"] > 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_reduced_head_logits_are_the_full_heads_at_the_candidates(tie):
+  """W_i = E*[ids] . T_i^T gives the full head's logits at the candidate ids (a separate [D, V] head, or tied to the
+  embedding)."""
+  lm = make_tiny_lm(0, tie_embeddings=tie)
+  heads = _random_heads(4, lm.cfg.d_model, 0.5)
+  ids_n = np.asarray(heads.vocab_ids[:40], np.int32)
+  h_btd = jax.random.normal(jax.random.key(1), (2, 3, lm.cfg.d_model)) * 3.0
+  w_ind = reduced_heads(lm.params, lm.cfg, heads.t_idd, ids_n)
+  assert w_ind.shape == (len(HEAD_LAYERS), 40, lm.cfg.d_model)
+  for i in range(len(HEAD_LAYERS)):
+    full_btv = head_logits(lm.params, lm.cfg, heads.t_idd[i], h_btd)
+    np.testing.assert_allclose(reduced_logits(lm.params, lm.cfg, w_ind[i], h_btd), full_btv[..., ids_n], rtol=1e-5,
+                               atol=1e-4)
+  assert not np.allclose(reduced_logits(lm.params, lm.cfg, w_ind[0], h_btd), full_btv[..., ids_n], atol=1e-2)
 
 
 @pytest.mark.parametrize("max_pending", [1, 5])
@@ -93,7 +113,8 @@ def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   prompts = [p for seed in (11, 12) for p in _prompts(seed, deep_tiny.cfg.vocab_size)]
   eos = deep_tiny.generate(prompts[:1], method="ar", max_new_tokens=24)[0].token_ids[4]
   lm = make_tiny_lm(0, n_layers=8, eos_ids=(eos,))
-  options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.0, max_pending=3)
+  # gamma 0.1: exits at some heads and not others, so the sequences fall out of step and blocks get packed
+  options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.1, max_pending=3)
   batch = lm.generate(prompts, method="adadecode", **options)
   alone = [lm.generate([p], method="adadecode", **options)[0] for p in prompts]
   assert [r.token_ids for r in batch] == [r.token_ids for r in alone] == [
@@ -101,6 +122,9 @@ def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   assert batch[0].token_ids[-1] == eos and len(batch[0].token_ids) <= 5 < max(len(r.token_ids) for r in batch)
   work = ("layer_tokens", "layer_steps", "head_evals", "exits", "verifications", "accept_lengths")
   assert [{k: r.stats[k] for k in work} for r in batch] == [{k: r.stats[k] for k in work} for r in alone]
+  # the sequences taking part were packed: some layer steps ran a block of 1 or 2 sequences, not all 4
+  assert all(r.stats["mean_block_seqs"] == 1.0 for r in alone)
+  assert min(r.stats["mean_block_seqs"] for r in batch) < 4.0
 
 
 def test_no_recompile_per_token_or_prompt(deep_tiny):
@@ -120,6 +144,11 @@ def test_bad_options(deep_tiny):
     deep_tiny.generate([[5, 6]], method="adadecode", heads="identity", max_pending=0)
   with pytest.raises(HdjaxError):
     deep_tiny.generate([[5, 6]], method="adadecode", heads="/nonexistent/heads")
+  heads = _random_heads(0, 64, 1.0)
+  for bad in (dict(head_vocab=-1), dict(head_vocab=129), dict(head_vocab=8, heads=ExitHeads(HEAD_LAYERS, heads.t_idd)),
+              dict(head_vocab=4, heads=ExitHeads(HEAD_LAYERS, heads.t_idd, (3, 3, 4, 5)))):
+    with pytest.raises(HdjaxError, match="head_vocab|ranking"):
+      deep_tiny.generate([[5, 6]], method="adadecode", **{"heads": heads, **bad})
 
 
 def _exact_second_token_dist(lm: LM, prompt, temperature: float) -> np.ndarray:
@@ -175,6 +204,29 @@ def test_smollm_parity_with_trained_heads(smollm):
   assert sum(r.stats["early_accepted"] for r in out) > 0
 
 
+def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens):
+  """The committed heads at layers 22 and 26 over their 2,048 most frequent reply tokens, prompts of different
+  lengths in one packed batch: each identical to its single-sequence `ar` output (fp32)."""
+  prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
+  ref = [smollm.generate([p], method="ar", max_new_tokens=max_new_tokens)[0].token_ids for p in prompts]
+  out = smollm.generate(prompts, method="adadecode", max_new_tokens=max_new_tokens, head_vocab=2048,
+                        head_layers=(22, 26), gamma=0.5)
+  assert [r.token_ids for r in out] == ref
+  assert sum(r.stats["early_accepted"] for r in out) > 0
+  assert min(r.stats["mean_block_seqs"] for r in out) < len(prompts)  # some layer steps ran a packed block
+
+
+@needs_heads
+def test_smollm_reduced_vocab_batch_parity(smollm):
+  _reduced_vocab_batch_parity(smollm, QUESTIONS[1:], 32)
+
+
+@needs_heads
+@pytest.mark.slow
+def test_smollm_reduced_vocab_batch4_parity(smollm):
+  _reduced_vocab_batch_parity(smollm, QUESTIONS + ["Translate to German: the weather is nice today."], 96)
+
+
 @needs_heads
 @pytest.mark.slow
 def test_smollm_parity_more_prompts_and_settings(smollm):
@@ -188,3 +240,7 @@ def test_smollm_parity_more_prompts_and_settings(smollm):
   assert [r.token_ids for r in out] == [r.token_ids for r in ref]
   out = smollm.generate(prompts, method="adadecode", max_new_tokens=160, heads="identity", gamma=0.5)
   assert [r.token_ids for r in out] == [r.token_ids for r in ref]
+  for head_vocab, layers in ((1024, (26,)), (4096, (18, 22, 26))):
+    out = smollm.generate(prompts, method="adadecode", max_new_tokens=160, head_vocab=head_vocab, head_layers=layers,
+                          gamma=0.5)
+    assert [r.token_ids for r in out] == [r.token_ids for r in ref]

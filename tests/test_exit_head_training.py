@@ -1,5 +1,5 @@
 """Exit-head training: truncated ShareGPT streaming, KL training that helps, orbax resume == uninterrupted run,
-head save/load round trip."""
+head save/load round trip with the vocabulary ranking."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from hdjax.adadecode import train
-from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads, load_heads, save_heads
+from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads, load_heads, rank_vocab, save_heads
 from hdjax import model
+from hdjax.errors import HdjaxError
 from tests.conftest import make_tiny_lm
 
 LAYERS = (1, 2, 3)
@@ -91,10 +92,20 @@ def test_resumed_training_equals_uninterrupted(tiny_data, tmp_path):
   assert not np.array_equal(np.asarray(killed.t_idd), np.asarray(full.t_idd))
 
 
+def test_rank_vocab_counts_reply_tokens_after_eos():
+  seqs = [[9, 9, 9, 5, 5, 7, 2], [9, 7, 5, 7, 2, 2]]
+  # replies start at 3 and 1: counts 5:3, 7:3, 2:3 (EOS, ranked first anyway), 9 only in the prompt of seq 0
+  assert rank_vocab(seqs, [3, 1], 16, first_ids=(2,)) == (2, 5, 7)
+  assert rank_vocab(seqs, [0, 0], 16) == (9, 2, 5, 7)
+
+
 def test_heads_round_trip(tmp_path):
   lm = make_tiny_lm(0)
-  heads = ExitHeads((1, 3), jax.random.normal(jax.random.key(0), (2, lm.cfg.d_model, lm.cfg.d_model)))
+  heads = ExitHeads((1, 3), jax.random.normal(jax.random.key(0), (2, lm.cfg.d_model, lm.cfg.d_model)), (4, 0, 9))
   save_heads(str(tmp_path / "h"), heads, "tiny")
   back = load_heads(str(tmp_path / "h"), lm.cfg)
-  assert back.layers == heads.layers
+  assert back.layers == heads.layers and back.vocab_ids == (4, 0, 9)
   np.testing.assert_array_equal(np.asarray(back.t_idd), np.asarray(heads.t_idd))
+  (tmp_path / "h" / "vocab.json").write_text('{"ids": [4, 100000]}')
+  with pytest.raises(HdjaxError, match="vocab.json"):
+    load_heads(str(tmp_path / "h"), lm.cfg)

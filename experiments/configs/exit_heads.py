@@ -20,5 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.workdir = "/tmp/hdjax_exit_heads"  # orbax checkpoints (resumable) and metrics.jsonl
   c.ckpt_every = 10
   c.stop_after = -1  # > 0: stop after that many steps (simulates a killed run; rerun to resume)
-  c.export_dir = "checkpoints/adadecode/smollm2-135m"  # final heads (orbax) + heads.json; "" to skip
+  c.export_dir = "checkpoints/adadecode/smollm2-135m"  # final heads (orbax) + heads.json + vocab.json; "" to skip
+  c.vocab_seqs = 2000  # more exchanges (after the held-out ones) whose replies rank the reduced head's candidates
+  c.vocab_only = False  # only write export_dir/vocab.json (the heads there are kept)
   return c

@@ -9,7 +9,9 @@ layer at that depth, writing each token's exact K/V at that layer. When the grou
 that waits at that depth, they merge: the deferred layers of an early token run batched with the later tokens.
 
 After a layer that has a head, the newest token's head decides: if its max probability >= gamma (and fewer than P
-tokens are pending) its prediction becomes the next token, which enters the window at depth 0. When the group
+tokens are pending) its prediction becomes the next token, which enters the window at depth 0. With
+`head_vocab=N` the head scores only N candidate ids (the heads' most frequent training targets, `heads.py`), so a
+check costs one [N, D] contraction; the probabilities are those of the softmax over the candidates. When the group
 reaches the last layer the whole window is final: each early prediction is verified against the full model in
 order (greedy: exact argmax; sampling: accept with min(1, p*/q), else sample from norm(max(0, p* - q))), the
 accepted tokens are committed (the cache cursor moves past them), everything after the first rejection is dropped
@@ -17,9 +19,11 @@ accepted tokens are committed (the cache cursor moves past them), everything aft
 window.
 
 A batch decodes in the same loop: each iteration runs the lowest layer that an active sequence's group waits at,
-for every sequence whose group waits there (a static [B, rows] block; the others sit the layer out and finished
-sequences never take part), so the layer's weights are read once for the batch while each sequence's tokens,
-exits and verifications are exactly those of decoding it alone.
+for every sequence whose group waits there (the others sit the layer out and finished sequences never take part),
+so the layer's weights are read once for the batch while each sequence's tokens, exits and verifications are
+exactly those of decoding it alone. The sequences taking part are packed into a static bucket of 1, 2, 4, ... B
+of them (their hidden states and that layer's K/V gathered, the written rows scattered back): an iteration's
+layer, exit-head and verification contractions grow with the sequences taking part, not with B.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdjax import model
-from hdjax.adadecode.heads import ExitHeads, check_layers, head_logits, identity_heads, load_heads
+from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_logits, identity_heads, load_heads,
+                                   load_vocab, reduced_heads, reduced_logits)
 from hdjax.attention import causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
@@ -51,10 +56,29 @@ DEFAULT_HEADS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname
 DEFAULT_LAYERS = (26,)  # of the committed heads, chosen by measurement (checkpoints/adadecode/README.md)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaDecodeConfig:
+  """The method's options besides the heads (`resolve_heads`)."""
+  gamma: float = 0.75  # an exit needs the head's top probability >= gamma
+  max_pending: int = 5  # early tokens awaiting verification, at most
+  head_vocab: int = 0  # > 0: heads score only the heads' `head_vocab` most frequent ids; 0: the full vocabulary
+
+  @classmethod
+  def from_request(cls, request: GenerateRequest) -> "AdaDecodeConfig":
+    c = cls(**{f.name: request.option(f.name, getattr(cls(), f.name)) for f in dataclasses.fields(cls)})
+    if c.max_pending < 1:
+      raise HdjaxError(f"max_pending must be >= 1, got {c.max_pending}")
+    if c.head_vocab < 0:
+      raise HdjaxError(f"head_vocab must be >= 0 (0: the full vocabulary), got {c.head_vocab}")
+    return dataclasses.replace(c, gamma=float(c.gamma), max_pending=int(c.max_pending),
+                               head_vocab=int(c.head_vocab))
+
+
 class Counters(NamedTuple):
   """Per sequence; the loop holds them with a leading batch axis [B]."""
   layer_steps: jax.Array  # loop iterations (one decoder layer each) the sequence took part in
   layer_tokens_l: jax.Array  # [L] token-rows run at each layer
+  block_seqs: jax.Array  # sum over its layer steps of the sequences in the packed block (padding included)
   head_evals_i: jax.Array  # [I] head evaluations
   exits_i: jax.Array  # [I] early exits
   verifications: jax.Array  # windows that reached the last layer
@@ -84,16 +108,17 @@ class State(NamedTuple):
 
 
 def row_buckets(window: int) -> tuple[int, ...]:
+  """1, 2, 4, ... up to `window` (which is always one): the static sizes of a block of rows or of sequences."""
   sizes = {min(1 << i, window) for i in range(window.bit_length() + 1)}
   return tuple(sorted(sizes))
 
 
 def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b,
-                visible_lbs):
-  """Runs decoder layer `layer` (traced: its weights come from `stacked_layers`) on window slots [g0, g0 + g) of every sequence as a static block of `rows` rows
-  (g = 0: the sequence sits this layer out), with that layer's K/V cache [1, B, K, S, H] (only it enters the
-  `lax.switch`, so the whole cache is never copied); they see the slots of `visible_lbs[layer]` (all slots when
-  None) at positions <= their own."""
+                visible_bs):
+  """Runs decoder layer `layer` (traced: its weights come from `stacked_layers`) on window slots [g0, g0 + g) of
+  every sequence as a static block of `rows` rows (g = 0: the sequence sits this layer out), with that layer's K/V
+  cache [1, B, K, S, H] (only it enters the `lax.switch`, so the whole cache is never copied); they see the slots
+  of `visible_bs` (that layer's visibility; all slots when None) at positions <= their own."""
   window = h_bwd.shape[1]
   num_slots = k_1bksh.shape[3]
   j_r = jnp.arange(rows)
@@ -104,8 +129,8 @@ def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bk
   sin, cos = rope_sin_cos(cfg, pos_br)
   p_layer = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, keepdims=False), stacked_layers)
   mask_brs = causal_mask(pos_br, num_slots)
-  if visible_lbs is not None:
-    mask_brs = mask_brs & visible_lbs[layer][:, None, :]
+  if visible_bs is not None:
+    mask_brs = mask_brs & visible_bs[:, None, :]
   h_brd = jnp.take_along_axis(h_bwd, idx_br[:, :, None], axis=1)
   h_brd, k_1bksh, v_1bksh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_brd, sin, cos, mask_brs, k_1bksh,
                                                           v_1bksh, slots_br, 0)
@@ -114,10 +139,43 @@ def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bk
   return h_bwd, k_1bksh, v_1bksh
 
 
-def _final_rows(params, cfg: LlamaConfig, rows: int, h_bwd):
-  """Full-model logits [B, W, V] of the first `rows` window slots (the others are zeros)."""
-  logits_brv = model.unembed(params, cfg, h_bwd[:, :rows])
+def _packed_layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, size: int, layer, h_bwd, k_1bksh, v_1bksh,
+                       base_b, g0_b, g_b, visible_bs, order_b):
+  """`_layer_rows` on the sequences `order_b[:size]` only (all of them, in place, when `size` is the batch): their
+  hidden states and K/V gathered, then scattered back (the others are unchanged)."""
+  if size == order_b.shape[0]:
+    return _layer_rows(stacked_layers, cfg, rows, layer, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b, visible_bs)
+  idx_p = order_b[:size]
+  h_pwd, k_1pksh, v_1pksh = _layer_rows(stacked_layers, cfg, rows, layer, h_bwd[idx_p], k_1bksh[:, idx_p],
+                                        v_1bksh[:, idx_p], base_b[idx_p], g0_b[idx_p], g_b[idx_p],
+                                        None if visible_bs is None else visible_bs[idx_p])
+  return h_bwd.at[idx_p].set(h_pwd), k_1bksh.at[:, idx_p].set(k_1pksh), v_1bksh.at[:, idx_p].set(v_1pksh)
+
+
+def _packed(fn, size: int, order_b, x_b):
+  """`fn` on the rows `order_b[:size]` of `x_b` (all rows when `size` is the batch), its output rows at their
+  places in a zero [B, ...] result."""
+  if size == order_b.shape[0]:
+    return fn(x_b)
+  idx_p = order_b[:size]
+  y_p = fn(x_b[idx_p])
+  return jnp.zeros(x_b.shape[:1] + y_p.shape[1:], y_p.dtype).at[idx_p].set(y_p)
+
+
+def _final_rows(params, cfg: LlamaConfig, rows: int, size: int, h_bwd, order_b):
+  """Full-model logits [B, W, V] of the first `rows` window slots of the sequences `order_b[:size]` (the others are
+  zeros)."""
+  logits_brv = _packed(lambda h_pwd: model.unembed(params, cfg, h_pwd[:, :rows]), size, order_b, h_bwd)
   return jnp.zeros(h_bwd.shape[:2] + logits_brv.shape[-1:], jnp.float32).at[:, :rows].set(logits_brv)
+
+
+def _check_logits(params, cfg: LlamaConfig, head_w, head_ids, head, h_bd):
+  """Exit-head logits [B, V] of hidden states [B, D]: the full head (`head_w` [I, D, D], `head_ids` None), or the
+  reduced one (`head_w` [I, N, D]) scattered into -inf at the ids it does not score."""
+  if head_ids is None:
+    return head_logits(params, cfg, head_w[head], h_bd[:, None])[:, 0]
+  logits_bn = reduced_logits(params, cfg, head_w[head], h_bd[:, None])[:, 0]
+  return jnp.full((h_bd.shape[0], cfg.vocab_size), -jnp.inf, jnp.float32).at[:, head_ids].set(logits_bn)
 
 
 def _sample(key, probs_v, sampling: SamplingConfig):
@@ -128,18 +186,21 @@ def _sample(key, probs_v, sampling: SamplingConfig):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "window", "sampling", "out_len"),
                    donate_argnames=("cache",))
-def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...], gamma, cache: KVCache, first_b,
-                   max_new, keys_b, window: int, sampling: SamplingConfig, out_len: int,
+def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, cache: KVCache,
+                   first_b, max_new, keys_b, window: int, sampling: SamplingConfig, out_len: int,
                    visible_lbs: jax.Array | None = None) -> State:
   """Decodes a batch from the prefill's first tokens until each sequence hits EOS, `max_new` or a full cache.
   Every iteration runs one layer, the lowest that an active sequence's newest group waits at, for the sequences
   waiting there (the others sit it out), so one weight read serves the batch and every sequence's computation is
-  its own single-sequence one. `visible_lbs` [L, B, S]: which slots hold K/V at each layer after a pruned
-  prefill (None: all)."""
+  its own single-sequence one. Exit heads: `head_w` [I, D, D] with `head_ids` None (full vocabulary), or
+  `head_w` [I, N, D] from `reduced_heads` with its candidate ids `head_ids` [N]. `visible_lbs` [L, B, S]: which
+  slots hold K/V at each layer after a pruned prefill (None: all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
   stacked_layers = model.stack_layers(params)  # once per call: the loop picks its layer by a traced index
   buckets = jnp.asarray(row_buckets(window))
+  seq_buckets = row_buckets(first_b.shape[0])
+  combos = [(p, r) for p in seq_buckets for r in row_buckets(window)]  # one lax.switch branch each
   head_of_depth = np.full(n_layers + 1, -1, np.int32)
   head_of_depth[list(head_layers)] = np.arange(len(head_layers))
   head_of_depth = jnp.asarray(head_of_depth)
@@ -155,17 +216,27 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
   def active_b(s: State) -> jax.Array:
     return ~s.win.done & (s.cache.lengths + window <= s.cache.num_slots)
 
-  def run_layer(s: State, layer, taking_b) -> State:
+  def seq_bucket(taking_b):
+    return jnp.searchsorted(jnp.asarray(seq_buckets), jnp.sum(taking_b))
+
+  def combo(taking_b, rows):
+    """The switch branch of (the sequence bucket of `taking_b`, the row bucket of `rows`)."""
+    return seq_bucket(taking_b) * len(buckets) + jnp.searchsorted(buckets, rows)
+
+  def run_layer(s: State, layer, taking_b, order_b) -> State:
     win = s.win
     in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
     g_b = jnp.where(taking_b, win.n - g0_b, 0)
-    branches = [functools.partial(_layer_rows, stacked_layers, cfg, r) for r in row_buckets(window)]
+    branches = [functools.partial(_packed_layer_rows, stacked_layers, cfg, r, p) for p, r in combos]
     layer_kv = [jax.lax.dynamic_slice_in_dim(x, layer, 1) for x in (s.cache.k, s.cache.v)]
-    h_bwd, *layer_kv = jax.lax.switch(jnp.searchsorted(buckets, jnp.max(g_b)), branches, layer, win.h_wd,
-                                      *layer_kv, s.cache.lengths, g0_b, g_b, visible_lbs)
+    visible_bs = None if visible_lbs is None else jax.lax.dynamic_index_in_dim(visible_lbs, layer, keepdims=False)
+    h_bwd, *layer_kv = jax.lax.switch(combo(taking_b, jnp.max(g_b)), branches, layer, win.h_wd, *layer_kv,
+                                      s.cache.lengths, g0_b, g_b, visible_bs, order_b)
     k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, layer, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
+    block = jnp.asarray(seq_buckets)[seq_bucket(taking_b)]
     c = win.counters._replace(layer_steps=win.counters.layer_steps + taking_b,
+                              block_seqs=win.counters.block_seqs + jnp.where(taking_b, block, 0),
                               layer_tokens_l=win.counters.layer_tokens_l.at[:, layer].add(g_b))
     win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, layer + 1, win.depth_w), counters=c)
     return s._replace(cache=s.cache.replace(k=k, v=v), win=win)
@@ -187,10 +258,12 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
                       q_wv=w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop"),
                       n=w.n + go.astype(jnp.int32), key=key, counters=c)
 
-  def try_exit(s: State, layer, taking_b) -> State:
+  def try_exit(s: State, layer, taking_b, order_b) -> State:
     head = head_of_depth[layer]
-    h_front_bd = jnp.take_along_axis(s.win.h_wd, (s.win.n - 1)[:, None, None], axis=1)
-    logits_bv = head_logits(params, cfg, t_idd[head], h_front_bd)[:, 0]
+    h_front_bd = jnp.take_along_axis(s.win.h_wd, (s.win.n - 1)[:, None, None], axis=1)[:, 0]
+    check = functools.partial(_check_logits, params, cfg, head_w, head_ids, head)
+    branches = [functools.partial(_packed, check, p) for p in seq_buckets]
+    logits_bv = jax.lax.switch(seq_bucket(taking_b), branches, order_b, h_front_bd)
     return s._replace(win=jax.vmap(exit_one, in_axes=(0, 0, None, 0))(s.win, logits_bv, head, taking_b))
 
   def verify_one(w: Window, logits_wv, taking) -> tuple[Window, jax.Array]:
@@ -231,11 +304,11 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
                       num=num, done=w.done | (taking & (jnp.any(is_eos_w) | (num >= max_new))),
                       key=key, counters=c), t * (n_acc + 1)
 
-  def verify(s: State, layer, taking_b) -> State:
+  def verify(s: State, layer, taking_b, order_b) -> State:
     del layer
-    branches = [functools.partial(_final_rows, params, cfg, r) for r in row_buckets(window)]
-    logits_bwv = jax.lax.switch(jnp.searchsorted(buckets, jnp.max(jnp.where(taking_b, s.win.n, 1))), branches,
-                                s.win.h_wd)
+    branches = [functools.partial(_final_rows, params, cfg, r, p) for p, r in combos]
+    logits_bwv = jax.lax.switch(combo(taking_b, jnp.max(jnp.where(taking_b, s.win.n, 1))), branches, s.win.h_wd,
+                                order_b)
     win, advance_b = jax.vmap(verify_one)(s.win, logits_bwv, taking_b)
     return s._replace(cache=s.cache.replace(lengths=s.cache.lengths + advance_b), win=win)
 
@@ -244,20 +317,21 @@ def adadecode_loop(params, cfg: LlamaConfig, t_idd, head_layers: tuple[int, ...]
     depth_b = front_depth_b(s.win)
     layer = jnp.min(jnp.where(running_b, depth_b, n_layers))
     taking_b = running_b & (depth_b == layer)
-    s = run_layer(s, layer, taking_b)
+    order_b = jnp.argsort(jnp.where(taking_b, 0, 1), stable=True).astype(jnp.int32)  # the sequences taking part first
+    s = run_layer(s, layer, taking_b, order_b)
     layer = layer + 1
     k, v = s.cache.k, s.cache.v  # kept out of the switch: its branches only move the cursors
     no_kv = jnp.zeros((0,), k.dtype)
     can_exit = (head_of_depth[layer] >= 0) & jnp.any(taking_b & (s.win.n < window))
     branch = jnp.where(layer == n_layers, 2, can_exit.astype(jnp.int32))
     s = jax.lax.switch(branch, [lambda x, *_: x, try_exit, verify], s._replace(cache=s.cache.replace(k=no_kv, v=no_kv)),
-                       layer, taking_b)
+                       layer, taking_b, order_b)
     return s._replace(cache=s.cache.replace(k=k, v=v))
 
   def start(first, key) -> Window:
     n_heads = len(head_layers)
     zero = jnp.int32(0)
-    counters = Counters(zero, jnp.zeros((n_layers,), jnp.int32), jnp.zeros((n_heads,), jnp.int32),
+    counters = Counters(zero, jnp.zeros((n_layers,), jnp.int32), zero, jnp.zeros((n_heads,), jnp.int32),
                         jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
     h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(first))
     return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
@@ -274,16 +348,18 @@ def select_heads(cfg: LlamaConfig, heads: ExitHeads, layers) -> ExitHeads:
   missing = sorted(set(layers) - set(heads.layers))
   if missing:
     raise HdjaxError(f"no exit head at layers {missing}; available: {list(heads.layers)}")
-  return ExitHeads(layers, heads.t_idd[jnp.asarray([heads.layers.index(l) for l in layers])])
+  return ExitHeads(layers, heads.t_idd[jnp.asarray([heads.layers.index(l) for l in layers])], heads.vocab_ids)
 
 
 def resolve_heads(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
-  """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head);
-  `head_layers`: which of them to use (default: DEFAULT_LAYERS for "identity" and the committed heads, else all)."""
+  """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head, with the
+  committed heads' vocabulary ranking); `head_layers`: which of them to use (default: DEFAULT_LAYERS for
+  "identity" and the committed heads, else all)."""
   heads = request.option("heads", DEFAULT_HEADS_DIR)
   layers = request.option("head_layers")
   if heads == "identity":
-    return identity_heads(lm.cfg, layers or DEFAULT_LAYERS)
+    identity = identity_heads(lm.cfg, layers or DEFAULT_LAYERS)
+    return dataclasses.replace(identity, vocab_ids=load_vocab(DEFAULT_HEADS_DIR, lm.cfg))
   if isinstance(heads, str):
     layers = layers or (DEFAULT_LAYERS if heads == DEFAULT_HEADS_DIR else None)
     heads = load_heads(heads, lm.cfg)
@@ -304,12 +380,22 @@ def window_stats(counters: Counters, head_layers: tuple[int, ...], new_tokens: i
       rejection_rate=float(int(c.rejections) / max(checked, 1)),
       early_exit_rate=float(int(c.accepted) / max(new_tokens, 1)),
       verifications=int(c.verifications), mean_pending_depth=float(int(c.pending) / max(int(c.verifications), 1)),
-      layer_steps=int(c.layer_steps), layer_tokens=np.asarray(c.layer_tokens_l).tolist())
+      layer_steps=int(c.layer_steps), layer_tokens=np.asarray(c.layer_tokens_l).tolist(),
+      mean_block_seqs=float(int(c.block_seqs) / max(int(c.layer_steps), 1)))
+
+
+def loop_heads(lm: LoadedModel, heads: ExitHeads, head_vocab: int) -> tuple[jax.Array, jax.Array | None]:
+  """`adadecode_loop`'s (head_w, head_ids): the heads' [I, D, D] and None, or with `head_vocab` > 0 the reduced
+  heads [I, N, D] and their candidate ids [N]."""
+  if head_vocab == 0:
+    return jnp.asarray(heads.t_idd, jnp.float32), None
+  ids_n = candidate_ids(heads, head_vocab, lm.cfg.vocab_size)
+  return reduced_heads(lm.params, lm.cfg, heads.t_idd, ids_n), jnp.asarray(ids_n)
 
 
 def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
   """AdaDecode after `prefill`, run per prompt. Options: heads (see `resolve_heads`), head_layers (with
-  heads="identity"), gamma (0.75), max_pending (5)."""
+  heads="identity") and `AdaDecodeConfig`'s."""
   return functools.partial(generate_adadecode, method=method, prefill=prefill)
 
 
@@ -319,10 +405,9 @@ def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = 
   if any)."""
   cfg = lm.cfg
   heads = resolve_heads(lm, request)
-  gamma = float(request.option("gamma", 0.75))
-  max_pending = int(request.option("max_pending", 5))
-  if max_pending < 1:
-    raise HdjaxError(f"max_pending must be >= 1, got {max_pending}")
+  options = AdaDecodeConfig.from_request(request)
+  head_w, head_ids = loop_heads(lm, heads, options.head_vocab)
+  gamma, max_pending = options.gamma, options.max_pending
   window = max_pending + 1
   num_slots = cache_slots_for(cfg, request, extra=window)
   out_len = ar.next_pow2(request.max_new_tokens)
@@ -331,7 +416,7 @@ def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = 
   logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
   first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   ttft = time.perf_counter() - start
-  out = adadecode_loop(lm.params, cfg, jnp.asarray(heads.t_idd, jnp.float32), heads.layers, jnp.float32(gamma),
+  out = adadecode_loop(lm.params, cfg, head_w, head_ids, heads.layers, jnp.float32(gamma),
                        cache, first_b, jnp.int32(request.max_new_tokens),
                        jax.random.split(loop_key, len(request.prompts)), window, request.sampling, out_len,
                        visible_lbs)
@@ -342,6 +427,7 @@ def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = 
     num, verifications = int(win.num[b]), int(win.counters.verifications[b])
     st = dict(method=method, new_tokens=num, steps=verifications + 1, ttft_s=ttft, total_s=total,
               decode_s=total - ttft, prompt_tokens=len(prompt), gamma=gamma, max_pending=max_pending,
+              head_vocab=options.head_vocab,
               **window_stats(jax.tree.map(lambda x, b=b: x[b], win.counters), heads.layers, num), **prefill_stats)
     st["accept_lengths"] = [1] + win.accept_n[b, :verifications].tolist()
     st["tau"] = float(np.mean(st["accept_lengths"]))

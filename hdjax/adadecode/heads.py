@@ -4,9 +4,15 @@ The final RMSNorm (with the model's own scale) is applied first, exactly as befo
 learned d x d matrix T_i, then E* (the tied embedding for SmolLM2). This is the paper's order (norm -> T_i -> E*):
 with T_i = I a head is exactly the original LM head applied at an intermediate layer, which is the ablation.
 
-A head set is `ExitHeads(layers, t_idd)`: `layers` are the (static) depths after which a head reads the hidden
-state (a head at layer l sees the output of decoder layer l-1, i.e. after l layers), `t_idd` is [I, D, D].
-Heads are saved with orbax next to a small JSON with their layers and the model they were trained for.
+A head set is `ExitHeads(layers, t_idd, vocab_ids)`: `layers` are the (static) depths after which a head reads the
+hidden state (a head at layer l sees the output of decoder layer l-1, i.e. after l layers), `t_idd` is [I, D, D],
+`vocab_ids` the token ids ranked by how often they were a training target (most frequent first; empty if unknown).
+Heads are saved with orbax next to a small JSON with their layers and the model they were trained for, and the
+ranking in `vocab.json`.
+
+A reduced-vocabulary head scores only a candidate set of N ids: since head_i(h)[n] = E*_n . T_i . RMSNorm(h), the
+[N, D] matrix W_i = E*[ids] . T_i^T is built once (`reduced_heads`), and a check is the final norm and one [N, D]
+contraction instead of a [D, D] and a [V, D] one.
 """
 
 from __future__ import annotations
@@ -26,12 +32,14 @@ from hdjax.errors import HdjaxError
 
 META_FILE = "heads.json"
 PARAMS_DIR = "t_idd"
+VOCAB_FILE = "vocab.json"
 
 
 @dataclasses.dataclass(frozen=True)
 class ExitHeads:
   layers: tuple[int, ...]  # depths (number of layers run) at which each head reads the hidden state
   t_idd: jax.Array  # [I, D, D]
+  vocab_ids: tuple[int, ...] = ()  # candidate ids for a reduced-vocabulary head, most frequent first
 
   def __post_init__(self):
     if len(self.layers) != self.t_idd.shape[0]:
@@ -59,6 +67,60 @@ def head_logits(params, cfg: LlamaConfig, t_dd: jax.Array, h_btd: jax.Array) -> 
   return model.lm_head(params, cfg, y_btd)
 
 
+def head_rows(params, cfg: LlamaConfig, ids_n: jax.Array) -> jax.Array:
+  """Rows [N, D] of the LM head E* for token ids `ids_n`, in the weights' dtype."""
+  embedder = params["embedder"]
+  if model.has_head_dv(cfg):
+    return jnp.take(embedder["lm_head_dv"], ids_n, axis=1).T
+  return jnp.take(embedder["embedding_vd"], ids_n, axis=0)
+
+
+@jax.jit
+def _fold(e_nd, t_idd):
+  # [I, N, D]: W_i[n, d] = sum_e E*[n, e] T_i[d, e]
+  return jnp.einsum("NE,IDE->IND", e_nd.astype(jnp.float32), t_idd)
+
+
+def reduced_heads(params, cfg: LlamaConfig, t_idd: jax.Array, ids_n) -> jax.Array:
+  """[I, N, D] fp32: each head T_i folded into the LM head rows of the candidate ids (see `reduced_logits`)."""
+  return _fold(head_rows(params, cfg, jnp.asarray(ids_n, jnp.int32)), jnp.asarray(t_idd, jnp.float32))
+
+
+def reduced_logits(params, cfg: LlamaConfig, w_nd: jax.Array, h_btd: jax.Array) -> jax.Array:
+  """Logits [B, T, N] fp32 of one reduced head (a row of `reduced_heads`): `head_logits` at the candidate ids."""
+  x_btd = model.final_norm(params, cfg, h_btd).astype(jnp.float32)
+  return jnp.einsum("BTD,ND->BTN", x_btd, w_nd)
+
+
+def candidate_ids(heads: ExitHeads, n: int, vocab_size: int) -> np.ndarray:
+  """The `n` most frequent ids of the heads' ranking, as [n] int32."""
+  if n > len(heads.vocab_ids):
+    raise HdjaxError(f"head_vocab={n} but the exit heads rank {len(heads.vocab_ids)} token ids (their {VOCAB_FILE})")
+  ids = np.asarray(heads.vocab_ids[:n], np.int32)
+  if len(set(ids.tolist())) != n or ids.min() < 0 or ids.max() >= vocab_size:
+    raise HdjaxError(f"the exit heads' vocabulary ranking must hold distinct ids in [0, {vocab_size}); its first "
+                     f"{n} do not")
+  return ids
+
+
+def rank_vocab(token_seqs, starts, vocab_size: int, first_ids=()) -> tuple[int, ...]:
+  """Token ids by how often they occur after `starts` in `token_seqs` (the assistant replies), most frequent first
+  (ties: smaller id first), after `first_ids` (e.g. the EOS ids, which end every reply); ids never seen are left
+  out."""
+  counts_v = np.zeros(vocab_size, np.int64)
+  for seq, start in zip(token_seqs, starts):
+    np.add.at(counts_v, np.asarray(seq[start:], np.int64), 1)
+  counts_v[list(first_ids)] = 0
+  order = np.argsort(-counts_v, kind="stable")
+  return tuple(int(i) for i in first_ids) + tuple(int(i) for i in order[:int(np.sum(counts_v > 0))])
+
+
+def save_vocab(path: str, vocab_ids, info: dict | None = None) -> None:
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, VOCAB_FILE), "w", encoding="utf-8") as f:
+    json.dump(dict(info or {}, ids=[int(i) for i in vocab_ids]), f)
+
+
 def save_heads(path: str, heads: ExitHeads, model_identity: str, info: dict | None = None) -> None:
   path = os.path.abspath(path)
   os.makedirs(path, exist_ok=True)
@@ -67,11 +129,14 @@ def save_heads(path: str, heads: ExitHeads, model_identity: str, info: dict | No
   meta = dict(layers=list(heads.layers), d_model=int(heads.t_idd.shape[-1]), model=model_identity, **(info or {}))
   with open(os.path.join(path, META_FILE), "w", encoding="utf-8") as f:
     json.dump(meta, f, indent=1)
+  if heads.vocab_ids:
+    save_vocab(path, heads.vocab_ids)
 
 
 def load_heads(path: str, cfg: LlamaConfig) -> ExitHeads:
-  """Heads saved by `save_heads`; an `HdjaxError` naming the file for a missing, partial or corrupt directory,
-  heads for another model size, or non-finite values."""
+  """Heads saved by `save_heads` (with the vocabulary ranking of `vocab.json`, when there is one); an `HdjaxError`
+  naming the file for a missing, partial or corrupt directory, heads for another model size, or non-finite
+  values."""
   from hdjax.weights.safetensors_dir import read_json  # pylint: disable=import-outside-toplevel
   meta_path = os.path.join(path, META_FILE)
   if not os.path.isfile(meta_path):
@@ -98,4 +163,16 @@ def load_heads(path: str, cfg: LlamaConfig) -> ExitHeads:
   if t_idd.shape != target["t_idd"].shape or not np.isfinite(t_idd).all():
     raise HdjaxError(f"exit heads in {params_dir} have shape {t_idd.shape} (need {target['t_idd'].shape}) or "
                      f"non-finite values")
-  return ExitHeads(layers, jnp.asarray(t_idd))
+  return ExitHeads(layers, jnp.asarray(t_idd), load_vocab(path, cfg))
+
+
+def load_vocab(path: str, cfg: LlamaConfig) -> tuple[int, ...]:
+  """The ranking in `path/vocab.json` (empty if there is none)."""
+  from hdjax.weights.safetensors_dir import read_json  # pylint: disable=import-outside-toplevel
+  vocab_path = os.path.join(path, VOCAB_FILE)
+  if not os.path.isfile(vocab_path):
+    return ()
+  ids = read_json(vocab_path).get("ids")
+  if not isinstance(ids, list) or not all(is_int(i) and 0 <= i < cfg.vocab_size for i in ids):
+    raise HdjaxError(f"{vocab_path} needs 'ids': a list of token ids in [0, {cfg.vocab_size})")
+  return tuple(ids)
