@@ -10,6 +10,15 @@ turn in the chat template. Every method is warmed up (compiled) on each prompt-l
 one by one, each through every method in turn, so the methods see the same machine load. Writes DIR/<method>.jsonl,
 DIR/summary.json, DIR/table.md (answers found, first-token agreement and token-layers computed per method) and
 DIR/ttft.png.
+
+`--pareto` also writes DIR/pareto.{json,md,png}: per prompt length, each method's median TTFT speedup against the
+first method (full prefill) against the passkey and QA answers found and the first tokens equal to the first
+method's, whether it is within one prompt of it (and >= 95% first tokens), the frontier, and the fastest schedule
+within that rule. `--pareto_from=RUN_DIR` redraws them from a finished run's RUN_DIR/<method>.jsonl (same
+--prompts and --methods) without loading the model:
+
+  python -m experiments.longctx --prompts=FILE --methods=full,lazy@14:0.1:w16:p15:s6,... --pareto --out_dir=DIR
+  python -m experiments.longctx --prompts=FILE --methods=... --pareto_from=DIR --out_dir=DIR2
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ if __package__ in (None, ""):  # started as `python experiments/X.py`: make the 
 from absl import flags
 from experiments import common
 from hdjax.errors import HdjaxError
-from experiments.longctx_lib import accuracy_table, build_sets, check_build, parse_method, summarize, plot
+from experiments.longctx_lib import (accuracy_table, build_sets, check_build, pareto_points, pareto_table,
+                                     parse_method, plot, plot_pareto, summarize)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("prompts", None, "JSONL of {id, prompt, reference?, task?, answer?}")
@@ -51,6 +61,18 @@ flags.DEFINE_integer("score_pool", None, "odd; max-pool scores over this many ne
 flags.DEFINE_integer("score_skip", None, "the observation window ends this many tokens before the last prompt token "
                      "(6 skips SmolLM2's chat-template assistant header)")
 flags.DEFINE_integer("keep_sinks", None, "the first n prompt tokens are always kept")
+flags.DEFINE_bool("pareto", False, "also write pareto.json, pareto.md and pareto.png (speedup vs accuracy)")
+flags.DEFINE_string("pareto_from", None, "a finished run's directory: write the pareto files from its "
+                    "<method>.jsonl (with --prompts and --methods) and run nothing")
+flags.DEFINE_float("pareto_target", 2.3, "TTFT speedup the pareto note reports the most accurate schedule above")
+
+
+def write_pareto(rows_by_method: dict, prompts: list, out_dir: str) -> None:
+  points = pareto_points(rows_by_method, prompts)
+  common.write_json_atomic(os.path.join(out_dir, "pareto.json"), dict(target=FLAGS.pareto_target, points=points))
+  with open(os.path.join(out_dir, "pareto.md"), "w", encoding="utf-8") as f:
+    f.write(pareto_table(points, FLAGS.pareto_target))
+  plot_pareto(points, os.path.join(out_dir, "pareto.png"), FLAGS.pareto_target)
 
 
 def _lazy_options() -> dict:
@@ -93,6 +115,18 @@ def main(argv):
     check_build(FLAGS.build, FLAGS.xsum)
   if len(set(FLAGS.methods)) != len(FLAGS.methods):
     raise HdjaxError(f"--methods must name distinct methods, got {','.join(FLAGS.methods)}")
+  if FLAGS.pareto_from:
+    if not FLAGS.prompts:
+      raise HdjaxError("--pareto_from needs the run's --prompts")
+    common.check_output_dir(FLAGS.out_dir, ["pareto.json", "pareto.md", "pareto.png"])
+    rows_by_method = {}
+    for m in FLAGS.methods:
+      path = os.path.join(FLAGS.pareto_from, f"{m}.jsonl")
+      if not os.path.isfile(path):
+        raise HdjaxError(f"file not found: {path} (--pareto_from, method {m})")
+      rows_by_method[m] = common.read_jsonl(path)
+    write_pareto(rows_by_method, prompts, FLAGS.out_dir)
+    return
   opts = _lazy_options()
   import hdjax  # pylint: disable=import-outside-toplevel
   from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
@@ -101,8 +135,9 @@ def main(argv):
     raise HdjaxError(f"unknown method(s) {unknown}; available: {', '.join(sorted(hdjax.METHODS))}")
   for spec in FLAGS.methods:
     hdjax.api.check_options(parse_method(spec)[0], method_options(spec, opts))
-  common.check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in FLAGS.methods] + ["summary.json", "table.md",
-                                                                                  "ttft.png", "prompts.jsonl"])
+  common.check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in FLAGS.methods] + [
+      "summary.json", "table.md", "ttft.png", "prompts.jsonl"] + (["pareto.json", "pareto.md", "pareto.png"]
+                                                                  if FLAGS.pareto else []))
   lm = hdjax.load(FLAGS.model)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; prompts are text")
@@ -147,6 +182,8 @@ def main(argv):
   with open(os.path.join(FLAGS.out_dir, "table.md"), "w", encoding="utf-8") as f:
     f.write(accuracy_table(summary))
   plot(rows_by_method, os.path.join(FLAGS.out_dir, "ttft.png"))
+  if FLAGS.pareto:
+    write_pareto(rows_by_method, prompts, FLAGS.out_dir)
   for method, per in summary["methods"].items():
     for name, g in per.items():
       print(method, name, {k: round(v, 3) if isinstance(v, float) else v for k, v in g.items()})

@@ -184,20 +184,27 @@ def answer_correct(text: str, prompt: dict) -> bool:
 
 def parse_method(spec: str) -> tuple[str, dict]:
   """'lazy@3-6:0.5-0.3' -> ('lazy', {prune_layers: (3, 6), keep_ratios: (0.5, 0.3)}); optional ':wW', ':pP',
-  ':sS' and ':kK' set score_window, score_pool, score_skip and keep_sinks ('lazy@16:0.5:w16:p7:s6:k32'); plain
-  names pass through."""
+  ':sS', ':kK', ':eE', ':bB' and ':rR' set score_window, score_pool, score_skip, keep_sinks, reselect_every,
+  revive_budget and revive (0 or 1) ('lazy@16:0.5:w16:p7:s6:k32', 'lazy+hd@14:0.1:e8:b4'); plain names pass
+  through."""
   name, _, schedule = spec.partition("@")
   if not schedule:
     return name, {}
-  names = {"w": "score_window", "p": "score_pool", "s": "score_skip", "k": "keep_sinks"}
+  names = {"w": "score_window", "p": "score_pool", "s": "score_skip", "k": "keep_sinks", "e": "reselect_every",
+           "b": "revive_budget", "r": "revive"}
   try:
     layers, ratios, *extras = schedule.split(":")
     opts = dict(prune_layers=tuple(int(x) for x in layers.split("-")),
                 keep_ratios=tuple(float(x) for x in ratios.split("-")))
     for extra in extras:
       opts[names[extra[0]]] = int(extra[1:])
+    if opts.get("revive", 1) not in (0, 1):
+      raise ValueError
+    if "revive" in opts:
+      opts["revive"] = bool(opts["revive"])
   except (ValueError, KeyError, IndexError):
-    raise HdjaxError(f"bad schedule in method {spec!r}: want NAME@L1-L2-...:R1-R2-...[:wW][:pP][:sS][:kK]") from None
+    raise HdjaxError(f"bad schedule in method {spec!r}: want "
+                     f"NAME@L1-L2-...:R1-R2-...[:wW][:pP][:sS][:kK][:eE][:bB][:r0|:r1]") from None
   return name, opts
 
 
@@ -280,3 +287,107 @@ def plot(rows_by_method: dict[str, list[dict]], path: str) -> None:
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
+
+
+def pareto_points(rows_by_method: dict[str, list[dict]], prompts: list[dict]) -> list[dict]:
+  """One point per method and prompt length (`target_len`): the median over that length's prompts of the TTFT
+  speedup against the first (base) method, the passkey and QA answers found, the first tokens equal to the
+  base's, and the mean fraction of prompt token-layers computed. `within_rule`: answers within one prompt of the
+  base on each task and first-token agreement >= 95% (issue 16's accuracy rule); `frontier`: no other point at
+  that length is at least as fast and finds at least as many answers, one of them strictly."""
+  base = list(rows_by_method)[0]
+  meta = {p["id"]: p for p in prompts}
+  base_by_id = {r["id"]: r for r in rows_by_method[base]}
+  points = []
+  for method, rows in rows_by_method.items():
+    by_len = collections.defaultdict(list)
+    for r in rows:
+      by_len[meta[r["id"]].get("target_len", "any")].append(r)
+    for length, rs in sorted(by_len.items(), key=lambda kv: str(kv[0])):
+      pt = dict(method=method, length=length, n=len(rs),
+                ttft_speedup=_median([base_by_id[r["id"]]["ttft_s"] / r["ttft_s"] for r in rs]),
+                token_layers=statistics.fmean(r.get("computed_fraction_prefill", 1.0) for r in rs),
+                first_token=sum(r["token_ids"][:1] == base_by_id[r["id"]]["token_ids"][:1] for r in rs))
+      for task in ("passkey", "multidoc_qa"):
+        scored = [r for r in rs if meta[r["id"]].get("task") == task and "answer" in meta[r["id"]]]
+        pt[task] = sum(answer_correct(r["text"], meta[r["id"]]) for r in scored)
+        pt[f"{task}_n"] = len(scored)
+      points.append(pt)
+  base_at = {p["length"]: p for p in points if p["method"] == base}
+  for p in points:
+    b = base_at[p["length"]]
+    p["found"] = p["passkey"] + p["multidoc_qa"]
+    p["within_rule"] = (p["passkey"] >= b["passkey"] - 1 and p["multidoc_qa"] >= b["multidoc_qa"] - 1
+                        and p["first_token"] >= 0.95 * p["n"])
+  for p in points:
+    rivals = [q for q in points if q["length"] == p["length"] and q is not p]
+    p["frontier"] = not any(q["ttft_speedup"] >= p["ttft_speedup"] and q["found"] >= p["found"]
+                            and (q["ttft_speedup"], q["found"]) != (p["ttft_speedup"], p["found"]) for q in rivals)
+  return points
+
+
+def pareto_choice(points: list[dict], length, target: float) -> dict:
+  """At one length: the fastest non-base point within the accuracy rule (`chosen`), and the most accurate point
+  at `target` speedup or more (`best_at_target`, ties to the faster); None where there is none."""
+  base = points[0]["method"]
+  at = [p for p in points if p["length"] == length and p["method"] != base]
+  within = [p for p in at if p["within_rule"]]
+  fast = [p for p in at if p["ttft_speedup"] >= target]
+  return dict(chosen=max(within, key=lambda p: p["ttft_speedup"])["method"] if within else None,
+              best_at_target=max(fast, key=lambda p: (p["found"], p["ttft_speedup"]))["method"] if fast else None)
+
+
+def pareto_table(points: list[dict], target: float) -> str:
+  """Markdown, one table per prompt length: each method's point, whether it is within the accuracy rule and on
+  the frontier, then the choice."""
+  out = []
+  for length in sorted({p["length"] for p in points}, key=str):
+    at = [p for p in points if p["length"] == length]
+    out += [f"### {length} tokens", "",
+            "| schedule | token-layers | TTFT speedup | passkey | QA exact match | first token = base | within rule "
+            "| frontier |", "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(at, key=lambda p: -p["ttft_speedup"]):
+      out.append(f"| {p['method']} | {p['token_layers']:.3f} | {p['ttft_speedup']:.2f}x | "
+                 f"{p['passkey']}/{p['passkey_n']} | {p['multidoc_qa']}/{p['multidoc_qa_n']} | "
+                 f"{p['first_token']}/{p['n']} | {'yes' if p['within_rule'] else 'no'} | "
+                 f"{'yes' if p['frontier'] else ''} |")
+    choice = pareto_choice(points, length, target)
+    out += ["", f"Fastest within the rule: {choice['chosen'] or 'none'}; most answers at >= {target:g}x: "
+            f"{choice['best_at_target'] or 'none'}.", ""]
+  return "\n".join(out)
+
+
+def plot_pareto(points: list[dict], path: str, target: float) -> None:
+  """Per prompt length, TTFT speedup (x) against the fraction of answers found and of first tokens equal to the
+  base's (y); the base (full prefill) is a star, the frontier a line, `target` a dotted vertical."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  lengths = sorted({p["length"] for p in points}, key=str)
+  base = points[0]["method"]
+  fig, axes = plt.subplots(2, len(lengths), figsize=(5.5 * len(lengths), 7), squeeze=False)
+  for col, length in enumerate(lengths):
+    at = sorted((p for p in points if p["length"] == length), key=lambda p: p["ttft_speedup"])
+    for row, (label, y_of) in enumerate((
+        ("answers found (passkey + QA)", lambda p: p["found"] / max(p["passkey_n"] + p["multidoc_qa_n"], 1)),
+        ("first token = full prefill", lambda p: p["first_token"] / p["n"]))):
+      ax = axes[row][col]
+      for p in at:
+        is_base = p["method"] == base
+        ax.plot(p["ttft_speedup"], y_of(p), "*" if is_base else "o", markersize=12 if is_base else 6,
+                color="black" if is_base else ("tab:green" if p["within_rule"] else "tab:red"))
+        if row == 0:
+          ax.annotate(p["method"].replace("lazy@", "@"), (p["ttft_speedup"], y_of(p)), fontsize=6,
+                      xytext=(3, 3), textcoords="offset points")
+      if row == 0:
+        front = [p for p in at if p["frontier"]]
+        ax.plot([p["ttft_speedup"] for p in front], [y_of(p) for p in front], "-", color="tab:blue", alpha=0.5)
+      ax.axvline(target, linestyle=":", color="gray")
+      ax.set_xlabel(f"TTFT speedup vs {base} (median)")
+      ax.set_ylabel(label)
+      ax.set_ylim(-0.05, 1.05)
+      ax.set_title(f"{length} tokens: green = within one prompt of {base}")
+  fig.suptitle("SmolLM2-135M fp32, CPU: LazyLLM schedules")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)

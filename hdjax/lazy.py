@@ -363,6 +363,38 @@ def _revive(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, en
   return state, revived_b
 
 
+def revive_if(pred: jax.Array, revive, state: LazyState) -> tuple[LazyState, jax.Array]:
+  """`revive(state)` -> (state, revived_b) when `pred`, else (state, zeros), as the body of a `lax.while_loop` that
+  runs once or not at all: a `lax.cond` would copy its operand, the whole cache, on every step."""
+  def body(carry):
+    _, st, _ = carry
+    return (jnp.bool_(False),) + tuple(revive(st))
+
+  zeros_b = jnp.zeros(state.aux_layer_bs.shape[:1], jnp.int32)
+  _, state, revived_b = jax.lax.while_loop(lambda carry: carry[0], body, (pred, state, zeros_b))
+  return state, revived_b
+
+
+def steps_to_revival(pos_b: jax.Array, prompt_b: jax.Array, every: int) -> jax.Array:
+  """Tokens from position pos to the next re-selection point at or after it. `lazy_decode_loop` re-selects after
+  computing the tokens at positions prompt, prompt + every, ... (its steps 0, every, ...), with their queries; a
+  multi-token step that stops there (`lazy+pld`, `lazy+hd`) sees the same revived set as `lazy` at every later
+  position."""
+  return (prompt_b - pos_b) % every
+
+
+def revive_at(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, token_b: jax.Array,
+              pos_b: jax.Array, due_b: jax.Array) -> tuple[LazyState, jax.Array]:
+  """`_revive` for the rows `due_b` whose token `token_b` at `pos_b` is already in the cache (a multi-token step
+  computed it): its states entering the pruning layers are recomputed with the visibility it was computed with,
+  and those queries re-score the pruned tokens."""
+  pos_b1 = pos_b[:, None]
+  live_lb1 = jnp.broadcast_to(due_b[:, None], (lazy_cfg.prune_layers[-1] + 1,) + pos_b1.shape)
+  *_, entering_lb1d = run_layers_masked(params, cfg, model.embed(params, cfg, token_b[:, None]), pos_b1, pos_b1,
+                                        live_lb1, state.computed_lbs, state.cache, 0, lazy_cfg.prune_layers[-1] + 1)
+  return _revive(params, cfg, lazy_cfg, state, entering_lb1d[:, :, 0], pos_b, due_b)
+
+
 class LazyDecodeOut(NamedTuple):
   tokens_bn: jax.Array
   num_b: jax.Array
@@ -395,10 +427,9 @@ def lazy_decode_loop(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: Lazy
         0, cfg.n_layers)
     st = st._replace(cache=cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32)), computed_lbs=computed)
     if lazy_cfg.revive:
-      st, got_b = jax.lax.cond(steps % lazy_cfg.reselect_every == 0,
-                               lambda s_: _revive(params, cfg, lazy_cfg, s_, entering_lb1d[:, :, 0], pos_b1[:, 0],
-                                                  active_b),
-                               lambda s_: (s_, jnp.zeros((batch,), jnp.int32)), st)
+      st, got_b = revive_if(steps % lazy_cfg.reselect_every == 0,
+                            lambda s_: _revive(params, cfg, lazy_cfg, s_, entering_lb1d[:, :, 0], pos_b1[:, 0],
+                                               active_b), st)
       revived = revived + got_b
     nxt = select_token(model.unembed(params, cfg, h_b1d)[:, 0], sub, sampling)
     tokens = tokens.at[jnp.arange(batch), jnp.where(done, out_len, num)].set(nxt, mode="drop")

@@ -1,5 +1,6 @@
 """Compositions: lazy+<method> greedy output equals `lazy` without revival (the pruned set each layer sees is the
-same), the combination falls back like `lazy` on short prompts, and batched HD equals single-sequence `ar`."""
+same), lazy+pld and lazy+hd equal `lazy` with revival too, the combination falls back like `lazy` on short prompts,
+and batched HD equals single-sequence `ar`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdjax import lazy, model
+from hdjax import compose, lazy, model
 from hdjax.api import GenerateRequest
 from hdjax.attention import causal_mask
 from hdjax.compose import pruned_prefill
@@ -75,6 +76,38 @@ def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
     assert max(g.stats["tau"] for g in got) > 1  # drafts were accepted over the pruned cache
   if method == "lazy+hd+adadecode":
     assert min(g.stats["head_hit_rate"] for g in got) > 0
+
+
+REVIVING = dataclasses.replace(SCHEDULE, revive=True, reselect_every=3, revive_budget=4)
+
+
+@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd"])
+def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
+  """With revival, lazy+pld and lazy+hd emit lazy's tokens and end with exactly the (layer, slot) pairs lazy
+  computed: the same tokens revived at the same re-selection points, none computed twice. (On this random model
+  revival does not change the tokens; the SmolLM2 test below checks prompts where it does.)"""
+  computed = {}
+
+  def capture(name, loop_fn, state_of):
+    def run(*args, **kwargs):
+      out = loop_fn(*args, **kwargs)
+      computed[name] = np.asarray(state_of(out).computed_lbs)
+      return out
+    return run
+
+  monkeypatch.setattr(lazy, "lazy_decode_loop", capture("lazy", lazy.lazy_decode_loop, lambda out: out.state))
+  monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out[1]))
+  prompts = _prompts(0, (150, 97))
+  want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=REVIVING)
+  got = lm8.generate(prompts, method=method, max_new_tokens=24, lazy_config=REVIVING, buckets=(1, 4))
+  for b, (w, g) in enumerate(zip(want, got)):
+    assert g.token_ids == w.token_ids
+    assert g.stats["lazy_revive"] and g.stats["revived"] == w.stats["revived"] > 0
+    n = len(prompts[b])
+    np.testing.assert_array_equal(computed[method][:, b, :n], computed["lazy"][:, b, :n])
+  assert computed[method].max() == 1
+  assert max(g.stats["tau"] for g in got) > 1  # drafts were accepted between re-selection points
+  assert max(max(g.stats["accept_lengths"]) for g in got) <= REVIVING.reselect_every
 
 
 def test_short_prompts_fall_back_to_full_prefill(lm8):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -155,3 +156,65 @@ def test_accuracy_table():
   assert table[0].startswith("| method | token-layers | multidoc_qa@4096 correct |")
   assert table[2] == "| full | 1.000 | 1/1 | 1/1 | 1.00x | 1/1 | 1/1 | 1.00x |"
   assert table[3] == "| lazy | 0.400 | 1/1 | 0/1 | 4.00x | 0/1 | 1/1 | 2.00x |"
+
+
+def test_method_schedules_parse_revival():
+  assert longctx.parse_method("lazy+hd@14:0.1:e8:b2:r1") == (
+      "lazy+hd", dict(prune_layers=(14,), keep_ratios=(0.1,), reselect_every=8, revive_budget=2, revive=True))
+  assert longctx.parse_method("lazy+pld@14:0.1:r0")[1]["revive"] is False
+  with pytest.raises(longctx.HdjaxError, match="bad schedule"):
+    longctx.parse_method("lazy@14:0.1:r2")
+
+
+def _pareto_run():
+  """Two lengths; at 4096 full finds 3/4 passkeys and 1/2 QA answers."""
+  prompts, rows = [], {"full": [], "fast": [], "faster": [], "fastest": []}
+  texts = {  # method -> (passkeys found, QA answers found, first tokens equal, TTFT in s) at 4096
+      "full": (3, 1, 6, 4.0), "fast": (2, 1, 6, 2.0), "faster": (3, 0, 6, 1.6), "fastest": (1, 0, 5, 1.0)}
+  for length in (2048, 4096):
+    for i in range(6):
+      task = "passkey" if i < 4 else "multidoc_qa"
+      answer = "12345" if task == "passkey" else "Oslo"
+      prompts.append(dict(id=f"{task}-{length}-{i}", prompt="x", task=task, answer=answer, target_len=length))
+      for method, (pk, qa, first, ttft) in texts.items():
+        found = i < pk if task == "passkey" else i - 4 < qa
+        if length == 2048:
+          found, first, ttft = True, 6, ttft / 2
+        rows[method].append(dict(id=prompts[-1]["id"], token_ids=[1 if i < first else 2], ttft_s=ttft,
+                                 text=answer if found else "no", computed_fraction_prefill=ttft / 4.0))
+  return rows, prompts
+
+
+def test_pareto_points_rule_frontier_and_choice():
+  rows, prompts = _pareto_run()
+  points = {(p["method"], p["length"]): p for p in longctx.pareto_points(rows, prompts)}
+  full, fast, faster, fastest = (points[(m, 4096)] for m in ("full", "fast", "faster", "fastest"))
+  assert (full["passkey"], full["multidoc_qa"], full["first_token"], full["ttft_speedup"]) == (3, 1, 6, 1.0)
+  assert (faster["passkey"], faster["multidoc_qa"], faster["ttft_speedup"]) == (3, 0, 2.5)
+  assert fast["within_rule"] and faster["within_rule"]
+  assert not fastest["within_rule"]  # 1/4 passkeys against full's 3/4, and 5/6 first tokens
+  assert full["frontier"] and faster["frontier"] and fastest["frontier"]
+  assert not fast["frontier"]  # faster finds as many answers (3) and is faster
+  assert longctx.pareto_choice(list(points.values()), 4096, 2.3) == dict(chosen="faster", best_at_target="faster")
+  assert longctx.pareto_choice(list(points.values()), 4096, 3.0) == dict(chosen="faster", best_at_target="fastest")
+  assert longctx.pareto_choice(list(points.values()), 2048, 5.0) == dict(chosen="fastest", best_at_target=None)
+  table = longctx.pareto_table(list(points.values()), 2.3)
+  assert "| faster | 0.400 | 2.50x | 3/4 | 0/2 | 6/6 | yes | yes |" in table
+  assert "Fastest within the rule: faster; most answers at >= 2.3x: faster." in table
+
+
+def test_pareto_from_a_finished_run(tmp_path):
+  rows, prompts = _pareto_run()
+  run_dir = tmp_path / "run"
+  run_dir.mkdir()
+  for method, rs in rows.items():
+    (run_dir / f"{method}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+  (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+  proc = _launch(f"--prompts={tmp_path / 'prompts.jsonl'}", "--methods=full,fast,faster,fastest",
+                 f"--pareto_from={run_dir}", f"--out_dir={tmp_path / 'out'}")
+  assert proc.returncode == 0, proc.stderr
+  assert json.loads((tmp_path / "out" / "pareto.json").read_text())["target"] == 2.3
+  assert "Fastest within the rule: faster" in (tmp_path / "out" / "pareto.md").read_text()
+  assert (tmp_path / "out" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+  _assert_one_line_error(_launch(f"--prompts={tmp_path / 'prompts.jsonl'}", "--methods=full,nope",
+                                 f"--pareto_from={run_dir}", f"--out_dir={tmp_path / 'out2'}"), "file not found")
