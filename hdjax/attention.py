@@ -59,22 +59,26 @@ def prefix_plus_block_mask(prefix_len_b: jax.Array, block_mask_btt: jax.Array, c
 
 def _block_step(carry, q_bkmh, keys_bkeh, values_bkeh, mask_bme):
   """One block of E keys into an online softmax, in the batch-major layouts the dots want (M = G * T query rows per
-  kv head, g-major). carry: running max and sum [B, K, M] and the weighted sum of values [B, K, M, H], all fp32. A
-  block whose keys are all masked leaves the carry bitwise unchanged."""
-  max_bkm, sum_bkm, acc_bkmh = carry
+  kv head, g-major). carry: running max [B, K, M] and the weighted sums of [values, 1] [B, K, M, H + 1], fp32.
+
+  The softmax's denominator is the last column of the same contraction as its numerator (the values with a column
+  of ones): XLA:CPU's dot folds its terms in slot order, so a query whose visible slots are the same keys in the same
+  order, with masked slots between them, gets bitwise the same result (a reduce over the slots does not), which
+  `verify.trusted_nodes` relies on. A block whose keys are all masked leaves the carry bitwise unchanged."""
+  max_bkm, acc_bkmx = carry
   # [B, K, M, E]
   logits = jnp.einsum("BKMH,BKEH->BKME", q_bkmh, keys_bkeh, preferred_element_type=jnp.float32)
   logits = jnp.where(mask_bme[:, None], logits * q_bkmh.shape[-1] ** -0.5, jnp.finfo(jnp.float32).min)
   new_max = jnp.maximum(max_bkm, jnp.max(logits, axis=-1))
   probs = jnp.where(mask_bme[:, None], jnp.exp(logits - new_max[..., None]), 0.0)
   scale = jnp.exp(max_bkm - new_max)
-  acc_bkmh = acc_bkmh * scale[..., None] + jnp.einsum(
-      "BKME,BKEH->BKMH", probs.astype(values_bkeh.dtype), values_bkeh, preferred_element_type=jnp.float32)
-  return new_max, sum_bkm * scale + jnp.sum(probs, axis=-1), acc_bkmh
+  values_bkex = jnp.concatenate([values_bkeh, jnp.ones(values_bkeh.shape[:-1] + (1,), values_bkeh.dtype)], axis=-1)
+  return new_max, acc_bkmx * scale[..., None] + jnp.einsum(
+      "BKME,BKEX->BKMX", probs.astype(values_bkeh.dtype), values_bkex, preferred_element_type=jnp.float32)
 
 
 def _online_init(b: int, k: int, m: int, h: int):
-  return jnp.full((b, k, m), jnp.finfo(jnp.float32).min), jnp.zeros((b, k, m)), jnp.zeros((b, k, m, h))
+  return jnp.full((b, k, m), jnp.finfo(jnp.float32).min), jnp.zeros((b, k, m, h + 1))
 
 
 def _queries_bkmh(q_btnh: jax.Array, k: int, dtype) -> jax.Array:
@@ -85,13 +89,18 @@ def _queries_bkmh(q_btnh: jax.Array, k: int, dtype) -> jax.Array:
 
 def _online_result(carry, t: int) -> jax.Array:
   """[B, T, N, H]: the softmax-weighted values (zeros for a query that saw no key)."""
-  _, sum_bkm, acc_bkmh = carry
-  b, k, m, h = acc_bkmh.shape
-  out_bkmh = acc_bkmh / jnp.maximum(sum_bkm, jnp.finfo(jnp.float32).tiny)[..., None]
-  return out_bkmh.reshape(b, k, m // t, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, m // t * k, h)
+  _, acc_bkmx = carry
+  b, k, m, x = acc_bkmx.shape
+  out_bkmh = acc_bkmx[..., :-1] / jnp.maximum(acc_bkmx[..., -1:], jnp.finfo(jnp.float32).tiny)
+  return out_bkmh.reshape(b, k, m // t, t, x - 1).transpose(0, 3, 1, 2, 4).reshape(b, t, m // t * k, x - 1)
 
 
 KEY_BLOCK = 256  # cache slots per block of a step's attention
+
+
+def key_block_of(slots: jax.Array, num_slots: int, block: int = KEY_BLOCK) -> jax.Array:
+  """The block of `attend`'s online softmax that reads each slot (0 everywhere when the cache is one block)."""
+  return slots // block if num_slots > block and num_slots % block == 0 else jnp.zeros_like(slots)
 
 
 def visible_extent(mask_bts: jax.Array) -> jax.Array:
@@ -115,7 +124,7 @@ def attend(q_btnh: jax.Array, k_lbksh: jax.Array, v_lbksh: jax.Array, layer: int
   q_bkmh = _queries_bkmh(q_btnh, k, k_lbksh.dtype)
   mask_bms = jnp.tile(mask_bts, (1, n // k, 1))
   init = _online_init(b, k, n // k * t, h)
-  if s <= block or s % block:
+  if s <= block or s % block:  # one block (key_block_of says the same)
     return _online_result(_block_step(init, q_bkmh, k_lbksh[layer], v_lbksh[layer], mask_bms), t)
 
   def key_block(j, carry):

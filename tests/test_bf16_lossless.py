@@ -8,9 +8,16 @@ callers). Before that, the travel-blog question below diverged from `ar` at its 
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import hdjax
+from hdjax import model
+from hdjax.attention import prefix_plus_block_mask
+from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.tree import build_tree, stack_trees
 
 QUESTIONS = [
     "Compose an engaging travel blog post about a recent trip to Hawaii, highlighting cultural experiences and "
@@ -69,3 +76,35 @@ def test_batched_speculative_identical_to_batched_ar_in_bf16(smollm_bf16):
   for method in ("pld", "hd"):
     outs = [r.token_ids for r in smollm_bf16.generate(prompts, method=method, max_new_tokens=48)]
     assert outs == refs, f"batched {method} differs from batched ar in bf16"
+
+
+@pytest.mark.slow
+def test_a_later_chain_of_the_tree_computes_what_decoding_does(smollm_bf16):
+  """A verify step's logits at the nodes of the tree's second chain (ancestors at tree slots 0, 4, 5: not where
+  they will be committed; rows 4-6 of the step) are bitwise those of the decode steps that feed the same tokens,
+  which is what lets greedy acceptance trust them (`verify.trusted_nodes`). The attention-level property this
+  needs is tested on random data in test_model.py (there every case fails with the softmax's denominator summed by
+  a reduce); here the bf16 rounding before the output projection hides most such 1-ulp differences, so this checks
+  the whole step on the real model rather than that property."""
+  lm, num_slots = smollm_bf16, 512
+  params, cfg = lm.params, lm.cfg
+  ids = _prompts(lm, QUESTIONS[:1])[0]
+  length = jnp.asarray([len(ids)], jnp.int32)
+  prefill = jax.jit(ar.prefill, static_argnames=("cfg", "num_slots"))
+  logits_bv, cache = prefill(params, cfg, jnp.asarray([ids]), length, num_slots=num_slots)
+  decode = jax.jit(ar.decode_one, static_argnames="cfg")
+  fed, decoded = [int(jnp.argmax(logits_bv[0]))], []
+  step_cache = cache
+  for _ in range(4):
+    logits_bv, step_cache = decode(params, cfg, step_cache, jnp.asarray(fed[-1:]), jnp.ones((1,), bool))
+    decoded.append(np.asarray(logits_bv[0]))
+    fed.append(int(jnp.argmax(logits_bv[0])))
+  wrong = [(t + 1) % cfg.vocab_size for t in fed[1:4]]
+  tree = jax.tree.map(jnp.asarray, stack_trees([build_tree(fed[0], [wrong, fed[1:4]], 8, 4)]))
+  assert [int(t) for t in tree.tokens[0, 4:7]] == fed[1:4]
+  verify = jax.jit(model.step_logits, static_argnames="cfg")
+  logits_btv, _ = verify(params, cfg, tree.tokens, length[:, None] + tree.depths,
+                         prefix_plus_block_mask(length, tree.ancestors, num_slots), cache,
+                         length[:, None] + jnp.arange(8)[None, :])
+  for node, step in ((0, 0), (4, 1), (5, 2), (6, 3)):
+    np.testing.assert_array_equal(np.asarray(logits_btv[0, node]), decoded[step], err_msg=f"node {node}")

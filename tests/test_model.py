@@ -203,6 +203,28 @@ def test_step_attention_of_a_query_ignores_the_other_queries():
   np.testing.assert_array_equal(together[:, :1], alone)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_step_attention_is_the_same_with_masked_slots_between_the_keys(seed):
+  """The same keys in the same order, contiguous or with masked slots between them (a tree node's ancestors at their
+  tree slots vs at their committed slots), in the same block: bitwise the same output. With the softmax's
+  denominator summed by a reduce instead of the values' dot, every seed here differed."""
+  rng = np.random.default_rng(seed)
+  b, t, n, k, h, s, prefix = 1, 8, 9, 3, 64, 512, 300
+  q = jnp.asarray(2 * rng.standard_normal((b, t, n, h)), jnp.float32)
+  keys, values = (np.repeat(rng.standard_normal((1, b, k, s, h)).astype(np.float32), 2, axis=0) for _ in range(2))
+  spread = [prefix, prefix + 2, prefix + 5, prefix + 6]  # in the same block of 256 as prefix .. prefix + 3
+  for cache in (keys, values):
+    cache[1, :, :, prefix:prefix + 8] = rng.standard_normal((b, k, 8, h))  # other nodes, masked
+    cache[1][:, :, spread] = cache[0][:, :, prefix:prefix + 4]
+  mask = np.zeros((2, b, t, s), bool)
+  mask[:, :, :, :prefix] = True
+  mask[0, :, :, prefix:prefix + 4] = True
+  mask[1, :, :, spread] = True
+  out = [np.asarray(attention.attend(q, jnp.asarray(keys[i][None]), jnp.asarray(values[i][None]), 0,
+                                     jnp.asarray(mask[i]))) for i in range(2)]
+  np.testing.assert_array_equal(out[1], out[0])
+
+
 def test_blocked_attention_skips_blocks_above_the_diagonal():
   """Keys after a query's block never reach it: NaN keys/values there leave every earlier output finite."""
   rng = np.random.default_rng(0)

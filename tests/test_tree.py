@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from hdjax.decoding.tree import build_tree, bucket_for, merge_chains, pad_tree, stack_trees
-from hdjax.decoding.verify import greedy_accept, rejection_accept, slot_exact_nodes
+from hdjax.decoding.verify import greedy_accept, rejection_accept, trusted_nodes
 
 
 def test_merge_shares_prefixes_and_respects_budget_and_depth():
@@ -54,11 +54,11 @@ chains_strategy = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=5), 
 
 @settings(max_examples=60, deadline=None)
 @given(chains=chains_strategy, target=st.lists(st.integers(0, 5), min_size=16, max_size=16),
-       num_nodes=st.sampled_from([1, 4, 8, 16]), slot_exact=st.booleans())
-def test_greedy_accept_matches_reference(chains, target, num_nodes, slot_exact):
+       num_nodes=st.sampled_from([1, 4, 8, 16]), untrusted=st.sets(st.integers(1, 15)))
+def test_greedy_accept_matches_reference(chains, target, num_nodes, untrusted):
   tree = build_tree(3, chains, num_nodes, max_depth=4)
   target = np.asarray(target[:num_nodes], np.int32)
-  trusted = tree.valid & np.asarray(slot_exact_nodes(tree.depths)) if slot_exact else tree.valid
+  trusted = tree.valid & ~np.isin(np.arange(num_nodes), list(untrusted))
   acc = jax.jit(greedy_accept, static_argnames="max_depth")(
       tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target, max_depth=4, trusted_t=trusted)
   expected = reference_greedy(tree.tokens, tree.parents, tree.valid, target, trusted)
@@ -70,9 +70,16 @@ def test_greedy_accept_matches_reference(chains, target, num_nodes, slot_exact):
   assert all(trusted[p] for p in path), "a committed node must be trusted"
 
 
-def test_slot_exact_nodes_are_the_first_chain():
-  tree = build_tree(9, [[1, 2], [1, 3], [4]], num_nodes=8, max_depth=4)
-  np.testing.assert_array_equal(slot_exact_nodes(tree.depths), [1, 1, 1, 0, 0, 0, 0, 0])
+def test_trusted_nodes_are_those_read_in_the_same_attention_block():
+  """Node 3 (depth 2, under node 1) and node 4 (depth 1) sit 1 and 3 slots past where they will be committed: with
+  the cache at 252 of 512 slots (blocks of 256), node 4's tree slot 256 is in the next block, so it and nothing
+  else is untrusted; at 100 every node is trusted, and in a one-block cache too."""
+  tree = stack_trees([build_tree(9, [[1, 2], [1, 3], [4, 5]], num_nodes=8, max_depth=4)])
+  tree = jax.tree.map(jnp.asarray, tree)
+  at = lambda length, slots: np.asarray(trusted_nodes(tree, jnp.asarray([length]), slots))[0]
+  np.testing.assert_array_equal(at(100, 512), [1, 1, 1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(at(252, 512), [1, 1, 1, 1, 0, 0, 0, 0])  # node 5 is under node 4
+  np.testing.assert_array_equal(at(252, 256), [1, 1, 1, 1, 1, 1, 0, 0])
 
 
 def test_rejection_with_one_hot_target_is_greedy():

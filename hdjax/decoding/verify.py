@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from hdjax import model
-from hdjax.attention import prefix_plus_block_mask
+from hdjax.attention import key_block_of, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, target_probs
 from hdjax.decoding.tree import DraftTree, pad_tree
@@ -62,12 +62,16 @@ def greedy_accept(tokens_t: jax.Array, parents_t: jax.Array, depths_t: jax.Array
   return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, last))
 
 
-def slot_exact_nodes(depths_bt: jax.Array) -> jax.Array:
-  """[B, T] nodes whose step computes what a decode step would: node i at depth i, whose ancestors are nodes
-  0..i-1, so every key it attends to sits at the slot it will have once committed (the first chain of the tree).
-  Another node attends to its ancestors at other slots, and a softmax summed in another order may round
-  differently."""
-  return jnp.arange(depths_bt.shape[-1]) == depths_bt
+def trusted_nodes(tree: DraftTree, lengths_b: jax.Array, num_slots: int) -> jax.Array:
+  """[B, T] tree nodes whose logits are bitwise a decode step's for the same tokens (when decode and verify are
+  one program, `cfg.bitwise_steps`). A node attends to its ancestors at their tree slots (lengths + index), not
+  at the slots they get once committed (lengths + depth); `attention.attend` gives the same result for the same
+  keys in the same order with masked slots between them, as long as each key is read in the same block of its
+  online softmax. So a node is trusted when every ancestor-or-self has its tree slot and its committed slot in
+  one attention block (always, unless the tree straddles a block boundary)."""
+  index_bt = lengths_b[:, None] + jnp.arange(tree.num_nodes)
+  same_block_bt = key_block_of(index_bt, num_slots) == key_block_of(lengths_b[:, None] + tree.depths, num_slots)
+  return tree.valid & ~jnp.any(tree.ancestors & ~same_block_bt[:, None, :], axis=-1)
 
 
 def rejection_accept(tokens_t: jax.Array, parents_t: jax.Array, valid_t: jax.Array, probs_tv: jax.Array,
@@ -150,7 +154,7 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
     logits_btv, cache = model.unembed(params, cfg, above.h_btd), above.cache
   if sampling.greedy:
     target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
-    trusted_bt = tree.valid & slot_exact_nodes(tree.depths) if cfg.bitwise_steps else tree.valid
+    trusted_bt = trusted_nodes(tree, lengths_b, cache.num_slots) if cfg.bitwise_steps else tree.valid
     acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
         tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt, trusted_t=trusted_bt)
   else:
