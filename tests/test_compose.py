@@ -139,3 +139,24 @@ def test_real_model_lazy_hd_equals_lazy_without_revival(smollm):
   got = smollm.generate([ids], method="lazy+hd", max_new_tokens=48, lazy_config=cfg)[0]
   assert not got.stats["lazy_fallback"] and got.stats["tau"] > 1
   assert got.token_ids == want.token_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lazy+hd", "lazy+pld"])
+def test_real_model_lazy_compositions_equal_lazy_with_revival(smollm, method):
+  """SmolLM2 on two ~2k-token passkey prompts (the launcher's seed-0 set), a schedule that prunes hard (5% from
+  layer 4) and revives often (16 tokens every 2 steps): revival changes lazy's answer on the first prompt, and the
+  compositions follow lazy with revival, not the frozen set."""
+  from experiments.longctx_lib import build_sets  # pylint: disable=import-outside-toplevel
+  rows = build_sets(smollm, ["passkey"], [2048], 2, "/work/shared/data/xsum/test.jsonl", 0)
+  ids = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in rows]
+  cfg = dataclasses.replace(lazy.LazyConfig(), prune_layers=(4,), keep_ratios=(0.05,), reselect_every=2,
+                            revive_budget=16)
+  want = smollm.generate(ids, method="lazy", max_new_tokens=32, lazy_config=cfg)
+  frozen = smollm.generate(ids, method="lazy", max_new_tokens=32, lazy_config=dataclasses.replace(cfg, revive=False))
+  assert want[0].token_ids != frozen[0].token_ids
+  got = smollm.generate(ids, method=method, max_new_tokens=32, lazy_config=cfg)
+  for w, g in zip(want, got):
+    assert g.token_ids == w.token_ids
+    assert g.stats["lazy_revive"] and g.stats["revived"] == w.stats["revived"] > 0
+  assert max(g.stats["tau"] for g in got) > 1
