@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from hdjax.decoding.tree import build_tree, bucket_for, merge_chains, pad_tree, stack_trees
+from hdjax.decoding.tree import build_tree, bucket_for, engine_buckets, merge_chains, pad_tree, stack_trees
 from hdjax.decoding.verify import greedy_accept, rejection_accept, trusted_nodes
 
 
@@ -32,6 +32,8 @@ def test_tree_arrays_and_padding():
   np.testing.assert_array_equal(tree.ancestors, expected)
   assert tree.num_real == 5
   assert bucket_for(5, (1, 4, 8, 16)) == 8 and bucket_for(1, (1, 4, 8)) == 1 and bucket_for(30, (1, 4, 8)) == 8
+  assert engine_buckets((1, 4, 8), 8) == (8,) and engine_buckets((1, 4, 8, 16), 8) == (8, 16)
+  assert engine_buckets((1, 4, 8), 1) == (1, 4, 8) and engine_buckets((1, 9), 4) == (4, 12)
 
 
 def reference_greedy(tokens, parents, valid, target, trusted=None):

@@ -42,7 +42,7 @@ from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
                                     pad_prompts, padded_rows)
 from hdjax.decoding.sampling import SamplingConfig, select_token
-from hdjax.decoding.tree import device_tree, truncate_tree
+from hdjax.decoding.tree import device_tree, engine_buckets, truncate_tree
 from hdjax.decoding.verify import verify_tree
 from hdjax.drafting.context_db import NgramConfig
 from hdjax.drafting import device_tables
@@ -57,7 +57,7 @@ class DeviceSpec:
   """Static settings of the loop (hashable: a jit static argument)."""
 
   drafter: DeviceNgramConfig  # the n-gram sources' drafter ("context" or "pld")
-  buckets: tuple[int, ...]  # node counts per step, root included, sorted, starting at 1
+  buckets: tuple[int, ...]  # node counts per step, root included, sorted (`tree.engine_buckets`)
   max_depth: int
   sources: tuple[str, ...] = ("context",)  # asked in this order; the others than NGRAM_SOURCES read `tables`
   max_chains: int = 7  # chains per step (the hierarchy's max_chains)
@@ -111,7 +111,7 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
     # the host loop's bucket: the smallest holding the largest tree, capped by the room left in the cache
     num_real = jnp.max(jnp.sum(tree.valid, axis=1))
     wanted = jnp.min(jnp.where(buckets_k >= num_real, buckets_k, buckets_k[-1]))
-    fitting = jnp.max(jnp.where(buckets_k <= _room(st), buckets_k, 1))
+    fitting = jnp.max(jnp.where(buckets_k <= _room(st), buckets_k, buckets_k[0]))
     bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
 
     def verify(num_nodes: int, cache: KVCache):
@@ -166,6 +166,7 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
   cfg = lm.cfg
   if spec.adaptive:
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
+  spec = dataclasses.replace(spec, buckets=engine_buckets(spec.buckets, cfg.row_multiple))
   dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
                      spec.max_depth, tuple(sources), spec.max_chains)
   if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):

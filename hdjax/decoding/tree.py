@@ -76,6 +76,12 @@ def bucket_for(num_real: int, buckets: Sequence[int]) -> int:
   return fitting[0] if fitting else max(buckets)
 
 
+def engine_buckets(buckets: Sequence[int], row_multiple: int) -> tuple[int, ...]:
+  """Node counts rounded up to the engine's row multiple (a step runs that many rows whatever its tree holds), equal
+  ones merged: on a bf16 CPU engine (8 rows) buckets 1, 4 and 8 are one compiled verify, not three alike."""
+  return tuple(sorted({-(-int(b) // row_multiple) * row_multiple for b in buckets}))
+
+
 def stack_trees(trees: Sequence[DraftTree]) -> DraftTree:
   """Batches trees of equal node count into [B, T] arrays."""
   return DraftTree(*(np.stack([getattr(t, f.name) for t in trees]) for f in dataclasses.fields(DraftTree)))

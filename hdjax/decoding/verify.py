@@ -8,6 +8,7 @@ step emits: the n accepted draft tokens then the bonus token drawn at the deepes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -131,12 +132,13 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   The tree is padded to a multiple of `cfg.row_multiple` nodes, so every verify step and every decode step
   (`autoregressive.decode_one`) is the same program over the same rows: on XLA:CPU bf16 that is what keeps a
   node's logits bitwise equal to the decode step's for the same token (a step padded inside the model fuses
-  differently and rounds differently).
+  differently and rounds differently). Nodes that would fall past the cache's last slot count as padding.
   """
   tree = pad_tree(tree, cfg.row_multiple)
   batch, num_nodes = tree.tokens.shape
   lengths_b = cache.lengths
   offsets_bt = jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32), (batch, num_nodes))
+  tree = dataclasses.replace(tree, valid=tree.valid & (lengths_b[:, None] + offsets_bt < cache.num_slots))
   slots_bt = jnp.where(active_b[:, None] & tree.valid, lengths_b[:, None] + offsets_bt, cache.num_slots)
   positions_bt = lengths_b[:, None] + tree.depths
   mask_bts = prefix_plus_block_mask(lengths_b, tree.ancestors, cache.num_slots)
