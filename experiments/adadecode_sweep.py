@@ -1,8 +1,9 @@
 """AdaDecode vs ar on a stratified Spec-Bench subset, in one process after warm-up: speedup, parity, exit rates,
-rejection, the identity-head ablation, a gamma sweep (PNG) and a per-component cost profile.
+rejection, the identity-head ablation, reduced-vocabulary heads, a gamma sweep (PNG) and a per-component cost
+profile.
 
   .venv/bin/python -m experiments.adadecode_sweep --per_category=3 --max_new_tokens=128 \
-      --gammas=0.5,0.75,0.9 --out_dir=results/adadecode
+      --gammas=0.5,0.75,0.9 --head_vocabs=1024,2048,4096 --out_dir=results/adadecode
   .venv/bin/python experiments/adadecode_sweep.py ...     (the same, from any directory)
 """
 
@@ -26,7 +27,7 @@ from experiments.common import (at_least, check_output_dir, int_list, median_ms,
                                 write_json_atomic)
 from hdjax import model
 from hdjax.adadecode import decode
-from hdjax.adadecode.heads import head_logits, load_heads
+from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
 from hdjax.decoding.autoregressive import next_pow2
 from hdjax.attention import causal_mask, rope_sin_cos
 from hdjax.errors import HdjaxError
@@ -41,6 +42,9 @@ flags.DEFINE_list("head_layers", [str(l) for l in decode.DEFAULT_LAYERS], "which
 flags.DEFINE_float("gamma", 0.75, "default confidence threshold")
 flags.DEFINE_integer("max_pending", 5, "pending early tokens at most")
 flags.DEFINE_list("gammas", ["0.5", "0.9"], "extra gammas for the sweep (the default gamma is always run)")
+flags.DEFINE_integer("head_vocab", decode.DEFAULT_HEAD_VOCAB,
+                     "candidate ids the heads score in the gamma sweep (0: full vocabulary)")
+flags.DEFINE_list("head_vocabs", ["0"], "extra head_vocab values run at the default gamma")
 flags.DEFINE_bool("ablation", True, "also run the original LM head (identity T_i) at the trained layers")
 flags.DEFINE_string("out_dir", "results/adadecode", "output directory")
 F = flags.FLAGS
@@ -56,8 +60,9 @@ def select_questions(path, per_category, categories):
   return [q for qs in by_cat.values() for q in qs]
 
 
-def profile(lm, heads, reps: int = 20) -> dict:
-  """Median ms of the pieces a decoding step is made of (one decoder layer for 1..W rows, one head, the LM head)."""
+def profile(lm, heads, head_vocabs, reps: int = 20) -> dict:
+  """Median ms of the pieces a decoding step is made of (one decoder layer for 1..W rows, one head, a reduced head
+  of each size in `head_vocabs`, the LM head)."""
   cfg, params = lm.cfg, lm.params
   cache = init_cache(cfg, 1, 512)
 
@@ -75,6 +80,10 @@ def profile(lm, heads, reps: int = 20) -> dict:
   out = {f"layer_rows{r}_ms": median_ms(layer, jnp.ones((1, r, cfg.d_model)), cache.k, cache.v, repeats=reps)
          for r in (1, 2, 4, 6)}
   out["head_ms"] = median_ms(head, jnp.ones((1, 1, cfg.d_model)), repeats=reps)
+  for n in head_vocabs:
+    w_nd = decode.loop_heads(lm, heads, n)[0][0]
+    reduced = jax.jit(lambda h, w_nd=w_nd: reduced_logits(params, cfg, w_nd, h))
+    out[f"reduced_head{n}_ms"] = median_ms(reduced, jnp.ones((1, 1, cfg.d_model)), repeats=reps)
   out["lm_head_ms"] = median_ms(unembed, jnp.ones((1, 1, cfg.d_model)), repeats=reps)
   return out
 
@@ -82,8 +91,10 @@ def profile(lm, heads, reps: int = 20) -> dict:
 def main(argv):
   del argv
   require(per_category=(F.per_category, at_least(1)), max_new_tokens=(F.max_new_tokens, at_least(1)),
-          max_pending=(F.max_pending, at_least(1)), gamma=(F.gamma, at_least(0)))
+          max_pending=(F.max_pending, at_least(1)), gamma=(F.gamma, at_least(0)),
+          head_vocab=(F.head_vocab, at_least(0)))
   head_layers = int_list("head_layers", F.head_layers)
+  head_vocabs = sorted(set(int_list("head_vocabs", F.head_vocabs, low=0)) - {F.head_vocab})
   try:
     gammas = sorted({F.gamma} | {float(g) for g in F.gammas})
   except ValueError:
@@ -96,10 +107,16 @@ def main(argv):
   lm = hdjax.load("smollm2-135m", dtype="float32")
   trained = decode.select_heads(lm.cfg, load_heads(F.heads, lm.cfg), head_layers)
   prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]
-  configs = [("ar", "ar", {})] + [(f"adadecode_g{g}", "adadecode", dict(heads=trained, gamma=g)) for g in gammas]
+  for n in [F.head_vocab] + head_vocabs:  # a bad head_vocab fails here, before any timed run
+    decode.loop_heads(lm, trained, n)
+  configs = ([("ar", "ar", {})]
+             + [(f"adadecode_g{g}", "adadecode", dict(heads=trained, gamma=g, head_vocab=F.head_vocab))
+                for g in gammas]
+             + [(f"adadecode_v{n}_g{F.gamma}", "adadecode", dict(heads=trained, gamma=F.gamma, head_vocab=n))
+                for n in head_vocabs])
   if F.ablation:
     configs.append((f"identity_g{F.gamma}", "adadecode",
-                    dict(heads="identity", head_layers=trained.layers, gamma=F.gamma)))
+                    dict(heads="identity", head_layers=trained.layers, gamma=F.gamma, head_vocab=F.head_vocab)))
 
   def gen(method, opts, prompt):
     kw = dict(max_pending=F.max_pending, **opts) if method == "adadecode" else {}
@@ -108,7 +125,7 @@ def main(argv):
   # warm-up: one prompt per shape bucket (prefill length, cache slots), so no compile lands in a timed run
   buckets = {(next_pow2(len(p)), next_pow2(len(p) + F.max_new_tokens + F.max_pending + 1, 64)): p for p in prompts}
   for prompt in buckets.values():
-    for _, method, opts in configs[:2]:  # gamma and the head values are traced: one adadecode compile serves all
+    for _, method, opts in configs[:2] + configs[1 + len(gammas):]:  # gamma is traced; head_vocab is a shape
       gen(method, opts, prompt)
   os.makedirs(F.out_dir, exist_ok=True)
   rows = []
@@ -152,7 +169,7 @@ def main(argv):
   summary = dict(questions=len(qs), max_new_tokens=F.max_new_tokens, heads=F.heads, head_layers=list(trained.layers),
                  max_pending=F.max_pending, overall={n: agg(n) for n, _, _ in configs},
                  per_category={c: {n: agg(n, c)["speedup"] for n, _, _ in configs} for c in cats},
-                 profile_ms=profile(lm, trained))
+                 head_vocab=F.head_vocab, profile_ms=profile(lm, trained, [n for n in head_vocabs if n > 0]))
   write_json_atomic(os.path.join(F.out_dir, "summary.json"), summary)
   print(json.dumps(summary, indent=1))
 
