@@ -78,7 +78,8 @@ def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
     assert min(g.stats["head_hit_rate"] for g in got) > 0
 
 
-REVIVING = dataclasses.replace(SCHEDULE, revive=True, reselect_every=3, revive_budget=4)
+REVIVING = dataclasses.replace(SCHEDULE, prune_layers=(2, 5), keep_ratios=(0.5, 0.25), revive=True, reselect_every=3,
+                               revive_budget=4)
 
 
 @pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd"])
@@ -98,8 +99,8 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
   monkeypatch.setattr(lazy, "lazy_decode_loop", capture("lazy", lazy.lazy_decode_loop, lambda out: out.state))
   monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out[1]))
   prompts = _prompts(0, (150, 97))
-  want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=REVIVING)
-  got = lm8.generate(prompts, method=method, max_new_tokens=24, lazy_config=REVIVING, buckets=(1, 4))
+  want = lm8.generate(prompts, method="lazy", max_new_tokens=16, lazy_config=REVIVING)
+  got = lm8.generate(prompts, method=method, max_new_tokens=16, lazy_config=REVIVING, buckets=(1, 4))
   for b, (w, g) in enumerate(zip(want, got)):
     assert g.token_ids == w.token_ids
     assert g.stats["lazy_revive"] and g.stats["revived"] == w.stats["revived"] > 0
