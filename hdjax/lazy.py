@@ -20,7 +20,9 @@ computed. Attention at layer l only sees slots with a non-zero count, and the te
 Decoding: every `reselect_every` steps the pruned prompt tokens are re-scored at their Aux Cache layer by the
 current token's query; up to `revive_budget` tokens per pruning layer whose attention is above uniform are
 revived, i.e. computed from their Aux Cache layer to the last layer (never from layer 0, never a layer twice).
-They become visible from the next step on.
+They become visible from the next step on. A loop that commits several tokens per step (`compose.reviving_loop`)
+reproduces this by ending each step at a re-selection position (`steps_to_revival`) and recomputing that token's
+queries (`revive_at`).
 """
 
 from __future__ import annotations
