@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from hdjax import sharding
 from hdjax.attention import apply_rope, attend, blocked_causal_attention, rope_sin_cos
 from hdjax.config import LlamaConfig
+from hdjax.control import run_if
 from hdjax.kvcache import KVCache
 
 Params = dict[str, Any]
@@ -282,18 +283,14 @@ def step_logits(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, position
   """One decoding step through all layers and the LM head: logits [B, T, V] fp32 and the written cache; a step in
   which no row writes a slot (every sequence done) is skipped (zero logits, cache unchanged).
 
-  The step is the body of a `lax.while_loop` that runs once (or not at all), so XLA compiles it as its own
-  computation and fuses it alike wherever it is traced (a decode loop, a verify step, a branch of a switch): on
-  XLA:CPU bf16 another fusion of the same math rounds some activations differently, and a lossless method's logits
-  must equal the decode step's bit for bit. (A `lax.cond` gives the same boundary but copied the whole cache
-  twice per step: a loop updates its carried cache in place.)
+  The step runs under `control.run_if`, as a computation of its own that XLA fuses alike wherever it is traced (a
+  decode loop, a verify step, a branch of a switch): on XLA:CPU bf16 another fusion of the same math rounds some
+  activations differently, and a lossless method's logits must equal the decode step's bit for bit.
   """
   def run(carry):
-    _, _, cache = carry
+    _, cache = carry
     h_btd, cache = forward(params, cfg, tokens_bt, positions_bt, mask_bts, cache, slots_bt, visible_lbs)
-    return jnp.int32(0), unembed(params, cfg, h_btd), cache
+    return unembed(params, cfg, h_btd), cache
 
-  runs = jnp.any(slots_bt < cache.num_slots).astype(jnp.int32)
   logits = jnp.zeros(tokens_bt.shape + (cfg.vocab_size,), jnp.float32)
-  _, logits_btv, cache = jax.lax.while_loop(lambda carry: carry[0] > 0, run, (runs, logits, cache))
-  return logits_btv, cache
+  return run_if(jnp.any(slots_bt < cache.num_slots), run, (logits, cache))

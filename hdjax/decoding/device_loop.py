@@ -5,7 +5,7 @@ drafter (`drafting/device_ngram.py`) reads each sequence's token buffer, `tree.d
 into one static prefix tree, `verify.verify_tree` runs and accepts it (the same function as the host loop's
 `verify_step`), and the emitted tokens are appended to the buffer, with per-sequence cursors and stop flags
 (EOS, max_new_tokens, cache room). The tree's node count is chosen per step from the same buckets and by the same
-rule as the host loop (`speculative.py`), with `lax.switch` over one verify branch per bucket, so both loops build
+rule as the host loop (`speculative.py`), one verify per bucket (`control.switch_in_place`), so both loops build
 the same trees, take the same samples and emit the same tokens.
 
 The host waits on the device twice per request: once for the first token (time to first token) and once for
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdjax.config import LlamaConfig
+from hdjax.control import switch_in_place
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefill, full_prefill
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
@@ -114,13 +115,13 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
     fitting = jnp.max(jnp.where(buckets_k <= _room(st), buckets_k, buckets_k[0]))
     bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
 
-    def verify(num_nodes: int, cache: KVCache):
-      out = verify_tree(params, cfg, cache, truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
+    def verify(num_nodes: int, carry):
+      out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
                         spec.max_depth, visible_lbs)
       return out.tokens_bd, out.num_b, out.cache
 
-    branches = [functools.partial(verify, n) for n in spec.buckets]
-    tokens_bd, num_b, cache = jax.lax.switch(bucket, branches, st.cache)
+    no_step = (jnp.zeros((batch, spec.max_depth + 1), jnp.int32), jnp.zeros((batch,), jnp.int32), st.cache)
+    tokens_bd, num_b, cache = switch_in_place(bucket, [functools.partial(verify, n) for n in spec.buckets], no_step)
     # emitted: the accepted drafts and the bonus token, cut after an EOS and at max_new tokens
     depth_d = jnp.arange(tokens_bd.shape[1], dtype=jnp.int32)
     eos_bd = ar.is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
