@@ -218,3 +218,32 @@ def test_bf16_device_loop_equals_the_host_loop():
     out = lm.generate(PROMPTS, method=method, max_new_tokens=26)
     host = lm.generate(PROMPTS, method=f"{method}_host", max_new_tokens=26)
     assert [o.token_ids for o in out] == [h.token_ids for h in host]
+
+
+def _cache_copies(hlo_text: str, cache_shape: str) -> int:
+  return sum(1 for line in hlo_text.splitlines() if cache_shape in line and (" copy(" in line or " copy-start(" in line))
+
+
+def test_compiled_loops_never_copy_the_cache(lm):
+  """The compiled `ar` decode loop and the device loop over three tree buckets hold no copy of the whole KV cache (a
+  `lax.switch` over the buckets made 8 per step, one per branch operand and result)."""
+  from hdjax.decoding import device_loop, speculative  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
+  from hdjax.drafting.device_ngram import DeviceNgramConfig  # pylint: disable=import-outside-toplevel
+  from hdjax.kvcache import init_cache  # pylint: disable=import-outside-toplevel
+  cfg, slots = lm.cfg, 128
+  cache = init_cache(cfg, 1, slots)
+  shape = f"[{cfg.n_layers},1,{cfg.n_kv_heads},{slots},{cfg.head_dim}]"
+  decode = ar.decode_loop.lower(lm.params, cfg, cache, jnp.asarray([1], jnp.int32), jnp.int32(4), jax.random.key(0),
+                                SamplingConfig(), 8).compile().as_text()
+  assert shape in decode and _cache_copies(decode, shape) == 0
+  spec = speculative.PLD_DEFAULTS
+  dspec = device_loop.DeviceSpec(DeviceNgramConfig.like(pld_drafter().config, spec.max_chains, spec.max_depth),
+                                 (1, 4, 8), spec.max_depth, ("pld",), spec.max_chains)
+  state = device_loop.LoopState(jnp.zeros((1, slots), jnp.int32), jnp.ones((1,), jnp.int32),
+                                jnp.ones((1,), jnp.int32), jnp.zeros((1,), bool), cache,
+                                jnp.zeros((1, slots), jnp.int32), jnp.int32(1), jnp.zeros((3,), jnp.int32),
+                                jnp.zeros((1, 1), jnp.int32))
+  loop = device_loop.decode_chunk.lower(lm.params, cfg, state, jax.random.key(0), jnp.int32(4), jnp.int32(4), dspec,
+                                        SamplingConfig()).compile().as_text()
+  assert shape in loop and _cache_copies(loop, shape) == 0
