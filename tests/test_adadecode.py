@@ -127,20 +127,6 @@ def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   assert min(r.stats["mean_block_seqs"] for r in batch) < 4.0
 
 
-def test_serial_rows_do_the_work_of_block_rows(deep_tiny):
-  """A group's rows run one after another (1-row layers) give the tokens and the work counters of running them as
-  one block, and `ar`'s tokens (two sequences, a reduced head)."""
-  prompts = _prompts(5, deep_tiny.cfg.vocab_size)
-  options = dict(max_new_tokens=24, heads=_random_heads(5, 64, 1.0), gamma=0.1, max_pending=3, head_vocab=16)
-  block = deep_tiny.generate(prompts, method="adadecode", **options)
-  serial = deep_tiny.generate(prompts, method="adadecode", serial_rows=True, **options)
-  assert [r.token_ids for r in serial] == [r.token_ids for r in block] == [
-      r.token_ids for r in deep_tiny.generate(prompts, method="ar", max_new_tokens=24)]
-  work = ("layer_tokens", "layer_steps", "head_evals", "exits", "verifications", "accept_lengths")
-  assert [{k: r.stats[k] for k in work} for r in serial] == [{k: r.stats[k] for k in work} for r in block]
-  assert max(r.stats["mean_pending_depth"] for r in serial) > 0  # groups of several rows were run
-
-
 def test_no_recompile_per_token_or_prompt(deep_tiny):
   heads = _random_heads(0, 64, 1.0)
   # the warm-up has the batch size of the calls below (the compile depends on it), so the test holds when run alone
@@ -162,8 +148,10 @@ def test_bad_options(deep_tiny):
   heads = _random_heads(0, 64, 1.0)
   for bad in (dict(head_vocab=-1), dict(head_vocab=129), dict(head_vocab="16"),
               dict(head_vocab=8, heads=ExitHeads(HEAD_LAYERS, heads.t_idd)),
-              dict(head_vocab=4, heads=ExitHeads(HEAD_LAYERS, heads.t_idd, (3, 3, 4, 5)))):
-    with pytest.raises(HdjaxError, match="head_vocab|ranking"):
+              dict(head_vocab=4, heads=ExitHeads(HEAD_LAYERS, heads.t_idd, (3, 3, 4, 5))),
+              dict(head_vocab="16", heads="identity", head_layers=(4,)),
+              dict(head_vocab=16, heads="identity", head_layers=(4,))):
+    with pytest.raises(HdjaxError, match="head_vocab|ranking|vocab.json"):
       deep_tiny.generate([[5, 6]], method="adadecode", **{"heads": heads, **bad})
 
 
@@ -221,13 +209,13 @@ def test_smollm_parity_with_trained_heads(smollm):
   assert all(r.stats["head_vocab"] == decode.DEFAULT_HEAD_VOCAB for r in out)
 
 
-def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens, serial_rows):
+def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens):
   """The committed heads at layers 22 and 26 over their 2,048 most frequent reply tokens, prompts of different
   lengths in one packed batch: each identical to its single-sequence `ar` output (fp32)."""
   prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
   ref = [smollm.generate([p], method="ar", max_new_tokens=max_new_tokens)[0].token_ids for p in prompts]
   out = smollm.generate(prompts, method="adadecode", max_new_tokens=max_new_tokens, head_vocab=2048,
-                        head_layers=(22, 26), gamma=0.5, serial_rows=serial_rows)
+                        head_layers=(22, 26), gamma=0.5)
   assert [r.token_ids for r in out] == ref
   assert sum(r.stats["early_accepted"] for r in out) > 0
   assert min(r.stats["mean_block_seqs"] for r in out) < len(prompts)  # some layer steps ran a packed block
@@ -235,14 +223,13 @@ def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens, serial_rows):
 
 @needs_heads
 def test_smollm_reduced_vocab_batch_parity(smollm):
-  _reduced_vocab_batch_parity(smollm, QUESTIONS[1:], 32, serial_rows=True)
+  _reduced_vocab_batch_parity(smollm, QUESTIONS[1:], 32)
 
 
 @needs_heads
 @pytest.mark.slow
 def test_smollm_reduced_vocab_batch4_parity(smollm):
-  _reduced_vocab_batch_parity(smollm, QUESTIONS + ["Translate to German: the weather is nice today."], 96,
-                              serial_rows=False)
+  _reduced_vocab_batch_parity(smollm, QUESTIONS + ["Translate to German: the weather is nice today."], 96)
 
 
 @needs_heads

@@ -5,9 +5,8 @@ flight sit in a static window of W = P + 1 slots at consecutive positions `cache
 depth (how many layers it has run) and a hidden state; depths never increase along the window, so the tokens at
 the newest token's depth form a suffix — the group. Each iteration runs the group (padded to a static bucket of
 1, 2, 4, ... rows, one `lax.switch` branch per bucket, so a single token costs a single-row layer) through the
-layer at that depth, writing each token's exact K/V at that layer (with `serial_rows`, its rows run one after
-another as 1-row layers). When the group catches up with an older token that waits at that depth, they merge:
-the deferred layers of an early token run batched with the later tokens.
+layer at that depth, writing each token's exact K/V at that layer. When the group catches up with an older token
+that waits at that depth, they merge: the deferred layers of an early token run batched with the later tokens.
 
 After a layer that has a head, the newest token's head decides: if its max probability >= gamma (and fewer than P
 tokens are pending) its prediction becomes the next token, which enters the window at depth 0. With
@@ -66,9 +65,6 @@ class AdaDecodeConfig:
   # > 0: heads score only the heads' `head_vocab` most frequent ids; 0: the full vocabulary; None:
   # DEFAULT_HEAD_VOCAB for the committed heads, 0 for others
   head_vocab: int | None = None
-  # run a group's rows through a layer one after another (1-row calls, as `ar` decodes) rather than as one block:
-  # cheaper where a multi-row layer costs several 1-row ones (XLA:CPU in fp32, README)
-  serial_rows: bool = False
 
   @classmethod
   def from_request(cls, request: GenerateRequest) -> "AdaDecodeConfig":
@@ -80,8 +76,7 @@ class AdaDecodeConfig:
       head_vocab = DEFAULT_HEAD_VOCAB if request.option("heads", DEFAULT_HEADS_DIR) == DEFAULT_HEADS_DIR else 0
     if not is_int(head_vocab) or head_vocab < 0:
       raise HdjaxError(f"head_vocab must be an integer >= 0 (0: the full vocabulary), got {head_vocab!r}")
-    return dataclasses.replace(c, gamma=float(c.gamma), max_pending=int(c.max_pending), head_vocab=int(head_vocab),
-                               serial_rows=bool(c.serial_rows))
+    return dataclasses.replace(c, gamma=float(c.gamma), max_pending=int(c.max_pending), head_vocab=int(head_vocab))
 
 
 class Counters(NamedTuple):
@@ -194,18 +189,17 @@ def _sample(key, probs_v, sampling: SamplingConfig):
   return jax.random.categorical(key, jnp.log(probs_v)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "window", "sampling", "out_len", "serial_rows"),
+@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "window", "sampling", "out_len"),
                    donate_argnames=("cache",))
 def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, cache: KVCache,
                    first_b, max_new, keys_b, window: int, sampling: SamplingConfig, out_len: int,
-                   visible_lbs: jax.Array | None = None, serial_rows: bool = False) -> State:
+                   visible_lbs: jax.Array | None = None) -> State:
   """Decodes a batch from the prefill's first tokens until each sequence hits EOS, `max_new` or a full cache.
   Every iteration runs one layer, the lowest that an active sequence's newest group waits at, for the sequences
   waiting there (the others sit it out), so one weight read serves the batch and every sequence's computation is
   its own single-sequence one. Exit heads: `head_w` [I, D, D] with `head_ids` None (full vocabulary), or
   `head_w` [I, N, D] from `reduced_heads` with its candidate ids `head_ids` [N]. `visible_lbs` [L, B, S]: which
-  slots hold K/V at each layer after a pruned prefill (None: all). `serial_rows`: a group runs a layer one row
-  after another (1-row layer calls, as `ar` decodes) instead of as one block of rows."""
+  slots hold K/V at each layer after a pruned prefill (None: all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
   stacked_layers = model.stack_layers(params)  # once per call: the loop picks its layer by a traced index
@@ -239,20 +233,11 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
     g_b = jnp.where(taking_b, win.n - g0_b, 0)
+    branches = [functools.partial(_packed_layer_rows, stacked_layers, cfg, r, p) for p, r in combos]
     layer_kv = [jax.lax.dynamic_slice_in_dim(x, layer, 1) for x in (s.cache.k, s.cache.v)]
     visible_bs = None if visible_lbs is None else jax.lax.dynamic_index_in_dim(visible_lbs, layer, keepdims=False)
-    if serial_rows:
-      branches = [functools.partial(_packed_layer_rows, stacked_layers, cfg, 1, p) for p in seq_buckets]
-
-      def one_row(j, carry):  # row j of every group (its earlier rows' K/V are written)
-        return tuple(jax.lax.switch(seq_bucket(taking_b), branches, layer, *carry, s.cache.lengths, g0_b + j,
-                                    (j < g_b).astype(jnp.int32), visible_bs, order_b))
-
-      h_bwd, *layer_kv = jax.lax.fori_loop(0, jnp.max(g_b), one_row, (win.h_wd, *layer_kv))
-    else:
-      branches = [functools.partial(_packed_layer_rows, stacked_layers, cfg, r, p) for p, r in combos]
-      h_bwd, *layer_kv = jax.lax.switch(combo(taking_b, jnp.max(g_b)), branches, layer, win.h_wd, *layer_kv,
-                                        s.cache.lengths, g0_b, g_b, visible_bs, order_b)
+    h_bwd, *layer_kv = jax.lax.switch(combo(taking_b, jnp.max(g_b)), branches, layer, win.h_wd, *layer_kv,
+                                      s.cache.lengths, g0_b, g_b, visible_bs, order_b)
     k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, layer, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
     block = jnp.asarray(seq_buckets)[seq_bucket(taking_b)]
     c = win.counters._replace(layer_steps=win.counters.layer_steps + taking_b,
@@ -371,17 +356,15 @@ def select_heads(cfg: LlamaConfig, heads: ExitHeads, layers) -> ExitHeads:
   return ExitHeads(layers, heads.t_idd[jnp.asarray([heads.layers.index(l) for l in layers])], heads.vocab_ids)
 
 
-def resolve_heads(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
-  """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head; with
-  `head_vocab` > 0, with the committed heads' vocabulary ranking); `head_layers`: which of them to use (default:
-  DEFAULT_LAYERS for "identity" and the committed heads, else all)."""
+def resolve_heads(lm: LoadedModel, request: GenerateRequest, ranked: bool = False) -> ExitHeads:
+  """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head; `ranked`: with
+  the committed heads' vocabulary ranking); `head_layers`: which of them to use (default: DEFAULT_LAYERS for
+  "identity" and the committed heads, else all)."""
   heads = request.option("heads", DEFAULT_HEADS_DIR)
   layers = request.option("head_layers")
   if heads == "identity":
     identity = identity_heads(lm.cfg, layers or DEFAULT_LAYERS)
-    if request.option("head_vocab", 0) > 0:
-      return dataclasses.replace(identity, vocab_ids=load_vocab(DEFAULT_HEADS_DIR, lm.cfg))
-    return identity
+    return dataclasses.replace(identity, vocab_ids=load_vocab(DEFAULT_HEADS_DIR, lm.cfg)) if ranked else identity
   if isinstance(heads, str):
     layers = layers or (DEFAULT_LAYERS if heads == DEFAULT_HEADS_DIR else None)
     heads = load_heads(heads, lm.cfg)
@@ -426,8 +409,8 @@ def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = 
   """`prefill` of the whole batch, then one `adadecode_loop` over its cache (masked by its per-layer visibility,
   if any)."""
   cfg = lm.cfg
-  heads = resolve_heads(lm, request)
   options = AdaDecodeConfig.from_request(request)
+  heads = resolve_heads(lm, request, ranked=options.head_vocab > 0)
   head_w, head_ids = loop_heads(lm, heads, options.head_vocab)
   gamma, max_pending = options.gamma, options.max_pending
   window = max_pending + 1
@@ -441,7 +424,7 @@ def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = 
   out = adadecode_loop(lm.params, cfg, head_w, head_ids, heads.layers, jnp.float32(gamma),
                        cache, first_b, jnp.int32(request.max_new_tokens),
                        jax.random.split(loop_key, len(request.prompts)), window, request.sampling, out_len,
-                       visible_lbs, options.serial_rows)
+                       visible_lbs)
   win = jax.device_get(out.win._replace(key=None))
   total = time.perf_counter() - start
   stats = []
@@ -449,7 +432,7 @@ def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = 
     num, verifications = int(win.num[b]), int(win.counters.verifications[b])
     st = dict(method=method, new_tokens=num, steps=verifications + 1, ttft_s=ttft, total_s=total,
               decode_s=total - ttft, prompt_tokens=len(prompt), gamma=gamma, max_pending=max_pending,
-              head_vocab=options.head_vocab, serial_rows=options.serial_rows,
+              head_vocab=options.head_vocab,
               **window_stats(jax.tree.map(lambda x, b=b: x[b], win.counters), heads.layers, num), **prefill_stats)
     st["accept_lengths"] = [1] + win.accept_n[b, :verifications].tolist()
     st["tau"] = float(np.mean(st["accept_lengths"]))
