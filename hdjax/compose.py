@@ -43,14 +43,10 @@ from hdjax.decoding import device_loop, speculative
 from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
-                                    pad_prompts, padded_rows)
+                                    padded_rows)
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.decoding.speculative import HD_DEFAULTS, spec_method
-from hdjax.decoding.tree import device_tree, truncate_tree
-from hdjax.decoding.verify import verify_tree
-from hdjax.drafting import device_tables
 from hdjax.drafting.context_db import NgramConfig, context_drafter
-from hdjax.drafting.device_ngram import DeviceNgramConfig
 from hdjax.drafting.pld import pld_drafter
 from hdjax.errors import HdjaxError
 
@@ -93,59 +89,26 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, loop: dev
   Returns both states and the tokens revived per row."""
   ar.TRACE_COUNTS["lazy_reviving_loop"] += 1
   batch = loop.tokens_bs.shape[0]
-  buckets_k = jnp.asarray(spec.buckets, jnp.int32)
   every = lazy_cfg.reselect_every
 
   def cond(carry) -> jax.Array:
     st = carry[0]
-    return jnp.any(~st.done_b) & (device_loop._room(st) >= 1)  # pylint: disable=protected-access
+    return jnp.any(~st.done_b) & (device_loop.cache_room(st) >= 1)
 
   def body(carry):
     st, lz, revived_b = carry
-    active_b = ~st.done_b
-    chains_bcd, counts_bk = device_loop.draft(st.tokens_bs, st.lengths_b, spec, tables)
     # the root is at position lengths - 1; its step may commit drafts up to the next re-selection point only
-    room_b = lazy.steps_to_revival(st.lengths_b - 1, st.prompt_b, every)
-    depth_ok_bcd = jnp.arange(chains_bcd.shape[2])[None, None, :] < room_b[:, None, None]
-    chains_bcd = jnp.where(active_b[:, None, None] & depth_ok_bcd, chains_bcd, -1)
-    counts_bk = jnp.where(active_b[:, None], counts_bk, 0)
-    root_b = jnp.take_along_axis(st.tokens_bs, (st.lengths_b - 1)[:, None], axis=1)[:, 0]
-    tree = jax.vmap(functools.partial(device_tree, num_nodes=spec.buckets[-1], max_depth=spec.max_depth))(
-        root_b, chains_bcd)
-    num_real = jnp.max(jnp.sum(tree.valid, axis=1))
-    wanted = jnp.min(jnp.where(buckets_k >= num_real, buckets_k, buckets_k[-1]))
-    fitting = jnp.max(jnp.where(buckets_k <= device_loop._room(st), buckets_k, 1))  # pylint: disable=protected-access
-    bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
-    visible_lbs = lz.computed_lbs > 0
-
-    def verify(num_nodes: int, cache):
-      out = verify_tree(params, cfg, cache, truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
-                        spec.max_depth, visible_lbs)
-      return out.tokens_bd, out.num_b, out.cache
-
-    tokens_bd, num_b, cache = jax.lax.switch(bucket, [functools.partial(verify, n) for n in spec.buckets],
-                                             st.cache)
-    depth_d = jnp.arange(tokens_bd.shape[1], dtype=jnp.int32)
-    eos_bd = ar.is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
-    first_eos_b = jnp.where(jnp.any(eos_bd, axis=1), jnp.argmax(eos_bd, axis=1), tokens_bd.shape[1])
-    emit_b = jnp.minimum(jnp.minimum(num_b + 1, first_eos_b + 1), max_new - (st.lengths_b - st.prompt_b))
-    emit_b = jnp.where(active_b, emit_b, 0)
-    cols_bd = jnp.where(depth_d[None, :] < emit_b[:, None], st.lengths_b[:, None] + depth_d[None, :],
-                        st.tokens_bs.shape[1])
-    tokens_bs = st.tokens_bs.at[jnp.arange(batch)[:, None], cols_bd].set(tokens_bd, mode="drop")
-    lengths_b = st.lengths_b + emit_b
-    done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (lengths_b - st.prompt_b >= max_new)))
+    cap_b = lazy.steps_to_revival(st.lengths_b - 1, st.prompt_b, every)
+    new = device_loop.speculative_step(params, cfg, st, key, max_new, spec, sampling, lz.computed_lbs > 0, tables,
+                                       cap_b)
     # revival where this step committed a re-selection token (the last committed one, by the cut above) whose
     # prediction was emitted (`lazy` never computes a token past EOS or max_new_tokens)
-    last_b = cache.lengths - 1
-    due_b = active_b & (lazy.steps_to_revival(last_b, st.prompt_b, every) == 0) & (last_b < lengths_b - 1)
-    token_b = jnp.take_along_axis(tokens_bs, last_b[:, None], axis=1)[:, 0]
+    last_b = new.cache.lengths - 1
+    due_b = ~st.done_b & (lazy.steps_to_revival(last_b, st.prompt_b, every) == 0) & (last_b < new.lengths_b - 1)
+    token_b = jnp.take_along_axis(new.tokens_bs, last_b[:, None], axis=1)[:, 0]
     full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, lazy_cfg, s, token_b, last_b,
-                                                                           due_b), lz._replace(cache=cache))
-    st = device_loop.LoopState(tokens_bs, lengths_b, st.prompt_b, done_b, full.cache,
-                               st.accept_bs.at[:, st.steps].set(emit_b, mode="drop"), st.steps + 1,
-                               st.bucket_counts_k.at[bucket].add(1), st.source_counts_bk + counts_bk)
-    return st, full._replace(cache=None), revived_b + got_b
+                                                                           due_b), lz._replace(cache=new.cache))
+    return new._replace(cache=full.cache), full._replace(cache=None), revived_b + got_b
 
   return jax.lax.while_loop(cond, body, (loop, lazy_state, jnp.zeros((batch,), jnp.int32)))
 
@@ -163,58 +126,33 @@ def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source
         or request.option("adaptive", False) or request.option("order", source) != source):
       return frozen(lm, request)
     spec = defaults.with_options(request)
-    names = [n.strip() for n in source.split(",")]
-    if len(names) > 1:  # a hierarchy uses the databases that exist
-      names = [n for n in names if speculative._available(lm, n, spec)]  # pylint: disable=protected-access
-    dbs = {n: speculative.SOURCES[n](lm, spec) for n in names if n not in device_loop.NGRAM_SOURCES}
-    model_db = dbs["model"].db if "model" in dbs else None
-    tables = tuple(device_tables.table_for(model_db if n == "model" else db, n, spec.max_chains, spec.max_depth)
-                   for n, db in dbs.items())
-    dspec = device_loop.DeviceSpec(DeviceNgramConfig.like(host_drafter(), spec.max_chains, spec.max_depth),
-                                   spec.buckets, spec.max_depth, tuple(names), spec.max_chains)
+    names, tables, model_db = speculative.device_sources(lm, spec, source)
+    dspec = device_loop.device_spec(cfg, host_drafter(), spec, tuple(names))
+    spec = dataclasses.replace(spec, buckets=dspec.buckets)
     num_slots = cache_slots_for(cfg, request, extra=max(spec.buckets))
     key, first_key = jax.random.split(jax.random.key(request.seed))
-    batch = len(request.prompts)
     start = time.perf_counter()
     logits_bv, state, bucket = lazy.prefill_request(lm, request, lazy_cfg, num_slots)
     first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
     ttft = time.perf_counter() - start
-    tokens_bs, prompt_b = (jnp.asarray(x) for x in pad_prompts(request.prompts, cfg.pad_id, num_slots))
     warmup = request.option("warmup", False)  # compile the loop for this cache shape (no step runs)
-    done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1) | warmup
-    loop = device_loop.LoopState(tokens_bs.at[jnp.arange(batch), prompt_b].set(first_b), prompt_b + 1, prompt_b,
-                                 done_b, state.cache, jnp.zeros((batch, num_slots), jnp.int32).at[:, 0].set(1),
-                                 jnp.int32(1), jnp.zeros((len(spec.buckets),), jnp.int32),
-                                 jnp.zeros((batch, len(names)), jnp.int32))
-    decoded_bs = (jnp.arange(num_slots)[None, :] >= prompt_b[:, None]).astype(jnp.int32)
+    loop = device_loop.initial_state(cfg, request, first_b, state.cache, dspec)
+    loop = loop._replace(done_b=loop.done_b | warmup)
+    decoded_bs = (jnp.arange(num_slots)[None, :] >= loop.prompt_b[:, None]).astype(jnp.int32)
     prefill_computed_b = jnp.sum(state.computed_lbs > 0, axis=(0, 2))
     lazy_state = state._replace(cache=None, computed_lbs=state.computed_lbs + decoded_bs[None])
     loop, lazy_state, revived_b = reviving_loop(lm.params, cfg, lazy_cfg, loop, lazy_state, key,
                                                 jnp.int32(request.max_new_tokens), dspec, request.sampling, tables)
-    tokens_bs, lengths_b, accept_bs, steps, bucket_counts, source_counts, revived_b, prefill_computed_b = (
-        jax.device_get((loop.tokens_bs, loop.lengths_b, loop.accept_bs, loop.steps, loop.bucket_counts_k,
-                        loop.source_counts_bk, revived_b, prefill_computed_b)))
-    total = time.perf_counter() - start
-    rows = [tokens_bs[b, len(p):lengths_b[b]].tolist() for b, p in enumerate(request.prompts)]
-    if model_db is not None and not warmup:  # one sequence per row, as the device loop's `finish`
-      for prompt, row in zip(request.prompts, rows):
-        session = model_db.session()
-        session.start(prompt)
-        session.extend(row)
-        session.finish()
+    rows, stats = device_loop.finished_rows(loop, request, method, dspec, start, ttft, host_syncs=2)
+    revived_b, prefill_computed_b = jax.device_get((revived_b, prefill_computed_b))
+    if not warmup:
+      speculative.learn_outputs(model_db, request.prompts, rows)
     if request.option("on_tokens"):  # no chunks: the whole first row at the end
       request.option("on_tokens")(rows[0])
-    stats = []
-    for b, (row, prompt) in enumerate(zip(rows, request.prompts)):
-      acc = [int(a) for a in accept_bs[b, :int(steps)] if a > 0]
-      stats.append(dict(method=method, engine="device", new_tokens=len(row), steps=int(steps), ttft_s=ttft,
-                        total_s=total, decode_s=total - ttft, accept_lengths=acc, prompt_tokens=len(prompt),
-                        tau=float(np.mean(acc)), host_syncs=2, node_budget=max(spec.buckets),
-                        max_depth=spec.max_depth, sources=",".join(names),
-                        bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
-                        source_chains={s: int(n) for s, n in zip(names, source_counts[b])},
-                        lazy_fallback=False, lazy_revive=True, prefill_bucket=bucket, revived=int(revived_b[b]),
-                        computed_fraction_prefill=float(prefill_computed_b[b]) / (cfg.n_layers * len(prompt))))
+    for b, (st, prompt) in enumerate(zip(stats, request.prompts)):
+      st.update(sources=",".join(names), lazy_fallback=False, lazy_revive=True, prefill_bucket=bucket,
+                revived=int(revived_b[b]),
+                computed_fraction_prefill=float(prefill_computed_b[b]) / (cfg.n_layers * len(prompt)))
     return make_results(lm, *padded_rows(rows), stats)
 
   return generate

@@ -81,10 +81,63 @@ class LoopState(NamedTuple):
   source_counts_bk: jax.Array  # [B, len(sources)] chains each source gave each row
 
 
-def _room(state: LoopState) -> jax.Array:
+def cache_room(state: LoopState) -> jax.Array:
   """Free cache slots of the fullest active row (the host loop's rule)."""
   active_b = ~state.done_b
   return state.cache.num_slots - jnp.max(jnp.where(active_b, state.cache.lengths, 0))
+
+
+def device_spec(cfg: LlamaConfig, host_drafter: NgramConfig, spec, sources: tuple[str, ...]) -> DeviceSpec:
+  """The loop's static settings from a request's `speculative.SpecConfig` (buckets rounded up to the engine's row
+  multiple); `host_drafter` is the config of the host n-gram drafter that the device drafter reproduces."""
+  return DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth),
+                    engine_buckets(spec.buckets, cfg.row_multiple), spec.max_depth, tuple(sources), spec.max_chains)
+
+
+def speculative_step(params, cfg: LlamaConfig, st: LoopState, key: jax.Array, max_new: jax.Array, spec: DeviceSpec,
+                     sampling: SamplingConfig, visible_lbs: jax.Array | None = None, tables: tuple = (),
+                     depth_cap_b: jax.Array | None = None) -> LoopState:
+  """One step of every active row: draft, merge into a tree, verify and accept, append the emitted tokens (cut
+  after an EOS and at `max_new` new tokens) and update the stop flags. `depth_cap_b` caps each row's draft depth."""
+  batch = st.tokens_bs.shape[0]
+  buckets_k = jnp.asarray(spec.buckets, jnp.int32)
+  active_b = ~st.done_b
+  chains_bcd, counts_bk = draft(st.tokens_bs, st.lengths_b, spec, tables)
+  keep_bcd = jnp.broadcast_to(active_b[:, None, None], chains_bcd.shape)  # done rows draft nothing
+  if depth_cap_b is not None:
+    keep_bcd &= jnp.arange(chains_bcd.shape[2])[None, None, :] < depth_cap_b[:, None, None]
+  chains_bcd = jnp.where(keep_bcd, chains_bcd, -1)
+  counts_bk = jnp.where(active_b[:, None], counts_bk, 0)
+  root_b = jnp.take_along_axis(st.tokens_bs, (st.lengths_b - 1)[:, None], axis=1)[:, 0]
+  tree = jax.vmap(functools.partial(device_tree, num_nodes=spec.buckets[-1], max_depth=spec.max_depth))(
+      root_b, chains_bcd)
+  # the host loop's bucket: the smallest holding the largest tree, capped by the room left in the cache
+  num_real = jnp.max(jnp.sum(tree.valid, axis=1))
+  wanted = jnp.min(jnp.where(buckets_k >= num_real, buckets_k, buckets_k[-1]))
+  fitting = jnp.max(jnp.where(buckets_k <= cache_room(st), buckets_k, buckets_k[0]))
+  bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
+
+  def verify(num_nodes: int, carry):
+    out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
+                      spec.max_depth, visible_lbs)
+    return out.tokens_bd, out.num_b, out.cache
+
+  no_step = (jnp.zeros((batch, spec.max_depth + 1), jnp.int32), jnp.zeros((batch,), jnp.int32), st.cache)
+  tokens_bd, num_b, cache = switch_in_place(bucket, [functools.partial(verify, n) for n in spec.buckets], no_step)
+  depth_d = jnp.arange(tokens_bd.shape[1], dtype=jnp.int32)
+  eos_bd = ar.is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
+  first_eos_b = jnp.where(jnp.any(eos_bd, axis=1), jnp.argmax(eos_bd, axis=1), tokens_bd.shape[1])
+  new_b = st.lengths_b - st.prompt_b
+  emit_b = jnp.minimum(jnp.minimum(num_b + 1, first_eos_b + 1), max_new - new_b)
+  emit_b = jnp.where(active_b, emit_b, 0)
+  cols_bd = jnp.where(depth_d[None, :] < emit_b[:, None], st.lengths_b[:, None] + depth_d[None, :],
+                      st.tokens_bs.shape[1])
+  tokens_bs = st.tokens_bs.at[jnp.arange(batch)[:, None], cols_bd].set(tokens_bd, mode="drop")
+  lengths_b = st.lengths_b + emit_b
+  done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (lengths_b - st.prompt_b >= max_new)))
+  return LoopState(tokens_bs, lengths_b, st.prompt_b, done_b, cache,
+                   st.accept_bs.at[:, st.steps].set(emit_b, mode="drop"), st.steps + 1,
+                   st.bucket_counts_k.at[bucket].add(1), st.source_counts_bk + counts_bk)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "sampling"), donate_argnames=("state",))
@@ -94,52 +147,13 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
   """Steps until every row is done, the cache has no room, or every active row has `stop_at` new tokens.
   `tables` are the device tables of `spec.sources` other than the n-gram ones, in order."""
   ar.TRACE_COUNTS["device_loop"] += 1
-  batch = state.tokens_bs.shape[0]
-  buckets_k = jnp.asarray(spec.buckets, jnp.int32)
 
   def cond(st: LoopState) -> jax.Array:
     active_b = ~st.done_b
-    return jnp.any(active_b & (st.lengths_b - st.prompt_b < stop_at)) & (_room(st) >= 1)
+    return jnp.any(active_b & (st.lengths_b - st.prompt_b < stop_at)) & (cache_room(st) >= 1)
 
-  def body(st: LoopState) -> LoopState:
-    active_b = ~st.done_b
-    chains_bcd, counts_bk = draft(st.tokens_bs, st.lengths_b, spec, tables)
-    chains_bcd = jnp.where(active_b[:, None, None], chains_bcd, -1)  # done rows draft nothing
-    counts_bk = jnp.where(active_b[:, None], counts_bk, 0)
-    root_b = jnp.take_along_axis(st.tokens_bs, (st.lengths_b - 1)[:, None], axis=1)[:, 0]
-    tree = jax.vmap(functools.partial(device_tree, num_nodes=spec.buckets[-1], max_depth=spec.max_depth))(
-        root_b, chains_bcd)
-    # the host loop's bucket: the smallest holding the largest tree, capped by the room left in the cache
-    num_real = jnp.max(jnp.sum(tree.valid, axis=1))
-    wanted = jnp.min(jnp.where(buckets_k >= num_real, buckets_k, buckets_k[-1]))
-    fitting = jnp.max(jnp.where(buckets_k <= _room(st), buckets_k, buckets_k[0]))
-    bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
-
-    def verify(num_nodes: int, carry):
-      out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
-                        spec.max_depth, visible_lbs)
-      return out.tokens_bd, out.num_b, out.cache
-
-    no_step = (jnp.zeros((batch, spec.max_depth + 1), jnp.int32), jnp.zeros((batch,), jnp.int32), st.cache)
-    tokens_bd, num_b, cache = switch_in_place(bucket, [functools.partial(verify, n) for n in spec.buckets], no_step)
-    # emitted: the accepted drafts and the bonus token, cut after an EOS and at max_new tokens
-    depth_d = jnp.arange(tokens_bd.shape[1], dtype=jnp.int32)
-    eos_bd = ar.is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
-    first_eos_b = jnp.where(jnp.any(eos_bd, axis=1), jnp.argmax(eos_bd, axis=1), tokens_bd.shape[1])
-    new_b = st.lengths_b - st.prompt_b
-    emit_b = jnp.minimum(jnp.minimum(num_b + 1, first_eos_b + 1), max_new - new_b)
-    emit_b = jnp.where(active_b, emit_b, 0)
-    rows_b1 = jnp.arange(batch)[:, None]
-    cols_bd = jnp.where(depth_d[None, :] < emit_b[:, None], st.lengths_b[:, None] + depth_d[None, :],
-                        st.tokens_bs.shape[1])
-    tokens_bs = st.tokens_bs.at[rows_b1, cols_bd].set(tokens_bd, mode="drop")
-    lengths_b = st.lengths_b + emit_b
-    done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (lengths_b - st.prompt_b >= max_new)))
-    return LoopState(tokens_bs, lengths_b, st.prompt_b, done_b, cache,
-                     st.accept_bs.at[:, st.steps].set(emit_b, mode="drop"), st.steps + 1,
-                     st.bucket_counts_k.at[bucket].add(1), st.source_counts_bk + counts_bk)
-
-  return jax.lax.while_loop(cond, body, state)
+  return jax.lax.while_loop(cond, lambda st: speculative_step(params, cfg, st, key, max_new, spec, sampling,
+                                                              visible_lbs, tables), state)
 
 
 def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: tuple
@@ -167,9 +181,8 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
   cfg = lm.cfg
   if spec.adaptive:
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
-  spec = dataclasses.replace(spec, buckets=engine_buckets(spec.buckets, cfg.row_multiple))
-  dspec = DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth), spec.buckets,
-                     spec.max_depth, tuple(sources), spec.max_chains)
+  dspec = device_spec(cfg, host_drafter, spec, sources)
+  spec = dataclasses.replace(spec, buckets=dspec.buckets)
   if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):
     raise HdjaxError(f"sources {sources} need one device table per database, got {len(tables)}")
   num_slots = cache_slots_for(cfg, request, extra=max(spec.buckets))
@@ -182,13 +195,7 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
   first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   host_syncs = 1
   ttft = time.perf_counter() - start
-  tokens_bs, prompt_b = pad_prompts(request.prompts, cfg.pad_id, num_slots)
-  prompt_b = jnp.asarray(prompt_b)
-  tokens_bs = jnp.asarray(tokens_bs).at[jnp.arange(batch), prompt_b].set(first_b)
-  done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1)
-  accept_bs = jnp.zeros((batch, num_slots), jnp.int32).at[:, 0].set(1)
-  state = LoopState(tokens_bs, prompt_b + 1, prompt_b, done_b, cache, accept_bs, jnp.int32(1),
-                    jnp.zeros((len(spec.buckets),), jnp.int32), jnp.zeros((batch, len(sources)), jnp.int32))
+  state = initial_state(cfg, request, first_b, cache, dspec)
   max_new = jnp.int32(request.max_new_tokens)
   run = functools.partial(decode_chunk, lm.params, cfg, key=key, max_new=max_new, spec=dspec,
                           sampling=request.sampling, visible_lbs=visible_lbs, tables=tuple(tables))
@@ -210,20 +217,37 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
       stop_at = min(int(new_b[~done_b].min()) + chunk, request.max_new_tokens)
       state = run(state, stop_at=jnp.int32(stop_at))
       row0, new_b, done_b, room = jax.device_get(
-          (state.tokens_bs[0], state.lengths_b - state.prompt_b, state.done_b, _room(state)))
+          (state.tokens_bs[0], state.lengths_b - state.prompt_b, state.done_b, cache_room(state)))
       host_syncs += 1
       on_tokens([int(t) for t in row0[len(request.prompts[0]) + sent:len(request.prompts[0]) + int(new_b[0])]])
       sent = int(new_b[0])
       if room < 1:
         break
+  rows, stats = finished_rows(state, request, method, dspec, start, ttft, host_syncs + 1)
+  if finish is not None:
+    finish(rows)
+  return make_results(lm, *padded_rows(rows), [dict(st, **prefill_stats) for st in stats])
+
+
+def initial_state(cfg: LlamaConfig, request: GenerateRequest, first_b: jax.Array, cache: KVCache, spec: DeviceSpec
+                  ) -> LoopState:
+  """The loop's state after the prefill: prompts and first tokens in the buffer, rows done at EOS or 1 token."""
+  batch = len(request.prompts)
+  tokens_bs, prompt_b = (jnp.asarray(x) for x in pad_prompts(request.prompts, cfg.pad_id, cache.num_slots))
+  done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1)
+  return LoopState(tokens_bs.at[jnp.arange(batch), prompt_b].set(first_b), prompt_b + 1, prompt_b, done_b, cache,
+                   jnp.zeros((batch, cache.num_slots), jnp.int32).at[:, 0].set(1), jnp.int32(1),
+                   jnp.zeros((len(spec.buckets),), jnp.int32), jnp.zeros((batch, len(spec.sources)), jnp.int32))
+
+
+def finished_rows(state: LoopState, request: GenerateRequest, method: str, spec: DeviceSpec, start: float,
+                  ttft: float, host_syncs: int) -> tuple[list[list[int]], list[dict]]:
+  """Each row's emitted tokens and stats, read from the device (one wait, counted in `host_syncs`)."""
   tokens_bs, lengths_b, prompt_b, accept_bs, steps, bucket_counts, source_counts = jax.device_get(
       (state.tokens_bs, state.lengths_b, state.prompt_b, state.accept_bs, state.steps, state.bucket_counts_k,
        state.source_counts_bk))
-  host_syncs += 1
   total = time.perf_counter() - start
-  rows = [tokens_bs[b, prompt_b[b]:lengths_b[b]].tolist() for b in range(batch)]
-  if finish is not None:
-    finish(rows)
+  rows = [tokens_bs[b, prompt_b[b]:lengths_b[b]].tolist() for b in range(len(request.prompts))]
   stats = []
   for b, (row, prompt) in enumerate(zip(rows, request.prompts)):
     acc = [int(a) for a in accept_bs[b, :int(steps)] if a > 0]
@@ -232,6 +256,5 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
                       tau=float(np.mean(acc)), host_syncs=host_syncs, node_budget=max(spec.buckets),
                       max_depth=spec.max_depth,
                       bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
-                      source_chains={s: int(n) for s, n in zip(sources, source_counts[b])},
-                      **prefill_stats))
-  return make_results(lm, *padded_rows(rows), stats)
+                      source_chains={s: int(n) for s, n in zip(spec.sources, source_counts[b])}))
+  return rows, stats

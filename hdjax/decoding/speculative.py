@@ -47,6 +47,7 @@ from hdjax.drafting.base import Drafter
 from hdjax.drafting import device_tables
 from hdjax.drafting.context_db import NgramConfig, context_drafter
 from hdjax.drafting.hierarchy import HierarchyDrafter
+from hdjax.drafting.model_db import ModelDB
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
@@ -373,36 +374,46 @@ def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: 
     if request.option("adaptive", False) or request.option("order", source) != source:
       return host_loop(lm, request)
     spec = defaults.with_options(request)
-    names = [n.strip() for n in source.split(",")]
-    if len(names) > 1:
-      names = [n for n in names if _available(lm, n, spec)]
-    tables, model_db, start = [], None, time.perf_counter()
-    for name in names:
-      if name in device_loop.NGRAM_SOURCES:
-        continue
-      db = SOURCES[name](lm, spec)
-      if name == "model":
-        db = model_db = db.db  # the shared table behind this sequence's session
-      tables.append(device_tables.table_for(db, name, spec.max_chains, spec.max_depth))
+    start = time.perf_counter()
+    names, tables, model_db = device_sources(lm, spec, source)
     tables_s = time.perf_counter() - start
-
-    def finish(rows: list[list[int]]) -> None:
-      if model_db is None:
-        return
-      for prompt, row in zip(request.prompts, rows):  # one sequence per row, in row order (as the host loop)
-        session = model_db.session()
-        session.start(prompt)
-        session.extend(row)
-        session.finish()
-
-    results = device_loop.device_generate(lm, request, method, host_drafter(), spec, prefill, tuple(names),
-                                          tuple(tables), finish)
+    results = device_loop.device_generate(lm, request, method, host_drafter(), spec, prefill, tuple(names), tables,
+                                          lambda rows: learn_outputs(model_db, request.prompts, rows))
     for r in results:
       r.stats["sources"] = ",".join(names)
       r.stats["tables_s"] = tables_s  # host time to snapshot the databases' device tables (before the prefill)
     return results
 
   return generate
+
+
+def device_sources(lm: LoadedModel, spec: SpecConfig, source: str) -> tuple[list[str], tuple, ModelDB | None]:
+  """The sources of `source` (comma-separated, in order; a hierarchy keeps the databases that exist), the device
+  tables of those that are databases (in order) and the model database behind its table, if any."""
+  names = [n.strip() for n in source.split(",")]
+  if len(names) > 1:
+    names = [n for n in names if _available(lm, n, spec)]
+  tables, model_db = [], None
+  for name in names:
+    if name in device_loop.NGRAM_SOURCES:
+      continue
+    db = SOURCES[name](lm, spec)
+    if name == "model":
+      db = model_db = db.db  # the shared table behind this sequence's session
+    tables.append(device_tables.table_for(db, name, spec.max_chains, spec.max_depth))
+  return names, tuple(tables), model_db
+
+
+def learn_outputs(model_db: ModelDB | None, prompts, rows: list[list[int]]) -> None:
+  """Folds every row's output into the model database, one sequence per row in row order (as the host loop's
+  `ModelDBSession`s do)."""
+  if model_db is None:
+    return
+  for prompt, row in zip(prompts, rows):
+    session = model_db.session()
+    session.start(prompt)
+    session.extend(row)
+    session.finish()
 
 
 # On the device: every step's draft, tree, verify and stop check inside one jitted loop.
