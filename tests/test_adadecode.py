@@ -222,6 +222,7 @@ def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens):
 
 
 @needs_heads
+@pytest.mark.slow
 def test_smollm_reduced_vocab_batch_parity(smollm):
   _reduced_vocab_batch_parity(smollm, QUESTIONS[1:], 32)
 

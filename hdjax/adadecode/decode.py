@@ -118,12 +118,12 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b,
-                visible_bs):
-  """Runs decoder layer `layer` (traced: its weights come from `stacked_layers`) on window slots [g0, g0 + g) of
-  every sequence as a static block of `rows` rows (g = 0: the sequence sits this layer out), with that layer's K/V
-  cache [1, B, K, S, H] (only it enters the `lax.switch`, so the whole cache is never copied); they see the slots
-  of `visible_bs` (that layer's visibility; all slots when None) at positions <= their own."""
+def _layer_rows(p_layer, cfg: LlamaConfig, rows: int, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b, visible_bs):
+  """Runs the decoder layer with weights `p_layer` (one layer's own buffers: slicing a layer out of stacked weights
+  by a traced index copies them, ~3x a 1-row layer's time on XLA:CPU) on window slots [g0, g0 + g) of every
+  sequence as a static block of `rows` rows (g = 0: the sequence sits this layer out), with that layer's K/V cache
+  [1, B, K, S, H] (only it enters the `lax.switch`, so the whole cache is never copied); they see the slots of
+  `visible_bs` (that layer's visibility; all slots when None) at positions <= their own."""
   window = h_bwd.shape[1]
   num_slots = k_1bksh.shape[3]
   j_r = jnp.arange(rows)
@@ -132,7 +132,6 @@ def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bk
   pos_br = base_b[:, None] + g0_b[:, None] + j_r
   slots_br = jnp.where(valid_br, pos_br, num_slots)
   sin, cos = rope_sin_cos(cfg, pos_br)
-  p_layer = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, layer, keepdims=False), stacked_layers)
   mask_brs = causal_mask(pos_br, num_slots)
   if visible_bs is not None:
     mask_brs = mask_brs & visible_bs[:, None, :]
@@ -144,14 +143,14 @@ def _layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, layer, h_bwd, k_1bk
   return h_bwd, k_1bksh, v_1bksh
 
 
-def _packed_layer_rows(stacked_layers, cfg: LlamaConfig, rows: int, size: int, layer, h_bwd, k_1bksh, v_1bksh,
-                       base_b, g0_b, g_b, visible_bs, order_b):
+def _packed_layer_rows(p_layer, cfg: LlamaConfig, rows: int, size: int, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b,
+                       visible_bs, order_b):
   """`_layer_rows` on the sequences `order_b[:size]` only (all of them, in place, when `size` is the batch): their
   hidden states and K/V gathered, then scattered back (the others are unchanged)."""
   if size == order_b.shape[0]:
-    return _layer_rows(stacked_layers, cfg, rows, layer, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b, visible_bs)
+    return _layer_rows(p_layer, cfg, rows, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b, visible_bs)
   idx_p = order_b[:size]
-  h_pwd, k_1pksh, v_1pksh = _layer_rows(stacked_layers, cfg, rows, layer, h_bwd[idx_p], k_1bksh[:, idx_p],
+  h_pwd, k_1pksh, v_1pksh = _layer_rows(p_layer, cfg, rows, h_bwd[idx_p], k_1bksh[:, idx_p],
                                         v_1bksh[:, idx_p], base_b[idx_p], g0_b[idx_p], g_b[idx_p],
                                         None if visible_bs is None else visible_bs[idx_p])
   return h_bwd.at[idx_p].set(h_pwd), k_1bksh.at[:, idx_p].set(k_1pksh), v_1bksh.at[:, idx_p].set(v_1pksh)
@@ -202,7 +201,6 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
   slots hold K/V at each layer after a pruned prefill (None: all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
-  stacked_layers = model.stack_layers(params)  # once per call: the loop picks its layer by a traced index
   buckets = jnp.asarray(row_buckets(window))
   seq_buckets = row_buckets(first_b.shape[0])
   combos = [(p, r) for p in seq_buckets for r in row_buckets(window)]  # one lax.switch branch each
@@ -233,11 +231,13 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
     g_b = jnp.where(taking_b, win.n - g0_b, 0)
-    branches = [functools.partial(_packed_layer_rows, stacked_layers, cfg, r, p) for p, r in combos]
+    # one branch per (layer, sequence bucket, row bucket): each layer runs on its own weight buffers
+    branches = [functools.partial(_packed_layer_rows, model.layer_params(params, l), cfg, r, p)
+                for l in range(n_layers) for p, r in combos]
     layer_kv = [jax.lax.dynamic_slice_in_dim(x, layer, 1) for x in (s.cache.k, s.cache.v)]
     visible_bs = None if visible_lbs is None else jax.lax.dynamic_index_in_dim(visible_lbs, layer, keepdims=False)
-    h_bwd, *layer_kv = jax.lax.switch(combo(taking_b, jnp.max(g_b)), branches, layer, win.h_wd, *layer_kv,
-                                      s.cache.lengths, g0_b, g_b, visible_bs, order_b)
+    h_bwd, *layer_kv = jax.lax.switch(layer * len(combos) + combo(taking_b, jnp.max(g_b)), branches, win.h_wd,
+                                      *layer_kv, s.cache.lengths, g0_b, g_b, visible_bs, order_b)
     k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, layer, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
     block = jnp.asarray(seq_buckets)[seq_bucket(taking_b)]
     c = win.counters._replace(layer_steps=win.counters.layer_steps + taking_b,

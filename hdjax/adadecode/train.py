@@ -62,6 +62,8 @@ def iter_sharegpt(path: str, chunk_chars: int = 1 << 20) -> Iterator[dict]:
 def first_exchanges(path: str, limit: int, skip: int = 0) -> list[list[dict]]:
   """The first (user, assistant) exchange of ShareGPT conversations [skip, skip + limit) that have one."""
   out = []
+  if limit <= 0:
+    return out
   for n, conv in enumerate(iter_sharegpt(path)):
     turns = conv.get("conversations") or []
     if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt" and n >= skip:
