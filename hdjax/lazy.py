@@ -40,6 +40,7 @@ import numpy as np
 from hdjax import model
 from hdjax.attention import apply_rope, rope_sin_cos
 from hdjax.config import LlamaConfig
+from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.ar_method import generate_ar
 from hdjax.decoding.registry import register_method
@@ -366,15 +367,10 @@ def _revive(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, en
 
 
 def revive_if(pred: jax.Array, revive, state: LazyState) -> tuple[LazyState, jax.Array]:
-  """`revive(state)` -> (state, revived_b) when `pred`, else (state, zeros), as the body of a `lax.while_loop` that
-  runs once or not at all: a `lax.cond` would copy its operand, the whole cache, on every step."""
-  def body(carry):
-    _, st, _ = carry
-    return (jnp.bool_(False),) + tuple(revive(st))
-
+  """`revive(state)` -> (state, revived_b) when `pred`, else (state, zeros), under `control.run_if` (a `lax.cond`
+  would copy its operand, the whole cache, on every step)."""
   zeros_b = jnp.zeros(state.aux_layer_bs.shape[:1], jnp.int32)
-  _, state, revived_b = jax.lax.while_loop(lambda carry: carry[0], body, (pred, state, zeros_b))
-  return state, revived_b
+  return run_if(pred, lambda carry: tuple(revive(carry[0])), (state, zeros_b))
 
 
 def steps_to_revival(pos_b: jax.Array, prompt_b: jax.Array, every: int) -> jax.Array:
