@@ -206,6 +206,7 @@ REAL_TEXTS = ("Write a Python function that returns the square of a number.",
               "Summarize in one sentence: The quick brown fox jumps over the lazy dog. The dog sleeps.")
 
 
+@pytest.mark.slow  # ~110 s on the shared CPU; the default suite checks real-model hd == ar in bf16 (test_bf16_lossless)
 def test_real_model_hd_equals_ar_and_the_host_loop(smollm, real_dbs):
   """SmolLM2 fp32 with its real databases (each loop its own copy of the model database): batch 1 and batch 3,
   48 tokens; the host syncs stay 2 whatever the number of steps."""
@@ -243,3 +244,17 @@ def test_host_only_options_run_hd_on_the_host_loop(tiny_with_dbs):
     version = dbs["device"].version
     warm = lm.generate([PROMPTS[0]], method="hd", max_new_tokens=20, warmup=True)[0]
     assert len(warm.token_ids) == 1 and dbs["device"].version == version  # a warm-up teaches the database nothing
+
+
+def test_a_growing_model_table_keeps_its_shape():
+  """The model table's shapes (rows per key order, chains per key) stay put while the database doubles, so the
+  device loop is not recompiled between requests (it was, three times in one Spec-Bench run, at 8-10 s each)."""
+  rng = np.random.default_rng(0)
+  db = model_db.ModelDB()
+  db.add_sequence(rng.integers(0, 5000, 3000).tolist())
+  shapes = lambda t: [a.shape for a in t.keys + t.chains]  # noqa: E731
+  table = device_tables.table_for(db, "model", 7, 4)
+  entries = db.num_entries
+  while db.num_entries < 2 * entries:
+    db.add_sequence(rng.integers(0, 5000, 500).tolist())
+    assert shapes(device_tables.table_for(db, "model", 7, 4)) == shapes(table)

@@ -42,19 +42,27 @@ class DeviceTable:
   depth: int = dataclasses.field(metadata=dict(static=True))
 
 
-def _round_rows(n: int, grow: bool) -> int:
-  """Rows of a table holding n keys: n + 1 (one padding row), or with `grow` the next power of two >= 256."""
+GROW_HEADROOM = 4  # a table that must grow is resized to this many times its keys, then keeps that shape (and the
+#                   loop's compile) until the database outgrows it (resized at each power of two, Spec-Bench's 60
+#                   questions recompiled the device loop 3 times, 8-10 s each)
+
+
+def _round_rows(n: int, grow: bool, previous: int = 0) -> int:
+  """Rows of a table holding n keys: n + 1 (one padding row); with `grow`, `previous` rows while they hold n + 1,
+  else the power of two >= GROW_HEADROOM * (n + 1) (at least 256)."""
   if not grow:
     return n + 1
-  return max(256, 1 << int(np.ceil(np.log2(n + 1))))
+  if n + 1 <= previous:
+    return previous
+  return max(256, 1 << int(np.ceil(np.log2(GROW_HEADROOM * (n + 1)))))
 
 
-def ranked_chains(keys_mk: np.ndarray, conts_mc: np.ndarray, max_chains: int, depth: int, grow: bool = False
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def ranked_chains(keys_mk: np.ndarray, conts_mc: np.ndarray, max_chains: int, depth: int, grow: bool = False,
+                  previous_rows: int = 0) -> tuple[np.ndarray, np.ndarray]:
   """One order's arrays from its (key, continuation) rows in ranked order within each key (rows of one key need
   not be contiguous; their relative order is the ranking). Returns keys [U', k] sorted (padding rows last) and
   chains [U', C, depth]: per key the first `max_chains` distinct non-empty continuations cut to `depth` tokens
-  (`select_chains`), C = min(max_chains, the most any key has)."""
+  (`select_chains`), C = min(max_chains, the most any key has), or max_chains with `grow` (a fixed shape)."""
   num_rows, order = keys_mk.shape
   keys_mk = np.asarray(keys_mk, np.int64)
   trunc_md = np.full((num_rows, depth), PAD, np.int64)
@@ -76,8 +84,8 @@ def ranked_chains(keys_mk: np.ndarray, conts_mc: np.ndarray, max_chains: int, de
   kept_before = np.cumsum(keep_m) - keep_m  # kept rows before each row
   rank_m = kept_before - kept_before[np.flatnonzero(new_m)][group_m]
   keep_m &= rank_m < max_chains
-  per_key = int(rank_m[keep_m].max()) + 1 if keep_m.any() else 1
-  rows = _round_rows(len(uniq), grow)
+  per_key = max_chains if grow else (int(rank_m[keep_m].max()) + 1 if keep_m.any() else 1)  # growing: fixed shape
+  rows = _round_rows(len(uniq), grow, previous_rows)
   keys_uk = np.full((rows, order), KEY_PAD, np.int32)
   keys_uk[:len(uniq)] = uniq
   chains_ucd = np.full((rows, per_key, depth), PAD, np.int32)
@@ -85,19 +93,21 @@ def ranked_chains(keys_mk: np.ndarray, conts_mc: np.ndarray, max_chains: int, de
   return keys_uk, chains_ucd
 
 
-def model_table(db, max_chains: int, depth: int) -> DeviceTable:
-  """The table of a `ModelDB` (its entries now): per key, continuations ranked by count then token ids."""
+def model_table(db, max_chains: int, depth: int, previous: DeviceTable | None = None) -> DeviceTable:
+  """The table of a `ModelDB` (its entries now): per key, continuations ranked by count then token ids; in the
+  shapes of the `previous` table of this database while its entries fit."""
   arrays = db.to_arrays()
   keys, conts, counts = arrays["keys"], arrays["conts"], arrays["counts"]
   key_len = (keys >= 0).sum(axis=1)
   out_keys, out_chains = [], []
-  for k in db.config.key_orders:
+  for i, k in enumerate(db.config.key_orders):
     sel = key_len == k
     kk, cc, nn = keys[sel, :k], conts[sel], counts[sel]
     # ranking: -count, then the continuation's ids (-1 padding sorts first: a shorter prefix ranks first,
     # as Python compares tuples)
     order = np.lexsort(tuple(cc.T[::-1]) + (-nn,))
-    k_keys, k_chains = ranked_chains(kk[order], cc[order], max_chains, depth, grow=True)
+    k_keys, k_chains = ranked_chains(kk[order], cc[order], max_chains, depth, grow=True,
+                                     previous_rows=previous.keys[i].shape[0] if previous is not None else 0)
     out_keys.append(k_keys)
     out_chains.append(k_chains)
   return _device_table(out_keys, out_chains, tuple(db.config.key_orders), max_chains, depth)
@@ -133,8 +143,9 @@ def table_for(db, kind: str, max_chains: int, depth: int) -> DeviceTable:
   version = getattr(db, "version", 0)
   cached = per_db.get((max_chains, depth))
   if cached is None or cached[0] != version:
-    build = model_table if kind == "model" else stats_table
-    per_db[(max_chains, depth)] = cached = (version, build(db, max_chains, depth))
+    table = (model_table(db, max_chains, depth, cached[1] if cached else None) if kind == "model"
+             else stats_table(db, max_chains, depth))
+    per_db[(max_chains, depth)] = cached = (version, table)
   return cached[1]
 
 
