@@ -182,10 +182,9 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
   if spec.adaptive:
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
   dspec = device_spec(cfg, host_drafter, spec, sources)
-  spec = dataclasses.replace(spec, buckets=dspec.buckets)
   if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):
     raise HdjaxError(f"sources {sources} need one device table per database, got {len(tables)}")
-  num_slots = cache_slots_for(cfg, request, extra=max(spec.buckets))
+  num_slots = cache_slots_for(cfg, request, extra=max(dspec.buckets))
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
   chunk = int(request.option("chunk_tokens", 16)) if on_tokens else request.max_new_tokens
