@@ -157,7 +157,7 @@ def main(argv):
   for method in FLAGS.methods:  # speculative methods trace every tree bucket; the others generate once
     for pid in groups.values():
       run(method, pid, warmup=True)
-  speculative.reset_databases()  # warm-up answers must not seed the online model database
+  speculative.reset_databases(read_only_too=False)  # warm-up answers must not seed the online model database
   hf = None
   if FLAGS.hf:
     from experiments.hf_peer import HFRunner  # pylint: disable=import-outside-toplevel  (torch: the `hf` extra)

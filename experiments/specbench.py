@@ -71,7 +71,7 @@ def main(argv: Sequence[str]) -> None:
       for prompt in warmup_prompts(lm, questions, FLAGS.max_new_tokens):
         lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                     seed=FLAGS.seed, warmup=True, **method_options.get(method, {}))
-  speculative.reset_databases()  # warm-up answers must not seed the online model databases
+  speculative.reset_databases(read_only_too=False)  # warm-up answers must not seed the online model databases
 
   def one_question(n: int, q: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Every method on question n, in an order rotated per question, each with its own model database."""

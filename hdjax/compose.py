@@ -10,7 +10,7 @@ pruned cache: at every layer attention sees only the slots whose K/V exists ther
 that layer, the revived ones, and every decoded token). Prompts shorter than `min_prompt` fall back to full
 prefill exactly like `lazy`.
 
-`lazy+pld` and `lazy+hd` revive from the Aux Cache as `lazy` does (`revive=True`, the default), in their own
+`lazy+pld`, `lazy+hd` and `lazy+rest` revive from the Aux Cache as `lazy` does (`revive=True`, the default), in their own
 on-device loop (`reviving_loop`: the device loop's draft -> tree -> verify step, plus revival). `lazy` re-selects
 after computing the tokens at positions prompt, prompt + reselect_every, ..., each with its own query, and every
 later token sees the revived set. So a step's drafts are cut where the next such position is reached
@@ -19,8 +19,8 @@ the pruning layers are recomputed (`lazy.revive_at`) and re-score the pruned tok
 `lazy` would. Steps carry at most `reselect_every` tokens. The output is lossless against `lazy` with the same
 settings (greedy: identical tokens), which the tests check. With `revive=False`, or options only the host loop has
 (`adaptive`, another `order`), they run the host loop with the pruned set frozen after prefill, lossless against
-`lazy` with `revive=False`, as do `lazy+rest`, `lazy+adadecode` and `lazy+hd+adadecode` always (stats
-`lazy_revive` says which).
+`lazy` with `revive=False`, as do `lazy+adadecode` and `lazy+hd+adadecode` always (stats `lazy_revive` says
+which).
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source
 
 register_method("lazy+pld")(reviving_method("lazy+pld", lambda: pld_drafter().config, "pld"))
 register_method("lazy+hd")(reviving_method("lazy+hd", lambda: context_drafter().config, "context,model,stats"))
-register_method("lazy+rest")(spec_method("lazy+rest", pruned_prefill))
+register_method("lazy+rest")(reviving_method("lazy+rest", lambda: context_drafter().config, "stats"))
 register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))
 for _prefill, _name in ((full_prefill, "hd+adadecode"), (pruned_prefill, "lazy+hd+adadecode")):
   register_method(_name)(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

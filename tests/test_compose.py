@@ -143,7 +143,7 @@ def test_real_model_lazy_hd_equals_lazy_without_revival(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lazy+hd", "lazy+pld"])
+@pytest.mark.parametrize("method", ["lazy+hd", "lazy+pld", "lazy+rest"])
 def test_real_model_lazy_compositions_equal_lazy_with_revival(smollm, method):
   """SmolLM2 on two ~2k-token passkey prompts (the launcher's seed-0 set), a schedule that prunes hard (5% from
   layer 4) and revives often (16 tokens every 2 steps): revival changes lazy's answer on the first prompt, and the

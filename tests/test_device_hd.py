@@ -82,6 +82,40 @@ def test_model_table_follows_the_online_updates():
   assert table.keys[0].shape == first.keys[0].shape  # padded rows: same shape, no recompile
 
 
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), big=st.booleans(), max_entries=st.sampled_from([30, 100_000]))
+def test_model_table_updates_equal_a_full_build(seed, big, max_entries):
+  """The table after each online update (changed keys' chains rewritten, new keys inserted in order) holds the
+  same arrays as one built from scratch from the database now, through growth past the rows and pruning."""
+  rng = np.random.default_rng(seed)
+  alphabet = np.asarray(BIG if big else range(40))
+  db = model_db.ModelDB(model_db.NgramConfig(max_entries=max_entries))
+  db.add_sequence(rng.choice(alphabet, 30).tolist())
+  device_tables.table_for(db, "model", 3, 4)
+  updated = 0
+  for doc in random_docs(rng, alphabet, num=12, max_len=60):
+    since = db.version
+    db.add_sequence(doc)
+    updated += db.changed_since(since) is not None
+    table = device_tables.table_for(db, "model", 3, 4)
+    rows = tuple(k.shape[0] for k in table.keys)
+    want_keys, want_chains = device_tables.model_arrays(db, 3, 4, rows)
+    for got, want in zip(table.keys + table.chains, want_keys + want_chains):
+      np.testing.assert_array_equal(np.asarray(got), want)
+  assert updated > 0
+
+
+def test_model_table_changes_since_a_version():
+  db = model_db.ModelDB()
+  db.add_sequence([1, 2, 3])
+  version = db.version
+  db.add_sequence([2, 3, 9])
+  assert sorted(db.changed_since(version)) == [(2,), (2, 3), (3,)]  # keys of [2, 3, 9]'s n-grams only
+  assert db.changed_since(db.version) == []
+  db.prune()
+  assert db.changed_since(version) is None  # replaced wholesale: rebuild
+
+
 @pytest.fixture(scope="module")
 def real_dbs(smollm):
   if not (store.default_path("stats_db").is_file() and store.default_path("model_db").is_file()):

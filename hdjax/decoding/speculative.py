@@ -303,9 +303,12 @@ def _available(lm: LoadedModel, name: str, spec: SpecConfig) -> bool:
   return True
 
 
-def reset_databases() -> None:
-  """Forgets the loaded databases and their online updates (the next request reloads them from disk)."""
-  _LOADED.clear()
+def reset_databases(read_only_too: bool = True) -> None:
+  """Forgets the loaded databases and their online updates (the next request reloads them from disk). With
+  `read_only_too=False` only the model databases go (what a warm-up or an earlier run taught them); the
+  statistics databases, which never change, stay loaded with their device tables."""
+  for key in [k for k in _LOADED if read_only_too or k[0] == "model"]:
+    del _LOADED[key]
 
 
 SOURCES: dict[str, Callable[[LoadedModel, SpecConfig], Drafter]] = {

@@ -93,9 +93,10 @@ def ranked_chains(keys_mk: np.ndarray, conts_mc: np.ndarray, max_chains: int, de
   return keys_uk, chains_ucd
 
 
-def model_table(db, max_chains: int, depth: int, previous: DeviceTable | None = None) -> DeviceTable:
-  """The table of a `ModelDB` (its entries now): per key, continuations ranked by count then token ids; in the
-  shapes of the `previous` table of this database while its entries fit."""
+def model_arrays(db, max_chains: int, depth: int, previous_rows: tuple[int, ...] = ()
+                 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Host arrays (keys, chains per order) of a `ModelDB`'s whole table: per key, continuations ranked by count
+  then token ids; each order keeps its `previous_rows` while its keys fit."""
   arrays = db.to_arrays()
   keys, conts, counts = arrays["keys"], arrays["conts"], arrays["counts"]
   key_len = (keys >= 0).sum(axis=1)
@@ -107,14 +108,54 @@ def model_table(db, max_chains: int, depth: int, previous: DeviceTable | None = 
     # as Python compares tuples)
     order = np.lexsort(tuple(cc.T[::-1]) + (-nn,))
     k_keys, k_chains = ranked_chains(kk[order], cc[order], max_chains, depth, grow=True,
-                                     previous_rows=previous.keys[i].shape[0] if previous is not None else 0)
+                                     previous_rows=previous_rows[i] if previous_rows else 0)
     out_keys.append(k_keys)
     out_chains.append(k_chains)
-  return _device_table(out_keys, out_chains, tuple(db.config.key_orders), max_chains, depth)
+  return out_keys, out_chains
 
 
-def stats_table(db, max_chains: int, depth: int) -> DeviceTable:
-  """The table of a `StatsDB`: per key its stored continuations, in their stored (ranked) order."""
+def _sortable(keys_uk: np.ndarray) -> np.ndarray:
+  """[U] byte strings that sort as the rows of `keys_uk` (non-negative int32) sort lexicographically."""
+  return np.ascontiguousarray(keys_uk.astype(">i4")).view(f"V{4 * keys_uk.shape[1]}").ravel()
+
+
+def updated_arrays(db, keys: list[np.ndarray], chains: list[np.ndarray], since: int, max_chains: int, depth: int
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+  """`model_arrays` of `db` now, from its arrays at version `since` and the keys changed after it: changed keys
+  get their chains again and new keys are inserted in order, in the same shapes. None when that is not possible
+  (the table was replaced, or an order outgrew its rows): build it whole."""
+  changed = db.changed_since(since)
+  if changed is None:
+    return None
+  out_keys, out_chains = [], []
+  for k, keys_uk, chains_ucd in zip(db.config.key_orders, keys, chains):
+    touched = sorted(key for key in changed if len(key) == k)
+    if not touched:
+      out_keys.append(keys_uk)
+      out_chains.append(chains_ucd)
+      continue
+    touched_tk = np.asarray(touched, np.int32).reshape(len(touched), k)
+    rows, used = keys_uk.shape[0], int(np.count_nonzero(keys_uk[:, 0] != KEY_PAD))
+    at = np.searchsorted(_sortable(keys_uk[:used]), _sortable(touched_tk))
+    is_new = (at == used) | ~np.all(keys_uk[np.minimum(at, max(used - 1, 0))] == touched_tk, axis=1)
+    if used + int(is_new.sum()) + 1 > rows:
+      return None
+    keys_uk = np.concatenate([np.insert(keys_uk[:used], at[is_new], touched_tk[is_new], axis=0),
+                              keys_uk[used + int(is_new.sum()):]])
+    chains_ucd = np.concatenate([np.insert(chains_ucd[:used], at[is_new], PAD, axis=0),
+                                 chains_ucd[used + int(is_new.sum()):]])
+    for row, key in zip(np.searchsorted(_sortable(keys_uk), _sortable(touched_tk)), touched):
+      chains_ucd[row] = PAD
+      for c, chain in enumerate(db.chains(key, max_chains, depth)):
+        chains_ucd[row, c, :len(chain)] = chain
+    out_keys.append(keys_uk)
+    out_chains.append(chains_ucd)
+  return out_keys, out_chains
+
+
+def stats_arrays(db, max_chains: int, depth: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+  """Host arrays (keys, chains per order) of a `StatsDB`: per key its stored continuations, in their stored
+  (ranked) order."""
   out_keys, out_chains = [], []
   for k in db.config.key_orders:
     table = db.tables[k]
@@ -124,12 +165,15 @@ def stats_table(db, max_chains: int, depth: int) -> DeviceTable:
     k_keys, k_chains = ranked_chains(keys, np.asarray(table["conts"]), max_chains, depth)
     out_keys.append(k_keys)
     out_chains.append(k_chains)
-  return _device_table(out_keys, out_chains, tuple(db.config.key_orders), max_chains, depth)
+  return out_keys, out_chains
 
 
-def _device_table(keys, chains, orders, max_chains, depth) -> DeviceTable:
-  return DeviceTable(tuple(jnp.asarray(k) for k in keys), tuple(jnp.asarray(c) for c in chains), orders,
-                     max_chains, depth)
+@dataclasses.dataclass(frozen=True)
+class _Snapshot:
+  version: int
+  keys: list  # host copies of the table's arrays, which the next update starts from
+  chains: list
+  table: DeviceTable
 
 
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -137,16 +181,23 @@ _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 def table_for(db, kind: str, max_chains: int, depth: int) -> DeviceTable:
   """The device table of `db` ("model" or "stats"), built once per (max_chains, depth) and, for the model
-  database, again only after it changed (its `version`): a snapshot, exact for a request because the model
-  database changes only when a request finishes."""
+  database, updated after it changed (its `version`), from the keys that changed when it can: a snapshot, exact
+  for a request because the model database changes only when a request finishes."""
   per_db = _CACHE.setdefault(db, {})
   version = getattr(db, "version", 0)
   cached = per_db.get((max_chains, depth))
-  if cached is None or cached[0] != version:
-    table = (model_table(db, max_chains, depth, cached[1] if cached else None) if kind == "model"
-             else stats_table(db, max_chains, depth))
-    per_db[(max_chains, depth)] = cached = (version, table)
-  return cached[1]
+  if cached is not None and cached.version == version:
+    return cached.table
+  if kind != "model":
+    keys, chains = stats_arrays(db, max_chains, depth)
+  else:
+    update = cached and updated_arrays(db, cached.keys, cached.chains, cached.version, max_chains, depth)
+    keys, chains = update or model_arrays(db, max_chains, depth,
+                                          tuple(k.shape[0] for k in cached.keys) if cached else ())
+  table = DeviceTable(tuple(jnp.asarray(k) for k in keys), tuple(jnp.asarray(c) for c in chains),
+                      tuple(db.config.key_orders), max_chains, depth)
+  per_db[(max_chains, depth)] = _Snapshot(version, keys, chains, table)
+  return table
 
 
 def _search(keys_uk: jax.Array, query_k: jax.Array) -> jax.Array:

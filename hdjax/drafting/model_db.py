@@ -76,7 +76,9 @@ class ModelDB(store.PersistedDB):
     self._table: dict[Key, dict[Continuation, int]] = {}
     self._ranked: dict[Key, list[Continuation]] = {}
     self._generated: list[int] = []
-    self.version = 0  # counts changes to the table: device tables (`device_tables.py`) are rebuilt on change
+    self.version = 0  # counts changes to the table: device tables (`device_tables.py`) are updated on change
+    self.replaced_at = 0  # the version at which the whole table was last replaced (pruned or loaded)
+    self._changed_at: dict[Key, int] = {}  # per key, the version that last changed it (since `replaced_at`)
 
   @property
   def num_entries(self) -> int:
@@ -91,6 +93,18 @@ class ModelDB(store.PersistedDB):
       self._table.setdefault(key, {})
       self._table[key][cont] = self._table[key].get(cont, 0) + n
       self._ranked.pop(key, None)
+      self._changed_at[key] = self.version
+
+  def changed_since(self, version: int) -> list[Key] | None:
+    """The keys whose continuations changed after `version`, or None when the whole table was replaced since."""
+    if self.replaced_at > version:
+      return None
+    return [key for key, at in self._changed_at.items() if at > version]
+
+  def _replaced(self) -> None:
+    self.version += 1
+    self.replaced_at = self.version
+    self._changed_at = {}
 
   def add_sequence(self, tokens: Sequence[int]) -> None:
     """Folds every n-gram of one token stream in, then prunes once the table is twice its budget."""
@@ -101,7 +115,7 @@ class ModelDB(store.PersistedDB):
   def prune(self) -> None:
     """Keeps the `max_entries` most frequent (key, continuation) entries (ties by key, then continuation)."""
     kept = sorted(self.entries(), key=lambda e: (-e[2], len(e[0]), e[0], e[1]))[:self.config.max_entries]
-    self.version += 1
+    self._replaced()
     self._table, self._ranked = {}, {}
     for key, cont, n in kept:
       self._table.setdefault(key, {})[cont] = n
@@ -118,14 +132,20 @@ class ModelDB(store.PersistedDB):
     for k in self.config.key_orders:
       if len(context) < k:
         continue
-      key = tuple(int(t) for t in context[-k:])
-      conts = self._table.get(key)
-      if conts:
-        ranked = self._ranked.get(key)
-        if ranked is None:
-          ranked = self._ranked[key] = rank_continuations(conts)
-        return select_chains(ranked, max_chains, depth)
+      chains = self.chains(tuple(int(t) for t in context[-k:]), max_chains, depth)
+      if chains:
+        return chains
     return []
+
+  def chains(self, key: Key, max_chains: int, depth: int) -> list[list[int]]:
+    """The drafts of one key: its continuations ranked, distinct, cut to `depth` (none for an unknown key)."""
+    conts = self._table.get(key)
+    if not conts:
+      return []
+    ranked = self._ranked.get(key)
+    if ranked is None:
+      ranked = self._ranked[key] = rank_continuations(conts)
+    return select_chains(ranked, max_chains, depth)
 
   def finish(self) -> None:
     if self._generated:
@@ -158,7 +178,7 @@ class ModelDB(store.PersistedDB):
     config = NgramConfig(tuple(int(k) for k in arrays["key_orders"]), int(arrays["conts"].shape[1]),
                          int(arrays["max_entries"]))
     db = cls(config, tokenizer_identity, info)
-    db.version += 1
+    db._replaced()  # pylint: disable=protected-access
     for key, cont, n in zip(arrays["keys"].tolist(), arrays["conts"].tolist(), arrays["counts"].tolist()):
       db._table.setdefault(tuple(t for t in key if t >= 0), {})[tuple(t for t in cont if t >= 0)] = n
     return db
