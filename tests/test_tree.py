@@ -74,14 +74,15 @@ def test_greedy_accept_matches_reference(chains, target, num_nodes, untrusted):
 
 def test_trusted_nodes_are_those_read_in_the_same_attention_block():
   """Node 3 (depth 2, under node 1) and node 4 (depth 1) sit 1 and 3 slots past where they will be committed: with
-  the cache at 252 of 512 slots (blocks of 256), node 4's tree slot 256 is in the next block, so it and nothing
-  else is untrusted; at 100 every node is trusted, and in a one-block cache too."""
+  the cache at 252 of 512 slots (blocks of 128), node 4's tree slot 256 is in the next block, so it and nothing
+  else is untrusted; at 100 every node is trusted, and in a one-block cache too (260 slots: not a multiple of the
+  block)."""
   tree = stack_trees([build_tree(9, [[1, 2], [1, 3], [4, 5]], num_nodes=8, max_depth=4)])
   tree = jax.tree.map(jnp.asarray, tree)
   at = lambda length, slots: np.asarray(trusted_nodes(tree, jnp.asarray([length]), slots))[0]
   np.testing.assert_array_equal(at(100, 512), [1, 1, 1, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(at(252, 512), [1, 1, 1, 1, 0, 0, 0, 0])  # node 5 is under node 4
-  np.testing.assert_array_equal(at(252, 256), [1, 1, 1, 1, 1, 1, 0, 0])
+  np.testing.assert_array_equal(at(252, 260), [1, 1, 1, 1, 1, 1, 0, 0])
 
 
 def test_rejection_with_one_hot_target_is_greedy():
