@@ -10,10 +10,10 @@ pruned cache: at every layer attention sees only the slots whose K/V exists ther
 that layer, the revived ones, and every decoded token). Prompts shorter than `min_prompt` fall back to full
 prefill exactly like `lazy`.
 
-`lazy+pld`, `lazy+hd` and `lazy+rest` revive from the Aux Cache as `lazy` does (`revive=True`, the default), in their own
-on-device loop (`reviving_loop`: the device loop's draft -> tree -> verify step, plus revival). `lazy` re-selects
-after computing the tokens at positions prompt, prompt + reselect_every, ..., each with its own query, and every
-later token sees the revived set. So a step's drafts are cut where the next such position is reached
+`lazy+pld`, `lazy+hd` and `lazy+rest` revive from the Aux Cache as `lazy` does (`revive=True`, the default), in
+their own on-device loop (`reviving_loop`: the device loop's draft -> tree -> verify step, plus revival). `lazy`
+re-selects after computing the tokens at positions prompt, prompt + reselect_every, ..., each with its own query, and
+every later token sees the revived set. So a step's drafts are cut where the next such position is reached
 (`lazy.steps_to_revival`): the step's last committed token is then the re-selection token, whose states entering
 the pruning layers are recomputed (`lazy.revive_at`) and re-score the pruned tokens, and the next step sees what
 `lazy` would. Steps carry at most `reselect_every` tokens. The output is lossless against `lazy` with the same
