@@ -168,6 +168,7 @@ def _exact_second_token_dist(lm: LM, prompt, temperature: float) -> np.ndarray:
   return out
 
 
+@pytest.mark.slow  # ~60 s: kept out of `make test` (under 15 min on 2 cores); `make test-slow` runs it
 def test_sampling_matches_target_distribution():
   """With gamma=0 every second token is an early head guess that verification accepts or resamples: its marginal
   must be the model's, not the head's (chi-square against the exact distribution)."""

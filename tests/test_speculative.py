@@ -165,6 +165,7 @@ def total_variation_bound(exact: dict, samples: list[tuple]) -> tuple[float, flo
   return float(0.5 * np.abs(freq - p).sum()), float(np.quantile(null, 0.999))
 
 
+@pytest.mark.slow  # ~30 s, the host loops on SmolLM2 (the device loops: test_device_loop.py); `make test-slow` runs it
 def test_real_model_greedy_equals_ar(smollm):
   prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": c}]) for c in (
       "Repeat this sentence three times: the cat sat on the mat.",
