@@ -106,6 +106,7 @@ def test_perfect_heads_are_always_accepted_and_save_layers(deep_tiny):
     assert st_["layer_steps"] < lm.cfg.n_layers * st_["new_tokens"]
 
 
+@pytest.mark.slow  # ~22 s; batched AdaDecode identity stays in the default run (test_compose.py)
 def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   """One loop over four prompts of different lengths, one of which meets EOS early: every sequence's tokens AND
   work counters (layer rows, layer steps, exits, verifications) equal its single-sequence run, so no sequence does

@@ -182,6 +182,7 @@ REAL_TEXTS = ("Repeat this sentence three times: the cat sat on the mat.",
               "Summarize in one sentence: The quick brown fox jumps over the lazy dog. The dog sleeps.")
 
 
+@pytest.mark.slow  # ~35 s; SmolLM2 device-loop identity stays in the default run in bf16 (test_bf16_lossless.py)
 def test_real_model_pld_equals_ar(smollm):
   """Batch 1 over three prompts, then four prompts of different lengths as one batch."""
   prompts = chat(smollm, REAL_TEXTS)
