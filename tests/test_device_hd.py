@@ -113,6 +113,14 @@ def test_model_table_changes_since_a_version():
   db.add_sequence([2, 3, 9])
   assert sorted(db.changed_since(version)) == [(2,), (2, 3), (3,)]  # keys of [2, 3, 9]'s n-grams only
   assert db.changed_since(db.version) == []
+  rows = tuple(k.shape[0] for k in device_tables.model_arrays(db, 3, 4)[0])
+  before = device_tables.model_arrays(db, 3, 4, rows)
+  db.add_sequence([9, 3, 2, 7])  # changes (3,) and (2,); adds (9,), (7,), (9, 3), (3, 2), (2, 7)
+  got = device_tables.updated_arrays(db, *before, db.version - 1, 3, 4)
+  assert got is not None  # made in place, not rebuilt
+  want = device_tables.model_arrays(db, 3, 4, rows)
+  for g, w in zip(got[0] + got[1], want[0] + want[1]):
+    np.testing.assert_array_equal(g, w)
   db.prune()
   assert db.changed_since(version) is None  # replaced wholesale: rebuild
 
