@@ -5,8 +5,11 @@
 
 decode: for every dtype, Spec-Bench questions (first turn, chat template) decoded greedily by HF `generate`, HF prompt
   lookup (`prompt_lookup_num_tokens=10`) and each hdjax method (default ar, pld, hd), in an order rotated per
-  question; the first question is warm-up (compiles) and is left out. Reports per-question tok/s averaged, ratios to
-  hdjax `ar` and to HF greedy, and how many outputs equal hdjax `ar`'s (HF's prompt lookup: HF greedy's).
+  question, after a warm-up that compiles every prompt shape (the first method on every question, the others once
+  per shape). Every system makes the same number of tokens per question: HF exactly as many as hdjax's first
+  method (`min_new_tokens`), so an output that ends early in one dtype does not tilt the ratio. Reports tok/s
+  (all tokens over all seconds, prefill included), ratios to hdjax `ar` and to HF greedy, and how many outputs
+  equal hdjax `ar`'s (HF's prompt lookup: HF greedy's).
 prefill: time to first token (`max_new_tokens=1`) of hdjax `ar`, `full` and `lazy` and of HF `generate` on prompts
   of real text (XSum articles) cut to each length, medians of --repeats after one warm-up, systems alternating.
 """
@@ -34,7 +37,7 @@ flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "dtypes, each run by both s
 flags.DEFINE_list("methods", ["ar", "pld", "hd"], "decode: hdjax methods (ar first is the reference)")
 flags.DEFINE_string("questions", os.path.join(_ROOT, "..", "shared", "data", "spec_bench", "question.jsonl"),
                     "decode: Spec-Bench question file")
-flags.DEFINE_integer("limit", 10, "decode: questions, spread over the file (int >= 2; the first is warm-up)")
+flags.DEFINE_integer("limit", 10, "decode: questions, spread over the file (int >= 2)")
 flags.DEFINE_integer("max_new_tokens", 128, "decode: new tokens per question (int >= 1)")
 flags.DEFINE_list("lengths", ["512", "2048", "4096", "8192"], "prefill: prompt lengths in tokens (ints >= 1; "
                   "capped at the context minus one)")
@@ -55,9 +58,12 @@ def spread(items: list, n: int) -> list:
 
 
 def hdjax_run(lm, method: str, new: int) -> Callable:
-  """ids -> ([new token ids], wall seconds) of one hdjax request."""
-  def run(ids):
-    res = lm.generate([ids], method=method, max_new_tokens=new)[0]
+  """(ids, _) -> ([new token ids], wall seconds) of one hdjax request (its own model database per method)."""
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
+
+  def run(ids, _):
+    with speculative.database_scope(method):
+      res = lm.generate([ids], method=method, max_new_tokens=new)[0]
     return [res.token_ids], res.stats["total_s"]
   return run
 
@@ -65,26 +71,35 @@ def hdjax_run(lm, method: str, new: int) -> Callable:
 def decode_stage(dtype: str, questions: list[dict[str, Any]]) -> list[dict[str, Any]]:
   import hdjax  # pylint: disable=import-outside-toplevel  (flags are checked before jax and torch load)
   from experiments.hf_peer import HFRunner  # pylint: disable=import-outside-toplevel
+  from experiments.specbench_lib import warmup_prompts  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
   lm = hdjax.load(F.model, dtype=dtype)
   hf = HFRunner(hdjax.api.resolve_path(F.model), dtype)
   n = F.max_new_tokens
+  prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in questions]
+  # Warm-up: the reference method on every question (its output lengths), every other method once per compiled
+  # prompt shape, HF once; then the model databases forget what the warm-up taught them.
+  lengths = [len(hdjax_run(lm, F.methods[0], n)(ids, 0)[0][0]) for ids in prompts]
+  for method in F.methods[1:]:
+    for ids in warmup_prompts(lm, questions, n):
+      hdjax_run(lm, method, n)(ids, 0)
+  hf.generate([prompts[0]], 2)
+  speculative.reset_databases(read_only_too=False)
   systems: dict[str, Callable] = {
-      "hf": lambda ids: hf.generate([ids], n),
-      "hf_prompt_lookup": lambda ids: hf.generate([ids], n, prompt_lookup=10)}
+      "hf": lambda ids, new: hf.generate([ids], new, exact=True),
+      "hf_prompt_lookup": lambda ids, new: hf.generate([ids], new, exact=True, prompt_lookup=10)}
   systems.update({m: hdjax_run(lm, m, n) for m in F.methods})
   names = list(systems)
   runs: dict[str, list[tuple[list[int], float]]] = {name: [] for name in names}
-  for i, q in enumerate(questions):
-    ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}])
+  for i, (ids, new) in enumerate(zip(prompts, lengths)):
     for name in rotated(names, i):
-      rows, seconds = systems[name](ids)
+      rows, seconds = systems[name](ids, new)
       runs[name].append((rows[0], seconds))
     print(f"  {dtype} question {i + 1}/{len(questions)}", flush=True)
-  timed = {name: r[1:] for name, r in runs.items()}  # question 0 compiled
   ref_of = {name: "hf" if name.startswith("hf") else F.methods[0] for name in names}
-  ar_vs_hf = sum(a[0] == b[0] for a, b in zip(timed[F.methods[0]], timed["hf"]))
-  return [dict(dtype=dtype, system=name, tok_s=statistics.mean(len(ids) / s for ids, s in timed[name]),
-               identical=sum(a[0] == b[0] for a, b in zip(timed[name], timed[ref_of[name]])), of=len(timed[name]),
+  ar_vs_hf = sum(a[0] == b[0] for a, b in zip(runs[F.methods[0]], runs["hf"]))
+  return [dict(dtype=dtype, system=name, tok_s=sum(len(ids) for ids, _ in runs[name]) / sum(s for _, s in runs[name]),
+               identical=sum(a[0] == b[0] for a, b in zip(runs[name], runs[ref_of[name]])), of=len(runs[name]),
                identical_to=ref_of[name], hdjax_ar_vs_hf_identical=ar_vs_hf) for name in names]
 
 

@@ -31,12 +31,13 @@ class HFRunner:
 
   def generate(self, prompts: Sequence[Sequence[int]], new: int, exact: bool = False,
                prompt_lookup: int = 0) -> tuple[list[list[int]], float]:
-    """Greedy new token ids per prompt (EOS ends a sequence unless `exact`) and the wall time; with
-    `prompt_lookup`, HF's prompt lookup decoding with that many draft tokens."""
+    """Greedy new token ids per prompt and the wall time. EOS ends a sequence; with `exact`, every sequence makes
+    exactly `new` tokens (EOS may only be the last). With `prompt_lookup`, HF's prompt lookup decoding with that
+    many draft tokens."""
     ids = self.torch.tensor([list(p) for p in prompts])
     kwargs = dict(attention_mask=self.torch.ones_like(ids), do_sample=False, max_new_tokens=new)
     if exact:
-      kwargs["min_new_tokens"] = new
+      kwargs["min_new_tokens"] = new - 1  # HF lets EOS through once that many tokens exist
     if prompt_lookup:
       kwargs["prompt_lookup_num_tokens"] = prompt_lookup
     with self.torch.no_grad():

@@ -59,7 +59,7 @@ def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens
     history: list[int] = []
     for turn in q["turns"]:
       ids = history + lm.tokenizer.apply_chat_template([{"role": "user", "content": turn}])
-      by_bucket.setdefault(ar.next_pow2(len(ids)), ids)
+      by_bucket.setdefault(ar.prompt_bucket(len(ids)), ids)
       history = ids + [lm.cfg.pad_id] * max_new_tokens
   return [p[:lm.cfg.max_seq_len - max_new_tokens] for p in by_bucket.values()]
 

@@ -19,7 +19,8 @@ from tests.test_speculative import REPETITIVE
 
 # (host drafter config, max_chains, depth): PLD and HD's context tier as the loops use them, and variations
 DRAFTERS = [(pld_drafter().config, 1, PLD_MAX_TOKENS), (context_drafter().config, 7, 4),
-            (context_drafter().config, 3, 6), (NgramConfig(key_sizes=(3, 1), max_candidates=5, max_occurrences=4), 7, 3)]
+            (context_drafter().config, 3, 6),
+            (NgramConfig(key_sizes=(3, 1), max_candidates=5, max_occurrences=4), 7, 3)]
 
 
 def host_chains(config: NgramConfig, tokens, max_chains: int, depth: int) -> list[list[int]]:
@@ -222,7 +223,8 @@ def test_bf16_device_loop_equals_the_host_loop():
 
 
 def _cache_copies(hlo_text: str, cache_shape: str) -> int:
-  return sum(1 for line in hlo_text.splitlines() if cache_shape in line and (" copy(" in line or " copy-start(" in line))
+  return sum(1 for line in hlo_text.splitlines()
+             if cache_shape in line and (" copy(" in line or " copy-start(" in line))
 
 
 def test_compiled_loops_never_copy_the_cache(lm):

@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.prefill import full_prefill
 from hdjax.decoding.registry import register_method
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
-                                    pad_prompts, padded_rows)
+                                    padded_rows)
 from hdjax.decoding.sampling import select_token
 
 
@@ -21,13 +22,11 @@ def generate_ar(lm: LoadedModel, request: GenerateRequest) -> list[GenerationRes
   """Plain decoding: one jitted prefill, then one jitted `lax.while_loop` (run in chunks when streaming)."""
   cfg = lm.cfg
   num_slots = cache_slots_for(cfg, request)
-  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
-  tokens, lengths = pad_prompts(request.prompts, cfg.pad_id, t)
   key, first_key = jax.random.split(jax.random.key(request.seed))
   on_tokens = request.option("on_tokens")
   chunk = request.option("chunk_tokens", 16) if on_tokens else request.max_new_tokens
   start = time.perf_counter()
-  logits_bv, cache = ar.prefill(lm.params, cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
+  logits_bv, cache, _, _ = full_prefill(lm, request, num_slots)
   cur = select_token(logits_bv, first_key, request.sampling).block_until_ready()
   ttft = time.perf_counter() - start
   rows = [[int(x)] for x in np.asarray(cur)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -26,6 +27,14 @@ def next_pow2(n: int, minimum: int = 16) -> int:
   return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
+def prompt_bucket(n: int, minimum: int = 16) -> int:
+  """The padded length of an n-token prompt's prefill: the smallest 2^k or 3 * 2^(k-1) >= n. A prefill costs
+  ~0.5 ms per padded token on CPU, so half-steps cut the padding from up to 2x to up to 1.5x (364 tokens: 384
+  rows, not 512) for twice the compiled shapes."""
+  pow2 = next_pow2(n, minimum)
+  return pow2 * 3 // 4 if pow2 * 3 // 4 >= max(n, minimum) else pow2
+
+
 def last_token_logits(params, cfg: LlamaConfig, h_btd: jax.Array, lengths_b: jax.Array) -> jax.Array:
   """Logits [B, V] at each sequence's last real token (the LM head runs on B rows, not B*T)."""
   last_bd = jnp.take_along_axis(h_btd, (lengths_b - 1)[:, None, None], axis=1)
@@ -39,14 +48,15 @@ def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array
 
   Returns the logits [B, V] after each prompt's last token and the cache with lengths = prompt lengths.
   Padding rows go to an out-of-range slot, so they are never written. Attention is blocked and causal
-  (`model.prefill_layers`, blocks of PREFILL_BLOCK rows; T <= num_slots).
+  (`model.prefill_layers`, blocks of at most PREFILL_BLOCK rows that tile T; T <= num_slots).
   """
   TRACE_COUNTS["prefill"] += 1
   batch, t = tokens_bt.shape
+  block = t if t <= PREFILL_BLOCK else math.gcd(t, PREFILL_BLOCK)  # blocks that tile a 3 * 2^k bucket
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
   h_btd, cache = model.prefill_layers(params, cfg, model.embed(params, cfg, tokens_bt), positions_bt,
                                       positions_bt < lengths_b[:, None], init_cache(cfg, batch, num_slots), 0,
-                                      cfg.n_layers, PREFILL_BLOCK)
+                                      cfg.n_layers, block)
   return last_token_logits(params, cfg, h_btd, lengths_b), cache.replace(lengths=lengths_b.astype(jnp.int32))
 
 

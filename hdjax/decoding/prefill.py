@@ -27,8 +27,8 @@ Prefill = Callable[[LoadedModel, GenerateRequest, int], Prefilled]
 
 
 def full_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int) -> Prefilled:
-  """Every prompt token through every layer (prompts right-padded to a power-of-two bucket)."""
-  t = min(ar.next_pow2(max(len(p) for p in request.prompts)), num_slots)
+  """Every prompt token through every layer (prompts right-padded to `ar.prompt_bucket`)."""
+  t = min(ar.prompt_bucket(max(len(p) for p in request.prompts)), num_slots)
   tokens, lengths = pad_prompts(request.prompts, lm.cfg.pad_id, t)
   logits_bv, cache = ar.prefill(lm.params, lm.cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
   return Prefilled(logits_bv, cache, None, {})

@@ -224,9 +224,9 @@ def speculative_generate(lm: LoadedModel, request: GenerateRequest, method: str,
   for drafter in drafters:
     drafter.finish()
   total = time.perf_counter() - start
-  stats = [dict(method=method, engine="host", new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total, decode_s=total - ttft,
-                accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)), draft_s=draft_s,
-                verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
+  stats = [dict(method=method, engine="host", new_tokens=len(row), steps=steps, ttft_s=ttft, total_s=total,
+                decode_s=total - ttft, accept_lengths=acc, prompt_tokens=len(prompt), tau=float(np.mean(acc)),
+                draft_s=draft_s, verify_s=verify_s, draft_share=draft_s / max(draft_s + verify_s, 1e-12),
                 node_budget=max(spec.buckets), max_depth=spec.max_depth, host_syncs=host_syncs,
                 bucket_counts={str(k): v for k, v in sorted(bucket_counts.items())}, **prefill_stats,
                 **({} if head is None else dict(head_layer=head_layer, head_hit_rate=hits / max(len(acc) - 1, 1))))
