@@ -19,8 +19,9 @@ the pruning layers are recomputed (`lazy.revive_at`) and re-score the pruned tok
 `lazy` would. Steps carry at most `reselect_every` tokens. The output is lossless against `lazy` with the same
 settings (greedy: identical tokens), which the tests check. With `revive=False`, or options only the host loop has
 (`adaptive`, another `order`), they run the host loop with the pruned set frozen after prefill, lossless against
-`lazy` with `revive=False`, as do `lazy+adadecode` and `lazy+hd+adadecode` always (stats `lazy_revive` says
-which).
+`lazy` with `revive=False`. `lazy+adadecode` (AdaDecode's loop) and `lazy+hd+adadecode` (the device loop, with the
+exit head as its first source; `lazy+hd+adadecode_host` is its host loop) always freeze the set (stats
+`lazy_revive` says which).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
                                     padded_rows)
 from hdjax.decoding.sampling import SamplingConfig, select_token
-from hdjax.decoding.speculative import HD_DEFAULTS, spec_method
+from hdjax.decoding.speculative import HD_DEFAULTS, device_method, spec_method
 from hdjax.drafting.context_db import NgramConfig, context_drafter
 from hdjax.drafting.pld import pld_drafter
 from hdjax.errors import HdjaxError
@@ -162,4 +163,6 @@ register_method("lazy+hd")(reviving_method("lazy+hd", lambda: context_drafter().
 register_method("lazy+rest")(reviving_method("lazy+rest", lambda: context_drafter().config, "stats"))
 register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))
 for _prefill, _name in ((full_prefill, "hd+adadecode"), (pruned_prefill, "lazy+hd+adadecode")):
-  register_method(_name)(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))
+  register_method(_name)(device_method(_name, lambda: context_drafter().config, "context,model,stats", _prefill,
+                                       one_exit_head, HEAD_DRAFT_DEFAULTS))
+  register_method(f"{_name}_host")(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

@@ -7,7 +7,7 @@ from hdjax.decoding import ar_method as _ar  # ar
 from hdjax.decoding import speculative  # pld, rest, hd, hd_context, hd_model, hd_stats
 from hdjax.adadecode import decode as _adadecode  # adadecode
 from hdjax import lazy as _lazy  # lazy, lazy_static, lazy_random, lazy_single, full
-# lazy+pld, lazy+rest, lazy+hd, lazy+adadecode, hd+adadecode, lazy+hd+adadecode
+# lazy+pld, lazy+rest, lazy+hd, lazy+adadecode, hd+adadecode, lazy+hd+adadecode (and the last two's _host loops)
 from hdjax import compose as _compose  # noqa: F401
 from hdjax.decoding.registry import METHOD_OPTIONS, METHODS
 
@@ -25,8 +25,9 @@ ADADECODE = _fields(_adadecode.AdaDecodeConfig())  # `adadecode.decode.generate_
 
 
 def method_options(name: str) -> dict:
-  """The options that method `name` (or a "+" composition) reads, with their defaults."""
-  parts = name.split("+")
+  """The options that method `name` (or a "+" composition, or its host loop `<name>_host`) reads, with their
+  defaults."""
+  parts = name.removesuffix("_host").split("+")
   spec = any(p in speculative.SPEC_METHODS for p in parts)
   options = dict(COMMON)
   if spec:

@@ -29,9 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import model
-from hdjax.adadecode.heads import ExitHeads, head_logits
-from hdjax.attention import causal_mask
+from hdjax.adadecode.heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop
@@ -42,7 +40,7 @@ from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedMod
 from hdjax.decoding.sampling import SamplingConfig, select_token
 from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, truncate_tree
 from hdjax.decoding.tree_policy import TreeSizePolicy
-from hdjax.decoding.verify import verify_tree
+from hdjax.decoding.verify import head_draft, start_head, verify_tree
 from hdjax.drafting.base import Drafter
 from hdjax.drafting import device_tables
 from hdjax.drafting.context_db import NgramConfig, context_drafter
@@ -106,24 +104,6 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   return StepOut(tokens_bd, num_b, *head_draft(params, cfg, cache, next_root_b, active_b, head_layer, t_dd,
                                                    visible_lbs))
 
-
-def head_draft(params, cfg: LlamaConfig, cache: KVCache, root_b: jax.Array, active_b: jax.Array, head_layer: int,
-               t_dd: jax.Array, visible_lbs: jax.Array | None = None
-               ) -> tuple[KVCache, jax.Array, jax.Array]:
-  """Runs each active row's root (the next token, not yet cached) through layers [0, head_layer) at slot
-  `lengths`. Returns the cache with those K/V rows, the root's state [B, D] and the head's argmax [B]: the draft
-  of the token after the root (deterministic, so tree acceptance stays lossless under sampling too)."""
-  positions_b1 = cache.lengths[:, None]
-  slots_b1 = jnp.where(active_b[:, None], positions_b1, cache.num_slots)
-  below = model.run_layers(params, cfg, model.embed(params, cfg, root_b[:, None]), positions_b1,
-                           causal_mask(positions_b1, cache.num_slots), cache, slots_b1, 0, head_layer,
-                           visible_lbs=visible_lbs)
-  draft_b = jnp.argmax(head_logits(params, cfg, t_dd, below.h_btd)[:, 0], axis=-1).astype(jnp.int32)
-  return below.cache, below.h_btd[:, 0], draft_b
-
-
-start_head = functools.partial(jax.jit, static_argnames=("cfg", "head_layer"), donate_argnames=("cache",))(
-    head_draft)
 
 
 def speculative_generate(lm: LoadedModel, request: GenerateRequest, method: str,
@@ -362,26 +342,30 @@ for _method in SPEC_METHODS:
 
 
 def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: str,
-                  prefill: Prefill = full_prefill) -> Method:
+                  prefill: Prefill = full_prefill,
+                  exit_head: Callable[[LoadedModel, GenerateRequest], ExitHeads] | None = None,
+                  defaults: SpecConfig | None = None) -> Method:
   """`method` in the on-device loop (`device_loop.py`) over the sources `source` (comma-separated, in order, as
   `order`): the n-gram source ("context" or "pld") reproduces `host_drafter()`, the model and statistics
   databases are read from device tables (`device_tables.py`), a snapshot of each database taken at the start of
   the request (rebuilt only when the model database changed); at the end every row's output is folded into the
   model database, one sequence per row, as the host loop's `ModelDBSession`s do. As in the host loop, a
   hierarchy of several sources uses the databases that exist. Options only the host loop has (`adaptive` tree
-  sizes, another `order`) run the host loop instead; `stats["engine"]` says which ran."""
-  host_loop = spec_method(method, prefill)
-  defaults = SPEC_METHODS[method][1]
+  sizes, another `order`) run the host loop instead; `stats["engine"]` says which ran. `exit_head` and
+  `defaults` as in `spec_method`."""
+  host_loop = spec_method(method, prefill, exit_head, defaults)
+  defaults = defaults or SPEC_METHODS[method][1]
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     if request.option("adaptive", False) or request.option("order", source) != source:
       return host_loop(lm, request)
     spec = defaults.with_options(request)
+    head = exit_head(lm, request) if exit_head else None
     start = time.perf_counter()
     names, tables, model_db = device_sources(lm, spec, source)
     tables_s = time.perf_counter() - start
     results = device_loop.device_generate(lm, request, method, host_drafter(), spec, prefill, tuple(names), tables,
-                                          lambda rows: learn_outputs(model_db, request.prompts, rows))
+                                          lambda rows: learn_outputs(model_db, request.prompts, rows), head)
     for r in results:
       r.stats["sources"] = ",".join(names)
       r.stats["tables_s"] = tables_s  # host time to snapshot the databases' device tables (before the prefill)

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from hdjax import model
-from hdjax.attention import key_block_of, prefix_plus_block_mask
+from hdjax.adadecode.heads import head_logits
+from hdjax.attention import causal_mask, key_block_of, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, target_probs
 from hdjax.decoding.tree import DraftTree, pad_tree
@@ -166,3 +167,24 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   num_b = jnp.where(active_b, acc.num_accepted, 0)
   cache = commit_rows(cache, lengths_b[:, None] + acc.path_d1, jnp.where(active_b, num_b + 1, 0))
   return Verified(acc.tokens_d1, num_b, cache)
+
+
+def head_draft(params, cfg: LlamaConfig, cache: KVCache, root_b: jax.Array, active_b: jax.Array, head_layer: int,
+               t_dd: jax.Array, visible_lbs: jax.Array | None = None
+               ) -> tuple[KVCache, jax.Array, jax.Array]:
+  """Runs each active row's root (the next token, not yet cached) through layers [0, head_layer) at slot
+  `lengths`. Returns the cache with those K/V rows, the root's state [B, D] and the head's argmax [B]: the draft
+  of the token after the root (deterministic, so tree acceptance stays lossless under sampling too)."""
+  positions_b1 = cache.lengths[:, None]
+  slots_b1 = jnp.where(active_b[:, None], positions_b1, cache.num_slots)
+  below = model.run_layers(params, cfg, model.embed(params, cfg, root_b[:, None]), positions_b1,
+                           causal_mask(positions_b1, cache.num_slots), cache, slots_b1, 0, head_layer,
+                           visible_lbs=visible_lbs)
+  draft_b = jnp.argmax(head_logits(params, cfg, t_dd, below.h_btd)[:, 0], axis=-1).astype(jnp.int32)
+  return below.cache, below.h_btd[:, 0], draft_b
+
+
+
+# the first head draft of a request, after its prefill
+start_head = functools.partial(jax.jit, static_argnames=("cfg", "head_layer"), donate_argnames=("cache",))(
+    head_draft)
