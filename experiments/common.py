@@ -41,6 +41,24 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
   app.run(guarded)
 
 
+def check_memory_maps(fraction: float = 0.85) -> None:
+  """Stops the run with a clear error when this process's memory maps near the kernel's limit (Linux
+  `vm.max_map_count`, 65,530 by default). XLA:CPU maps every compiled kernel's code and data pages separately:
+  1,400-4,200 maps per compiled decoding program for SmolLM2 (`hd+adadecode`'s device loop in fp32 is the largest),
+  and a compile past the limit fails inside LLVM ("Cannot allocate memory") and crashes the process."""
+  try:
+    with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+      used = sum(1 for _ in f)
+    with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+      limit = int(f.read())
+  except (OSError, ValueError):  # not Linux: no such limit to watch
+    return
+  if used > fraction * limit:
+    raise HdjaxError(f"the compiled programs of this run hold {used:,} of the {limit:,} memory maps the kernel "
+                     "allows a process (vm.max_map_count); one more compile could crash it: run fewer methods or "
+                     "questions per process, or raise vm.max_map_count")
+
+
 def device_name() -> str:
   """What the numbers were measured on, e.g. 'NVIDIA H100 80GB HBM3 x1 (gpu)'."""
   import jax  # pylint: disable=import-outside-toplevel  (see median_ms)

@@ -25,8 +25,8 @@ from typing import Any, Sequence
 from absl import flags
 import hdjax
 from experiments import multihost
-from experiments.common import (at_least, check_output_dir, device_name, parse_method_options, read_questions, require,
-                                run_main, write_json_atomic, write_jsonl_atomic)
+from experiments.common import (at_least, check_memory_maps, check_output_dir, device_name, parse_method_options,
+                                read_questions, require, run_main, write_json_atomic, write_jsonl_atomic)
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
@@ -71,6 +71,7 @@ def main(argv: Sequence[str]) -> None:
       for prompt in warmup_prompts(lm, questions, FLAGS.max_new_tokens):
         lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
                     seed=FLAGS.seed, warmup=True, **method_options.get(method, {}))
+        check_memory_maps()
   speculative.reset_databases(read_only_too=False)  # warm-up answers must not seed the online model databases
 
   def one_question(n: int, q: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -51,17 +51,22 @@ def answer(lm: hdjax.LM, method: str, turns: Sequence[str], max_new_tokens: int,
   return out
 
 
+# cache slots a method adds for its tree rows: none (`ar`), up to the default and a larger node budget
+SPECULATIVE_EXTRA_ROWS = (0, 8, 16)
+
+
 def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens: int) -> list[list[int]]:
-  """One prompt per distinct prefill bucket, including an estimate of later turns (earlier answers at most
-  max_new_tokens long), so the timed runs compile nothing new."""
-  by_bucket: dict[int, list[int]] = {}
+  """One prompt per distinct compiled shape (prefill bucket and cache size), including an estimate of later turns
+  (earlier answers at most max_new_tokens long), so the timed runs compile nothing new."""
+  by_shape: dict[tuple[int, ...], list[int]] = {}
   for q in questions:
     history: list[int] = []
     for turn in q["turns"]:
       ids = history + lm.tokenizer.apply_chat_template([{"role": "user", "content": turn}])
-      by_bucket.setdefault(ar.prompt_bucket(len(ids)), ids)
+      slots = tuple(ar.next_pow2(len(ids) + max_new_tokens + extra, 64) for extra in SPECULATIVE_EXTRA_ROWS)
+      by_shape.setdefault((ar.prompt_bucket(len(ids)), *slots), ids)
       history = ids + [lm.cfg.pad_id] * max_new_tokens
-  return [p[:lm.cfg.max_seq_len - max_new_tokens] for p in by_bucket.values()]
+  return [p[:lm.cfg.max_seq_len - max_new_tokens] for p in by_shape.values()]
 
 
 def jsonable(x: Any) -> Any:

@@ -215,3 +215,10 @@ def test_killed_and_resumed_training_logs_each_step_once(tmp_path):
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4] and "eval" in rows[-1]
   assert_one_error(launch("train_exit_heads", *args, "--config.layers=(8,)"), "holds checkpoints of another run")
+
+
+def test_memory_map_budget_is_a_clear_error():
+  """Near the kernel's memory-map limit a launcher stops with one HdjaxError instead of crashing inside LLVM."""
+  common.check_memory_maps()  # this test process is far below the limit
+  with pytest.raises(HdjaxError, match="vm.max_map_count"):
+    common.check_memory_maps(fraction=0.0)
