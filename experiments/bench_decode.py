@@ -89,7 +89,8 @@ def main(argv):
   if _OUT.value:
     check_output_file(_OUT.value)
   lm = hdjax.load(_MODEL.value, dtype="float32")
-  lm_no_eos = hdjax.LM(lm.cfg.replace(eos_ids=(-1,)), lm.params, lm.tokenizer, lm.name)
+  # decode exactly --new_tokens: an end-of-sequence id that no argmax can take (the vocabulary's size)
+  lm_no_eos = hdjax.LM(lm.cfg.replace(eos_ids=(lm.cfg.vocab_size,)), lm.params, lm.tokenizer, lm.name)
   hf = HFRunner(hdjax.api.resolve_path(_MODEL.value)) if _HF.value else None
   prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a long story about a dragon."}])
   rows = []

@@ -222,3 +222,14 @@ def test_memory_map_budget_is_a_clear_error():
   common.check_memory_maps()  # this test process is far below the limit
   with pytest.raises(HdjaxError, match="vm.max_map_count"):
     common.check_memory_maps(fraction=0.0)
+
+
+def test_bench_decode_runs_on_the_embedded_model(tmp_path):
+  """The main job's second stage end to end on SmolLM2, tiny budgets, without HF (its EOS trick once broke
+  `make run` without any test noticing)."""
+  out = tmp_path / "bench.json"
+  proc = launch("bench_decode", "--nohf", "--repeats=1", "--new_tokens=3", "--prefill_lengths=16", "--batches=1",
+                f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  kinds = {(r["kind"], r["size"]) for r in json.loads(out.read_text())["rows"]}
+  assert kinds == {("prefill", 16), ("decode", 1)}
