@@ -10,6 +10,7 @@ import numpy as np
 
 import hdjax
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.request import slots_for
 
 
 
@@ -63,7 +64,7 @@ def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens
     history: list[int] = []
     for turn in q["turns"]:
       ids = history + lm.tokenizer.apply_chat_template([{"role": "user", "content": turn}])
-      slots = tuple(ar.next_pow2(len(ids) + max_new_tokens + extra, 64) for extra in SPECULATIVE_EXTRA_ROWS)
+      slots = tuple(slots_for(len(ids), max_new_tokens, extra) for extra in SPECULATIVE_EXTRA_ROWS)
       by_shape.setdefault((ar.prompt_bucket(len(ids)), *slots), ids)
       history = ids + [lm.cfg.pad_id] * max_new_tokens
   return [p[:lm.cfg.max_seq_len - max_new_tokens] for p in by_shape.values()]
