@@ -17,35 +17,32 @@ every later token sees the revived set. So a step's drafts are cut where the nex
 (`lazy.steps_to_revival`): the step's last committed token is then the re-selection token, whose states entering
 the pruning layers are recomputed (`lazy.revive_at`) and re-score the pruned tokens, and the next step sees what
 `lazy` would. Steps carry at most `reselect_every` tokens. The output is lossless against `lazy` with the same
-settings (greedy: identical tokens), which the tests check. With `revive=False`, or options only the host loop has
-(`adaptive`, another `order`), they run the host loop with the pruned set frozen after prefill, lossless against
-`lazy` with `revive=False`. `lazy+adadecode` (AdaDecode's loop) and `lazy+hd+adadecode` (the device loop, with the
-exit head as its first source; `lazy+hd+adadecode_host` is its host loop) always freeze the set (stats
-`lazy_revive` says which).
+settings (greedy: identical tokens), which the tests check. With `revive=False` they run the device loop with the
+pruned set frozen after prefill (the host loop for options only it has: `adaptive`, another `order`), lossless
+against `lazy` with `revive=False`. `lazy+adadecode` (AdaDecode's loop) and `lazy+hd+adadecode` (the device loop,
+with the exit head as its first source; `lazy+hd+adadecode_host` is its host loop) always freeze the set (stats
+`lazy_revive` says which). Every one of them runs through the one driver (`decoding/driver.py`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hdjax import lazy
 from hdjax.adadecode.decode import adadecode_method, resolve_heads
 from hdjax.adadecode.heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding import device_loop, speculative
+from hdjax.decoding import device_loop, driver, speculative
 from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
-from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
-                                    padded_rows)
-from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
+from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.speculative import HD_DEFAULTS, device_method, spec_method
 from hdjax.drafting.context_db import NgramConfig, context_drafter
 from hdjax.drafting.pld import pld_drafter
@@ -53,21 +50,6 @@ from hdjax.errors import HdjaxError
 
 # The head's draft is one node: a 2-node tree (root + head draft) is the common step when no database matches.
 HEAD_DRAFT_DEFAULTS = dataclasses.replace(HD_DEFAULTS, buckets=(1, 2, 4, 8))
-
-
-def pruned_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int) -> Prefilled:
-  """The `lazy` method's pruned prefill (its schedule from the request's options), with per-layer visibility."""
-  lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
-  prompt_tokens = sum(len(p) for p in request.prompts)
-  if max(len(p) for p in request.prompts) < lazy_cfg.min_prompt:
-    return full_prefill(lm, request, num_slots)._replace(stats=dict(lazy_fallback=True, computed_fraction_prefill=1.0))
-  logits_bv, state, bucket = lazy.prefill_request(lm, request, lazy_cfg, num_slots)
-  computed_lbs = state.computed_lbs > 0
-  decoded_bs = jnp.arange(num_slots)[None, :] >= state.cache.lengths[:, None]  # written later, at every layer
-  computed = int(np.asarray(jnp.sum(computed_lbs)))
-  return Prefilled(logits_bv, state.cache, computed_lbs | decoded_bs[None],
-                   dict(lazy_fallback=False, prefill_bucket=bucket, lazy_revive=False,
-                        computed_fraction_prefill=computed / (lm.cfg.n_layers * prompt_tokens)))
 
 
 def one_exit_head(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
@@ -78,26 +60,27 @@ def one_exit_head(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
   return heads
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "spec", "sampling"),
-                   donate_argnames=("loop", "lazy_state"))
-def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, loop: device_loop.LoopState,
-                  lazy_state: lazy.LazyState, key: jax.Array, max_new: jax.Array, spec: device_loop.DeviceSpec,
-                  sampling: SamplingConfig, tables: tuple = ()
-                  ) -> tuple[device_loop.LoopState, lazy.LazyState, jax.Array]:
-  """The device loop's steps (`device_loop.decode_chunk`) over the pruned cache until every row is done or the
-  cache is full, each step cut at the next re-selection point and followed by revival where one was reached.
-  `lazy_state.cache` is None (the loop's cache is `loop.cache`); its `computed_lbs` counts every decoded slot.
-  Returns both states and the tokens revived per row."""
+class RevivingState(NamedTuple):
+  """`reviving_loop`'s state: the device loop's, the lazy state beside it, and revival counts."""
+
+  loop: device_loop.LoopState
+  lazy_state: lazy.LazyState  # `cache` None (the loop's cache is `loop.cache`); `computed_lbs` counts decoded slots
+  revived_b: jax.Array  # [B] tokens revived during decoding
+  prefill_computed_b: jax.Array  # [B] (layer, prompt token) pairs whose K/V the prefill computed
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "spec", "sampling"), donate_argnames=("state",))
+def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: RevivingState, key: jax.Array,
+                  max_new: jax.Array, stop_at: jax.Array, spec: device_loop.DeviceSpec, sampling: SamplingConfig,
+                  tables: tuple = ()) -> RevivingState:
+  """The device loop's steps (`device_loop.speculative_step`) over the pruned cache, stopping as
+  `device_loop.decode_chunk` does, each step cut at the next re-selection point and followed by revival where
+  one was reached."""
   ar.TRACE_COUNTS["lazy_reviving_loop"] += 1
-  batch = loop.tokens_bs.shape[0]
   every = lazy_cfg.reselect_every
 
-  def cond(carry) -> jax.Array:
-    st = carry[0]
-    return jnp.any(~st.done_b) & (device_loop.cache_room(st) >= 1)
-
-  def body(carry):
-    st, lz, revived_b = carry
+  def body(carry: RevivingState) -> RevivingState:
+    st, lz = carry.loop, carry.lazy_state
     # the root is at position lengths - 1; its step may commit drafts up to the next re-selection point only
     cap_b = lazy.steps_to_revival(st.lengths_b - 1, st.prompt_b, every)
     new = device_loop.speculative_step(params, cfg, st, key, max_new, spec, sampling, lz.computed_lbs > 0, tables,
@@ -109,51 +92,78 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, loop: dev
     token_b = jnp.take_along_axis(new.tokens_bs, last_b[:, None], axis=1)[:, 0]
     full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, lazy_cfg, s, token_b, last_b,
                                                                            due_b), lz._replace(cache=new.cache))
-    return new._replace(cache=full.cache), full._replace(cache=None), revived_b + got_b
+    return carry._replace(loop=new._replace(cache=full.cache), lazy_state=full._replace(cache=None),
+                          revived_b=carry.revived_b + got_b)
 
-  return jax.lax.while_loop(cond, body, (loop, lazy_state, jnp.zeros((batch,), jnp.int32)))
+  return jax.lax.while_loop(lambda carry: device_loop.continues(carry.loop, stop_at), body, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class RevivingLoop(driver.DecodeLoop):
+  """`reviving_loop` as the driver runs it, after `lazy.pruned_prefill` of `lazy_cfg`; `tables` and `learn` as in
+  `device_loop.DeviceLoop`."""
+
+  cfg: LlamaConfig
+  spec: device_loop.DeviceSpec
+  lazy_cfg: lazy.LazyConfig
+  tables: tuple = ()
+  learn: Callable[[list[list[int]]], None] | None = None
+
+  @property
+  def extra_slots(self) -> int:
+    return max(self.spec.buckets)
+
+  def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
+            key: jax.Array) -> tuple[RevivingState, jax.Array]:
+    loop = device_loop.initial_state(lm.cfg, request, first_b, prefilled.cache, self.spec)
+    st = prefilled.state
+    decoded_bs = (jnp.arange(loop.cache.num_slots)[None, :] >= loop.prompt_b[:, None]).astype(jnp.int32)
+    return RevivingState(loop, st._replace(cache=None, computed_lbs=st.computed_lbs + decoded_bs[None]),
+                         jnp.zeros_like(first_b), jnp.sum(st.computed_lbs > 0, axis=(0, 2))), key
+
+  def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
+    st, key = state
+    return reviving_loop(lm.params, lm.cfg, self.lazy_cfg, st, key, jnp.int32(request.max_new_tokens), stop_at,
+                         self.spec, request.sampling, self.tables), key
+
+  def progress(self, state) -> driver.Progress:
+    return device_loop.loop_progress(state[0].loop)
+
+  def report(self, state):
+    st = state[0]
+    return device_loop.loop_report(st.loop), st.revived_b, st.prefill_computed_b
+
+  def row_stats(self, report, b: int, new_tokens: int) -> dict:
+    loop, revived_b, prefill_computed_b = report
+    return dict(device_loop.loop_row_stats(self.spec, loop, b), lazy_revive=True, revived=int(revived_b[b]),
+                computed_fraction_prefill=float(prefill_computed_b[b]) / (self.cfg.n_layers * int(loop.prompt_b[b])))
+
+  def finish(self, state, rows: list[list[int]]) -> None:
+    if self.learn is not None:
+      self.learn(rows)
 
 
 def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source: str) -> Method:
   """`method` (lazy + a device-loop drafter over `source`, as `speculative.device_method`) with revival in
-  `reviving_loop`; the frozen host loop where revival is off, the prompt is short, or an option needs it."""
-  frozen = spec_method(method, pruned_prefill)
+  `reviving_loop`; without revival (`revive=False`, or a prompt shorter than `min_prompt`) the device loop over
+  the pruned prefill's frozen set, and the host loop for options only it has."""
+  frozen = device_method(method, host_drafter, source, lazy.pruned_prefill,
+                         defaults=speculative.SPEC_METHODS[method.split("+")[1]][1])
   defaults = speculative.SPEC_METHODS[method.split("+")[1]][1]
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
-    cfg = lm.cfg
-    lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(cfg)
+    lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
     if (not lazy_cfg.revive or max(len(p) for p in request.prompts) < lazy_cfg.min_prompt
         or request.option("adaptive", False) or request.option("order", source) != source):
       return frozen(lm, request)
     spec = defaults.with_options(request)
     names, tables, model_db = speculative.device_sources(lm, spec, source)
-    dspec = device_loop.device_spec(cfg, host_drafter(), spec, tuple(names))
-    num_slots = cache_slots_for(cfg, request, extra=max(dspec.buckets))
-    key, first_key = jax.random.split(jax.random.key(request.seed))
-    start = time.perf_counter()
-    logits_bv, state, bucket = lazy.prefill_request(lm, request, lazy_cfg, num_slots)
-    first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
-    ttft = time.perf_counter() - start
-    warmup = request.option("warmup", False)  # compile the loop for this cache shape (no step runs)
-    loop = device_loop.initial_state(cfg, request, first_b, state.cache, dspec)
-    loop = loop._replace(done_b=loop.done_b | warmup)
-    decoded_bs = (jnp.arange(num_slots)[None, :] >= loop.prompt_b[:, None]).astype(jnp.int32)
-    prefill_computed_b = jnp.sum(state.computed_lbs > 0, axis=(0, 2))
-    lazy_state = state._replace(cache=None, computed_lbs=state.computed_lbs + decoded_bs[None])
-    loop, lazy_state, revived_b = reviving_loop(lm.params, cfg, lazy_cfg, loop, lazy_state, key,
-                                                jnp.int32(request.max_new_tokens), dspec, request.sampling, tables)
-    rows, stats = device_loop.finished_rows(loop, request, method, dspec, start, ttft, host_syncs=2)
-    revived_b, prefill_computed_b = jax.device_get((revived_b, prefill_computed_b))
-    if not warmup:
-      speculative.learn_outputs(model_db, request.prompts, rows)
-    if request.option("on_tokens"):  # no chunks: the whole first row at the end
-      request.option("on_tokens")(rows[0])
-    for b, (st, prompt) in enumerate(zip(stats, request.prompts)):
-      st.update(sources=",".join(names), lazy_fallback=False, lazy_revive=True, prefill_bucket=bucket,
-                revived=int(revived_b[b]),
-                computed_fraction_prefill=float(prefill_computed_b[b]) / (cfg.n_layers * len(prompt)))
-    return make_results(lm, *padded_rows(rows), stats)
+    loop = RevivingLoop(lm.cfg, device_loop.device_spec(lm.cfg, host_drafter(), spec, tuple(names)), lazy_cfg, tables,
+                        functools.partial(speculative.learn_outputs, model_db, request.prompts))
+    results = driver.generate(lm, request, method, loop, functools.partial(lazy.pruned_prefill, lazy_cfg=lazy_cfg))
+    for r in results:
+      r.stats["sources"] = ",".join(names)
+    return results
 
   return generate
 
@@ -161,8 +171,8 @@ def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source
 register_method("lazy+pld")(reviving_method("lazy+pld", lambda: pld_drafter().config, "pld"))
 register_method("lazy+hd")(reviving_method("lazy+hd", lambda: context_drafter().config, "context,model,stats"))
 register_method("lazy+rest")(reviving_method("lazy+rest", lambda: context_drafter().config, "stats"))
-register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", pruned_prefill))
-for _prefill, _name in ((full_prefill, "hd+adadecode"), (pruned_prefill, "lazy+hd+adadecode")):
+register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", lazy.pruned_prefill))
+for _prefill, _name in ((full_prefill, "hd+adadecode"), (lazy.pruned_prefill, "lazy+hd+adadecode")):
   register_method(_name)(device_method(_name, lambda: context_drafter().config, "context,model,stats", _prefill,
                                        one_exit_head, HEAD_DRAFT_DEFAULTS))
   register_method(f"{_name}_host")(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import NamedTuple
 
 import jax
@@ -42,11 +41,12 @@ from hdjax.attention import apply_rope, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding.ar_method import generate_ar
+from hdjax.decoding import driver
+from hdjax.decoding.ar_method import ArLoop, token_progress, token_row_stats
+from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.registry import register_method
-from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
-                                    pad_prompts)
-from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, pad_prompts
+from hdjax.decoding.sampling import SamplingConfig
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache, init_cache
 
@@ -393,52 +393,40 @@ def revive_at(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, 
   return _revive(params, cfg, lazy_cfg, state, entering_lb1d[:, :, 0], pos_b, due_b)
 
 
-class LazyDecodeOut(NamedTuple):
-  tokens_bn: jax.Array
-  num_b: jax.Array
-  steps: jax.Array
+class LazyInner(NamedTuple):
+  """The lazy decoding step's state inside an `ar.TokenState`."""
+
   state: LazyState
-  revived_b: jax.Array
+  revived_b: jax.Array  # [B] tokens revived during decoding
+  prefill_computed_b: jax.Array  # [B] (layer, prompt token) pairs whose K/V the prefill computed
+  prompt_b: jax.Array  # [B] prompt lengths
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "sampling", "out_len"), donate_argnames=("state",))
-def lazy_decode_loop(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, first_b: jax.Array,
-                     max_new: jax.Array, key: jax.Array, sampling: SamplingConfig, out_len: int) -> LazyDecodeOut:
-  """Decoding where each layer's attention sees only that layer's computed K/V, with periodic revival."""
+@functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "sampling"), donate_argnames=("state",))
+def lazy_decode_chunk(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: ar.TokenState, max_new: jax.Array,
+                      stop_at: jax.Array, sampling: SamplingConfig) -> ar.TokenState:
+  """Decoding where each layer's attention sees only that layer's computed K/V, with revival every
+  `reselect_every` steps (`state.inner` is a `LazyInner`); stops as `ar.token_loop`."""
   ar.TRACE_COUNTS["lazy_decode_loop"] += 1
-  batch = first_b.shape[0]
-  tokens_bn = jnp.full((batch, out_len), -1, jnp.int32).at[:, 0].set(first_b)
-  done_b = ar.is_eos(first_b, cfg.eos_ids) | (max_new <= 1)
+  batch = state.cur_b.shape[0]
 
-  def cond(carry):
-    _, _, done, st, _, _, _, _ = carry
-    return jnp.any(~done) & jnp.all(done | (st.cache.lengths < st.cache.num_slots))
-
-  def body(carry):
-    tokens, num, done, st, cur, key, steps, revived = carry
-    key, sub = jax.random.split(key)
-    active_b = ~done
+  def step(inner: LazyInner, cur_b, active_b, steps):
+    st = inner.state
     pos_b1 = st.cache.lengths[:, None]
     live_lb1 = jnp.broadcast_to(active_b[:, None], (cfg.n_layers, batch, 1))
     h_b1d, cache, computed, entering_lb1d = run_layers_masked(
-        params, cfg, model.embed(params, cfg, cur[:, None]), pos_b1, pos_b1, live_lb1, st.computed_lbs, st.cache,
+        params, cfg, model.embed(params, cfg, cur_b[:, None]), pos_b1, pos_b1, live_lb1, st.computed_lbs, st.cache,
         0, cfg.n_layers)
     st = st._replace(cache=cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32)), computed_lbs=computed)
+    revived_b = inner.revived_b
     if lazy_cfg.revive:
       st, got_b = revive_if(steps % lazy_cfg.reselect_every == 0,
                             lambda s_: _revive(params, cfg, lazy_cfg, s_, entering_lb1d[:, :, 0], pos_b1[:, 0],
                                                active_b), st)
-      revived = revived + got_b
-    nxt = select_token(model.unembed(params, cfg, h_b1d)[:, 0], sub, sampling)
-    tokens = tokens.at[jnp.arange(batch), jnp.where(done, out_len, num)].set(nxt, mode="drop")
-    num = num + active_b.astype(jnp.int32)
-    done = done | ar.is_eos(nxt, cfg.eos_ids) | (num >= max_new)
-    return tokens, num, done, st, jnp.where(done, cur, nxt), key, steps + 1, revived
+      revived_b = revived_b + got_b
+    return model.unembed(params, cfg, h_b1d)[:, 0], inner._replace(state=st, revived_b=revived_b)
 
-  tokens_bn, num_b, _, state, _, _, steps, revived_b = jax.lax.while_loop(
-      cond, body, (tokens_bn, jnp.ones((batch,), jnp.int32), done_b, state, first_b, key, jnp.int32(0),
-                   jnp.zeros((batch,), jnp.int32)))
-  return LazyDecodeOut(tokens_bn, num_b, steps, state, revived_b)
+  return ar.token_loop(step, lambda inner: inner.state.cache, state, cfg.eos_ids, max_new, stop_at, sampling)
 
 
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(LazyConfig))
@@ -460,41 +448,75 @@ def prefill_request(lm: LoadedModel, request: GenerateRequest, lazy_cfg: LazyCon
   return logits_bv, state, t
 
 
+def pruned_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int, lazy_cfg: LazyConfig | None = None
+                   ) -> Prefilled:
+  """The pruned prefill of `lazy_cfg` (default: the request's schedule, as `lazy` runs it), with per-layer
+  visibility (every slot past the prompt counts as visible: decoding writes it at every layer) and the
+  `LazyState` as `state`; a full prefill (`state` None) for prompts shorter than `min_prompt`."""
+  lazy_cfg = (lazy_cfg or config_from_request(request, LazyConfig())).validate(lm.cfg)
+  if max(len(p) for p in request.prompts) < lazy_cfg.min_prompt:
+    return full_prefill(lm, request, num_slots)._replace(
+        stats=dict(lazy_fallback=True, computed_fraction_prefill=1.0, revived=0))
+  logits_bv, state, bucket = prefill_request(lm, request, lazy_cfg, num_slots)
+  computed_lbs = state.computed_lbs > 0
+  decoded_bs = jnp.arange(num_slots)[None, :] >= state.cache.lengths[:, None]
+  computed = int(np.asarray(jnp.sum(computed_lbs)))
+  return Prefilled(logits_bv, state.cache, computed_lbs | decoded_bs[None],
+                   dict(lazy_fallback=False, prefill_bucket=bucket, lazy_revive=False,
+                        computed_fraction_prefill=computed / (lm.cfg.n_layers * sum(len(p) for p in request.prompts))),
+                   state)
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyLoop(driver.DecodeLoop):
+  """`lazy`'s `driver.DecodeLoop` after `pruned_prefill`: an `ar.TokenState` around a `LazyInner`."""
+
+  cfg: LlamaConfig
+  lazy_cfg: LazyConfig
+  extra_slots: int = 0
+
+  def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
+            key: jax.Array) -> ar.TokenState:
+    st = prefilled.state
+    # prompt lengths: a copy of the cache's cursors (the state is donated, and one buffer cannot be donated twice)
+    inner = LazyInner(st, jnp.zeros_like(first_b), jnp.sum(st.computed_lbs > 0, axis=(0, 2)),
+                      jnp.array(st.cache.lengths, copy=True))
+    return ar.token_state(lm.cfg, first_b, request.max_new_tokens, key, inner)
+
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: ar.TokenState, stop_at: jax.Array
+          ) -> ar.TokenState:
+    return lazy_decode_chunk(lm.params, lm.cfg, self.lazy_cfg, state, jnp.int32(request.max_new_tokens), stop_at,
+                             request.sampling)
+
+  def progress(self, state: ar.TokenState) -> driver.Progress:
+    return token_progress(state, state.inner.state.cache)
+
+  def report(self, state: ar.TokenState):
+    return state.steps, state.inner._replace(state=state.inner.state.computed_lbs)
+
+  def row_stats(self, report, b: int, new_tokens: int) -> dict:
+    steps, inner = report
+    return dict(token_row_stats(steps, new_tokens), lazy_revive=self.lazy_cfg.revive,
+                revived=int(inner.revived_b[b]), **computed_stats(self.cfg, inner.state[:, b], inner.prompt_b[b],
+                                                                  inner.prefill_computed_b[b]))
+
+
+def computed_stats(cfg: LlamaConfig, computed_ls: np.ndarray, prompt: int, prefill_computed: int) -> dict:
+  """A row's pruning stats from its final computed counts [L, S]: the share of (layer, prompt token) pairs whose
+  K/V the prefill and the whole request computed, the most times one was computed, and the pairs computed."""
+  return dict(computed_fraction_prefill=float(prefill_computed) / (cfg.n_layers * prompt),
+              computed_fraction_final=float(np.sum(computed_ls[:, :prompt] > 0)) / (cfg.n_layers * prompt),
+              max_layer_computes=int(computed_ls.max()), token_layers_computed=int(computed_ls.sum()))
+
+
 def generate_lazy(lm: LoadedModel, request: GenerateRequest, lazy_cfg: LazyConfig, name: str
                   ) -> list[GenerationResult]:
-  """Runs one request with a schedule; prompts shorter than `min_prompt` fall back to full prefill ("ar")."""
-  cfg = lm.cfg
-  lazy_cfg = lazy_cfg.validate(cfg)
-  longest = max(len(p) for p in request.prompts)
-  if longest < lazy_cfg.min_prompt:
-    results = generate_ar(lm, request)
-    for r in results:
-      r.stats.update(method=name, lazy_fallback=True, computed_fraction_prefill=1.0, revived=0)
-    return results
-  num_slots = cache_slots_for(cfg, request)
-  key = jax.random.key(request.seed)
-  key, first_key = jax.random.split(key)
-  start = time.perf_counter()
-  logits_bv, state, t = prefill_request(lm, request, lazy_cfg, num_slots)
-  first = select_token(logits_bv, first_key, request.sampling).block_until_ready()
-  ttft = time.perf_counter() - start
-  prefill_computed = np.asarray(jnp.sum(state.computed_lbs > 0, axis=(0, 2)))
-  out = lazy_decode_loop(lm.params, cfg, lazy_cfg, state, first, jnp.int32(request.max_new_tokens), key,
-                         request.sampling, ar.next_pow2(request.max_new_tokens))
-  tokens_bn, num_b, steps, revived_b, computed_lbs = jax.device_get(
-      (out.tokens_bn, out.num_b, out.steps, out.revived_b, out.state.computed_lbs))
-  total = time.perf_counter() - start
-  stats = []
-  for b, prompt in enumerate(request.prompts):
-    n = len(prompt)
-    stats.append(dict(
-        method=name, new_tokens=int(num_b[b]), steps=int(steps) + 1, ttft_s=ttft, total_s=total,
-        decode_s=total - ttft, accept_lengths=[1] * int(num_b[b]), prompt_tokens=n, lazy_fallback=False,
-        prefill_bucket=t, computed_fraction_prefill=float(prefill_computed[b]) / (cfg.n_layers * n),
-        computed_fraction_final=float(np.sum(computed_lbs[:, b, :n] > 0)) / (cfg.n_layers * n),
-        max_layer_computes=int(computed_lbs[:, b].max()), revived=int(revived_b[b]),
-        token_layers_computed=int(computed_lbs[:, b].sum())))
-  return make_results(lm, tokens_bn, num_b, stats)
+  """Runs one request with a schedule; prompts shorter than `min_prompt` fall back to full prefill and `ar`."""
+  lazy_cfg = lazy_cfg.validate(lm.cfg)
+  prefill = functools.partial(pruned_prefill, lazy_cfg=lazy_cfg)
+  if max(len(p) for p in request.prompts) < lazy_cfg.min_prompt:
+    return driver.generate(lm, request, name, ArLoop(), prefill)
+  return driver.generate(lm, request, name, LazyLoop(lm.cfg, lazy_cfg), prefill)
 
 
 def _single(lazy_cfg: LazyConfig, n_layers: int, request: GenerateRequest) -> LazyConfig:

@@ -21,7 +21,7 @@ COMMON = dict(on_tokens=None, chunk_tokens=16, warmup=False)
 SPEC = {**_fields(speculative.SpecConfig()), "order": ""}  # `SpecConfig.with_options`, `spec_method`
 LAZY = {**_fields(_lazy.LazyConfig()), "lazy_config": None}  # `lazy.config_from_request`
 HEADS = dict(heads=None, head_layers=None)  # `adadecode.decode.resolve_heads`
-ADADECODE = _fields(_adadecode.AdaDecodeConfig())  # `adadecode.decode.generate_adadecode`
+ADADECODE = _fields(_adadecode.AdaDecodeConfig())  # `adadecode.decode.AdaDecodeConfig.from_request`
 
 
 def method_options(name: str) -> dict:

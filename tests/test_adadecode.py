@@ -203,9 +203,9 @@ QUESTIONS = ["What is the capital of France? Answer in one sentence.",
 
 @needs_heads
 def test_smollm_parity_with_trained_heads(smollm):
-  prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:2]]
-  ref = smollm.generate(prompts, method="ar", max_new_tokens=48)
-  out = smollm.generate(prompts, method="adadecode", max_new_tokens=48)  # the committed heads at DEFAULT_LAYERS
+  prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in QUESTIONS[:1]]
+  ref = smollm.generate(prompts, method="ar", max_new_tokens=40)
+  out = smollm.generate(prompts, method="adadecode", max_new_tokens=40)  # the committed heads at DEFAULT_LAYERS
   assert [r.token_ids for r in out] == [r.token_ids for r in ref]
   assert sum(r.stats["early_accepted"] for r in out) > 0
   assert all(r.stats["head_vocab"] == decode.DEFAULT_HEAD_VOCAB for r in out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -102,10 +103,10 @@ def test_recompiles_are_bounded():
 
 def test_cache_full_guard_stops_cleanly(tiny_lm):
   logits, cache = ar.prefill(tiny_lm.params, tiny_lm.cfg, np.array([[1, 2, 3, 4]]), np.array([4]), 8)
-  out = ar.decode_loop(tiny_lm.params, tiny_lm.cfg, cache, np.argmax(logits, -1).astype(np.int32), 100,
-                       jax.random.key(0), SamplingConfig(), 128)
+  state = ar.token_state(tiny_lm.cfg, jnp.argmax(logits, -1).astype(jnp.int32), 100, jax.random.key(0), cache)
+  out = ar.decode_chunk(tiny_lm.params, tiny_lm.cfg, state, jnp.int32(100), jnp.int32(100), SamplingConfig())
   assert int(out.num_b[0]) == 5  # slots 4..7 were free: 4 fed tokens plus the first one
-  assert int(out.cache.lengths[0]) == 8
+  assert int(out.inner.lengths[0]) == 8
 
 
 def test_bad_requests(tiny_lm):

@@ -13,7 +13,7 @@ import pytest
 from hdjax import compose, lazy, model
 from hdjax.api import GenerateRequest
 from hdjax.attention import causal_mask
-from hdjax.compose import pruned_prefill
+from hdjax.lazy import pruned_prefill
 from hdjax.decoding.sampling import SamplingConfig
 from tests.conftest import make_tiny_lm
 
@@ -39,7 +39,7 @@ def test_visibility_makes_a_step_see_what_lazy_decoding_sees(lm8):
   cfg = lm8.cfg
   prompts = _prompts(3, (150,))
   request = GenerateRequest((tuple(prompts[0]),), 8, SamplingConfig(0.0), 0, (("lazy_config", SCHEDULE),))
-  logits_bv, cache, visible_lbs, _ = pruned_prefill(lm8, request, 256)
+  logits_bv, cache, visible_lbs, *_ = pruned_prefill(lm8, request, 256)
   state = lazy.prefill_request(lm8, request, SCHEDULE.validate(cfg), 256)[1]
   token_b1 = jnp.argmax(logits_bv, -1).astype(jnp.int32)[:, None]
   pos_b1 = cache.lengths[:, None]
@@ -96,8 +96,8 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
       return out
     return run
 
-  monkeypatch.setattr(lazy, "lazy_decode_loop", capture("lazy", lazy.lazy_decode_loop, lambda out: out.state))
-  monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out[1]))
+  monkeypatch.setattr(lazy, "lazy_decode_chunk", capture("lazy", lazy.lazy_decode_chunk, lambda out: out.inner.state))
+  monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out.lazy_state))
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=16, lazy_config=REVIVING)
   got = lm8.generate(prompts, method=method, max_new_tokens=16, lazy_config=REVIVING, buckets=(1, 4))
@@ -119,7 +119,7 @@ def test_short_prompts_fall_back_to_full_prefill(lm8):
   assert got.token_ids == lm8.generate(prompts, method="ar", max_new_tokens=16)[0].token_ids
 
 
-@pytest.mark.parametrize("method,options", [("hd_context", {}), ("pld", {}),
+@pytest.mark.parametrize("method,options", [pytest.param("hd_context", {}, marks=pytest.mark.slow), ("pld", {}),
                                             ("adadecode", dict(heads="identity", head_layers=(2,), gamma=0.0))])
 def test_batched_speculative_equals_single_sequence_ar(method, options):
   lm = make_tiny_lm()

@@ -237,16 +237,17 @@ def test_compiled_loops_never_copy_the_cache(lm):
   cfg, slots = lm.cfg, 128
   cache = init_cache(cfg, 1, slots)
   shape = f"[{cfg.n_layers},1,{cfg.n_kv_heads},{slots},{cfg.head_dim}]"
-  decode = ar.decode_loop.lower(lm.params, cfg, cache, jnp.asarray([1], jnp.int32), jnp.int32(4), jax.random.key(0),
-                                SamplingConfig(), 8).compile().as_text()
+  state = ar.token_state(cfg, jnp.asarray([1], jnp.int32), 8, jax.random.key(0), cache)
+  decode = ar.decode_chunk.lower(lm.params, cfg, state, jnp.int32(8), jnp.int32(8), SamplingConfig())
+  decode = decode.compile().as_text()
   assert shape in decode and _cache_copies(decode, shape) == 0
   spec = speculative.PLD_DEFAULTS
   dspec = device_loop.DeviceSpec(DeviceNgramConfig.like(pld_drafter().config, spec.max_chains, spec.max_depth),
                                  (1, 4, 8), spec.max_depth, ("pld",), spec.max_chains)
-  state = device_loop.LoopState(jnp.zeros((1, slots), jnp.int32), jnp.ones((1,), jnp.int32),
-                                jnp.ones((1,), jnp.int32), jnp.zeros((1,), bool), cache,
-                                jnp.zeros((1, slots), jnp.int32), jnp.int32(1), jnp.zeros((3,), jnp.int32),
-                                jnp.zeros((1, 1), jnp.int32))
-  loop = device_loop.decode_chunk.lower(lm.params, cfg, state, jax.random.key(0), jnp.int32(4), jnp.int32(4), dspec,
-                                        SamplingConfig()).compile().as_text()
+  loop_state = device_loop.LoopState(jnp.zeros((1, slots), jnp.int32), jnp.ones((1,), jnp.int32),
+                                     jnp.ones((1,), jnp.int32), jnp.zeros((1,), bool), cache,
+                                     jnp.zeros((1, slots), jnp.int32), jnp.int32(1), jnp.zeros((3,), jnp.int32),
+                                     jnp.zeros((1, 1), jnp.int32))
+  loop = device_loop.decode_chunk.lower(lm.params, cfg, loop_state, jax.random.key(0), jnp.int32(4), jnp.int32(4),
+                                        dspec, SamplingConfig()).compile().as_text()
   assert shape in loop and _cache_copies(loop, shape) == 0

@@ -13,6 +13,8 @@ import pytest
 from hdjax import lazy
 from hdjax.api import pad_prompts
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.prefill import Prefilled
+from hdjax.decoding.request import GenerateRequest
 from hdjax.decoding.sampling import SamplingConfig
 from tests.conftest import make_tiny_lm
 
@@ -118,10 +120,13 @@ def test_revival_never_computes_a_layer_twice(lm8):
   prompts = _prompts(seed=5)
   logits, state = _prefill(lm8, lazy_cfg, prompts, gathered=True)
   aux_before = np.asarray(state.aux_layer_bs)
-  out = lazy.lazy_decode_loop(lm8.params, cfg, lazy_cfg, state, jnp.argmax(logits, -1).astype(jnp.int32),
-                              jnp.int32(16), jax.random.key(0), SamplingConfig(), 16)
-  computed = np.asarray(out.state.computed_lbs)
-  aux_after = np.asarray(out.state.aux_layer_bs)
+  loop = lazy.LazyLoop(cfg, lazy_cfg)
+  request = GenerateRequest(tuple(tuple(p) for p in prompts), 16, SamplingConfig(), 0)
+  first_b = jnp.argmax(logits, -1).astype(jnp.int32)
+  out = loop.run(lm8, request, loop.start(lm8, request, Prefilled(logits, state.cache, None, {}, state), first_b,
+                                          jax.random.key(0)), jnp.int32(16))
+  computed = np.asarray(out.inner.state.computed_lbs)
+  aux_after = np.asarray(out.inner.state.aux_layer_bs)
   assert computed.max() == 1
   revived = 0
   for b, p in enumerate(prompts):
@@ -129,7 +134,7 @@ def test_revival_never_computes_a_layer_twice(lm8):
     layer_idx = np.arange(cfg.n_layers)[:, None]
     np.testing.assert_array_equal(computed[:, b, :n], (layer_idx < aux_after[b, :n]).astype(np.int32))
     revived_b = (aux_before[b, :n] < cfg.n_layers) & (aux_after[b, :n] == cfg.n_layers)
-    assert int(out.revived_b[b]) == revived_b.sum()
+    assert int(out.inner.revived_b[b]) == revived_b.sum()
     revived += revived_b.sum()
     num = int(out.num_b[b])  # generated tokens: every layer once (the last one was never fed back)
     assert np.all(computed[:, b, n:n + num - 1] == 1) and np.all(computed[:, b, n + num - 1:] == 0)

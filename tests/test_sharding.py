@@ -198,6 +198,7 @@ def smollm_sharded():
                 max_new_tokens=8, batch=1)
 
 
+@pytest.mark.slow  # the tiny model's sharded tests above cover the sharding path in the default run
 def test_smollm2_sharded_logits_and_ar(smollm_sharded):
   got = smollm_sharded["meshes"]["4x2"]
   # Heads (9) and KV heads (3) do not divide model=2: attention is replicated; vocab and MLP are sharded.

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 from typing import NamedTuple
 
 import jax
@@ -44,10 +43,11 @@ from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_
 from hdjax.attention import causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig, is_int
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding.prefill import Prefill, full_prefill
+from hdjax.decoding import driver
+from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
-from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results
-from hdjax.decoding.sampling import SamplingConfig, select_token, target_probs
+from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
+from hdjax.decoding.sampling import SamplingConfig, target_probs
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -188,30 +188,53 @@ def _sample(key, probs_v, sampling: SamplingConfig):
   return jax.random.categorical(key, jnp.log(probs_v)).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "window", "sampling", "out_len"),
-                   donate_argnames=("cache",))
-def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, cache: KVCache,
-                   first_b, max_new, keys_b, window: int, sampling: SamplingConfig, out_len: int,
+def embed_one(params, cfg: LlamaConfig, tok: jax.Array) -> jax.Array:
+  """One token's embedding [D]."""
+  return model.embed(params, cfg, tok[None, None])[0, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "n_heads", "window", "out_len"))
+def start_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, keys_b: jax.Array, max_new: jax.Array,
+                n_heads: int, window: int, out_len: int) -> State:
+  """The loop's state after the prefill: each sequence's window holds its first token at depth 0."""
+  eos = jnp.asarray(cfg.eos_ids, jnp.int32)
+
+  def start(first, key) -> Window:
+    zero = jnp.int32(0)
+    counters = Counters(zero, jnp.zeros((cfg.n_layers,), jnp.int32), zero, jnp.zeros((n_heads,), jnp.int32),
+                        jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
+    h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(params, cfg, first))
+    return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
+                  jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
+                  jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32),
+                  jnp.int32(1), jnp.isin(first, eos) | (max_new <= 1), key, counters)
+
+  return State(cache, jax.vmap(start)(first_b, keys_b))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "sampling"), donate_argnames=("state",))
+def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, state: State,
+                   max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
                    visible_lbs: jax.Array | None = None) -> State:
-  """Decodes a batch from the prefill's first tokens until each sequence hits EOS, `max_new` or a full cache.
-  Every iteration runs one layer, the lowest that an active sequence's newest group waits at, for the sequences
-  waiting there (the others sit it out), so one weight read serves the batch and every sequence's computation is
-  its own single-sequence one. Exit heads: `head_w` [I, D, D] with `head_ids` None (full vocabulary), or
-  `head_w` [I, N, D] from `reduced_heads` with its candidate ids `head_ids` [N]. `visible_lbs` [L, B, S]: which
-  slots hold K/V at each layer after a pruned prefill (None: all)."""
+  """Decodes a batch from `start_state` until each sequence hits EOS, `max_new` or a full cache, or every active
+  one has emitted `stop_at` tokens. Every iteration runs one layer, the lowest that an active sequence's newest
+  group waits at, for the sequences waiting there (the others sit it out), so one weight read serves the batch
+  and every sequence's computation is its own single-sequence one. Exit heads: `head_w` [I, D, D] with
+  `head_ids` None (full vocabulary), or `head_w` [I, N, D] from `reduced_heads` with its candidate ids
+  `head_ids` [N]. `visible_lbs` [L, B, S]: which slots hold K/V at each layer after a pruned prefill (None:
+  all)."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
+  batch, window = state.win.tok_w.shape
+  out_len = state.win.out_n.shape[1]
   buckets = jnp.asarray(row_buckets(window))
-  seq_buckets = row_buckets(first_b.shape[0])
+  seq_buckets = row_buckets(batch)
   combos = [(p, r) for p in seq_buckets for r in row_buckets(window)]  # one lax.switch branch each
   head_of_depth = np.full(n_layers + 1, -1, np.int32)
   head_of_depth[list(head_layers)] = np.arange(len(head_layers))
   head_of_depth = jnp.asarray(head_of_depth)
   w_idx = jnp.arange(window)
   eos = jnp.asarray(cfg.eos_ids, jnp.int32)
-
-  def embed_one(tok):
-    return model.embed(params, cfg, tok[None, None])[0, 0]
 
   def front_depth_b(win: Window) -> jax.Array:
     return jnp.take_along_axis(win.depth_w, win.n[:, None] - 1, axis=1)[:, 0]
@@ -259,7 +282,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
                             exits_i=w.counters.exits_i.at[head].add(go.astype(jnp.int32)))
     slot = jnp.where(go, w.n, window)  # dropped unless exiting
     return w._replace(tok_w=w.tok_w.at[slot].set(y, mode="drop"), depth_w=w.depth_w.at[slot].set(0, mode="drop"),
-                      h_wd=w.h_wd.at[slot].set(embed_one(y), mode="drop"),
+                      h_wd=w.h_wd.at[slot].set(embed_one(params, cfg, y), mode="drop"),
                       q_wv=w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop"),
                       n=w.n + go.astype(jnp.int32), key=key, counters=c)
 
@@ -302,7 +325,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
                    accepted=c.accepted + t * n_acc, rejections=c.rejections + t * rejected.astype(jnp.int32))
     restart = functools.partial(jnp.where, taking)
     w = w._replace(tok_w=restart(jnp.zeros_like(w.tok_w).at[0].set(nxt), w.tok_w), depth_w=restart(0, w.depth_w),
-                   h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(nxt)), w.h_wd), n=restart(1, w.n))
+                   h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(params, cfg, nxt)), w.h_wd), n=restart(1, w.n))
     return w._replace(out_n=w.out_n.at[dst_w].set(emit_w, mode="drop"),
                       accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(
                           num - w.num, mode="drop"),
@@ -333,18 +356,10 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
                        layer, taking_b, order_b)
     return s._replace(cache=s.cache.replace(k=k, v=v))
 
-  def start(first, key) -> Window:
-    n_heads = len(head_layers)
-    zero = jnp.int32(0)
-    counters = Counters(zero, jnp.zeros((n_layers,), jnp.int32), zero, jnp.zeros((n_heads,), jnp.int32),
-                        jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
-    h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(first))
-    return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
-                  jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
-                  jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32),
-                  jnp.int32(1), jnp.isin(first, eos) | (max_new <= 1), key, counters)
+  def cond(s: State) -> jax.Array:
+    return jnp.any(active_b(s) & (s.win.num < stop_at))
 
-  return jax.lax.while_loop(lambda s: jnp.any(active_b(s)), body, State(cache, jax.vmap(start)(first_b, keys_b)))
+  return jax.lax.while_loop(cond, body, state)
 
 
 def select_heads(cfg: LlamaConfig, heads: ExitHeads, layers) -> ExitHeads:
@@ -398,46 +413,58 @@ def loop_heads(lm: LoadedModel, heads: ExitHeads, head_vocab: int) -> tuple[jax.
   return reduced_heads(lm.params, lm.cfg, heads.t_idd, ids_n), jnp.asarray(ids_n)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdaLoop(driver.DecodeLoop):
+  """`adadecode_loop` as the driver runs it, after a prefill whose per-layer visibility (if any) masks it."""
+
+  heads: ExitHeads
+  options: AdaDecodeConfig
+  head_w: jax.Array  # `loop_heads`
+  head_ids: jax.Array | None
+
+  @property
+  def extra_slots(self) -> int:
+    return self.options.max_pending + 1  # the window
+
+  def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
+            key: jax.Array) -> tuple[State, jax.Array | None]:
+    state = start_state(lm.params, lm.cfg, prefilled.cache, first_b, jax.random.split(key, first_b.shape[0]),
+                        jnp.int32(request.max_new_tokens), len(self.heads.layers), self.extra_slots,
+                        ar.next_pow2(request.max_new_tokens))
+    return state, prefilled.visible_lbs
+
+  def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
+    st, visible_lbs = state
+    return adadecode_loop(lm.params, lm.cfg, self.head_w, self.head_ids, self.heads.layers,
+                          jnp.float32(self.options.gamma), st, jnp.int32(request.max_new_tokens), stop_at,
+                          request.sampling, visible_lbs), visible_lbs
+
+  def progress(self, state) -> driver.Progress:
+    st = state[0]
+    room = jnp.any(~st.win.done & (st.cache.lengths + self.extra_slots <= st.cache.num_slots))
+    return driver.Progress(st.win.out_n, jnp.zeros_like(st.win.num), st.win.num, st.win.done, room)
+
+  def report(self, state) -> Window:
+    return state[0].win._replace(h_wd=None, q_wv=None, out_n=None, key=None)
+
+  def row_stats(self, win: Window, b: int, new_tokens: int) -> dict:
+    verifications = int(win.counters.verifications[b])
+    return dict(steps=verifications + 1, accept_lengths=[1] + win.accept_n[b, :verifications].tolist(),
+                gamma=self.options.gamma, max_pending=self.options.max_pending, head_vocab=self.options.head_vocab,
+                **window_stats(jax.tree.map(lambda x: x[b], win.counters), self.heads.layers, new_tokens))
+
+
 def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
-  """AdaDecode after `prefill`, run per prompt. Options: heads (see `resolve_heads`), head_layers (with
+  """AdaDecode after `prefill`, through the driver. Options: heads (see `resolve_heads`), head_layers (with
   heads="identity") and `AdaDecodeConfig`'s."""
-  return functools.partial(generate_adadecode, method=method, prefill=prefill)
 
+  def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
+    options = AdaDecodeConfig.from_request(request)
+    heads = resolve_heads(lm, request, ranked=options.head_vocab > 0)
+    return driver.generate(lm, request, method, AdaLoop(heads, options, *loop_heads(lm, heads, options.head_vocab)),
+                           prefill)
 
-def generate_adadecode(lm: LoadedModel, request: GenerateRequest, method: str = "adadecode",
-                       prefill: Prefill = full_prefill) -> list[GenerationResult]:
-  """`prefill` of the whole batch, then one `adadecode_loop` over its cache (masked by its per-layer visibility,
-  if any)."""
-  cfg = lm.cfg
-  options = AdaDecodeConfig.from_request(request)
-  heads = resolve_heads(lm, request, ranked=options.head_vocab > 0)
-  head_w, head_ids = loop_heads(lm, heads, options.head_vocab)
-  gamma, max_pending = options.gamma, options.max_pending
-  window = max_pending + 1
-  num_slots = cache_slots_for(cfg, request, extra=window)
-  out_len = ar.next_pow2(request.max_new_tokens)
-  first_key, loop_key = jax.random.split(jax.random.key(request.seed))
-  start = time.perf_counter()
-  logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
-  first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
-  ttft = time.perf_counter() - start
-  out = adadecode_loop(lm.params, cfg, head_w, head_ids, heads.layers, jnp.float32(gamma),
-                       cache, first_b, jnp.int32(request.max_new_tokens),
-                       jax.random.split(loop_key, len(request.prompts)), window, request.sampling, out_len,
-                       visible_lbs)
-  win = jax.device_get(out.win._replace(key=None))
-  total = time.perf_counter() - start
-  stats = []
-  for b, prompt in enumerate(request.prompts):
-    num, verifications = int(win.num[b]), int(win.counters.verifications[b])
-    st = dict(method=method, new_tokens=num, steps=verifications + 1, ttft_s=ttft, total_s=total,
-              decode_s=total - ttft, prompt_tokens=len(prompt), gamma=gamma, max_pending=max_pending,
-              head_vocab=options.head_vocab,
-              **window_stats(jax.tree.map(lambda x, b=b: x[b], win.counters), heads.layers, num), **prefill_stats)
-    st["accept_lengths"] = [1] + win.accept_n[b, :verifications].tolist()
-    st["tau"] = float(np.mean(st["accept_lengths"]))
-    stats.append(st)
-  return make_results(lm, win.out_n, win.num, stats)
+  return generate
 
 
 register_method("adadecode")(adadecode_method("adadecode"))

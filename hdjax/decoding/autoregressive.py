@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,38 +80,57 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
   return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
 
 
-class DecodeOut(NamedTuple):
-  tokens_bn: jax.Array  # generated ids, eos included, padded with -1
-  num_b: jax.Array  # how many of tokens_bn are real
-  steps: jax.Array  # forward passes after prefill
-  cache: KVCache
+class TokenState(NamedTuple):
+  """The state of a loop that emits one token per sequence per step (`ar`, `lazy`)."""
+
+  tokens_bn: jax.Array  # [B, N] emitted tokens, the prefill's first one included; -1 past num_b
+  num_b: jax.Array  # [B] tokens emitted
+  done_b: jax.Array  # [B] EOS emitted or max_new_tokens reached
+  cur_b: jax.Array  # [B] the last emitted token, not yet in the cache
+  key: jax.Array
+  steps: jax.Array  # forward passes after the prefill
+  inner: Any  # the step's own state: the KV cache (`ar`), the lazy state and revival counts (`lazy`)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampling", "out_len"), donate_argnames=("cache",))
-def decode_loop(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, max_new: jax.Array, key: jax.Array,
-                sampling: SamplingConfig, out_len: int) -> DecodeOut:
-  """Greedy or sampled decoding from the prefill's first tokens until EOS, `max_new` tokens or a full cache."""
+def token_state(cfg: LlamaConfig, first_b: jax.Array, max_new_tokens: int, key: jax.Array, inner: Any) -> TokenState:
+  """The state after the prefill's first tokens (rows done at EOS, or when one token is all they may emit)."""
+  tokens_bn = jnp.full((first_b.shape[0], next_pow2(max_new_tokens)), -1, jnp.int32).at[:, 0].set(first_b)
+  done_b = is_eos(first_b, cfg.eos_ids) | (max_new_tokens <= 1)
+  return TokenState(tokens_bn, jnp.ones_like(first_b), done_b, first_b, key, jnp.int32(0), inner)
+
+
+Step = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def token_loop(step: Step, cache_of: Callable[[Any], KVCache], state: TokenState, eos_ids: tuple[int, ...],
+               max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig) -> TokenState:
+  """Steps until every active row has `stop_at` tokens (or is done), or an active row's cache is full.
+  `step(inner, cur_b, active_b, steps)` returns the logits [B, V] after each row's `cur_b` and the new inner
+  state, whose cache `cache_of` reads; inactive rows write nothing."""
+  batch, out_len = state.tokens_bn.shape
+
+  def cond(st: TokenState) -> jax.Array:
+    cache = cache_of(st.inner)
+    room = jnp.all(st.done_b | (cache.lengths < cache.num_slots))
+    return jnp.any(~st.done_b & (st.num_b < stop_at)) & room
+
+  def body(st: TokenState) -> TokenState:
+    key, sub = jax.random.split(st.key)
+    active_b = ~st.done_b
+    logits_bv, inner = step(st.inner, st.cur_b, active_b, st.steps)
+    nxt_b = select_token(logits_bv, sub, sampling)
+    tokens_bn = st.tokens_bn.at[jnp.arange(batch), jnp.where(st.done_b, out_len, st.num_b)].set(nxt_b, mode="drop")
+    num_b = st.num_b + active_b.astype(jnp.int32)
+    done_b = st.done_b | is_eos(nxt_b, eos_ids) | (num_b >= max_new)
+    return TokenState(tokens_bn, num_b, done_b, jnp.where(done_b, st.cur_b, nxt_b), key, st.steps + 1, inner)
+
+  return jax.lax.while_loop(cond, body, state)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
+def decode_chunk(params, cfg: LlamaConfig, state: TokenState, max_new: jax.Array, stop_at: jax.Array,
+                 sampling: SamplingConfig) -> TokenState:
+  """Plain decoding (`state.inner` is the cache) until EOS, `max_new` tokens, `stop_at` tokens or a full cache."""
   TRACE_COUNTS["decode_loop"] += 1
-  batch = first_b.shape[0]
-  tokens_bn = jnp.full((batch, out_len), -1, jnp.int32).at[:, 0].set(first_b)
-  num_b = jnp.ones((batch,), jnp.int32)
-  done_b = is_eos(first_b, cfg.eos_ids) | (max_new <= 1)
-
-  def cond(state):
-    _, _, done, cache, _, _, _ = state
-    room = jnp.all(done | (cache.lengths < cache.num_slots))
-    return jnp.any(~done) & room
-
-  def body(state):
-    tokens, num, done, cache, cur, key, steps = state
-    key, sub = jax.random.split(key)
-    logits_bv, cache = decode_one(params, cfg, cache, cur, ~done)
-    nxt = select_token(logits_bv, sub, sampling)
-    tokens = tokens.at[jnp.arange(batch), jnp.where(done, out_len, num)].set(nxt, mode="drop")
-    num = num + (~done).astype(jnp.int32)
-    done = done | is_eos(nxt, cfg.eos_ids) | (num >= max_new)
-    return tokens, num, done, cache, jnp.where(done, cur, nxt), key, steps + 1
-
-  tokens_bn, num_b, _, cache, _, _, steps = jax.lax.while_loop(
-      cond, body, (tokens_bn, num_b, done_b, cache, first_b, key, jnp.int32(0)))
-  return DecodeOut(tokens_bn, num_b, steps, cache)
+  return token_loop(lambda cache, cur_b, active_b, steps: decode_one(params, cfg, cache, cur_b, active_b),
+                    lambda cache: cache, state, cfg.eos_ids, max_new, stop_at, sampling)

@@ -1,6 +1,6 @@
 """Speculative decoding that never leaves the device: draft -> tree -> verify -> accept -> stop in one jitted loop.
 
-After the prefill, one jitted `lax.while_loop` (cache donated) runs every step of a request: the device n-gram
+After the prefill, one jitted `lax.while_loop` (state donated) runs every step of a request: the device n-gram
 drafter (`drafting/device_ngram.py`) reads each sequence's token buffer, `tree.device_tree` merges its chains
 into one static prefix tree, `verify.verify_tree` runs and accepts it (the same function as the host loop's
 `verify_step`), and the emitted tokens are appended to the buffer, with per-sequence cursors and stop flags
@@ -8,15 +8,15 @@ into one static prefix tree, `verify.verify_tree` runs and accepts it (the same 
 rule as the host loop (`speculative.py`), one verify per bucket (`control.switch_in_place`), so both loops build
 the same trees, take the same samples and emit the same tokens.
 
-The host waits on the device twice per request: once for the first token (time to first token) and once for
-the results; with `on_tokens` (streaming) the loop runs per chunk of `chunk_tokens` new tokens, one more wait
-each. `stats["host_syncs"]` counts them.
+`DeviceLoop` is this loop as the driver (`driver.py`) runs it: the host waits on the device twice per request,
+once for the first token (time to first token) and once for the results; with `on_tokens` (streaming) the loop
+runs per chunk of `chunk_tokens` new tokens, one more wait each. `stats["host_syncs"]` counts them.
 
 Each step drafts from the request's sources in order and merges their chains by the host `HierarchyDrafter`'s rule
 (`hierarchy.device_hierarchy_one`): the n-gram sources ("context", "pld") from the token buffer, the model and
 statistics databases from device tables (`drafting/device_tables.py`: sorted keys and the host's ranked chains,
 a snapshot taken when the request starts; the model database learns the request's outputs, one sequence per row,
-when it ends, through `finish`). `stats["source_chains"]` counts the chains each source gave a row.
+when it ends, through `DeviceLoop.learn`). `stats["source_chains"]` counts the chains each source gave a row.
 
 `speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens), `hd_context`
 (HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) and `hd` (context -> model ->
@@ -31,21 +31,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from hdjax.adadecode.heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.control import switch_in_place
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding.prefill import Prefill, full_prefill
-from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
-                                    pad_prompts, padded_rows)
-from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding import driver
+from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
+from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, pad_prompts
+from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.tree import device_tree, engine_buckets, truncate_tree
 from hdjax.decoding.verify import head_draft, start_head, verify_tree
 from hdjax.drafting.context_db import NgramConfig
@@ -94,6 +92,11 @@ def cache_room(state: LoopState) -> jax.Array:
   """Free cache slots of the fullest active row (the host loop's rule)."""
   active_b = ~state.done_b
   return state.cache.num_slots - jnp.max(jnp.where(active_b, state.cache.lengths, 0))
+
+
+def continues(st: LoopState, stop_at: jax.Array) -> jax.Array:
+  """Whether an active row has fewer than `stop_at` new tokens and the cache has room for a step."""
+  return jnp.any(~st.done_b & (st.lengths_b - st.prompt_b < stop_at)) & (cache_room(st) >= 1)
 
 
 def device_spec(cfg: LlamaConfig, host_drafter: NgramConfig, spec, sources: tuple[str, ...],
@@ -172,12 +175,7 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
   `tables` are the device tables of `spec.sources` other than the n-gram ones, in order; `head_t_dd` the exit
   head of `spec.head_layer`."""
   ar.TRACE_COUNTS["device_loop"] += 1
-
-  def cond(st: LoopState) -> jax.Array:
-    active_b = ~st.done_b
-    return jnp.any(active_b & (st.lengths_b - st.prompt_b < stop_at)) & (cache_room(st) >= 1)
-
-  return jax.lax.while_loop(cond, lambda st: speculative_step(params, cfg, st, key, max_new, spec, sampling,
+  return jax.lax.while_loop(lambda st: continues(st, stop_at), lambda st: speculative_step(params, cfg, st, key, max_new, spec, sampling,
                                                               visible_lbs, tables, head_t_dd=head_t_dd), state)
 
 
@@ -195,70 +193,89 @@ def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: 
   return jax.vmap(lambda *s: device_hierarchy_one(s, spec.max_chains, max_nodes))(*per_source)
 
 
+@dataclasses.dataclass(frozen=True)
+class DeviceLoop(driver.DecodeLoop):
+  """The speculative methods' `driver.DecodeLoop`: a `LoopState` stepped by `decode_chunk`. `tables` are the
+  device tables of `spec.sources` that are databases (in order); `finish(rows)` gets every row's emitted tokens
+  at the end of a request, as the host drafters' `finish` does (the model database learns them); `head_t_dd`
+  is the exit head of `spec.head_layer`, which drafts first in every tree (`hd+adadecode`)."""
+
+  spec: DeviceSpec
+  tables: tuple = ()
+  learn: Callable[[list[list[int]]], None] | None = None
+  head_t_dd: jax.Array | None = None
+
+  @property
+  def extra_slots(self) -> int:
+    return max(self.spec.buckets)
+
+  def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
+            key: jax.Array) -> tuple[LoopState, jax.Array, jax.Array | None]:
+    """The loop state, the key of its samples, and the prefill's per-layer visibility (or None)."""
+    cache, head_state = prefilled.cache, {}
+    if self.spec.head_layer is not None:  # the first root's layers below the head, and the head's draft
+      batch = first_b.shape[0]
+      cache, head_h_bd, head_draft_b = start_head(lm.params, lm.cfg, cache, first_b, jnp.ones((batch,), bool),
+                                                  self.spec.head_layer, self.head_t_dd, prefilled.visible_lbs)
+      head_state = dict(head_h_bd=head_h_bd, head_draft_b=head_draft_b, head_hits_b=jnp.zeros((batch,), jnp.int32))
+    return initial_state(lm.cfg, request, first_b, cache, self.spec)._replace(**head_state), key, prefilled.visible_lbs
+
+  def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
+    loop, key, visible_lbs = state
+    return decode_chunk(lm.params, lm.cfg, loop, key, jnp.int32(request.max_new_tokens), stop_at, self.spec,
+                        request.sampling, visible_lbs, self.tables, self.head_t_dd), key, visible_lbs
+
+  def progress(self, state) -> driver.Progress:
+    return loop_progress(state[0])
+
+  def report(self, state):
+    return loop_report(state[0])
+
+  def row_stats(self, report, b: int, new_tokens: int) -> dict:
+    return loop_row_stats(self.spec, report, b)
+
+  def finish(self, state, rows: list[list[int]]) -> None:
+    if self.learn is not None:
+      self.learn(rows)
+
+
+def loop_progress(st: LoopState) -> driver.Progress:
+  return driver.Progress(st.tokens_bs, st.prompt_b, st.lengths_b - st.prompt_b, st.done_b, cache_room(st) >= 1)
+
+
+def loop_report(st: LoopState) -> LoopState:
+  """The parts of the state that `loop_row_stats` reads (the cache and the buffers left out)."""
+  return st._replace(tokens_bs=None, cache=None, head_h_bd=None)
+
+
+def loop_row_stats(spec: DeviceSpec, st: LoopState, b: int) -> dict:
+  """Row b's stats from the host copy of `loop_report`: steps, tokens per step, tree sizes, source chains."""
+  steps = int(st.steps)
+  acc = [int(a) for a in st.accept_bs[b, :steps] if a > 0]
+  return dict(engine="device", steps=steps, accept_lengths=acc, node_budget=max(spec.buckets),
+              max_depth=spec.max_depth,
+              bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, st.bucket_counts_k) if v},
+              source_chains={s: int(n) for s, n in zip(spec.sources, st.source_counts_bk[b])},
+              **({} if spec.head_layer is None else
+                 dict(head_layer=spec.head_layer, head_hit_rate=int(st.head_hits_b[b]) / max(len(acc) - 1, 1))))
+
+
 def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host_drafter: NgramConfig, spec,
                     prefill: Prefill = full_prefill, sources: tuple[str, ...] = ("context",), tables: tuple = (),
-                    finish: Callable[[list[list[int]]], None] | None = None, head: ExitHeads | None = None
+                    learn: Callable[[list[list[int]]], None] | None = None, head: ExitHeads | None = None
                     ) -> list[GenerationResult]:
-  """Prefill, then `decode_chunk` once (or once per streamed chunk). `host_drafter` is the config of the host
-  n-gram drafter that this loop's device drafter reproduces; `spec` the request's `speculative.SpecConfig`
-  (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature); `sources` the hierarchy's
-  sources in order, `tables` the device tables of those that are databases (in order); `finish(rows)` gets every
-  row's emitted tokens at the end (not after a warm-up), as the host drafters' `finish` does. `head` (one exit
-  head) drafts first in every tree, as in the host loop (`hd+adadecode`)."""
-  cfg = lm.cfg
+  """`prefill`, then `decode_chunk` once (or once per streamed chunk), through the driver. `host_drafter` is the
+  config of the host n-gram drafter that this loop's device drafter reproduces; `spec` the request's
+  `speculative.SpecConfig` (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature);
+  `sources` the hierarchy's sources in order, `tables` the device tables of those that are databases (in order);
+  `learn` and `head` as in `DeviceLoop`."""
   if spec.adaptive:
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
-  head_layer, t_dd = (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
-  dspec = device_spec(cfg, host_drafter, spec, sources, head_layer)
   if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):
     raise HdjaxError(f"sources {sources} need one device table per database, got {len(tables)}")
-  num_slots = cache_slots_for(cfg, request, extra=max(dspec.buckets))
-  key, first_key = jax.random.split(jax.random.key(request.seed))
-  on_tokens = request.option("on_tokens")
-  chunk = int(request.option("chunk_tokens", 16)) if on_tokens else request.max_new_tokens
-  batch = len(request.prompts)
-  start = time.perf_counter()
-  logits_bv, cache, visible_lbs, prefill_stats = prefill(lm, request, num_slots)
-  first_b = select_token(logits_bv, first_key, request.sampling).block_until_ready()
-  host_syncs = 1
-  ttft = time.perf_counter() - start
-  head_state = {}
-  if head is not None:  # the first root's layers below the head, and the head's draft
-    cache, head_h_bd, head_draft_b = start_head(lm.params, cfg, cache, first_b, jnp.ones((batch,), bool), head_layer,
-                                                t_dd, visible_lbs)
-    head_state = dict(head_h_bd=head_h_bd, head_draft_b=head_draft_b, head_hits_b=jnp.zeros((batch,), jnp.int32))
-  state = initial_state(cfg, request, first_b, cache, dspec)._replace(**head_state)
-  max_new = jnp.int32(request.max_new_tokens)
-  run = functools.partial(decode_chunk, lm.params, cfg, key=key, max_new=max_new, spec=dspec,
-                          sampling=request.sampling, visible_lbs=visible_lbs, tables=tuple(tables), head_t_dd=t_dd)
-  if request.option("warmup", False):  # compile the loop for this cache shape (no step runs); first token only
-    state = run(state, stop_at=jnp.int32(0))
-    first = np.asarray(first_b)
-    return make_results(lm, first[:, None], np.ones(batch, np.int32),
-                        [dict(method=method, new_tokens=1, steps=1, ttft_s=ttft, total_s=ttft,
-                              accept_lengths=[1], prompt_tokens=len(p), host_syncs=2, **prefill_stats)
-                         for p in request.prompts])
-  if not on_tokens:
-    state = run(state, stop_at=max_new)
-  else:
-    first0, done_b = jax.device_get((first_b[0], state.done_b))
-    host_syncs += 1
-    on_tokens([int(first0)])
-    sent, new_b = 1, np.ones(batch, np.int64)
-    while not done_b.all():
-      stop_at = min(int(new_b[~done_b].min()) + chunk, request.max_new_tokens)
-      state = run(state, stop_at=jnp.int32(stop_at))
-      row0, new_b, done_b, room = jax.device_get(
-          (state.tokens_bs[0], state.lengths_b - state.prompt_b, state.done_b, cache_room(state)))
-      host_syncs += 1
-      on_tokens([int(t) for t in row0[len(request.prompts[0]) + sent:len(request.prompts[0]) + int(new_b[0])]])
-      sent = int(new_b[0])
-      if room < 1:
-        break
-  rows, stats = finished_rows(state, request, method, dspec, start, ttft, host_syncs + 1)
-  if finish is not None:
-    finish(rows)
-  return make_results(lm, *padded_rows(rows), [dict(st, **prefill_stats) for st in stats])
+  head_layer, t_dd = (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
+  loop = DeviceLoop(device_spec(lm.cfg, host_drafter, spec, sources, head_layer), tuple(tables), learn, t_dd)
+  return driver.generate(lm, request, method, loop, prefill)
 
 
 def initial_state(cfg: LlamaConfig, request: GenerateRequest, first_b: jax.Array, cache: KVCache, spec: DeviceSpec
@@ -270,25 +287,3 @@ def initial_state(cfg: LlamaConfig, request: GenerateRequest, first_b: jax.Array
   return LoopState(tokens_bs.at[jnp.arange(batch), prompt_b].set(first_b), prompt_b + 1, prompt_b, done_b, cache,
                    jnp.zeros((batch, cache.num_slots), jnp.int32).at[:, 0].set(1), jnp.int32(1),
                    jnp.zeros((len(spec.buckets),), jnp.int32), jnp.zeros((batch, len(spec.sources)), jnp.int32))
-
-
-def finished_rows(state: LoopState, request: GenerateRequest, method: str, spec: DeviceSpec, start: float,
-                  ttft: float, host_syncs: int) -> tuple[list[list[int]], list[dict]]:
-  """Each row's emitted tokens and stats, read from the device (one wait, counted in `host_syncs`)."""
-  tokens_bs, lengths_b, prompt_b, accept_bs, steps, bucket_counts, source_counts, head_hits_b = jax.device_get(
-      (state.tokens_bs, state.lengths_b, state.prompt_b, state.accept_bs, state.steps, state.bucket_counts_k,
-       state.source_counts_bk, state.head_hits_b))
-  total = time.perf_counter() - start
-  rows = [tokens_bs[b, prompt_b[b]:lengths_b[b]].tolist() for b in range(len(request.prompts))]
-  stats = []
-  for b, (row, prompt) in enumerate(zip(rows, request.prompts)):
-    acc = [int(a) for a in accept_bs[b, :int(steps)] if a > 0]
-    stats.append(dict(method=method, engine="device", new_tokens=len(row), steps=int(steps), ttft_s=ttft,
-                      total_s=total, decode_s=total - ttft, accept_lengths=acc, prompt_tokens=len(prompt),
-                      tau=float(np.mean(acc)), host_syncs=host_syncs, node_budget=max(spec.buckets),
-                      max_depth=spec.max_depth,
-                      bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, bucket_counts) if v},
-                      source_chains={s: int(n) for s, n in zip(spec.sources, source_counts[b])},
-                      **({} if spec.head_layer is None else
-                         dict(head_layer=spec.head_layer, head_hit_rate=int(head_hits_b[b]) / max(len(acc) - 1, 1)))))
-  return rows, stats

@@ -1,6 +1,6 @@
 """How a decoding loop starts: a prefill turns a request's prompts into the first logits and a KV cache.
 
-`full_prefill` runs every prompt token through every layer; a pruned prefill (`hdjax.compose`, LazyLLM) also
+`full_prefill` runs every prompt token through every layer; a pruned prefill (`lazy.pruned_prefill`, LazyLLM) also
 returns which slots hold K/V at each layer, and the decoding loops mask their attention with it.
 """
 
@@ -21,6 +21,7 @@ class Prefilled(NamedTuple):
   cache: KVCache  # lengths = prompt lengths
   visible_lbs: jax.Array | None  # which slots hold K/V at each layer, when the prefill pruned tokens
   stats: dict[str, Any]  # per-request facts about the prefill, merged into every sequence's stats
+  state: Any = None  # what a pruned prefill hands its own decoding loop (LazyLLM's `lazy.LazyState`)
 
 
 Prefill = Callable[[LoadedModel, GenerateRequest, int], Prefilled]
