@@ -183,4 +183,6 @@ def test_real_model_keep_one_equals_ar_and_pruned_runs(smollm):
   assert smollm.generate([ids], method="lazy", max_new_tokens=8, lazy_config=full)[0].token_ids == want
   pruned = smollm.generate([ids], method="lazy", max_new_tokens=8,
                            lazy_config=dataclasses.replace(full, keep_ratios=(0.6, 0.3)))[0]
-  assert pruned.stats["computed_fraction_prefill"] < 0.75 and pruned.stats["max_layer_computes"] == 1
+  # ratios alone would compute 1/3 + 0.6/3 + 0.3/3 = 0.63 of the pairs; the observation window, the sinks and the
+  # template's tail stay at every layer, which on this short prompt brings it to 0.78 (failing since they did)
+  assert pruned.stats["computed_fraction_prefill"] < 0.8 and pruned.stats["max_layer_computes"] == 1
