@@ -147,9 +147,8 @@ def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source
   """`method` (lazy + a device-loop drafter over `source`, as `speculative.device_method`) with revival in
   `reviving_loop`; without revival (`revive=False`, or a prompt shorter than `min_prompt`) the device loop over
   the pruned prefill's frozen set, and the host loop for options only it has."""
-  frozen = device_method(method, host_drafter, source, lazy.pruned_prefill,
-                         defaults=speculative.SPEC_METHODS[method.split("+")[1]][1])
   defaults = speculative.SPEC_METHODS[method.split("+")[1]][1]
+  frozen = device_method(method, host_drafter, source, lazy.pruned_prefill, defaults=defaults)
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)

@@ -460,11 +460,11 @@ def pruned_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int, la
   logits_bv, state, bucket = prefill_request(lm, request, lazy_cfg, num_slots)
   computed_lbs = state.computed_lbs > 0
   decoded_bs = jnp.arange(num_slots)[None, :] >= state.cache.lengths[:, None]
-  computed = int(np.asarray(jnp.sum(computed_lbs)))
+  # a device scalar: the driver reads it with the results, so the time to first token waits on nothing more
+  fraction = jnp.sum(computed_lbs) / (lm.cfg.n_layers * sum(len(p) for p in request.prompts))
   return Prefilled(logits_bv, state.cache, computed_lbs | decoded_bs[None],
                    dict(lazy_fallback=False, prefill_bucket=bucket, lazy_revive=False,
-                        computed_fraction_prefill=computed / (lm.cfg.n_layers * sum(len(p) for p in request.prompts))),
-                   state)
+                        computed_fraction_prefill=fraction), state)
 
 
 @dataclasses.dataclass(frozen=True)

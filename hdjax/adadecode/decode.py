@@ -325,7 +325,8 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
                    accepted=c.accepted + t * n_acc, rejections=c.rejections + t * rejected.astype(jnp.int32))
     restart = functools.partial(jnp.where, taking)
     w = w._replace(tok_w=restart(jnp.zeros_like(w.tok_w).at[0].set(nxt), w.tok_w), depth_w=restart(0, w.depth_w),
-                   h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(params, cfg, nxt)), w.h_wd), n=restart(1, w.n))
+                   h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(params, cfg, nxt)), w.h_wd),
+                   n=restart(1, w.n))
     return w._replace(out_n=w.out_n.at[dst_w].set(emit_w, mode="drop"),
                       accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(
                           num - w.num, mode="drop"),

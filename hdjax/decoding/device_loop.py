@@ -94,6 +94,11 @@ def cache_room(state: LoopState) -> jax.Array:
   return state.cache.num_slots - jnp.max(jnp.where(active_b, state.cache.lengths, 0))
 
 
+def exit_head_arrays(head: ExitHeads | None) -> tuple[int | None, jax.Array | None]:
+  """One exit head's layer and its transform [D, D] on the device in fp32; (None, None) without a head."""
+  return (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
+
+
 def continues(st: LoopState, stop_at: jax.Array) -> jax.Array:
   """Whether an active row has fewer than `stop_at` new tokens and the cache has room for a step."""
   return jnp.any(~st.done_b & (st.lengths_b - st.prompt_b < stop_at)) & (cache_room(st) >= 1)
@@ -175,8 +180,9 @@ def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max
   `tables` are the device tables of `spec.sources` other than the n-gram ones, in order; `head_t_dd` the exit
   head of `spec.head_layer`."""
   ar.TRACE_COUNTS["device_loop"] += 1
-  return jax.lax.while_loop(lambda st: continues(st, stop_at), lambda st: speculative_step(params, cfg, st, key, max_new, spec, sampling,
-                                                              visible_lbs, tables, head_t_dd=head_t_dd), state)
+  step = functools.partial(speculative_step, params, cfg, key=key, max_new=max_new, spec=spec, sampling=sampling,
+                           visible_lbs=visible_lbs, tables=tables, head_t_dd=head_t_dd)
+  return jax.lax.while_loop(lambda st: continues(st, stop_at), lambda st: step(st=st), state)
 
 
 def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: tuple
@@ -196,7 +202,7 @@ def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: 
 @dataclasses.dataclass(frozen=True)
 class DeviceLoop(driver.DecodeLoop):
   """The speculative methods' `driver.DecodeLoop`: a `LoopState` stepped by `decode_chunk`. `tables` are the
-  device tables of `spec.sources` that are databases (in order); `finish(rows)` gets every row's emitted tokens
+  device tables of `spec.sources` that are databases (in order); `learn(rows)` gets every row's emitted tokens
   at the end of a request, as the host drafters' `finish` does (the model database learns them); `head_t_dd`
   is the exit head of `spec.head_layer`, which drafts first in every tree (`hd+adadecode`)."""
 
@@ -273,7 +279,7 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host
     raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
   if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):
     raise HdjaxError(f"sources {sources} need one device table per database, got {len(tables)}")
-  head_layer, t_dd = (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
+  head_layer, t_dd = exit_head_arrays(head)
   loop = DeviceLoop(device_spec(lm.cfg, host_drafter, spec, sources, head_layer), tuple(tables), learn, t_dd)
   return driver.generate(lm, request, method, loop, prefill)
 

@@ -90,7 +90,9 @@ def generate(lm: LoadedModel, request: GenerateRequest, method: str, loop: Decod
     state = loop.run(lm, request, state, jnp.int32(request.max_new_tokens))
   else:
     state, host_syncs = stream(lm, request, loop, state, int(request.option("chunk_tokens", 16)), host_syncs)
-  progress, report = jax.device_get((loop.progress(state), loop.report(state)))
+  # the prefill's stats may hold device scalars (a pruned prefill's counts): read with the results, not in TTFT
+  progress, report, prefill_stats = jax.device_get((loop.progress(state), loop.report(state), prefilled.stats))
+  prefill_stats = {k: v.item() if isinstance(v, (np.ndarray, np.generic)) else v for k, v in prefill_stats.items()}
   host_syncs += 1 + loop.loop_waits(state)
   total = time.perf_counter() - start
   rows = [progress.tokens_bn[b, s:s + n].tolist()
@@ -98,7 +100,8 @@ def generate(lm: LoadedModel, request: GenerateRequest, method: str, loop: Decod
   if not request.option("warmup", False):
     loop.finish(state, rows)
   stats = [dict(method=method, new_tokens=len(row), ttft_s=ttft, total_s=total, decode_s=total - ttft,
-                prompt_tokens=len(prompt), host_syncs=host_syncs, **{**prefilled.stats, **loop.row_stats(report, b, len(row))})
+                prompt_tokens=len(prompt), host_syncs=host_syncs,
+                **{**prefill_stats, **loop.row_stats(report, b, len(row))})
            for b, (row, prompt) in enumerate(zip(rows, request.prompts))]
   for st in stats:
     st["tau"] = float(np.mean(st["accept_lengths"]))

@@ -20,7 +20,7 @@ class Prefilled(NamedTuple):
   logits_bv: jax.Array  # last prompt token's logits
   cache: KVCache  # lengths = prompt lengths
   visible_lbs: jax.Array | None  # which slots hold K/V at each layer, when the prefill pruned tokens
-  stats: dict[str, Any]  # per-request facts about the prefill, merged into every sequence's stats
+  stats: dict[str, Any]  # per-request facts about the prefill (Python or device scalars), in every row's stats
   state: Any = None  # what a pruned prefill hands its own decoding loop (LazyLLM's `lazy.LazyState`)
 
 

@@ -138,24 +138,18 @@ class HostState:
 @dataclasses.dataclass(frozen=True)
 class HostLoop(driver.DecodeLoop):
   """The host loop as the driver runs it: per step, the host drafters propose chains, the host builds the trees,
-  one jitted `verify_step` verifies them and the host reads the accepted tokens back. `head` (one exit head) adds
-  its draft to every tree (see the module docstring)."""
+  one jitted `verify_step` verifies them and the host reads the accepted tokens back. An exit head at
+  `head_layer` (transform `head_t_dd`, `device_loop.exit_head_arrays`) adds its draft to every tree (see the
+  module docstring)."""
 
   spec: SpecConfig
   make_drafter: Callable[[SpecConfig], Drafter]
-  head: ExitHeads | None = None
+  head_layer: int | None = None
+  head_t_dd: jax.Array | None = None
 
   @property
   def extra_slots(self) -> int:
     return max(self.spec.buckets)
-
-  @property
-  def head_layer(self) -> int | None:
-    return None if self.head is None else self.head.layers[0]
-
-  @property
-  def head_t_dd(self) -> jax.Array | None:
-    return None if self.head is None else jnp.asarray(self.head.t_idd[0], jnp.float32)
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
             key: jax.Array) -> HostState:
@@ -169,7 +163,7 @@ class HostLoop(driver.DecodeLoop):
     for prompt, row, drafter in zip(request.prompts, state.rows, state.drafters):
       drafter.start(prompt)
       drafter.extend(row)
-    if self.head is not None:
+    if self.head_layer is not None:
       state.cache, state.root_h_bd, head_draft_b = start_head(lm.params, lm.cfg, state.cache, first_b,
                                                               jnp.ones((batch,), bool), self.head_layer,
                                                               self.head_t_dd, state.visible_lbs)
@@ -194,7 +188,7 @@ class HostLoop(driver.DecodeLoop):
       room = state.room()
       if room < 1:
         break
-      head_chains = ([[]] * len(state.rows) if self.head is None else
+      head_chains = ([[]] * len(state.rows) if self.head_layer is None else
                      [[[int(x)]] for x in state.head_draft_b])  # best first
       full_trees = [build_tree(row[-1], [] if d else head_chains[b] + drafter.draft(
           request.prompts[b] + tuple(row), spec.max_chains, spec.max_depth), max(spec.buckets), spec.max_depth)
@@ -213,7 +207,7 @@ class HostLoop(driver.DecodeLoop):
       state.cache, state.root_h_bd = out.cache, out.root_h_bd
       out_bd, num_b, next_draft_b = jax.device_get((out.tokens_bd, out.num_b, out.head_draft_b))  # one host wait
       state.waits += 1
-      if self.head is not None:
+      if self.head_layer is not None:
         state.head_hits_b += active_b & (out_bd[:, 0] == state.head_draft_b)
         state.head_draft_b = next_draft_b
       t2 = time.perf_counter()
@@ -246,7 +240,7 @@ class HostLoop(driver.DecodeLoop):
                 verify_s=state.verify_s, draft_share=state.draft_s / max(state.draft_s + state.verify_s, 1e-12),
                 node_budget=max(self.spec.buckets), max_depth=self.spec.max_depth,
                 bucket_counts={str(k): v for k, v in sorted(state.bucket_counts.items())},
-                **({} if self.head is None else
+                **({} if self.head_layer is None else
                    dict(head_layer=self.head_layer, head_hit_rate=int(state.head_hits_b[b]) / max(len(acc) - 1, 1))))
 
   def loop_waits(self, state: HostState) -> int:
@@ -274,7 +268,8 @@ def speculative_generate(lm: LoadedModel, request: GenerateRequest, method: str,
                          ) -> list[GenerationResult]:
   """`prefill`, then the host loop's draft -> verify steps (`HostLoop`) through the driver, until every sequence
   hits EOS, max_new_tokens or a full cache."""
-  return driver.generate(lm, request, method, HostLoop(defaults.with_options(request), make_drafter, head), prefill)
+  loop = HostLoop(defaults.with_options(request), make_drafter, *device_loop.exit_head_arrays(head))
+  return driver.generate(lm, request, method, loop, prefill)
 
 
 def step_regime(drafters: list[Drafter], accept_lengths: list[list[int]], done: list[bool]) -> tuple:
