@@ -29,7 +29,7 @@ from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
 from hdjax.decoding.autoregressive import next_pow2
-from hdjax.attention import causal_mask, rope_sin_cos
+from hdjax.attention import causal_mask
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
 
@@ -70,9 +70,7 @@ def profile(lm, heads, head_vocabs, reps: int = 20) -> dict:
   def layer(h_1rd, k, v):
     r = h_1rd.shape[1]
     pos = jnp.arange(100, 100 + r)[None]
-    sin, cos = rope_sin_cos(cfg, pos)
-    p = model.layer_params(params, 7)
-    return model.DecoderLayer(cfg).apply({"params": p}, h_1rd, sin, cos, causal_mask(pos, 512), k, v, pos, 7)[0]
+    return model.run_layers(params, cfg, h_1rd, pos, causal_mask(pos, 512), cache.replace(k=k, v=v), pos, 7, 8).h_btd
 
   head = jax.jit(lambda h: head_logits(params, cfg, heads.t_idd[0], h))
   unembed = jax.jit(lambda h: model.unembed(params, cfg, h))

@@ -213,23 +213,11 @@ def run_layers_masked(params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: 
 
   Returns the hidden states, the cache, the updated counter and the hidden states entering each layer.
   """
-  sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
-  layer = model.DecoderLayer(cfg)
-  s = cache.num_slots
-  b_idx = jnp.arange(h_btd.shape[0])[:, None]
-  causal_bts = jnp.arange(s)[None, None, :] <= positions_bt[:, :, None]
-
-  k, v, entering = cache.k, cache.v, []
-  for idx in range(start, end):
-    live_bt = live_lbt[idx - start]
-    slots = jnp.where(live_bt, slots_bt, s)
-    written_bs = jnp.zeros((h_btd.shape[0], s), bool).at[b_idx, slots].set(True, mode="drop")
-    mask_bts = causal_bts & ((computed_lbs[idx] > 0) | written_bs)[:, None, :]
-    entering.append(h_btd)
-    new_h, k, v = layer.apply({"params": model.layer_params(params, idx)}, h_btd, sin_bth, cos_bth, mask_bts, k, v,
-                              slots, idx)
-    h_btd = jnp.where(live_bt[:, :, None], new_h, h_btd)
-  return h_btd, cache.replace(k=k, v=v), _count(computed_lbs, start, slots_bt, live_lbt), jnp.stack(entering)
+  computed = _count(computed_lbs, start, slots_bt, live_lbt)
+  causal_bts = jnp.arange(cache.num_slots)[None, None, :] <= positions_bt[:, :, None]
+  out = model.run_layers(params, cfg, h_btd, positions_bt, causal_bts, cache, slots_bt, start, end,
+                         collect_hidden=True, visible_lbs=computed > 0, live_lbt=live_lbt)
+  return out.h_btd, out.cache, computed, out.hidden_lbtd[:-1]
 
 
 def _empty_state(cfg: LlamaConfig, batch: int, num_slots: int) -> LazyState:
@@ -269,7 +257,7 @@ def _to_aux(state: LazyState, layer: int, h_bnd, k_bnkh, slots_bn) -> LazyState:
 def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, positions_bn, valid_bn,
                         state: LazyState, start: int, end: int) -> tuple[jax.Array, LazyState]:
   """Layers [start, end) on the N gathered tokens only (in position order, with their original positions),
-  attending blockwise among themselves (`model.prefill_layers`) into a compact N-slot buffer, then scatter K/V
+  attending blockwise among themselves (`model.run_layers`' prefill) into a compact N-slot buffer, then scatter K/V
   to the cache."""
   batch, n, _ = h_bnd.shape
   sub_params = {"layers": params["layers"][start:end]}
@@ -277,8 +265,10 @@ def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, p
   local = KVCache(k=jnp.zeros((end - start, batch, cfg.n_kv_heads, n, cfg.head_dim), dtype),
                   v=jnp.zeros((end - start, batch, cfg.n_kv_heads, n, cfg.head_dim), dtype),
                   lengths=jnp.zeros((batch,), jnp.int32))
-  h_bnd, local = model.prefill_layers(sub_params, cfg, h_bnd, positions_bn, valid_bn, local, 0, end - start,
-                                      lazy_cfg.chunk)
+  local_slots_bn = jnp.where(valid_bn, jnp.arange(n)[None, :], n)
+  out = model.run_layers(sub_params, cfg, h_bnd, positions_bn, None, local, local_slots_bn, 0, end - start,
+                         prefill_block=lazy_cfg.chunk)
+  h_bnd, local = out.h_btd, out.cache
   b_idx = jnp.arange(batch)[:, None]
   slots_bn = jnp.where(valid_bn, positions_bn, state.cache.num_slots)
   # the indexed view of the [L, B, K, S, H] cache at (start:end, b, :, slot) is [B, N, L', K, H]

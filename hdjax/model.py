@@ -58,7 +58,7 @@ def write_kv(k_lbksh: jax.Array, v_lbksh: jax.Array, layer_idx, slots_bt: jax.Ar
 
 class DecoderLayer(nn.Module):
   """One pre-norm decoder layer over an fp32 residual stream. `__call__` attends through the full stacked cache at
-  layer `layer_idx`; `project_qkv` and `finish` let a prefill run its own (blocked) attention in between."""
+  layer `layer_idx`; `prefill` attends blockwise among a prompt's own tokens."""
 
   cfg: LlamaConfig
 
@@ -91,6 +91,18 @@ class DecoderLayer(nn.Module):
     gate_btf = contract("BTD,DF->BTF", x_btd, self.gate_df)
     up_btf = contract("BTD,DF->BTF", x_btd, self.up_df)
     return h_btd + contract("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_fd)
+
+  def prefill(self, h_btd, sin_bth, cos_bth, positions_bt, k_lbksh, v_lbksh, slots_bt, layer_idx, block):
+    """A prompt's layer: K/V written at `slots_bt` (0..T-1; >= S for padding, which is never attended), queries
+    attending blockwise and causally among the T tokens themselves (`blocked_causal_attention`)."""
+    q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
+    k_lbksh, v_lbksh = write_kv(k_lbksh, v_lbksh, layer_idx, slots_bt, k_btkh, v_btkh)
+    # the dots take the narrower of the cache's and the weights' dtypes (bf16 weights over an fp32 cache on CPU:
+    # the prefill's large blocks are where bf16 pays)
+    dtype = min(k_lbksh.dtype, jnp.dtype(self.cfg.dtype), key=lambda d: d.itemsize)
+    attn_btnh = blocked_causal_attention(q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), positions_bt,
+                                         slots_bt < k_lbksh.shape[3], block)
+    return self.finish(h_btd, attn_btnh), k_lbksh, v_lbksh
 
   def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbksh, v_lbksh, slots_bt, layer_idx):
     """Rows run padded to a multiple of `cfg.row_multiple` with copies of the last row (which write its K/V again)."""
@@ -213,7 +225,7 @@ def unembed(params: Params, cfg: LlamaConfig, h_btd: jax.Array) -> jax.Array:
 class LayerOut(NamedTuple):
   h_btd: jax.Array
   cache: KVCache
-  hidden_lbtd: jax.Array | None  # state after each layer of the range, when requested
+  hidden_lbtd: jax.Array | None  # [end - start + 1, B, T, D]: the state after start + i layers, when requested
 
 
 def layer_params(params: Params, idx: int) -> Params:
@@ -221,52 +233,40 @@ def layer_params(params: Params, idx: int) -> Params:
   return params["layers"][idx]
 
 
-def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
-               cache: KVCache, slots_bt: jax.Array, start: int = 0, end: int | None = None,
-               collect_hidden: bool = False, visible_lbs: jax.Array | None = None) -> LayerOut:
-  """Runs decoder layers [start, end) (static), one after the other on their own weight buffers.
+def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array,
+               mask_bts: jax.Array | None, cache: KVCache, slots_bt: jax.Array, start: int = 0, end: int | None = None,
+               collect_hidden: bool = False, visible_lbs: jax.Array | None = None, live_lbt: jax.Array | None = None,
+               prefill_block: int | None = None) -> LayerOut:
+  """Runs decoder layers [start, end) (static), one after the other on their own weight buffers: the one layer
+  runner behind every forward (full, ranged, per-layer visible, per-layer live, prefill).
 
   positions_bt: RoPE positions of the T tokens. slots_bt: cache slots their K/V rows go to (>= S drops the
-  row). mask_bts: which cache slots each token attends to, including the slots written in this call.
+  row). mask_bts: which cache slots each token attends to, including the slots written in this call; with
+  `visible_lbs` [L, B, S], layer l also needs visible_lbs[l]. `live_lbt` [end - start, B, T]: token t is computed
+  at layer start + i only if live[i, b, t]; one that is not keeps its state and writes nothing. `prefill_block`:
+  the T tokens are prompts in position order at slots 0..T-1 (padding at >= S) and attend among themselves in
+  blocks of that many rows (`DecoderLayer.prefill`; `mask_bts` unused, never a [T, S] mask). `collect_hidden`:
+  also return the state after start + i layers, for i = 0..end - start.
   Does not move `cache.lengths`: committing is the caller's decision.
   """
   end = cfg.n_layers if end is None else end
   h_btd = sharding.constrain(h_btd.astype(jnp.float32), sharding.ACTIVATION_AXES["h_btd"])
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
   layer = DecoderLayer(cfg)
-  k, v, hidden = cache.k, cache.v, []
+  k, v, hidden = cache.k, cache.v, [h_btd]
   for idx in range(start, end):
-    mask = mask_bts if visible_lbs is None else mask_bts & visible_lbs[idx][:, None, :]
-    h_btd, k, v = layer.apply({"params": layer_params(params, idx)}, h_btd, sin_bth, cos_bth, mask, k, v, slots_bt,
-                              idx)
+    live_bt = None if live_lbt is None else live_lbt[idx - start]
+    slots = slots_bt if live_bt is None else jnp.where(live_bt, slots_bt, cache.num_slots)
+    bound = layer.bind({"params": layer_params(params, idx)})
+    if prefill_block is None:
+      mask = mask_bts if visible_lbs is None else mask_bts & visible_lbs[idx][:, None, :]
+      new_h, k, v = bound(h_btd, sin_bth, cos_bth, mask, k, v, slots, idx)
+    else:
+      new_h, k, v = bound.prefill(h_btd, sin_bth, cos_bth, positions_bt, k, v, slots, idx, prefill_block)
+    h_btd = new_h if live_bt is None else jnp.where(live_bt[:, :, None], new_h, h_btd)
     hidden.append(h_btd)
   hidden_lbtd = jnp.stack(hidden) if collect_hidden else None
   return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden_lbtd)
-
-
-def prefill_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: jax.Array,
-                   valid_bt: jax.Array, cache: KVCache, start: int, end: int, block: int
-                   ) -> tuple[jax.Array, KVCache]:
-  """Layers [start, end) for T tokens in position order whose K/V go to cache slots 0..T-1 (invalid tokens write
-  nothing): each layer projects all T rows at once, then attends with `attention.blocked_causal_attention` over
-  the T tokens themselves in blocks of `block` rows, never over a [T, S] score tensor."""
-  t = h_btd.shape[1]
-  slots_bt = jnp.where(valid_bt, jnp.arange(t)[None, :], cache.num_slots)
-  sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
-  layer = DecoderLayer(cfg)
-  h_btd = sharding.constrain(h_btd.astype(jnp.float32), sharding.ACTIVATION_AXES["h_btd"])
-  k, v = cache.k, cache.v
-  for idx in range(start, end):
-    bound = layer.bind({"params": layer_params(params, idx)})
-    q_btnh, k_btkh, v_btkh = bound.project_qkv(h_btd, sin_bth, cos_bth)
-    k, v = write_kv(k, v, idx, slots_bt, k_btkh, v_btkh)
-    # the dots take the narrower of the cache's and the weights' dtypes (bf16 weights over an fp32 cache on CPU:
-    # the prefill's large blocks are where bf16 pays)
-    dtype = min(k.dtype, jnp.dtype(cfg.dtype), key=lambda d: d.itemsize)
-    attn_btnh = blocked_causal_attention(q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), positions_bt,
-                                         valid_bt, block)
-    h_btd = bound.finish(h_btd, attn_btnh)
-  return h_btd, sharding.constrain_cache(cache.replace(k=k, v=v))
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,

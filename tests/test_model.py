@@ -78,8 +78,8 @@ def test_layer_ranges_compose_and_collect_hidden(tiny_lm):
   second = model.run_layers(params, cfg, first.h_btd, pos, mask, first.cache, pos, 2, cfg.n_layers)
   np.testing.assert_allclose(second.h_btd, full.h_btd, atol=1e-5)
   np.testing.assert_allclose(second.cache.k, full.cache.k, atol=1e-5)
-  assert full.hidden_lbtd.shape == (cfg.n_layers, 1, 5, cfg.d_model)
-  np.testing.assert_allclose(full.hidden_lbtd[1], first.h_btd, atol=1e-5)
+  assert full.hidden_lbtd.shape == (cfg.n_layers + 1, 1, 5, cfg.d_model)
+  np.testing.assert_allclose(full.hidden_lbtd[2], first.h_btd, atol=1e-5)
 
 
 def test_out_of_range_slots_are_not_written(tiny_lm):

@@ -40,7 +40,7 @@ import numpy as np
 from hdjax import model
 from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_logits, identity_heads, load_heads,
                                    load_vocab, reduced_heads, reduced_logits)
-from hdjax.attention import causal_mask, rope_sin_cos
+from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig, is_int
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import driver
@@ -131,13 +131,14 @@ def _layer_rows(p_layer, cfg: LlamaConfig, rows: int, h_bwd, k_1bksh, v_1bksh, b
   valid_br = j_r[None, :] < g_b[:, None]
   pos_br = base_b[:, None] + g0_b[:, None] + j_r
   slots_br = jnp.where(valid_br, pos_br, num_slots)
-  sin, cos = rope_sin_cos(cfg, pos_br)
   mask_brs = causal_mask(pos_br, num_slots)
   if visible_bs is not None:
     mask_brs = mask_brs & visible_bs[:, None, :]
   h_brd = jnp.take_along_axis(h_bwd, idx_br[:, :, None], axis=1)
-  h_brd, k_1bksh, v_1bksh = model.DecoderLayer(cfg).apply({"params": p_layer}, h_brd, sin, cos, mask_brs, k_1bksh,
-                                                          v_1bksh, slots_br, 0)
+  # the layer as a one-layer model over its own cache slice
+  out = model.run_layers({"layers": [p_layer]}, cfg, h_brd, pos_br, mask_brs,
+                         KVCache(k=k_1bksh, v=v_1bksh, lengths=base_b), slots_br, 0, 1)
+  h_brd, k_1bksh, v_1bksh = out.h_btd, out.cache.k, out.cache.v
   b_idx = jnp.arange(h_bwd.shape[0])[:, None]
   h_bwd = h_bwd.at[b_idx, jnp.where(valid_br, idx_br, window)].set(h_brd, mode="drop")
   return h_bwd, k_1bksh, v_1bksh

@@ -84,8 +84,8 @@ def _hidden_at(params, cfg: LlamaConfig, tokens_bt, layers: tuple[int, ...]):
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
   out = model.run_layers(params, cfg, model.embed(params, cfg, tokens_bt), positions, causal_mask(positions, t),
                          init_cache(cfg, batch, t), positions, collect_hidden=True)
-  # hidden_lbtd[l] is the state after l + 1 layers
-  return out.hidden_lbtd[jnp.asarray(layers) - 1], out.h_btd
+  # hidden_lbtd[l] is the state after l layers
+  return out.hidden_lbtd[jnp.asarray(layers)], out.h_btd
 
 
 def collect_hidden(params, cfg: LlamaConfig, token_seqs: Sequence[Sequence[int]], starts: Sequence[int],

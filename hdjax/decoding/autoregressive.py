@@ -47,17 +47,17 @@ def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array
 
   Returns the logits [B, V] after each prompt's last token and the cache with lengths = prompt lengths.
   Padding rows go to an out-of-range slot, so they are never written. Attention is blocked and causal
-  (`model.prefill_layers`, blocks of PREFILL_BLOCK rows, or half that for a 3 * 2^k bucket; T <= num_slots).
+  (`model.run_layers`' prefill blocks of PREFILL_BLOCK rows, or half that for a 3 * 2^k bucket; T <= num_slots).
   """
   TRACE_COUNTS["prefill"] += 1
   batch, t = tokens_bt.shape
   # half blocks tile a 3 * 2^k bucket (384 rows: 3 x 128, not 512 padded); any other T pads to whole blocks
   block = PREFILL_BLOCK // 2 if t > PREFILL_BLOCK and t % PREFILL_BLOCK else PREFILL_BLOCK
   positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
-  h_btd, cache = model.prefill_layers(params, cfg, model.embed(params, cfg, tokens_bt), positions_bt,
-                                      positions_bt < lengths_b[:, None], init_cache(cfg, batch, num_slots), 0,
-                                      cfg.n_layers, block)
-  return last_token_logits(params, cfg, h_btd, lengths_b), cache.replace(lengths=lengths_b.astype(jnp.int32))
+  slots_bt = jnp.where(positions_bt < lengths_b[:, None], positions_bt, num_slots)
+  out = model.run_layers(params, cfg, model.embed(params, cfg, tokens_bt), positions_bt, None,
+                         init_cache(cfg, batch, num_slots), slots_bt, prefill_block=block)
+  return last_token_logits(params, cfg, out.h_btd, lengths_b), out.cache.replace(lengths=lengths_b.astype(jnp.int32))
 
 
 def decode_one(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array, active_b: jax.Array
