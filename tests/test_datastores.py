@@ -195,6 +195,7 @@ def test_first_user_and_assistant_turns(tmp_path):
 def test_resumable_generation_continues_after_a_kill(tmp_path):
   prompts = [(f"p{i}", [i] * (1 + i % 5)) for i in range(23)]
   partial = str(tmp_path / "partial.npz")
+  settings = dict(max_new_tokens=8, dtype="bfloat16")
   calls = []
 
   def generate(batch):
@@ -207,20 +208,22 @@ def test_resumable_generation_continues_after_a_kill(tmp_path):
     return generate(batch)
 
   def checkpoint(outputs):
-    model_db.save_partial(partial, "tok", 8, outputs)
+    model_db.save_partial(partial, "tok", settings, outputs)
 
   reference = model_db.generate_outputs(generate, prompts, 4, {})
   calls.clear()
   with pytest.raises(KeyboardInterrupt):
     model_db.generate_outputs(killed_after_two_batches, prompts, 4, {}, checkpoint)
-  done = model_db.load_partial(partial, "tok", 8)
+  done = model_db.load_partial(partial, "tok", settings)
   assert len(done) == 8
   calls.clear()
   resumed = model_db.generate_outputs(generate, prompts, 4, done, checkpoint)
   assert sum(calls) == len(prompts) - 8 and resumed == reference
-  assert model_db.load_partial(partial, "tok", 8) == reference
+  assert model_db.load_partial(partial, "tok", settings) == reference
   with pytest.raises(HdjaxError, match="max_new_tokens=8, not 16"):
-    model_db.load_partial(partial, "tok", 16)
+    model_db.load_partial(partial, "tok", dict(settings, max_new_tokens=16))
+  with pytest.raises(HdjaxError, match="dtype=bfloat16, not float32"):
+    model_db.load_partial(partial, "tok", dict(settings, dtype="float32"))
   assert model_db.generate_outputs(generate, prompts, 4, {}, deadline=0.0) == {}
 
 

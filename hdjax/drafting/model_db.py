@@ -230,6 +230,7 @@ def check_arrays(arrays: dict[str, np.ndarray]) -> None:
 
 # Building: the model's greedy outputs on ShareGPT first user turns, generated in resumable batches.
 PARTIAL_KIND = "model_outputs_partial"
+LEGACY_SETTINGS = {"dtype": "float32"}  # partial files made before the dtype was recorded were fp32
 
 
 def select_prompts(tokenizer, num_prompts: int, max_prompt_tokens: int, path: str | None = None
@@ -249,25 +250,28 @@ def select_prompts(tokenizer, num_prompts: int, max_prompt_tokens: int, path: st
   return out
 
 
-def load_partial(path: str, identity: str, max_new_tokens: int) -> dict[str, list[int]]:
-  """Outputs generated so far ({conversation id: token ids}); empty when no partial file exists."""
+def load_partial(path: str, identity: str, settings: dict) -> dict[str, list[int]]:
+  """Outputs generated so far ({conversation id: token ids}) with the generation `settings` (e.g.
+  max_new_tokens, dtype) they were made with; empty when no partial file exists. A file written before a setting
+  was recorded holds the setting's `LEGACY_SETTINGS` value."""
   if not os.path.isfile(path):
     return {}
   arrays, info = store.load_arrays(path, PARTIAL_KIND, identity)
-  if info.get("max_new_tokens") != max_new_tokens:
-    raise HdjaxError(f"{path} holds outputs of max_new_tokens={info.get('max_new_tokens')}, not {max_new_tokens}; "
-                     f"pass the same value or delete the file")
+  for name, value in settings.items():
+    held = info.get(name, LEGACY_SETTINGS.get(name))
+    if held != value:
+      raise HdjaxError(f"{path} holds outputs made with {name}={held}, not {value}; pass the same value or delete "
+                       f"the file")
   flat, offsets = arrays["tokens"].tolist(), arrays["offsets"].tolist()
   return {str(cid): flat[offsets[i]:offsets[i + 1]] for i, cid in enumerate(arrays["ids"].tolist())}
 
 
-def save_partial(path: str, identity: str, max_new_tokens: int, outputs: dict[str, list[int]]) -> None:
+def save_partial(path: str, identity: str, settings: dict, outputs: dict[str, list[int]]) -> None:
   ids = list(outputs)
   offsets = np.cumsum([0] + [len(outputs[c]) for c in ids]).astype(np.int64)
   flat = np.asarray([t for c in ids for t in outputs[c]], np.int32)
   store.save_arrays(path, PARTIAL_KIND, identity, dict(ids=np.asarray(ids, dtype=str), tokens=flat,
-                                                        offsets=offsets),
-                    dict(max_new_tokens=max_new_tokens), compress=False)
+                                                        offsets=offsets), dict(settings), compress=False)
 
 
 def generate_outputs(generate, prompts: list[tuple[str, list[int]]], batch_size: int, done: dict[str, list[int]],
