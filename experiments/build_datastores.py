@@ -40,6 +40,7 @@ flags.DEFINE_bool("generate", True, "Generate missing model outputs; --nogenerat
 flags.DEFINE_float("generate_budget_s", 0, "Start no generation batch after this many seconds (0: no limit); the "
                    "model DB then holds the prompts done so far, and a later run continues.")
 flags.DEFINE_integer("model_entries", 100_000, "Most frequent (key, continuation) entries kept in the model DB.")
+flags.DEFINE_integer("model_continuation", 4, "Tokens per continuation in the model DB (its chains' longest draft).")
 flags.DEFINE_integer("stats_chars", 20_000_000, "Characters of ShareGPT assistant turns indexed (stats DB).")
 flags.DEFINE_integer("stats_top_k", 7, "Continuations kept per key (stats DB).")
 flags.DEFINE_integer("stats_min_count", 1, "Drop (key, continuation) pairs seen fewer times (stats DB).")
@@ -68,7 +69,8 @@ def build_model_db(lm, out_dir: str) -> dict:
       outputs = model_db.generate_outputs(generate, prompts, FLAGS.batch_size, done, checkpoint, bar,
                                           start + FLAGS.generate_budget_s if FLAGS.generate_budget_s > 0 else None)
   gen_s = time.time() - start
-  db = model_db.ModelDB(model_db.NgramConfig(max_entries=FLAGS.model_entries), identity)
+  db = model_db.ModelDB(model_db.NgramConfig(continuation=FLAGS.model_continuation, max_entries=FLAGS.model_entries),
+                        identity)
   used = [cid for cid, _ in prompts if cid in outputs]
   if not used:
     raise HdjaxError(f"no model outputs to build from in {partial}; run without --nogenerate")
@@ -119,8 +121,8 @@ def main(argv):
   if unknown or not FLAGS.which:
     raise HdjaxError(f"--which takes model and/or stats, got {','.join(FLAGS.which)}")
   require(**{name: (getattr(FLAGS, name), at_least(1)) for name in (
-      "num_prompts", "max_prompt_tokens", "max_new_tokens", "batch_size", "model_entries", "stats_chars", "stats_top_k",
-      "stats_min_count", "heldout_chars")}, generate_budget_s=(FLAGS.generate_budget_s, at_least(0)))
+      "num_prompts", "max_prompt_tokens", "max_new_tokens", "batch_size", "model_entries", "model_continuation",
+      "stats_chars", "stats_top_k", "stats_min_count", "heldout_chars")}, generate_budget_s=(FLAGS.generate_budget_s, at_least(0)))
   check_output_dir(FLAGS.out_dir, ["model_db.npz", "stats_db.npz", "model_outputs.partial.npz",
                                    f"build_{'_'.join(FLAGS.which)}.json"])
   import hdjax  # pylint: disable=import-outside-toplevel  (keeps --help fast)
