@@ -11,7 +11,7 @@ import pytest
 
 from hdjax import HdjaxError
 from hdjax.decoding import autoregressive as ar
-from hdjax.decoding.sampling import SamplingConfig
+from hdjax.decoding.sampling import SamplingConfig, greedy_tokens
 from tests.conftest import make_tiny_lm
 
 
@@ -120,3 +120,12 @@ def test_bad_requests(tiny_lm):
     tiny_lm.generate([[1] * 500], max_new_tokens=20)
   with pytest.raises(HdjaxError, match="outside the vocabulary"):
     tiny_lm.generate([[1, 100000]])
+
+
+def test_greedy_tokens_is_argmax_with_its_tie_rule():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 4, size=(6, 3, 257)).astype(np.float32)  # many ties: the first index must win
+  logits[0, 0] = -np.inf
+  logits[1, 0, 7] = np.inf
+  np.testing.assert_array_equal(greedy_tokens(jnp.asarray(logits)), np.argmax(logits, axis=-1))
+  assert greedy_tokens(jnp.full((2, 5), jnp.nan)).tolist() == [4, 4]  # a valid id even for a broken row

@@ -47,7 +47,7 @@ from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
-from hdjax.decoding.sampling import SamplingConfig, target_probs
+from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -136,7 +136,7 @@ def _layer_rows(p_layer, cfg: LlamaConfig, rows: int, h_bwd, k_1bksh, v_1bksh, b
     mask_brs = mask_brs & visible_bs[:, None, :]
   h_brd = jnp.take_along_axis(h_bwd, idx_br[:, :, None], axis=1)
   # the layer as a one-layer model over its own cache slice
-  out = model.run_layers({"layers": [p_layer]}, cfg, h_brd, pos_br, mask_brs,
+  out = model.run_layers({"layers": (p_layer,)}, cfg, h_brd, pos_br, mask_brs,
                          KVCache(k=k_1bksh, v=v_1bksh, lengths=base_b), slots_br, 0, 1)
   h_brd, k_1bksh, v_1bksh = out.h_btd, out.cache.k, out.cache.v
   b_idx = jnp.arange(h_bwd.shape[0])[:, None]
@@ -185,7 +185,7 @@ def _check_logits(params, cfg: LlamaConfig, head_w, head_ids, head, h_bd):
 
 def _sample(key, probs_v, sampling: SamplingConfig):
   if sampling.greedy:
-    return jnp.argmax(probs_v).astype(jnp.int32)
+    return greedy_tokens(probs_v)
   return jax.random.categorical(key, jnp.log(probs_v)).astype(jnp.int32)
 
 
@@ -308,7 +308,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     n_acc = jnp.sum(jnp.cumprod(ok_w.astype(jnp.int32))).astype(jnp.int32)
     rejected = n_acc < w.n - 1
     if sampling.greedy:
-      nxt = jnp.argmax(logits_wv[n_acc]).astype(jnp.int32)
+      nxt = greedy_tokens(logits_wv[n_acc])
     else:
       residual_v = jnp.maximum(p_wv[n_acc] - w.q_wv[n_acc], 0.0)
       residual_v = jnp.where(jnp.sum(residual_v) > 0, residual_v, p_wv[n_acc])

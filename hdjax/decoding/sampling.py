@@ -39,14 +39,24 @@ def filtered_logits(logits_bv: jax.Array, sampling: SamplingConfig) -> jax.Array
   return logits
 
 
+def greedy_tokens(logits_xv: jax.Array) -> jax.Array:
+  """int32 argmax over the last axis (the first index of the maximum, as `jnp.argmax`; the last id if a row is all
+  NaN), as a max and then the smallest index holding it: two plain reductions, which XLA:CPU vectorizes, where
+  `jnp.argmax`'s (value, index) reduce took 0.86 ms for 8 x 49,152 logits against 0.15 ms."""
+  vocab = logits_xv.shape[-1]
+  max_x1 = jnp.max(logits_xv, axis=-1, keepdims=True)
+  first_x = jnp.min(jnp.where(logits_xv == max_x1, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+  return jnp.minimum(first_x, vocab - 1)
+
+
 def target_probs(logits_bv: jax.Array, sampling: SamplingConfig) -> jax.Array:
   """The distribution a step samples from; one-hot at the argmax when greedy."""
   if sampling.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits_bv, axis=-1), logits_bv.shape[-1], dtype=jnp.float32)
+    return jax.nn.one_hot(greedy_tokens(logits_bv), logits_bv.shape[-1], dtype=jnp.float32)
   return jax.nn.softmax(filtered_logits(logits_bv, sampling), axis=-1)
 
 
 def select_token(logits_bv: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
   if sampling.greedy:
-    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+    return greedy_tokens(logits_bv)
   return jax.random.categorical(key, filtered_logits(logits_bv, sampling), axis=-1).astype(jnp.int32)

@@ -19,7 +19,7 @@ from hdjax import model
 from hdjax.adadecode.heads import head_logits
 from hdjax.attention import causal_mask, key_block_of, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
-from hdjax.decoding.sampling import SamplingConfig, target_probs
+from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
 from hdjax.decoding.tree import DraftTree, pad_tree
 from hdjax.kvcache import KVCache, commit_rows
 
@@ -156,7 +156,7 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
                              visible_lbs=visible_lbs)
     logits_btv, cache = model.unembed(params, cfg, above.h_btd), above.cache
   if sampling.greedy:
-    target_bt = jnp.argmax(logits_btv, axis=-1).astype(jnp.int32)
+    target_bt = greedy_tokens(logits_btv)
     trusted_bt = trusted_nodes(tree, lengths_b, cache.num_slots) if cfg.bitwise_steps else tree.valid
     acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
         tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt, trusted_t=trusted_bt)
@@ -180,7 +180,7 @@ def head_draft(params, cfg: LlamaConfig, cache: KVCache, root_b: jax.Array, acti
   below = model.run_layers(params, cfg, model.embed(params, cfg, root_b[:, None]), positions_b1,
                            causal_mask(positions_b1, cache.num_slots), cache, slots_b1, 0, head_layer,
                            visible_lbs=visible_lbs)
-  draft_b = jnp.argmax(head_logits(params, cfg, t_dd, below.h_btd)[:, 0], axis=-1).astype(jnp.int32)
+  draft_b = greedy_tokens(head_logits(params, cfg, t_dd, below.h_btd)[:, 0])
   return below.cache, below.h_btd[:, 0], draft_b
 
 
