@@ -122,7 +122,8 @@ def main(argv):
     raise HdjaxError(f"--which takes model and/or stats, got {','.join(FLAGS.which)}")
   require(**{name: (getattr(FLAGS, name), at_least(1)) for name in (
       "num_prompts", "max_prompt_tokens", "max_new_tokens", "batch_size", "model_entries", "model_continuation",
-      "stats_chars", "stats_top_k", "stats_min_count", "heldout_chars")}, generate_budget_s=(FLAGS.generate_budget_s, at_least(0)))
+      "stats_chars", "stats_top_k", "stats_min_count", "heldout_chars")},
+          generate_budget_s=(FLAGS.generate_budget_s, at_least(0)))
   check_output_dir(FLAGS.out_dir, ["model_db.npz", "stats_db.npz", "model_outputs.partial.npz",
                                    f"build_{'_'.join(FLAGS.which)}.json"])
   import hdjax  # pylint: disable=import-outside-toplevel  (keeps --help fast)

@@ -89,7 +89,7 @@ class DecoderLayer(nn.Module):
     """The output projection's residual, then the MLP's."""
     b, t, n, hd = attn_btnh.shape
     # one [N * H, D] contraction over the heads' outputs in (head, dim) order: as "BTNH,NHD->BTD", XLA:CPU chose to
-    # copy the whole [N, H, D] weight into (dim, head) order every step (~0.08 ms per layer) instead of the
+    # copy the whole [N, H, D] weight into (dim, head) order every step (~0.08 ms per layer, profiled) instead of the
     # activation
     h_btd = h_btd + contract("BTE,ED->BTD", attn_btnh.reshape(b, t, n * hd), self.o_nhd.reshape(n * hd, -1))
     x_btd = self.mlp_norm(h_btd)

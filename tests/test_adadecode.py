@@ -38,7 +38,7 @@ def _random_heads(seed: int, d: int, scale: float, vocab: int = 128) -> ExitHead
   return ExitHeads(HEAD_LAYERS, jnp.asarray(t_idd, jnp.float32), tuple(rng.permutation(vocab).tolist()))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 10_000), scale=st.sampled_from([0.0, 0.3, 30.0]), gamma=st.sampled_from([0.0, 0.2, 0.9]),
        head_vocab=st.sampled_from([0, 16]))
 def test_greedy_parity_with_any_heads(deep_tiny, seed, scale, gamma, head_vocab):
@@ -72,7 +72,7 @@ def test_reduced_head_logits_are_the_full_heads_at_the_candidates(tie):
   assert not np.allclose(reduced_logits(lm.params, lm.cfg, w_ind[0], h_btd), full_btv[..., ids_n], atol=1e-2)
 
 
-@pytest.mark.parametrize("max_pending", [1, 5])
+@pytest.mark.parametrize("max_pending", [1, pytest.param(5, marks=pytest.mark.slow)])
 def test_always_exit_parity_and_pending_bound(deep_tiny, max_pending):
   prompts = _prompts(7, deep_tiny.cfg.vocab_size)
   ref = deep_tiny.generate(prompts, method="ar", max_new_tokens=30)

@@ -25,9 +25,9 @@ QUESTIONS = [
     "Hallie had dance practice for 1 hour on Tuesdays and 2 hours on Thursdays.  On Saturdays, she had dance "
     "practice that lasted twice as long as Tuesday's night class.  How many hours a week did she have dance "
     "practice?",
-    "Write a Python function that returns the n-th Fibonacci number, then explain how it works.",
 ]
 MORE_QUESTIONS = [
+    "Write a Python function that returns the n-th Fibonacci number, then explain how it works.",
     "Translate German to English: Die Katze sitzt auf der Matte, und der Hund schläft neben dem Ofen.",
     "Summarize: The city council met on Tuesday to discuss the new bus routes. After three hours of debate, the "
     "council voted to extend route 12 to the airport and to add two night buses on weekends, starting in May.",

@@ -61,8 +61,9 @@ OPTIONS = {"lazy+adadecode": dict(heads="identity", head_layers=(3, 5), gamma=0.
            "lazy+hd+adadecode": dict(heads="identity", head_layers=(7,))}
 
 
-@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd", "lazy+adadecode",
-                                    "lazy+hd+adadecode"])
+# lazy+hd's device loop over a frozen set: also tests/test_driver.py (lazy+pld_frozen) and lazy+hd+adadecode here
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("lazy+pld", "lazy+hd")]
+                         + ["lazy+adadecode", "lazy+hd+adadecode"])
 def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=SCHEDULE)
@@ -111,6 +112,7 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
   assert max(max(g.stats["accept_lengths"]) for g in got) <= REVIVING.reselect_every
 
 
+@pytest.mark.slow  # the fallback itself: tests/test_lazy.py::test_fallback_below_threshold
 def test_short_prompts_fall_back_to_full_prefill(lm8):
   prompts = _prompts(1, (40,))
   cfg = dataclasses.replace(SCHEDULE, min_prompt=64)

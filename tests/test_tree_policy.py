@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hdjax.decoding.tree_policy import TreeSizePolicy
 from hdjax.drafting.hierarchy import HierarchyDrafter
 from tests.conftest import make_tiny_lm
@@ -59,6 +61,7 @@ def test_hierarchy_asks_sources_in_order_and_reports_the_first_tier():
   assert HierarchyDrafter([_Fixed([])], max_nodes=4).draft([0], 7, 4) == []
 
 
+@pytest.mark.slow  # a host-loop option; the policy's choices are unit-tested above
 def test_adaptive_generation_stays_lossless():
   lm = make_tiny_lm()
   prompts = [[5, 6, 7, 8, 9, 10] * 6, [3, 1, 4, 1, 5, 9, 2, 6]]
