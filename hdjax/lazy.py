@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdjax import model
-from hdjax.attention import apply_rope, rope_sin_cos
+from hdjax.attention import apply_rope, causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar
@@ -214,9 +214,8 @@ def run_layers_masked(params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt: 
   Returns the hidden states, the cache, the updated counter and the hidden states entering each layer.
   """
   computed = _count(computed_lbs, start, slots_bt, live_lbt)
-  causal_bts = jnp.arange(cache.num_slots)[None, None, :] <= positions_bt[:, :, None]
-  out = model.run_layers(params, cfg, h_btd, positions_bt, causal_bts, cache, slots_bt, start, end,
-                         collect_hidden=True, visible_lbs=computed > 0, live_lbt=live_lbt)
+  out = model.run_layers(params, cfg, h_btd, positions_bt, causal_mask(positions_bt, cache.num_slots), cache,
+                         slots_bt, start, end, collect_hidden=True, visible_lbs=computed > 0, live_lbt=live_lbt)
   return out.h_btd, out.cache, computed, out.hidden_lbtd[:-1]
 
 

@@ -380,8 +380,7 @@ def resolve_heads(lm: LoadedModel, request: GenerateRequest, ranked: bool = Fals
   "identity" and the committed heads, else all)."""
   if lm.cfg.dtype != "float32":
     warn_once(f"exit-head methods are bitwise lossless in float32 only: their deferred layers run in other programs "
-              f"than `ar`'s step, which round differently in {lm.cfg.dtype} (22 of 30 Spec-Bench answers identical "
-              f"to `ar` in bf16 on CPU)")
+              f"than `ar`'s step, which round differently in {lm.cfg.dtype} (README, Known limits)")
   heads = request.option("heads", DEFAULT_HEADS_DIR)
   layers = request.option("head_layers")
   if heads == "identity":
