@@ -15,6 +15,7 @@ differ only in their positions, slots and mask; a prefill instead attends blockw
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -253,6 +254,12 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
   blocks of that many rows (`DecoderLayer.prefill`; `mask_bts` unused, never a [T, S] mask). `collect_hidden`:
   also return the state after start + i layers, for i = 0..end - start.
   Does not move `cache.lengths`: committing is the caller's decision.
+
+  Outside a prefill each layer is a computation of its own (`control.run_if`; a layer in which no token writes a
+  slot is skipped and its tokens keep their states), so XLA fuses a layer alike wherever it runs: in a decode or
+  verify step of all layers, a range of them, or one layer of AdaDecode's loop. On XLA:CPU bf16, fusing a layer
+  with its neighbours rounds some activations differently, and the exit-head methods' deferred layers must
+  compute `ar`'s logits bit for bit.
   """
   end = cfg.n_layers if end is None else end
   h_btd = sharding.constrain(h_btd.astype(jnp.float32), sharding.ACTIVATION_AXES["h_btd"])
@@ -265,13 +272,20 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
     bound = layer.bind({"params": layer_params(params, idx)})
     if prefill_block is None:
       mask = mask_bts if visible_lbs is None else mask_bts & visible_lbs[idx][:, None, :]
-      new_h, k, v = bound(h_btd, sin_bth, cos_bth, mask, k, v, slots, idx)
+      step = functools.partial(_layer_step, bound, sin_bth, cos_bth, mask, slots, idx)
+      new_h, k, v = run_if(jnp.any(slots < cache.num_slots), step, (h_btd, k, v))
     else:
       new_h, k, v = bound.prefill(h_btd, sin_bth, cos_bth, positions_bt, k, v, slots, idx, prefill_block)
     h_btd = new_h if live_bt is None else jnp.where(live_bt[:, :, None], new_h, h_btd)
     hidden.append(h_btd)
   hidden_lbtd = jnp.stack(hidden) if collect_hidden else None
   return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden_lbtd)
+
+
+def _layer_step(bound: DecoderLayer, sin_bth, cos_bth, mask_bts, slots_bt, idx: int, carry):
+  """`run_layers`' step of one layer over the carry (h, k, v)."""
+  h_btd, k, v = carry
+  return bound(h_btd, sin_bth, cos_bth, mask_bts, k, v, slots_bt, idx)
 
 
 def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,

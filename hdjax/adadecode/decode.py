@@ -48,7 +48,6 @@ from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
 from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
-from hdjax.drafting.store import warn_once
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -378,9 +377,6 @@ def resolve_heads(lm: LoadedModel, request: GenerateRequest, ranked: bool = Fals
   """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head; `ranked`: with
   the committed heads' vocabulary ranking); `head_layers`: which of them to use (default: DEFAULT_LAYERS for
   "identity" and the committed heads, else all)."""
-  if lm.cfg.dtype != "float32":
-    warn_once(f"exit-head methods are bitwise lossless in float32 only: their deferred layers run in other programs "
-              f"than `ar`'s step, which round differently in {lm.cfg.dtype} (README, Known limits)")
   heads = request.option("heads", DEFAULT_HEADS_DIR)
   layers = request.option("head_layers")
   if heads == "identity":
