@@ -42,7 +42,9 @@ flags.DEFINE_integer("max_turns", None, "Turns per question, >= 1 (default: all;
 flags.DEFINE_float("temperature", 0.0, "Finite, >= 0; 0 is greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (per question: seed + question index).")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and activation dtype.")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
+                  "Weight dtype (bf16: fp32 accumulation and residual stream). Every method returns `ar`'s tokens "
+                  "in either; the speculative methods pay in bf16 on CPU (README).")
 flags.DEFINE_string("method_options", "{}", 'JSON {method: {option: value}}, e.g. {"hd": {"max_depth": 3}}.')
 flags.DEFINE_string("out_dir", "results/specbench", "Output directory.")
 

@@ -18,8 +18,7 @@ every later token sees the revived set. So a step's drafts are cut where the nex
 the pruning layers are recomputed (`lazy.revive_at`) and re-score the pruned tokens, and the next step sees what
 `lazy` would. Steps carry at most `reselect_every` tokens. The output is lossless against `lazy` with the same
 settings (greedy: identical tokens), which the tests check. With `revive=False` they run the device loop with the
-pruned set frozen after prefill (the host loop for options only it has: `adaptive`, another `order`), lossless
-against `lazy` with `revive=False`. `lazy+adadecode` (AdaDecode's loop) and `lazy+hd+adadecode` (the device loop,
+pruned set frozen after prefill, lossless against `lazy` with `revive=False`. `lazy+adadecode` (AdaDecode's loop) and `lazy+hd+adadecode` (the device loop,
 with the exit head as its first source; `lazy+hd+adadecode_host` is its host loop) always freeze the set (stats
 `lazy_revive` says which). Every one of them runs through the one driver (`decoding/driver.py`).
 """
@@ -44,8 +43,6 @@ from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.speculative import HD_DEFAULTS, device_method, spec_method
-from hdjax.drafting.context_db import NgramConfig, context_drafter
-from hdjax.drafting.pld import pld_drafter
 from hdjax.errors import HdjaxError
 
 # The head's draft is one node: a 2-node tree (root + head draft) is the common step when no database matches.
@@ -143,21 +140,20 @@ class RevivingLoop(driver.DecodeLoop):
       self.learn(rows)
 
 
-def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source: str) -> Method:
-  """`method` (lazy + a device-loop drafter over `source`, as `speculative.device_method`) with revival in
-  `reviving_loop`; without revival (`revive=False`, or a prompt shorter than `min_prompt`) the device loop over
-  the pruned prefill's frozen set, and the host loop for options only it has."""
+def reviving_method(method: str, source: str) -> Method:
+  """`method` (lazy + a device-loop drafter over `source` or the `order` option, as
+  `speculative.device_method`) with revival in `reviving_loop`; without revival (`revive=False`, or a prompt
+  shorter than `min_prompt`) the device loop over the pruned prefill's frozen set."""
   defaults = speculative.SPEC_METHODS[method.split("+")[1]][1]
-  frozen = device_method(method, host_drafter, source, lazy.pruned_prefill, defaults=defaults)
+  frozen = device_method(method, source, lazy.pruned_prefill, defaults=defaults)
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
-    if (not lazy_cfg.revive or max(len(p) for p in request.prompts) < lazy_cfg.min_prompt
-        or request.option("adaptive", False) or request.option("order", source) != source):
+    if not lazy_cfg.revive or max(len(p) for p in request.prompts) < lazy_cfg.min_prompt:
       return frozen(lm, request)
     spec = defaults.with_options(request)
-    names, tables, model_db = speculative.device_sources(lm, spec, source)
-    loop = RevivingLoop(lm.cfg, device_loop.device_spec(lm.cfg, host_drafter(), spec, tuple(names)), lazy_cfg, tables,
+    names, tables, model_db = speculative.device_sources(lm, spec, request.option("order", source), False)
+    loop = RevivingLoop(lm.cfg, device_loop.device_spec(lm.cfg, spec, tuple(names)), lazy_cfg, tables,
                         functools.partial(speculative.learn_outputs, model_db, request.prompts))
     results = driver.generate(lm, request, method, loop, functools.partial(lazy.pruned_prefill, lazy_cfg=lazy_cfg))
     for r in results:
@@ -167,11 +163,10 @@ def reviving_method(method: str, host_drafter: Callable[[], NgramConfig], source
   return generate
 
 
-register_method("lazy+pld")(reviving_method("lazy+pld", lambda: pld_drafter().config, "pld"))
-register_method("lazy+hd")(reviving_method("lazy+hd", lambda: context_drafter().config, "context,model,stats"))
-register_method("lazy+rest")(reviving_method("lazy+rest", lambda: context_drafter().config, "stats"))
+register_method("lazy+pld")(reviving_method("lazy+pld", "pld"))
+register_method("lazy+hd")(reviving_method("lazy+hd", "context,model,stats"))
+register_method("lazy+rest")(reviving_method("lazy+rest", "stats"))
 register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", lazy.pruned_prefill))
 for _prefill, _name in ((full_prefill, "hd+adadecode"), (lazy.pruned_prefill, "lazy+hd+adadecode")):
-  register_method(_name)(device_method(_name, lambda: context_drafter().config, "context,model,stats", _prefill,
-                                       one_exit_head, HEAD_DRAFT_DEFAULTS))
+  register_method(_name)(device_method(_name, "context,model,stats", _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))
   register_method(f"{_name}_host")(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

@@ -276,14 +276,21 @@ def test_real_model_hd_equals_ar_and_the_host_loop(smollm, real_dbs):
     speculative.reset_databases()
 
 
-def test_host_only_options_run_hd_on_the_host_loop(tiny_with_dbs):
+def test_any_order_of_the_sources_runs_on_the_device_as_on_the_host(tiny_with_dbs):
+  """The `order` ablations (the databases asked in another order, or some of them) take the host loop's steps."""
   from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
   lm, dbs = tiny_with_dbs
-  ref = lm.generate([PROMPTS[0]], max_new_tokens=20)[0].token_ids
+  ref = lm.generate(list(PROMPTS[:2]), max_new_tokens=20)
+  for order in ("stats,context", "model,stats,context", "context,pld", "stats"):
+    with speculative.database_scope("device"):
+      out = lm.generate(list(PROMPTS[:2]), method="hd", max_new_tokens=20, order=order)
+    with speculative.database_scope("host"):
+      host = lm.generate(list(PROMPTS[:2]), method="hd_host", max_new_tokens=20, order=order)
+    for r, o, h in zip(ref, out, host):
+      assert o.token_ids == r.token_ids == h.token_ids, order
+      assert o.stats["engine"] == "device" and o.stats["sources"] == h.stats["sources"] == order
+      assert o.stats["accept_lengths"] == h.stats["accept_lengths"], order
   with speculative.database_scope("device"):
-    for options in (dict(adaptive=True), dict(order="context,stats")):
-      out = lm.generate([PROMPTS[0]], method="hd", max_new_tokens=20, **options)[0]
-      assert out.stats["engine"] == "host" and out.token_ids == ref
     version = dbs["device"].version
     warm = lm.generate([PROMPTS[0]], method="hd", max_new_tokens=20, warmup=True)[0]
     assert len(warm.token_ids) == 1 and dbs["device"].version == version  # a warm-up teaches the database nothing

@@ -3,6 +3,8 @@ greedy identity with `ar`, identity with the host loop (same trees, same samples
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ from hdjax.decoding.tree import build_tree, device_tree
 from hdjax.drafting import device_ngram
 from hdjax.drafting.context_db import NgramConfig, NgramDrafter, context_drafter
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
+from hdjax.errors import HdjaxError
 from tests.conftest import make_tiny_lm
 from tests.test_speculative import REPETITIVE
 
@@ -166,11 +169,10 @@ def test_recompiles_are_bounded(lm):
   assert ar.TRACE_COUNTS["device_loop"] == before  # the warm-up traced the one loop all of these use
 
 
-def test_host_only_options_run_the_host_loop(lm):
-  ref = lm.generate(PROMPTS[:1], max_new_tokens=26)[0].token_ids
-  for method, options in (("pld", dict(adaptive=True)), ("hd_context", dict(order="context,pld"))):
-    out = lm.generate(PROMPTS[:1], method=method, max_new_tokens=26, **options)[0]
-    assert out.stats["engine"] == "host" and out.token_ids == ref
+def test_unknown_or_empty_orders_are_errors(lm):
+  for order, message in (("context,cache", "unknown draft source(s) ['cache']"), (" , ", "names no draft source")):
+    with pytest.raises(HdjaxError, match=re.escape(message)):
+      lm.generate(PROMPTS[:1], method="pld", max_new_tokens=8, order=order)
 
 
 def chat(lm, texts):
@@ -232,7 +234,6 @@ def test_compiled_loops_never_copy_the_cache(lm):
   `lax.switch` over the buckets made 8 per step, one per branch operand and result)."""
   from hdjax.decoding import device_loop, speculative  # pylint: disable=import-outside-toplevel
   from hdjax.decoding.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
-  from hdjax.drafting.device_ngram import DeviceNgramConfig  # pylint: disable=import-outside-toplevel
   from hdjax.kvcache import init_cache  # pylint: disable=import-outside-toplevel
   cfg, slots = lm.cfg, 128
   cache = init_cache(cfg, 1, slots)
@@ -242,8 +243,8 @@ def test_compiled_loops_never_copy_the_cache(lm):
   decode = decode.compile().as_text()
   assert shape in decode and _cache_copies(decode, shape) == 0
   spec = speculative.PLD_DEFAULTS
-  dspec = device_loop.DeviceSpec(DeviceNgramConfig.like(pld_drafter().config, spec.max_chains, spec.max_depth),
-                                 (1, 4, 8), spec.max_depth, ("pld",), spec.max_chains)
+  dspec = device_loop.device_spec(cfg, spec, ("pld",))
+  assert dspec.buckets == (1, 4, 8)
   loop_state = device_loop.LoopState(jnp.zeros((1, slots), jnp.int32), jnp.ones((1,), jnp.int32),
                                      jnp.ones((1,), jnp.int32), jnp.zeros((1,), bool), cache,
                                      jnp.zeros((1, slots), jnp.int32), jnp.int32(1), jnp.zeros((3,), jnp.int32),

@@ -48,7 +48,7 @@ def small():
     (dict(max_new_tokens=2.0), "max_new_tokens"),
     (dict(chunk_tokens=0), "chunk_tokens must be >= 1"),
     (dict(chunk_tokens=-3), "chunk_tokens must be >= 1"),
-    (dict(method="hd", max_deph=3), "has no option max_deph; its options: adaptive, buckets"),
+    (dict(method="hd", max_deph=3), "has no option max_deph; its options: buckets"),
     (dict(method="ar", max_depth=3), "has no option max_depth"),
     (dict(method="hd", max_pending=2), "has no option max_pending"),  # an AdaDecode option
     (dict(method="lazy", buckets=(1, 4)), "has no option buckets"),

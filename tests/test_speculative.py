@@ -13,6 +13,7 @@ from hdjax.api import GenerateRequest
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.speculative import SpecConfig, speculative_generate
+from hdjax.drafting.hierarchy import HierarchyDrafter
 from tests.conftest import make_tiny_lm
 
 REPETITIVE = tuple([5, 6, 7, 8, 9, 10] * 6)
@@ -213,3 +214,19 @@ def test_each_row_of_a_batch_teaches_the_model_database_its_own_ngrams():
   want = sum((count_ngrams(o.token_ids, db.config.key_orders, db.config.continuation) for o in out),
              collections.Counter())
   assert {(key, cont): n for key, cont, n in db.entries()} == dict(want)
+
+
+class _Fixed:
+  name = "fixed"
+
+  def __init__(self, chains):
+    self.chains = chains
+
+  def draft(self, context, max_chains, depth):
+    return self.chains[:max_chains]
+
+
+def test_hierarchy_asks_sources_in_order():
+  hd = HierarchyDrafter([_Fixed([]), _Fixed([[1, 2], [1, 2]]), _Fixed([[3], [4], [5]])], max_nodes=4)
+  assert hd.draft([0], max_chains=7, depth=4) == [[1, 2], [3], [4]]  # duplicate dropped; stops at 4 nodes
+  assert HierarchyDrafter([_Fixed([])], max_nodes=4).draft([0], 7, 4) == []

@@ -20,11 +20,10 @@ when it ends, through `DeviceLoop.learn`). `stats["source_chains"]` counts the c
 
 `speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens), `hd_context`
 (HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) and `hd` (context -> model ->
-statistics) on this loop, and `compose.py` `hd+adadecode` and `lazy+hd+adadecode`, whose exit head drafts first
-(`DeviceSpec.head_layer`; the loop state carries the roots' states at that layer and the head's drafts). The host
-loops stay registered as `pld_host`, `hd_context_host`, `hd_host`, `hd+adadecode_host`, ..., the reference for
-identity tests and speed comparisons; a request with an option that only the host loop has (`adaptive`, another
-`order`) runs there.
+statistics) on this loop, with any other `order` of the sources, and `compose.py` `hd+adadecode` and
+`lazy+hd+adadecode`, whose exit head drafts first (`DeviceSpec.head_layer`; the loop state carries the roots'
+states at that layer and the head's drafts). The host loops stay registered as `pld_host`, `hd_context_host`,
+`hd_host`, `hd+adadecode_host`, ..., the reference for identity tests and speed comparisons.
 """
 
 from __future__ import annotations
@@ -46,10 +45,11 @@ from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedMode
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.tree import device_tree, engine_buckets, truncate_tree
 from hdjax.decoding.verify import head_draft, start_head, verify_tree
-from hdjax.drafting.context_db import NgramConfig
+from hdjax.drafting.context_db import NgramDrafter, context_drafter
 from hdjax.drafting import device_tables
 from hdjax.drafting.device_ngram import DeviceNgramConfig, device_draft
 from hdjax.drafting.hierarchy import device_hierarchy_one
+from hdjax.drafting.pld import pld_drafter
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -58,15 +58,16 @@ from hdjax.kvcache import KVCache
 class DeviceSpec:
   """Static settings of the loop (hashable: a jit static argument)."""
 
-  drafter: DeviceNgramConfig  # the n-gram sources' drafter ("context" or "pld")
+  drafters: tuple[DeviceNgramConfig, ...]  # those of the n-gram sources of `sources`, in their order
   buckets: tuple[int, ...]  # node counts per step, root included, sorted (`tree.engine_buckets`)
   max_depth: int
-  sources: tuple[str, ...] = ("context",)  # asked in this order; the others than NGRAM_SOURCES read `tables`
+  sources: tuple[str, ...] = ("context",)  # asked in this order; the others than NGRAM_DRAFTERS read `tables`
   max_chains: int = 7  # chains per step (the hierarchy's max_chains)
   head_layer: int | None = None  # an exit head's layer: its draft is each tree's first chain (`hd+adadecode`)
 
 
-NGRAM_SOURCES = ("context", "pld")
+# the n-gram sources, each the device twin of its host drafter (`DeviceNgramConfig.like`)
+NGRAM_DRAFTERS: dict[str, Callable[[], NgramDrafter]] = {"context": context_drafter, "pld": pld_drafter}
 
 
 class LoopState(NamedTuple):
@@ -104,13 +105,13 @@ def continues(st: LoopState, stop_at: jax.Array) -> jax.Array:
   return jnp.any(~st.done_b & (st.lengths_b - st.prompt_b < stop_at)) & (cache_room(st) >= 1)
 
 
-def device_spec(cfg: LlamaConfig, host_drafter: NgramConfig, spec, sources: tuple[str, ...],
-                head_layer: int | None = None) -> DeviceSpec:
+def device_spec(cfg: LlamaConfig, spec, sources: tuple[str, ...], head_layer: int | None = None) -> DeviceSpec:
   """The loop's static settings from a request's `speculative.SpecConfig` (buckets rounded up to the engine's row
-  multiple); `host_drafter` is the config of the host n-gram drafter that the device drafter reproduces."""
-  return DeviceSpec(DeviceNgramConfig.like(host_drafter, spec.max_chains, spec.max_depth),
-                    engine_buckets(spec.buckets, cfg.row_multiple), spec.max_depth, tuple(sources), spec.max_chains,
-                    head_layer)
+  multiple) and its sources in order."""
+  drafters = tuple(DeviceNgramConfig.like(NGRAM_DRAFTERS[s]().config, spec.max_chains, spec.max_depth)
+                   for s in sources if s in NGRAM_DRAFTERS)
+  return DeviceSpec(drafters, engine_buckets(spec.buckets, cfg.row_multiple), spec.max_depth, tuple(sources),
+                    spec.max_chains, head_layer)
 
 
 def speculative_step(params, cfg: LlamaConfig, st: LoopState, key: jax.Array, max_new: jax.Array, spec: DeviceSpec,
@@ -189,10 +190,13 @@ def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: 
           ) -> tuple[jax.Array, jax.Array]:
   """Each row's chains [B, max_chains, depth] from `spec.sources` by the hierarchy's rule, and the chains each
   source gave [B, len(sources)]."""
-  per_source, tables = [], list(tables)
+  if not spec.sources:  # an exit head alone drafts (`hd+adadecode` with an empty `order`)
+    batch = tokens_bs.shape[0]
+    return jnp.full((batch, spec.max_chains, spec.max_depth), -1, jnp.int32), jnp.zeros((batch, 0), jnp.int32)
+  per_source, tables, drafters = [], list(tables), list(spec.drafters)
   for name in spec.sources:
-    if name in NGRAM_SOURCES:
-      per_source.append(device_draft(tokens_bs, lengths_b, spec.drafter))
+    if name in NGRAM_DRAFTERS:
+      per_source.append(device_draft(tokens_bs, lengths_b, drafters.pop(0)))
     else:
       per_source.append(device_tables.lookup(tables.pop(0), tokens_bs, lengths_b))
   max_nodes = spec.buckets[-1] - 1
@@ -266,21 +270,17 @@ def loop_row_stats(spec: DeviceSpec, st: LoopState, b: int) -> dict:
                  dict(head_layer=spec.head_layer, head_hit_rate=int(st.head_hits_b[b]) / max(len(acc) - 1, 1))))
 
 
-def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, host_drafter: NgramConfig, spec,
-                    prefill: Prefill = full_prefill, sources: tuple[str, ...] = ("context",), tables: tuple = (),
+def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, spec, prefill: Prefill = full_prefill,
+                    sources: tuple[str, ...] = ("context",), tables: tuple = (),
                     learn: Callable[[list[list[int]]], None] | None = None, head: ExitHeads | None = None
                     ) -> list[GenerationResult]:
-  """`prefill`, then `decode_chunk` once (or once per streamed chunk), through the driver. `host_drafter` is the
-  config of the host n-gram drafter that this loop's device drafter reproduces; `spec` the request's
-  `speculative.SpecConfig` (buckets, max_chains, max_depth; `adaptive` tree sizes are a host-loop feature);
-  `sources` the hierarchy's sources in order, `tables` the device tables of those that are databases (in order);
-  `learn` and `head` as in `DeviceLoop`."""
-  if spec.adaptive:
-    raise HdjaxError(f"method {method!r} runs on the device, where `adaptive` tree sizes are not available")
-  if sum(s not in NGRAM_SOURCES for s in sources) != len(tables):
+  """`prefill`, then `decode_chunk` once (or once per streamed chunk), through the driver. `spec` is the
+  request's `speculative.SpecConfig` (buckets, max_chains, max_depth); `sources` the hierarchy's sources in order,
+  `tables` the device tables of those that are databases (in order); `learn` and `head` as in `DeviceLoop`."""
+  if sum(s not in NGRAM_DRAFTERS for s in sources) != len(tables):
     raise HdjaxError(f"sources {sources} need one device table per database, got {len(tables)}")
   head_layer, t_dd = exit_head_arrays(head)
-  loop = DeviceLoop(device_spec(lm.cfg, host_drafter, spec, sources, head_layer), tuple(tables), learn, t_dd)
+  loop = DeviceLoop(device_spec(lm.cfg, spec, sources, head_layer), tuple(tables), learn, t_dd)
   return driver.generate(lm, request, method, loop, prefill)
 
 

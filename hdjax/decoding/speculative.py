@@ -40,11 +40,10 @@ from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, padded_rows
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, truncate_tree
-from hdjax.decoding.tree_policy import TreeSizePolicy
 from hdjax.decoding.verify import head_draft, start_head, verify_tree
 from hdjax.drafting.base import Drafter
 from hdjax.drafting import device_tables
-from hdjax.drafting.context_db import NgramConfig, context_drafter
+from hdjax.drafting.context_db import context_drafter
 from hdjax.drafting.hierarchy import HierarchyDrafter
 from hdjax.drafting.model_db import ModelDB
 from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
@@ -61,10 +60,6 @@ class SpecConfig:
   buckets: tuple[int, ...] = (1, 4, 8)
   max_depth: int = 4  # draft tokens per chain
   max_chains: int = 7  # candidate chains per step
-  # Opt-in: pick each step's bucket by measured tokens/s (`tree_policy.py`). Off by default: on the 6-question
-  # Spec-Bench subset it chose 1-node steps too often (tau 1.28, 0.85x ar; fixed trees: tau 1.75, 1.10x ar).
-  adaptive: bool = False
-  explore_every: int = 8  # with `adaptive`: every n-th step verifies the largest drafted bucket
 
   def with_options(self, request: GenerateRequest) -> "SpecConfig":
     cfg = dataclasses.replace(self, **{f.name: request.option(f.name, getattr(self, f.name))
@@ -73,8 +68,7 @@ class SpecConfig:
     if not buckets or buckets[0] != 1 or cfg.max_depth < 1 or cfg.max_chains < 1:
       raise HdjaxError(f"bad speculative settings: buckets={cfg.buckets} (must include 1), "
                        f"max_depth={cfg.max_depth}, max_chains={cfg.max_chains} (both >= 1)")
-    return dataclasses.replace(cfg, buckets=buckets, max_depth=int(cfg.max_depth), max_chains=int(cfg.max_chains),
-                               adaptive=bool(cfg.adaptive), explore_every=int(cfg.explore_every))
+    return dataclasses.replace(cfg, buckets=buckets, max_depth=int(cfg.max_depth), max_chains=int(cfg.max_chains))
 
 
 class StepOut(NamedTuple):
@@ -122,7 +116,6 @@ class HostState:
   root_h_bd: jax.Array | None = None  # with an exit head: the roots' states at its layer
   head_draft_b: np.ndarray | None = None  # with an exit head: its drafts of the tokens after the roots
   head_hits_b: np.ndarray | None = None
-  policy: TreeSizePolicy | None = None
   steps: int = 1
   waits: int = 0  # host waits on the device inside the loop (one per step)
   draft_s: float = 0.0
@@ -158,8 +151,7 @@ class HostLoop(driver.DecodeLoop):
     state = HostState(prefilled.cache, prefilled.visible_lbs, key, [len(p) for p in request.prompts],
                       [[int(t)] for t in first],
                       [int(t) in lm.cfg.eos_ids or request.max_new_tokens <= 1 for t in first],
-                      [self.make_drafter(self.spec) for _ in range(batch)], [[1] for _ in range(batch)],
-                      policy=TreeSizePolicy(self.spec.buckets, self.spec.explore_every) if self.spec.adaptive else None)
+                      [self.make_drafter(self.spec) for _ in range(batch)], [[1] for _ in range(batch)])
     for prompt, row, drafter in zip(request.prompts, state.rows, state.drafters):
       drafter.start(prompt)
       drafter.extend(row)
@@ -195,9 +187,6 @@ class HostLoop(driver.DecodeLoop):
                     for b, (row, d, drafter) in enumerate(zip(state.rows, state.done, state.drafters))]
       num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets),
                       max(x for x in spec.buckets if x <= room))
-      if state.policy:
-        regime = step_regime(state.drafters, state.accept_lengths, state.done)
-        num_nodes = state.policy.choose(num_nodes, regime)
       active_b = np.asarray([not d for d in state.done])
       tree_dev, active_dev, step_dev = jax.device_put(
           (stack_trees([truncate_tree(tr, num_nodes) for tr in full_trees]), active_b, np.int32(state.steps)))
@@ -215,9 +204,6 @@ class HostLoop(driver.DecodeLoop):
       state.verify_s += t2 - t1
       state.steps += 1
       state.bucket_counts[num_nodes] = state.bucket_counts.get(num_nodes, 0) + 1
-      if state.policy:
-        active = [int(num_b[b]) + 1 for b in range(len(state.rows)) if not state.done[b]]
-        state.policy.update(num_nodes, regime, float(np.mean(active)), t2 - t1)
       for b, row in enumerate(state.rows):
         if not state.done[b]:
           emitted = emitted_tokens(out_bd[b, :int(num_b[b]) + 1], cfg.eos_ids, request.max_new_tokens - len(row))
@@ -270,14 +256,6 @@ def speculative_generate(lm: LoadedModel, request: GenerateRequest, method: str,
   hits EOS, max_new_tokens or a full cache."""
   loop = HostLoop(defaults.with_options(request), make_drafter, *device_loop.exit_head_arrays(head))
   return driver.generate(lm, request, method, loop, prefill)
-
-
-def step_regime(drafters: list[Drafter], accept_lengths: list[list[int]], done: list[bool]) -> tuple:
-  """The tree-size policy's regime of a step: the best hierarchy tier that drafted first (None for other drafters)
-  and whether the previous step accepted a draft token, over the active rows."""
-  tiers = [getattr(drafter, "first_tier", None) for drafter, d in zip(drafters, done) if not d]
-  return (min((t for t in tiers if t is not None), default=None),
-          any(acc[-1] > 1 for acc, d in zip(accept_lengths, done) if not d))
 
 
 _LOADED: dict[tuple[str, str, str], Drafter] = {}
@@ -358,14 +336,9 @@ def spec_method(method: str, prefill: Prefill = full_prefill,
   defaults = defaults or base_defaults
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
-    names = [n.strip() for n in str(request.option("order", order)).split(",") if n.strip()]
-    unknown = [n for n in names if n not in SOURCES]
-    if unknown or not (names or exit_head):
-      raise HdjaxError(f"unknown draft source(s) {unknown or names} in order={order!r}; known: {', '.join(SOURCES)}")
     head = exit_head(lm, request) if exit_head else None
     spec = defaults.with_options(request)
-    if len(names) > 1:  # a hierarchy uses the databases that exist; a single source must exist
-      names = [n for n in names if _available(lm, n, spec)]
+    names = source_order(lm, spec, request.option("order", order), head is not None)
     results = speculative_generate(lm, request, method, lambda spec: HierarchyDrafter(
         [SOURCES[n](lm, spec) for n in names], max(spec.buckets) - 1, name=method), defaults, prefill, head)
     for r in results:
@@ -387,30 +360,25 @@ for _method in SPEC_METHODS:
   register_method(_method)(spec_method(_method))
 
 
-def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: str,
-                  prefill: Prefill = full_prefill,
+def device_method(method: str, source: str, prefill: Prefill = full_prefill,
                   exit_head: Callable[[LoadedModel, GenerateRequest], ExitHeads] | None = None,
                   defaults: SpecConfig | None = None) -> Method:
-  """`method` in the on-device loop (`device_loop.py`) over the sources `source` (comma-separated, in order, as
-  `order`): the n-gram source ("context" or "pld") reproduces `host_drafter()`, the model and statistics
-  databases are read from device tables (`device_tables.py`), a snapshot of each database taken at the start of
-  the request (rebuilt only when the model database changed); at the end every row's output is folded into the
-  model database, one sequence per row, as the host loop's `ModelDBSession`s do. As in the host loop, a
-  hierarchy of several sources uses the databases that exist. Options only the host loop has (`adaptive` tree
-  sizes, another `order`) run the host loop instead; `stats["engine"]` says which ran. `exit_head` and
-  `defaults` as in `spec_method`."""
-  host_loop = spec_method(method, prefill, exit_head, defaults)
+  """`method` in the on-device loop (`device_loop.py`) over the sources of the `order` option (default `source`;
+  comma-separated, asked in that order): the n-gram sources ("context", "pld") are device twins of the host
+  drafters, the model and statistics databases are read from device tables (`device_tables.py`), a snapshot of
+  each database taken at the start of the request (rebuilt only when the model database changed); at the end
+  every row's output is folded into the model database, one sequence per row, as the host loop's
+  `ModelDBSession`s do. As in the host loop, a hierarchy of several sources uses the databases that exist.
+  `exit_head` and `defaults` as in `spec_method`."""
   defaults = defaults or SPEC_METHODS[method][1]
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
-    if request.option("adaptive", False) or request.option("order", source) != source:
-      return host_loop(lm, request)
     spec = defaults.with_options(request)
     head = exit_head(lm, request) if exit_head else None
     start = time.perf_counter()
-    names, tables, model_db = device_sources(lm, spec, source)
+    names, tables, model_db = device_sources(lm, spec, request.option("order", source), head is not None)
     tables_s = time.perf_counter() - start
-    results = device_loop.device_generate(lm, request, method, host_drafter(), spec, prefill, tuple(names), tables,
+    results = device_loop.device_generate(lm, request, method, spec, prefill, tuple(names), tables,
                                           lambda rows: learn_outputs(model_db, request.prompts, rows), head)
     for r in results:
       r.stats["sources"] = ",".join(names)
@@ -420,15 +388,26 @@ def device_method(method: str, host_drafter: Callable[[], NgramConfig], source: 
   return generate
 
 
-def device_sources(lm: LoadedModel, spec: SpecConfig, source: str) -> tuple[list[str], tuple, ModelDB | None]:
-  """The sources of `source` (comma-separated, in order; a hierarchy keeps the databases that exist), the device
-  tables of those that are databases (in order) and the model database behind its table, if any."""
-  names = [n.strip() for n in source.split(",")]
-  if len(names) > 1:
-    names = [n for n in names if _available(lm, n, spec)]
+def source_order(lm: LoadedModel, spec: SpecConfig, order: str, head: bool) -> list[str]:
+  """The sources named in `order` (comma-separated), in that order: a hierarchy of several keeps the databases
+  that exist, a single source must exist, and an empty order needs an exit head (`head`) to draft."""
+  names = [n.strip() for n in str(order).split(",") if n.strip()]
+  unknown = [n for n in names if n not in SOURCES]
+  if unknown:
+    raise HdjaxError(f"unknown draft source(s) {unknown} in order={order!r}; known: {', '.join(SOURCES)}")
+  if not (names or head):
+    raise HdjaxError(f"order={order!r} names no draft source; known: {', '.join(SOURCES)}")
+  return [n for n in names if _available(lm, n, spec)] if len(names) > 1 else names
+
+
+def device_sources(lm: LoadedModel, spec: SpecConfig, order: str, head: bool
+                   ) -> tuple[list[str], tuple, ModelDB | None]:
+  """`source_order`'s sources, the device tables of those that are databases (in order) and the model database
+  behind its table, if any."""
+  names = source_order(lm, spec, order, head)
   tables, model_db = [], None
   for name in names:
-    if name in device_loop.NGRAM_SOURCES:
+    if name in device_loop.NGRAM_DRAFTERS:
       continue
     db = SOURCES[name](lm, spec)
     if name == "model":
@@ -450,8 +429,6 @@ def learn_outputs(model_db: ModelDB | None, prompts, rows: list[list[int]]) -> N
 
 
 # On the device: every step's draft, tree, verify and stop check inside one jitted loop.
-register_method("pld")(device_method("pld", lambda: pld_drafter().config, "pld"))
-register_method("hd_context")(device_method("hd_context", lambda: context_drafter().config, "context"))
-register_method("hd")(device_method("hd", lambda: context_drafter().config, "context,model,stats"))
-for _method, _source in (("rest", "stats"), ("hd_model", "model"), ("hd_stats", "stats")):
-  register_method(_method)(device_method(_method, lambda: context_drafter().config, _source))
+for _method, _source in (("pld", "pld"), ("hd_context", "context"), ("hd", "context,model,stats"),
+                         ("rest", "stats"), ("hd_model", "model"), ("hd_stats", "stats")):
+  register_method(_method)(device_method(_method, _source))

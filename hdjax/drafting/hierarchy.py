@@ -16,7 +16,6 @@ class HierarchyDrafter:
     self.sources = list(sources)
     self.max_nodes = max_nodes
     self.name = name
-    self.first_tier: int | None = None  # index of the source that gave the last draft's first chain
 
   def start(self, prompt: Sequence[int]) -> None:
     for s in self.sources:
@@ -29,14 +28,12 @@ class HierarchyDrafter:
   def draft(self, context: Sequence[int], max_chains: int, depth: int) -> list[list[int]]:
     chains: list[list[int]] = []
     prefixes: set[tuple[int, ...]] = set()
-    self.first_tier = None
-    for tier, source in enumerate(self.sources):
+    for source in self.sources:
       for chain in source.draft(context, max_chains - len(chains), depth):
         new = {tuple(chain[:i]) for i in range(1, len(chain) + 1)} - prefixes
         if new:
           chains.append(list(chain))
           prefixes |= new
-          self.first_tier = tier if self.first_tier is None else self.first_tier
         if len(chains) >= max_chains or len(prefixes) >= self.max_nodes:
           return chains
     return chains
