@@ -46,6 +46,9 @@ flags.DEFINE_integer("head_vocab", decode.DEFAULT_HEAD_VOCAB,
                      "candidate ids the heads score in the gamma sweep (0: full vocabulary)")
 flags.DEFINE_list("head_vocabs", ["0"], "extra head_vocab values run at the default gamma")
 flags.DEFINE_bool("ablation", True, "also run the original LM head (identity T_i) at the trained layers")
+flags.DEFINE_bool("without_verification", True,
+                  "also run the default config keeping every early token unchecked (the paper's ablation; lossy)")
+flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weight dtype (AdaDecode returns ar's tokens in both)")
 flags.DEFINE_string("out_dir", "results/adadecode", "output directory")
 F = flags.FLAGS
 
@@ -102,7 +105,7 @@ def main(argv):
   if not qs:
     raise HdjaxError(f"no questions in categories {F.categories} of {F.questions}")
   check_output_dir(F.out_dir, ["runs.jsonl", "summary.json", "gamma_sweep.png"])
-  lm = hdjax.load("smollm2-135m", dtype="float32")
+  lm = hdjax.load("smollm2-135m", dtype=F.dtype)
   trained = decode.select_heads(lm.cfg, load_heads(F.heads, lm.cfg), head_layers)
   prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]
   for n in [F.head_vocab] + head_vocabs:  # a bad head_vocab fails here, before any timed run
@@ -115,6 +118,9 @@ def main(argv):
   if F.ablation:
     configs.append((f"identity_g{F.gamma}", "adadecode",
                     dict(heads="identity", head_layers=trained.layers, gamma=F.gamma, head_vocab=F.head_vocab)))
+  if F.without_verification:  # `verify` is traced: the default config's compiled loop serves it
+    configs.append((f"unverified_g{F.gamma}", "adadecode",
+                    dict(heads=trained, gamma=F.gamma, head_vocab=F.head_vocab, verify=False)))
 
   def gen(method, opts, prompt):
     kw = dict(max_pending=F.max_pending, **opts) if method == "adadecode" else {}
@@ -164,7 +170,8 @@ def main(argv):
     return out
 
   cats = list(dict.fromkeys(q["category"] for q in qs))
-  summary = dict(questions=len(qs), max_new_tokens=F.max_new_tokens, heads=F.heads, head_layers=list(trained.layers),
+  summary = dict(questions=len(qs), max_new_tokens=F.max_new_tokens, dtype=F.dtype, heads=F.heads,
+                 head_layers=list(trained.layers),
                  max_pending=F.max_pending, overall={n: agg(n) for n, _, _ in configs},
                  per_category={c: {n: agg(n, c)["speedup"] for n, _, _ in configs} for c in cats},
                  head_vocab=F.head_vocab, profile_ms=profile(lm, trained, [n for n in head_vocabs if n > 0]))
@@ -181,7 +188,7 @@ def main(argv):
   ax.plot(gammas, rj, "s--", label="rejection rate")
   ax.axhline(1.0, color="gray", lw=0.5)
   ax.set_xlabel("gamma")
-  ax.set_title(f"AdaDecode, SmolLM2-135M fp32 CPU, {len(qs)} Spec-Bench q")
+  ax.set_title(f"AdaDecode, SmolLM2-135M {F.dtype} CPU, {len(qs)} Spec-Bench q")
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(F.out_dir, "gamma_sweep.png"), dpi=120)

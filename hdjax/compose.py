@@ -10,17 +10,20 @@ pruned cache: at every layer attention sees only the slots whose K/V exists ther
 that layer, the revived ones, and every decoded token). Prompts shorter than `min_prompt` fall back to full
 prefill exactly like `lazy`.
 
-`lazy+pld`, `lazy+hd` and `lazy+rest` revive from the Aux Cache as `lazy` does (`revive=True`, the default), in
-their own on-device loop (`reviving_loop`: the device loop's draft -> tree -> verify step, plus revival). `lazy`
+`lazy+pld`, `lazy+hd`, `lazy+rest` and `lazy+hd+adadecode` revive from the Aux Cache as `lazy` does (`revive=True`,
+the default), in their own on-device loop (`reviving_loop`: the device loop's draft -> tree -> verify step, plus
+revival; with the exit head, a revival also reruns the next root's layers below the head over the revived set), and
+`lazy+adadecode` in AdaDecode's layer loop (`LazyRevival`: a re-selection token proposes no early token, so it ends
+its window, and revives once verified). `lazy`
 re-selects after computing the tokens at positions prompt, prompt + reselect_every, ..., each with its own query, and
 every later token sees the revived set. So a step's drafts are cut where the next such position is reached
 (`lazy.steps_to_revival`): the step's last committed token is then the re-selection token, whose states entering
 the pruning layers are recomputed (`lazy.revive_at`) and re-score the pruned tokens, and the next step sees what
 `lazy` would. Steps carry at most `reselect_every` tokens. The output is lossless against `lazy` with the same
 settings (greedy: identical tokens), which the tests check. With `revive=False` they run the device loop with the
-pruned set frozen after prefill, lossless against `lazy` with `revive=False`. `lazy+adadecode` (AdaDecode's loop) and `lazy+hd+adadecode` (the device loop,
-with the exit head as its first source; `lazy+hd+adadecode_host` is its host loop) always freeze the set (stats
-`lazy_revive` says which). Every one of them runs through the one driver (`decoding/driver.py`).
+pruned set frozen after prefill, lossless against `lazy` with `revive=False`; `lazy+hd+adadecode_host` (the host
+loop) always freezes it (stats `lazy_revive` says which). Every one of them runs through the one driver
+(`decoding/driver.py`).
 """
 
 from __future__ import annotations
@@ -33,16 +36,18 @@ import jax
 import jax.numpy as jnp
 
 from hdjax import lazy
-from hdjax.adadecode.decode import adadecode_method, resolve_heads
+from hdjax.adadecode.decode import adadecode_generate, resolve_heads
 from hdjax.adadecode.heads import ExitHeads
 from hdjax.config import LlamaConfig
+from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop, driver, speculative
 from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
 from hdjax.decoding.sampling import SamplingConfig
-from hdjax.decoding.speculative import HD_DEFAULTS, device_method, spec_method
+from hdjax.decoding.speculative import HD_DEFAULTS, SpecConfig, device_method, spec_method
+from hdjax.decoding.verify import head_draft, start_head
 from hdjax.errors import HdjaxError
 
 # The head's draft is one node: a 2-node tree (root + head draft) is the common step when no database matches.
@@ -69,10 +74,11 @@ class RevivingState(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "spec", "sampling"), donate_argnames=("state",))
 def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: RevivingState, key: jax.Array,
                   max_new: jax.Array, stop_at: jax.Array, spec: device_loop.DeviceSpec, sampling: SamplingConfig,
-                  tables: tuple = ()) -> RevivingState:
+                  tables: tuple = (), head_t_dd: jax.Array | None = None) -> RevivingState:
   """The device loop's steps (`device_loop.speculative_step`) over the pruned cache, stopping as
   `device_loop.decode_chunk` does, each step cut at the next re-selection point and followed by revival where
-  one was reached."""
+  one was reached. With an exit head (`spec.head_layer`, `head_t_dd`), a revival also reruns the next root's
+  layers below the head over the revived set, which `lazy` computes that token with."""
   ar.TRACE_COUNTS["lazy_reviving_loop"] += 1
   every = lazy_cfg.reselect_every
 
@@ -81,7 +87,7 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: Re
     # the root is at position lengths - 1; its step may commit drafts up to the next re-selection point only
     cap_b = lazy.steps_to_revival(st.lengths_b - 1, st.prompt_b, every)
     new = device_loop.speculative_step(params, cfg, st, key, max_new, spec, sampling, lz.computed_lbs > 0, tables,
-                                       cap_b)
+                                       cap_b, head_t_dd)
     # revival where this step committed a re-selection token (the last committed one, by the cut above) whose
     # prediction was emitted (`lazy` never computes a token past EOS or max_new_tokens)
     last_b = new.cache.lengths - 1
@@ -89,22 +95,36 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: Re
     token_b = jnp.take_along_axis(new.tokens_bs, last_b[:, None], axis=1)[:, 0]
     full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, lazy_cfg, s, token_b, last_b,
                                                                            due_b), lz._replace(cache=new.cache))
-    return carry._replace(loop=new._replace(cache=full.cache), lazy_state=full._replace(cache=None),
-                          revived_b=carry.revived_b + got_b)
+    new = new._replace(cache=full.cache)
+    if spec.head_layer is not None:
+      root_b = jnp.take_along_axis(new.tokens_bs, (new.lengths_b - 1)[:, None], axis=1)[:, 0]
+      new = run_if(jnp.any(due_b), functools.partial(_redraft_roots, params, cfg, spec.head_layer, head_t_dd, root_b,
+                                                     due_b, full.computed_lbs > 0), new)
+    return carry._replace(loop=new, lazy_state=full._replace(cache=None), revived_b=carry.revived_b + got_b)
 
   return jax.lax.while_loop(lambda carry: device_loop.continues(carry.loop, stop_at), body, state)
 
 
+def _redraft_roots(params, cfg: LlamaConfig, head_layer: int, head_t_dd: jax.Array, root_b: jax.Array, due_b: jax.Array,
+                   visible_lbs: jax.Array, st: device_loop.LoopState) -> device_loop.LoopState:
+  """The roots of the rows `due_b` through the layers below the head again, seeing `visible_lbs`, and the head's
+  new drafts (the other rows keep theirs)."""
+  cache, h_bd, draft_b = head_draft(params, cfg, st.cache, root_b, due_b, head_layer, head_t_dd, visible_lbs)
+  return st._replace(cache=cache, head_h_bd=jnp.where(due_b[:, None], h_bd, st.head_h_bd),
+                     head_draft_b=jnp.where(due_b, draft_b, st.head_draft_b))
+
+
 @dataclasses.dataclass(frozen=True)
 class RevivingLoop(driver.DecodeLoop):
-  """`reviving_loop` as the driver runs it, after `lazy.pruned_prefill` of `lazy_cfg`; `tables` and `learn` as in
-  `device_loop.DeviceLoop`."""
+  """`reviving_loop` as the driver runs it, after `lazy.pruned_prefill` of `lazy_cfg`; `tables`, `learn` and
+  `head_t_dd` (the exit head of `spec.head_layer`) as in `device_loop.DeviceLoop`."""
 
   cfg: LlamaConfig
   spec: device_loop.DeviceSpec
   lazy_cfg: lazy.LazyConfig
   tables: tuple = ()
   learn: Callable[[list[list[int]]], None] | None = None
+  head_t_dd: jax.Array | None = None
 
   @property
   def extra_slots(self) -> int:
@@ -113,6 +133,12 @@ class RevivingLoop(driver.DecodeLoop):
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
             key: jax.Array) -> tuple[RevivingState, jax.Array]:
     loop = device_loop.initial_state(lm.cfg, request, first_b, prefilled.cache, self.spec)
+    if self.spec.head_layer is not None:  # the first root's layers below the head, and the head's draft
+      batch = first_b.shape[0]
+      cache, head_h_bd, head_draft_b = start_head(lm.params, lm.cfg, loop.cache, first_b, jnp.ones((batch,), bool),
+                                                  self.spec.head_layer, self.head_t_dd, prefilled.visible_lbs)
+      loop = loop._replace(cache=cache, head_h_bd=head_h_bd, head_draft_b=head_draft_b,
+                           head_hits_b=jnp.zeros((batch,), jnp.int32))
     st = prefilled.state
     decoded_bs = (jnp.arange(loop.cache.num_slots)[None, :] >= loop.prompt_b[:, None]).astype(jnp.int32)
     return RevivingState(loop, st._replace(cache=None, computed_lbs=st.computed_lbs + decoded_bs[None]),
@@ -121,7 +147,7 @@ class RevivingLoop(driver.DecodeLoop):
   def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
     st, key = state
     return reviving_loop(lm.params, lm.cfg, self.lazy_cfg, st, key, jnp.int32(request.max_new_tokens), stop_at,
-                         self.spec, request.sampling, self.tables), key
+                         self.spec, request.sampling, self.tables, self.head_t_dd), key
 
   def progress(self, state) -> driver.Progress:
     return device_loop.loop_progress(state[0].loop)
@@ -140,21 +166,25 @@ class RevivingLoop(driver.DecodeLoop):
       self.learn(rows)
 
 
-def reviving_method(method: str, source: str) -> Method:
-  """`method` (lazy + a device-loop drafter over `source` or the `order` option, as
-  `speculative.device_method`) with revival in `reviving_loop`; without revival (`revive=False`, or a prompt
-  shorter than `min_prompt`) the device loop over the pruned prefill's frozen set."""
-  defaults = speculative.SPEC_METHODS[method.split("+")[1]][1]
-  frozen = device_method(method, source, lazy.pruned_prefill, defaults=defaults)
+def reviving_method(method: str, source: str,
+                    exit_head: Callable[[LoadedModel, GenerateRequest], ExitHeads] | None = None,
+                    defaults: SpecConfig | None = None) -> Method:
+  """`method` (lazy + a device-loop drafter over `source` or the `order` option, after the exit head that
+  `exit_head` resolves, if any, as `speculative.device_method`) with revival in `reviving_loop`; without revival
+  (`revive=False`, or a prompt shorter than `min_prompt`) the device loop over the pruned prefill's frozen set."""
+  defaults = defaults or speculative.SPEC_METHODS[method.split("+")[1]][1]
+  frozen = device_method(method, source, lazy.pruned_prefill, exit_head, defaults)
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
     lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
     if not lazy_cfg.revive or max(len(p) for p in request.prompts) < lazy_cfg.min_prompt:
       return frozen(lm, request)
     spec = defaults.with_options(request)
-    names, tables, model_db = speculative.device_sources(lm, spec, request.option("order", source), False)
-    loop = RevivingLoop(lm.cfg, device_loop.device_spec(lm.cfg, spec, tuple(names)), lazy_cfg, tables,
-                        functools.partial(speculative.learn_outputs, model_db, request.prompts))
+    head = exit_head(lm, request) if exit_head else None
+    names, tables, model_db = speculative.device_sources(lm, spec, request.option("order", source), head is not None)
+    head_layer, head_t_dd = device_loop.exit_head_arrays(head)
+    loop = RevivingLoop(lm.cfg, device_loop.device_spec(lm.cfg, spec, tuple(names), head_layer), lazy_cfg, tables,
+                        functools.partial(speculative.learn_outputs, model_db, request.prompts), head_t_dd)
     results = driver.generate(lm, request, method, loop, functools.partial(lazy.pruned_prefill, lazy_cfg=lazy_cfg))
     for r in results:
       r.stats["sources"] = ",".join(names)
@@ -166,7 +196,58 @@ def reviving_method(method: str, source: str) -> Method:
 register_method("lazy+pld")(reviving_method("lazy+pld", "pld"))
 register_method("lazy+hd")(reviving_method("lazy+hd", "context,model,stats"))
 register_method("lazy+rest")(reviving_method("lazy+rest", "stats"))
-register_method("lazy+adadecode")(adadecode_method("lazy+adadecode", lazy.pruned_prefill))
+
+
+class LazyRevivalState(NamedTuple):
+  lazy_state: lazy.LazyState  # `cache` None (the loop's cache); `computed_lbs` counts decoded slots
+  revived_b: jax.Array  # [B] tokens revived during decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyRevival:
+  """AdaDecode's `Revival` for `lazy+adadecode`: re-selection tokens at `lazy`'s positions (`lazy.steps_to_revival`)
+  revive as `lazy` does (`lazy.revive_at`)."""
+
+  lazy_cfg: lazy.LazyConfig
+
+  def start(self, prefilled: Prefilled) -> LazyRevivalState:
+    st = prefilled.state
+    decoded_bs = jnp.arange(st.cache.num_slots)[None, :] >= st.cache.lengths[:, None]
+    return LazyRevivalState(st._replace(cache=None, computed_lbs=st.computed_lbs + decoded_bs[None]),
+                            jnp.zeros(st.cache.lengths.shape, jnp.int32))
+
+  def visible_lbs(self, state: LazyRevivalState) -> jax.Array:
+    return state.lazy_state.computed_lbs > 0
+
+  def reselects(self, pos_b: jax.Array, prompt_b: jax.Array) -> jax.Array:
+    return lazy.steps_to_revival(pos_b, prompt_b, self.lazy_cfg.reselect_every) == 0
+
+  def revive(self, params, cfg: LlamaConfig, cache, state: LazyRevivalState, token_b, pos_b, due_b):
+    full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, self.lazy_cfg, s, token_b,
+                                                                           pos_b, due_b),
+                                 state.lazy_state._replace(cache=cache))
+    return full.cache, LazyRevivalState(full._replace(cache=None), state.revived_b + got_b)
+
+  def report(self, state: LazyRevivalState) -> jax.Array:
+    return state.revived_b
+
+  def row_stats(self, revived_b, b: int) -> dict:
+    return dict(lazy_revive=True, revived=int(revived_b[b]))
+
+
+@register_method("lazy+adadecode")
+def lazy_adadecode(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
+  """AdaDecode after `lazy`'s pruned prefill, reviving as `lazy` does (`LazyRevival`); without revival
+  (`revive=False`, or a prompt shorter than `min_prompt`) over the pruned prefill's frozen set."""
+  lazy_cfg = lazy.config_from_request(request, lazy.LazyConfig()).validate(lm.cfg)
+  revives = lazy_cfg.revive and max(len(p) for p in request.prompts) >= lazy_cfg.min_prompt
+  return adadecode_generate(lm, request, "lazy+adadecode", functools.partial(lazy.pruned_prefill, lazy_cfg=lazy_cfg),
+                            LazyRevival(lazy_cfg) if revives else None)
+
+
+register_method("hd+adadecode")(device_method("hd+adadecode", "context,model,stats", full_prefill, one_exit_head,
+                                              HEAD_DRAFT_DEFAULTS))
+register_method("lazy+hd+adadecode")(reviving_method("lazy+hd+adadecode", "context,model,stats", one_exit_head,
+                                                     HEAD_DRAFT_DEFAULTS))
 for _prefill, _name in ((full_prefill, "hd+adadecode"), (lazy.pruned_prefill, "lazy+hd+adadecode")):
-  register_method(_name)(device_method(_name, "context,model,stats", _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))
   register_method(f"{_name}_host")(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

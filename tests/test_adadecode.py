@@ -82,6 +82,22 @@ def test_always_exit_parity_and_pending_bound(deep_tiny, max_pending):
   assert all(r.stats["mean_pending_depth"] == pytest.approx(max_pending) for r in out)
 
 
+def test_without_verification_keeps_the_early_tokens(deep_tiny):
+  """The paper's ablation: with random heads that always exit, verification rejects and the output is `ar`'s;
+  without it every early token is kept, nothing is rejected, and the output is not `ar`'s."""
+  prompts = _prompts(7, deep_tiny.cfg.vocab_size)
+  ref = deep_tiny.generate(prompts, method="ar", max_new_tokens=30)
+  options = dict(heads=_random_heads(1, 64, 10.0), gamma=0.0, max_pending=3)
+  checked = deep_tiny.generate(prompts, method="adadecode", max_new_tokens=30, **options)
+  unchecked = deep_tiny.generate(prompts, method="adadecode", max_new_tokens=30, verify=False, **options)
+  assert [r.token_ids for r in checked] == [r.token_ids for r in ref]
+  assert all(r.stats["rejections"] > 0 for r in checked)
+  assert [r.token_ids for r in unchecked] != [r.token_ids for r in ref]
+  for r in unchecked:
+    assert r.stats["verify"] is False and r.stats["rejections"] == 0
+    assert r.stats["early_accepted"] == r.stats["early_tokens"] > 0
+
+
 def _skip_late_layers(lm: LM, first_skipped: int) -> LM:
   """Layers >= first_skipped add nothing to the residual stream (their K/V still exist): an identity head at
   first_skipped predicts exactly what the full model does."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from hdjax import compose, lazy, model
+from hdjax.adadecode import decode
 from hdjax.api import GenerateRequest
 from hdjax.attention import causal_mask
 from hdjax.lazy import pruned_prefill
@@ -83,9 +84,10 @@ REVIVING = dataclasses.replace(SCHEDULE, prune_layers=(2, 5), keep_ratios=(0.5, 
                                revive_budget=4)
 
 
-@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd"])
+@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd",
+                                    "lazy+hd+adadecode", "lazy+adadecode"])
 def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
-  """With revival, lazy+pld and lazy+hd emit lazy's tokens and end with exactly the (layer, slot) pairs lazy
+  """With revival, every composition emits lazy's tokens and ends with exactly the (layer, slot) pairs lazy
   computed: the same tokens revived at the same re-selection points, none computed twice. (On this random model
   revival does not change the tokens; the SmolLM2 test below checks prompts where it does.)"""
   computed = {}
@@ -98,10 +100,15 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
     return run
 
   monkeypatch.setattr(lazy, "lazy_decode_chunk", capture("lazy", lazy.lazy_decode_chunk, lambda out: out.inner.state))
-  monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out.lazy_state))
+  if method == "lazy+adadecode":
+    monkeypatch.setattr(decode, "adadecode_loop",
+                        capture(method, decode.adadecode_loop, lambda out: out.revival.lazy_state))
+  else:
+    monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out.lazy_state))
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=16, lazy_config=REVIVING)
-  got = lm8.generate(prompts, method=method, max_new_tokens=16, lazy_config=REVIVING, buckets=(1, 4))
+  tree = {} if method == "lazy+adadecode" else dict(buckets=(1, 4))
+  got = lm8.generate(prompts, method=method, max_new_tokens=16, lazy_config=REVIVING, **tree, **OPTIONS.get(method, {}))
   for b, (w, g) in enumerate(zip(want, got)):
     assert g.token_ids == w.token_ids
     assert g.stats["lazy_revive"] and g.stats["revived"] == w.stats["revived"] > 0
@@ -110,6 +117,8 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
   assert computed[method].max() == 1
   assert max(g.stats["tau"] for g in got) > 1  # drafts were accepted between re-selection points
   assert max(max(g.stats["accept_lengths"]) for g in got) <= REVIVING.reselect_every
+  if method == "lazy+adadecode":
+    assert min(g.stats["early_accepted"] for g in got) > 0
 
 
 @pytest.mark.slow  # the fallback itself: tests/test_lazy.py::test_fallback_below_threshold
@@ -145,7 +154,7 @@ def test_real_model_lazy_hd_equals_lazy_without_revival(smollm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["lazy+hd", "lazy+pld", "lazy+rest"])
+@pytest.mark.parametrize("method", ["lazy+hd", "lazy+pld", "lazy+rest", "lazy+hd+adadecode", "lazy+adadecode"])
 def test_real_model_lazy_compositions_equal_lazy_with_revival(smollm, method):
   """SmolLM2 on two ~2k-token passkey prompts (the launcher's seed-0 set), a schedule that prunes hard (5% from
   layer 4) and revives often (16 tokens every 2 steps): revival changes lazy's answer on the first prompt, and the

@@ -24,6 +24,11 @@ so the layer's weights are read once for the batch while each sequence's tokens,
 exactly those of decoding it alone. The sequences taking part are packed into a static bucket of 1, 2, 4, ... B
 of them (their hidden states and that layer's K/V gathered, the written rows scattered back): an iteration's
 layer, exit-head and verification contractions grow with the sequences taking part, not with B.
+
+After LazyLLM's pruned prefill (`lazy+adadecode`) every layer sees the slots whose K/V exists there; a `Revival`
+revives pruned prompt tokens as `lazy` does: a token at a re-selection position proposes no early token, so it
+ends its window, and once a verification commits it, its query revives tokens that every later token sees.
+`verify=False` is the paper's ablation that keeps every early token unchecked (not lossless).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +50,7 @@ from hdjax.config import LlamaConfig, is_int
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
-from hdjax.decoding.registry import Method, register_method
+from hdjax.decoding.registry import register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
 from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
 from hdjax.errors import HdjaxError
@@ -65,6 +70,7 @@ class AdaDecodeConfig:
   # > 0: heads score only the heads' `head_vocab` most frequent ids; 0: the full vocabulary; None:
   # DEFAULT_HEAD_VOCAB for the committed heads, 0 for others
   head_vocab: int | None = None
+  verify: bool = True  # False: the paper's ablation that keeps every early token unchecked (not lossless)
 
   @classmethod
   def from_request(cls, request: GenerateRequest) -> "AdaDecodeConfig":
@@ -76,7 +82,8 @@ class AdaDecodeConfig:
       head_vocab = DEFAULT_HEAD_VOCAB if request.option("heads", DEFAULT_HEADS_DIR) == DEFAULT_HEADS_DIR else 0
     if not is_int(head_vocab) or head_vocab < 0:
       raise HdjaxError(f"head_vocab must be an integer >= 0 (0: the full vocabulary), got {head_vocab!r}")
-    return dataclasses.replace(c, gamma=float(c.gamma), max_pending=int(c.max_pending), head_vocab=int(head_vocab))
+    return dataclasses.replace(c, gamma=float(c.gamma), max_pending=int(c.max_pending), head_vocab=int(head_vocab),
+                               verify=bool(c.verify))
 
 
 class Counters(NamedTuple):
@@ -105,11 +112,40 @@ class Window(NamedTuple):
   done: jax.Array
   key: jax.Array
   counters: Counters
+  prompt: jax.Array  # prompt length (out_n[i] is the token at position prompt + i)
+  revive_due: jax.Array  # the last verification committed a re-selection token (with a `Revival`)
 
 
 class State(NamedTuple):
   cache: KVCache  # lengths [B] = fully computed, verified tokens
   win: Window  # [B, ...]
+  revival: Any = None  # the `Revival`'s state
+
+
+class Revival(Protocol):
+  """How a composition revives pruned prompt tokens during decoding (`lazy+adadecode`: `compose.LazyRevival`).
+  Static and hashable (a jit static argument); its state is a pytree in `State.revival`. A token at a re-selection
+  position proposes no early token, so it is the last of its window; once a verification commits it (and emits
+  its prediction), `revive` runs with it and every later token sees the revived slots."""
+
+  def start(self, prefilled: Prefilled) -> Any:
+    """The state after `prefilled` (a pruned prefill)."""
+
+  def visible_lbs(self, state) -> jax.Array:
+    """[L, B, S]: which slots hold K/V at each layer."""
+
+  def reselects(self, pos_b: jax.Array, prompt_b: jax.Array) -> jax.Array:
+    """[B]: whether the token at position pos_b is a re-selection token."""
+
+  def revive(self, params, cfg: LlamaConfig, cache: KVCache, state, token_b: jax.Array, pos_b: jax.Array,
+             due_b: jax.Array) -> tuple[KVCache, Any]:
+    """Revival for the rows `due_b`, whose re-selection token `token_b` at `pos_b` is in the cache."""
+
+  def report(self, state) -> Any:
+    """The parts of the state that `row_stats` reads."""
+
+  def row_stats(self, report, b: int) -> dict:
+    """Row b's stats from the host copy of `report`."""
 
 
 def row_buckets(window: int) -> tuple[int, ...]:
@@ -208,22 +244,24 @@ def start_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, ke
     return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
                   jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
                   jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32),
-                  jnp.int32(1), jnp.isin(first, eos) | (max_new <= 1), key, counters)
+                  jnp.int32(1), jnp.isin(first, eos) | (max_new <= 1), key, counters, jnp.int32(0), jnp.bool_(False))
 
-  return State(cache, jax.vmap(start)(first_b, keys_b))
+  win = jax.vmap(start)(first_b, keys_b)
+  return State(cache, win._replace(prompt=cache.lengths))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "sampling"), donate_argnames=("state",))
-def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, state: State,
-                   max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
-                   visible_lbs: jax.Array | None = None) -> State:
+@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "sampling", "revival"), donate_argnames=("state",))
+def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, checked,
+                   state: State, max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
+                   visible_lbs: jax.Array | None = None, revival: Revival | None = None) -> State:
   """Decodes a batch from `start_state` until each sequence hits EOS, `max_new` or a full cache, or every active
   one has emitted `stop_at` tokens. Every iteration runs one layer, the lowest that an active sequence's newest
   group waits at, for the sequences waiting there (the others sit it out), so one weight read serves the batch
   and every sequence's computation is its own single-sequence one. Exit heads: `head_w` [I, D, D] with
   `head_ids` None (full vocabulary), or `head_w` [I, N, D] from `reduced_heads` with its candidate ids
-  `head_ids` [N]. `visible_lbs` [L, B, S]: which slots hold K/V at each layer after a pruned prefill (None:
-  all)."""
+  `head_ids` [N]. `checked` (a bool scalar): False keeps every early token unchecked (the paper's ablation).
+  `visible_lbs` [L, B, S]: which slots hold K/V at each layer after a pruned prefill (None: all); with a
+  `revival`, its state says instead."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
   batch, window = state.win.tok_w.shape
@@ -250,7 +288,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     """The switch branch of (the sequence bucket of `taking_b`, the row bucket of `rows`)."""
     return seq_bucket(taking_b) * len(buckets) + jnp.searchsorted(buckets, rows)
 
-  def run_layer(s: State, layer, taking_b, order_b) -> State:
+  def run_layer(s: State, layer, taking_b, order_b, visible_lbs) -> State:
     win = s.win
     in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
@@ -293,7 +331,10 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     check = functools.partial(_check_logits, params, cfg, head_w, head_ids, head)
     branches = [functools.partial(_packed, check, p) for p in seq_buckets]
     logits_bv = jax.lax.switch(seq_bucket(taking_b), branches, order_b, h_front_bd)
-    return s._replace(win=jax.vmap(exit_one, in_axes=(0, 0, None, 0))(s.win, logits_bv, head, taking_b))
+    exit_b = taking_b
+    if revival is not None:  # a re-selection token is verified before any later token starts
+      exit_b &= ~revival.reselects(s.cache.lengths + s.win.n - 1, s.win.prompt)
+    return s._replace(win=jax.vmap(exit_one, in_axes=(0, 0, None, 0))(s.win, logits_bv, head, exit_b))
 
   def verify_one(w: Window, logits_wv, taking) -> tuple[Window, jax.Array]:
     """Checks the window's early tokens in order against the full model; returns it restarted at the full model's
@@ -304,7 +345,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     p_prop_w = jnp.take_along_axis(p_wv, proposed_w[:, None], axis=1)[:, 0]
     q_prop_w = jnp.take_along_axis(w.q_wv, proposed_w[:, None], axis=1)[:, 0]
     u_w = jax.random.uniform(k_acc, (window,))
-    ok_w = (w_idx < w.n - 1) & (u_w * q_prop_w < p_prop_w)
+    ok_w = (w_idx < w.n - 1) & ((u_w * q_prop_w < p_prop_w) | ~checked)
     n_acc = jnp.sum(jnp.cumprod(ok_w.astype(jnp.int32))).astype(jnp.int32)
     rejected = n_acc < w.n - 1
     if sampling.greedy:
@@ -328,18 +369,22 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     w = w._replace(tok_w=restart(jnp.zeros_like(w.tok_w).at[0].set(nxt), w.tok_w), depth_w=restart(0, w.depth_w),
                    h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(params, cfg, nxt)), w.h_wd),
                    n=restart(1, w.n))
+    next_emitted = (count == n_acc + 1) & (w.num + count <= max_new)  # the last committed token's prediction
     return w._replace(out_n=w.out_n.at[dst_w].set(emit_w, mode="drop"),
                       accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(
                           num - w.num, mode="drop"),
                       num=num, done=w.done | (taking & (jnp.any(is_eos_w) | (num >= max_new))),
-                      key=key, counters=c), t * (n_acc + 1)
+                      key=key, counters=c), t * (n_acc + 1), next_emitted
 
   def verify(s: State, layer, taking_b, order_b) -> State:
     del layer
     branches = [functools.partial(_final_rows, params, cfg, r, p) for p, r in combos]
     logits_bwv = jax.lax.switch(combo(taking_b, jnp.max(jnp.where(taking_b, s.win.n, 1))), branches, s.win.h_wd,
                                 order_b)
-    win, advance_b = jax.vmap(verify_one)(s.win, logits_bwv, taking_b)
+    win, advance_b, next_b = jax.vmap(verify_one)(s.win, logits_bwv, taking_b)
+    if revival is not None:
+      win = win._replace(revive_due=taking_b & (advance_b > 0) & next_b
+                         & revival.reselects(s.cache.lengths + advance_b - 1, win.prompt))
     return s._replace(cache=s.cache.replace(lengths=s.cache.lengths + advance_b), win=win)
 
   def body(s: State) -> State:
@@ -348,15 +393,22 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     layer = jnp.min(jnp.where(running_b, depth_b, n_layers))
     taking_b = running_b & (depth_b == layer)
     order_b = jnp.argsort(jnp.where(taking_b, 0, 1), stable=True).astype(jnp.int32)  # the sequences taking part first
-    s = run_layer(s, layer, taking_b, order_b)
+    s = run_layer(s, layer, taking_b, order_b, visible_lbs if revival is None else revival.visible_lbs(s.revival))
     layer = layer + 1
-    k, v = s.cache.k, s.cache.v  # kept out of the switch: its branches only move the cursors
+    # kept out of the switch (its branches only move the cursors): a branch's operands are copied
+    k, v, revived = s.cache.k, s.cache.v, s.revival
     no_kv = jnp.zeros((0,), k.dtype)
     can_exit = (head_of_depth[layer] >= 0) & jnp.any(taking_b & (s.win.n < window))
     branch = jnp.where(layer == n_layers, 2, can_exit.astype(jnp.int32))
-    s = jax.lax.switch(branch, [lambda x, *_: x, try_exit, verify], s._replace(cache=s.cache.replace(k=no_kv, v=no_kv)),
-                       layer, taking_b, order_b)
-    return s._replace(cache=s.cache.replace(k=k, v=v))
+    s = jax.lax.switch(branch, [lambda x, *_: x, try_exit, verify],
+                       s._replace(cache=s.cache.replace(k=no_kv, v=no_kv), revival=None), layer, taking_b, order_b)
+    s = s._replace(cache=s.cache.replace(k=k, v=v), revival=revived)
+    if revival is not None:  # the committed re-selection tokens revive pruned prompt tokens
+      last_b = s.cache.lengths - 1
+      token_b = jnp.take_along_axis(s.win.out_n, jnp.maximum(last_b - s.win.prompt, 0)[:, None], axis=1)[:, 0]
+      cache, revived = revival.revive(params, cfg, s.cache, s.revival, token_b, last_b, s.win.revive_due)
+      s = State(cache, s.win._replace(revive_due=jnp.zeros_like(s.win.revive_due)), revived)
+    return s
 
   def cond(s: State) -> jax.Array:
     return jnp.any(active_b(s) & (s.win.num < stop_at))
@@ -417,12 +469,14 @@ def loop_heads(lm: LoadedModel, heads: ExitHeads, head_vocab: int) -> tuple[jax.
 
 @dataclasses.dataclass(frozen=True)
 class AdaLoop(driver.DecodeLoop):
-  """`adadecode_loop` as the driver runs it, after a prefill whose per-layer visibility (if any) masks it."""
+  """`adadecode_loop` as the driver runs it, after a prefill whose per-layer visibility (if any) masks it, or
+  whose pruned tokens `revival` revives."""
 
   heads: ExitHeads
   options: AdaDecodeConfig
   head_w: jax.Array  # `loop_heads`
   head_ids: jax.Array | None
+  revival: Revival | None = None
 
   @property
   def extra_slots(self) -> int:
@@ -433,40 +487,45 @@ class AdaLoop(driver.DecodeLoop):
     state = start_state(lm.params, lm.cfg, prefilled.cache, first_b, jax.random.split(key, first_b.shape[0]),
                         jnp.int32(request.max_new_tokens), len(self.heads.layers), self.extra_slots,
                         ar.next_pow2(request.max_new_tokens))
+    if self.revival is not None:
+      return state._replace(revival=self.revival.start(prefilled)), None
     return state, prefilled.visible_lbs
 
   def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
     st, visible_lbs = state
     return adadecode_loop(lm.params, lm.cfg, self.head_w, self.head_ids, self.heads.layers,
-                          jnp.float32(self.options.gamma), st, jnp.int32(request.max_new_tokens), stop_at,
-                          request.sampling, visible_lbs), visible_lbs
+                          jnp.float32(self.options.gamma), jnp.bool_(self.options.verify), st,
+                          jnp.int32(request.max_new_tokens), stop_at, request.sampling, visible_lbs,
+                          self.revival), visible_lbs
 
   def progress(self, state) -> driver.Progress:
     st = state[0]
     room = jnp.any(~st.win.done & (st.cache.lengths + self.extra_slots <= st.cache.num_slots))
     return driver.Progress(st.win.out_n, jnp.zeros_like(st.win.num), st.win.num, st.win.done, room)
 
-  def report(self, state) -> Window:
-    return state[0].win._replace(h_wd=None, q_wv=None, out_n=None, key=None)
+  def report(self, state) -> tuple[Window, Any]:
+    st = state[0]
+    return (st.win._replace(h_wd=None, q_wv=None, out_n=None, key=None),
+            None if self.revival is None else self.revival.report(st.revival))
 
-  def row_stats(self, win: Window, b: int, new_tokens: int) -> dict:
+  def row_stats(self, report, b: int, new_tokens: int) -> dict:
+    win, revival_report = report
     verifications = int(win.counters.verifications[b])
     return dict(steps=verifications + 1, accept_lengths=[1] + win.accept_n[b, :verifications].tolist(),
                 gamma=self.options.gamma, max_pending=self.options.max_pending, head_vocab=self.options.head_vocab,
-                **window_stats(jax.tree.map(lambda x: x[b], win.counters), self.heads.layers, new_tokens))
+                verify=self.options.verify,
+                **window_stats(jax.tree.map(lambda x: x[b], win.counters), self.heads.layers, new_tokens),
+                **({} if self.revival is None else self.revival.row_stats(revival_report, b)))
 
 
-def adadecode_method(method: str, prefill: Prefill = full_prefill) -> Method:
-  """AdaDecode after `prefill`, through the driver. Options: heads (see `resolve_heads`), head_layers (with
-  heads="identity") and `AdaDecodeConfig`'s."""
-
-  def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
-    options = AdaDecodeConfig.from_request(request)
-    heads = resolve_heads(lm, request, ranked=options.head_vocab > 0)
-    return driver.generate(lm, request, method, AdaLoop(heads, options, *loop_heads(lm, heads, options.head_vocab)),
-                           prefill)
-
-  return generate
+def adadecode_generate(lm: LoadedModel, request: GenerateRequest, method: str, prefill: Prefill = full_prefill,
+                       revival: Revival | None = None) -> list[GenerationResult]:
+  """AdaDecode after `prefill` (reviving its pruned tokens with `revival`), through the driver. Options: heads
+  (see `resolve_heads`), head_layers (with heads="identity") and `AdaDecodeConfig`'s."""
+  options = AdaDecodeConfig.from_request(request)
+  heads = resolve_heads(lm, request, ranked=options.head_vocab > 0)
+  loop = AdaLoop(heads, options, *loop_heads(lm, heads, options.head_vocab), revival)
+  return driver.generate(lm, request, method, loop, prefill)
 
 
-register_method("adadecode")(adadecode_method("adadecode"))
+register_method("adadecode")(functools.partial(adadecode_generate, method="adadecode"))
