@@ -56,17 +56,25 @@ def answer(lm: hdjax.LM, method: str, turns: Sequence[str], max_new_tokens: int,
 SPECULATIVE_EXTRA_ROWS = (0, 8, 16)
 
 
+# an answer's text can tokenize to a few more tokens than were generated when a later turn's prompt holds it
+RETOKENIZED_SLACK = 8
+
+
 def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens: int) -> list[list[int]]:
-  """One prompt per distinct compiled shape (prefill bucket and cache size), including an estimate of later turns
-  (earlier answers at most max_new_tokens long), so the timed runs compile nothing new."""
+  """One prompt per distinct compiled shape (prefill bucket and cache sizes) that any turn can have, so the timed
+  runs compile nothing new: turn k's prompt holds k earlier answers of 0..max_new_tokens (+ RETOKENIZED_SLACK)
+  tokens each, and every length in that range is covered (an estimate of one length missed shapes: `ar` compiled
+  during a timed second turn of `make run`)."""
   by_shape: dict[tuple[int, ...], list[int]] = {}
   for q in questions:
-    history: list[int] = []
-    for turn in q["turns"]:
-      ids = history + lm.tokenizer.apply_chat_template([{"role": "user", "content": turn}])
-      slots = tuple(slots_for(len(ids), max_new_tokens, extra) for extra in SPECULATIVE_EXTRA_ROWS)
-      by_shape.setdefault((ar.prompt_bucket(len(ids)), *slots), ids)
-      history = ids + [lm.cfg.pad_id] * max_new_tokens
+    messages: list[dict[str, str]] = []
+    for k, turn in enumerate(q["turns"]):
+      messages.append({"role": "user", "content": turn})
+      shortest = lm.tokenizer.apply_chat_template(messages)
+      for n in range(len(shortest), len(shortest) + k * (max_new_tokens + RETOKENIZED_SLACK) + 1):
+        slots = tuple(slots_for(n, max_new_tokens, extra) for extra in SPECULATIVE_EXTRA_ROWS)
+        by_shape.setdefault((ar.prompt_bucket(n), *slots), shortest + [lm.cfg.pad_id] * (n - len(shortest)))
+      messages.append({"role": "assistant", "content": ""})
   return [p[:lm.cfg.max_seq_len - max_new_tokens] for p in by_shape.values()]
 
 

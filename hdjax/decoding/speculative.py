@@ -43,10 +43,9 @@ from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, 
 from hdjax.decoding.verify import head_draft, start_head, verify_tree
 from hdjax.drafting.base import Drafter
 from hdjax.drafting import device_tables
-from hdjax.drafting.context_db import context_drafter
 from hdjax.drafting.hierarchy import HierarchyDrafter
 from hdjax.drafting.model_db import ModelDB
-from hdjax.drafting.pld import PLD_MAX_TOKENS, pld_drafter
+from hdjax.drafting.pld import PLD_MAX_TOKENS
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -313,8 +312,7 @@ def reset_databases(read_only_too: bool = True) -> None:
 
 
 SOURCES: dict[str, Callable[[LoadedModel, SpecConfig], Drafter]] = {
-    "context": lambda lm, spec: context_drafter(),
-    "pld": lambda lm, spec: pld_drafter(),
+    **{name: lambda lm, spec, make=make: make() for name, make in device_loop.NGRAM_DRAFTERS.items()},
     "model": _database("model"),
     "stats": _database("stats"),
 }
