@@ -336,9 +336,10 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
       exit_b &= ~revival.reselects(s.cache.lengths + s.win.n - 1, s.win.prompt)
     return s._replace(win=jax.vmap(exit_one, in_axes=(0, 0, None, 0))(s.win, logits_bv, head, exit_b))
 
-  def verify_one(w: Window, logits_wv, taking) -> tuple[Window, jax.Array]:
+  def verify_one(w: Window, logits_wv, taking) -> tuple[Window, jax.Array, jax.Array]:
     """Checks the window's early tokens in order against the full model; returns it restarted at the full model's
-    token (unchanged unless `taking`) and how far the cache cursor moves."""
+    token (unchanged unless `taking`), how far the cache cursor moves, and whether the full model's token (the
+    last committed token's prediction) was emitted."""
     p_wv = target_probs(logits_wv, sampling)
     key, k_acc, k_next = jax.random.split(w.key, 3)
     proposed_w = jnp.roll(w.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
@@ -369,7 +370,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     w = w._replace(tok_w=restart(jnp.zeros_like(w.tok_w).at[0].set(nxt), w.tok_w), depth_w=restart(0, w.depth_w),
                    h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(params, cfg, nxt)), w.h_wd),
                    n=restart(1, w.n))
-    next_emitted = (count == n_acc + 1) & (w.num + count <= max_new)  # the last committed token's prediction
+    next_emitted = (count == n_acc + 1) & (w.num + count <= max_new)
     return w._replace(out_n=w.out_n.at[dst_w].set(emit_w, mode="drop"),
                       accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(
                           num - w.num, mode="drop"),
