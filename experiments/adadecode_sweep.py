@@ -39,7 +39,7 @@ flags.DEFINE_list("categories", [], "categories to keep (default: all)")
 flags.DEFINE_integer("max_new_tokens", 128, "new tokens per question")
 flags.DEFINE_string("heads", decode.DEFAULT_HEADS_DIR, "trained exit heads directory")
 flags.DEFINE_list("head_layers", [str(l) for l in decode.DEFAULT_LAYERS], "which trained heads to use")
-flags.DEFINE_float("gamma", 0.75, "default confidence threshold")
+flags.DEFINE_float("gamma", decode.AdaDecodeConfig().gamma, "default confidence threshold (the method's default)")
 flags.DEFINE_integer("max_pending", 5, "pending early tokens at most")
 flags.DEFINE_list("gammas", ["0.5", "0.9"], "extra gammas for the sweep (the default gamma is always run)")
 flags.DEFINE_integer("head_vocab", decode.DEFAULT_HEAD_VOCAB,
