@@ -62,12 +62,48 @@ def one_exit_head(lm: LoadedModel, request: GenerateRequest) -> ExitHeads:
   return heads
 
 
+class LazyRevivalState(NamedTuple):
+  lazy_state: lazy.LazyState  # `cache` None (the loop's cache); `computed_lbs` counts decoded slots
+  revived_b: jax.Array  # [B] tokens revived during decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyRevival:
+  """Revival as `lazy` does it (`lazy.revive_at`) at `lazy`'s re-selection positions (`lazy.steps_to_revival`):
+  AdaDecode's `Revival` for `lazy+adadecode`, and the reviving device loop's (`reviving_loop`)."""
+
+  lazy_cfg: lazy.LazyConfig
+
+  def start(self, prefilled: Prefilled) -> LazyRevivalState:
+    st = prefilled.state
+    decoded_bs = jnp.arange(st.cache.num_slots)[None, :] >= st.cache.lengths[:, None]
+    return LazyRevivalState(st._replace(cache=None, computed_lbs=st.computed_lbs + decoded_bs[None]),
+                            jnp.zeros(st.cache.lengths.shape, jnp.int32))
+
+  def visible_lbs(self, state: LazyRevivalState) -> jax.Array:
+    return state.lazy_state.computed_lbs > 0
+
+  def reselects(self, pos_b: jax.Array, prompt_b: jax.Array) -> jax.Array:
+    return lazy.steps_to_revival(pos_b, prompt_b, self.lazy_cfg.reselect_every) == 0
+
+  def revive(self, params, cfg: LlamaConfig, cache, state: LazyRevivalState, token_b, pos_b, due_b):
+    full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, self.lazy_cfg, s, token_b,
+                                                                           pos_b, due_b),
+                                 state.lazy_state._replace(cache=cache))
+    return full.cache, LazyRevivalState(full._replace(cache=None), state.revived_b + got_b)
+
+  def report(self, state: LazyRevivalState) -> jax.Array:
+    return state.revived_b
+
+  def row_stats(self, revived_b, b: int) -> dict:
+    return dict(lazy_revive=True, revived=int(revived_b[b]))
+
+
 class RevivingState(NamedTuple):
-  """`reviving_loop`'s state: the device loop's, the lazy state beside it, and revival counts."""
+  """`reviving_loop`'s state: the device loop's and `LazyRevival`'s beside it."""
 
   loop: device_loop.LoopState
-  lazy_state: lazy.LazyState  # `cache` None (the loop's cache is `loop.cache`); `computed_lbs` counts decoded slots
-  revived_b: jax.Array  # [B] tokens revived during decoding
+  revival: LazyRevivalState
   prefill_computed_b: jax.Array  # [B] (layer, prompt token) pairs whose K/V the prefill computed
 
 
@@ -83,24 +119,23 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: Re
   every = lazy_cfg.reselect_every
 
   def body(carry: RevivingState) -> RevivingState:
-    st, lz = carry.loop, carry.lazy_state
+    st, revival = carry.loop, LazyRevival(lazy_cfg)
     # the root is at position lengths - 1; its step may commit drafts up to the next re-selection point only
     cap_b = lazy.steps_to_revival(st.lengths_b - 1, st.prompt_b, every)
-    new = device_loop.speculative_step(params, cfg, st, key, max_new, spec, sampling, lz.computed_lbs > 0, tables,
-                                       cap_b, head_t_dd)
+    new = device_loop.speculative_step(params, cfg, st, key, max_new, spec, sampling,
+                                       revival.visible_lbs(carry.revival), tables, cap_b, head_t_dd)
     # revival where this step committed a re-selection token (the last committed one, by the cut above) whose
     # prediction was emitted (`lazy` never computes a token past EOS or max_new_tokens)
     last_b = new.cache.lengths - 1
     due_b = ~st.done_b & (lazy.steps_to_revival(last_b, st.prompt_b, every) == 0) & (last_b < new.lengths_b - 1)
     token_b = jnp.take_along_axis(new.tokens_bs, last_b[:, None], axis=1)[:, 0]
-    full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, lazy_cfg, s, token_b, last_b,
-                                                                           due_b), lz._replace(cache=new.cache))
-    new = new._replace(cache=full.cache)
+    cache, revived = revival.revive(params, cfg, new.cache, carry.revival, token_b, last_b, due_b)
+    new = new._replace(cache=cache)
     if spec.head_layer is not None:
       root_b = jnp.take_along_axis(new.tokens_bs, (new.lengths_b - 1)[:, None], axis=1)[:, 0]
       new = run_if(jnp.any(due_b), functools.partial(_redraft_roots, params, cfg, spec.head_layer, head_t_dd, root_b,
-                                                     due_b, full.computed_lbs > 0), new)
-    return carry._replace(loop=new, lazy_state=full._replace(cache=None), revived_b=carry.revived_b + got_b)
+                                                     due_b, revival.visible_lbs(revived)), new)
+    return carry._replace(loop=new, revival=revived)
 
   return jax.lax.while_loop(lambda carry: device_loop.continues(carry.loop, stop_at), body, state)
 
@@ -132,6 +167,7 @@ class RevivingLoop(driver.DecodeLoop):
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
             key: jax.Array) -> tuple[RevivingState, jax.Array]:
+    revival = LazyRevival(self.lazy_cfg).start(prefilled)  # before `start_head` donates the prefill's cache
     loop = device_loop.initial_state(lm.cfg, request, first_b, prefilled.cache, self.spec)
     if self.spec.head_layer is not None:  # the first root's layers below the head, and the head's draft
       batch = first_b.shape[0]
@@ -139,10 +175,7 @@ class RevivingLoop(driver.DecodeLoop):
                                                   self.spec.head_layer, self.head_t_dd, prefilled.visible_lbs)
       loop = loop._replace(cache=cache, head_h_bd=head_h_bd, head_draft_b=head_draft_b,
                            head_hits_b=jnp.zeros((batch,), jnp.int32))
-    st = prefilled.state
-    decoded_bs = (jnp.arange(loop.cache.num_slots)[None, :] >= loop.prompt_b[:, None]).astype(jnp.int32)
-    return RevivingState(loop, st._replace(cache=None, computed_lbs=st.computed_lbs + decoded_bs[None]),
-                         jnp.zeros_like(first_b), jnp.sum(st.computed_lbs > 0, axis=(0, 2))), key
+    return RevivingState(loop, revival, jnp.sum(prefilled.state.computed_lbs > 0, axis=(0, 2))), key
 
   def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
     st, key = state
@@ -154,7 +187,7 @@ class RevivingLoop(driver.DecodeLoop):
 
   def report(self, state):
     st = state[0]
-    return device_loop.loop_report(st.loop), st.revived_b, st.prefill_computed_b
+    return device_loop.loop_report(st.loop), st.revival.revived_b, st.prefill_computed_b
 
   def row_stats(self, report, b: int, new_tokens: int) -> dict:
     loop, revived_b, prefill_computed_b = report
@@ -196,43 +229,6 @@ def reviving_method(method: str, source: str,
 register_method("lazy+pld")(reviving_method("lazy+pld", "pld"))
 register_method("lazy+hd")(reviving_method("lazy+hd", "context,model,stats"))
 register_method("lazy+rest")(reviving_method("lazy+rest", "stats"))
-
-
-class LazyRevivalState(NamedTuple):
-  lazy_state: lazy.LazyState  # `cache` None (the loop's cache); `computed_lbs` counts decoded slots
-  revived_b: jax.Array  # [B] tokens revived during decoding
-
-
-@dataclasses.dataclass(frozen=True)
-class LazyRevival:
-  """AdaDecode's `Revival` for `lazy+adadecode`: re-selection tokens at `lazy`'s positions (`lazy.steps_to_revival`)
-  revive as `lazy` does (`lazy.revive_at`)."""
-
-  lazy_cfg: lazy.LazyConfig
-
-  def start(self, prefilled: Prefilled) -> LazyRevivalState:
-    st = prefilled.state
-    decoded_bs = jnp.arange(st.cache.num_slots)[None, :] >= st.cache.lengths[:, None]
-    return LazyRevivalState(st._replace(cache=None, computed_lbs=st.computed_lbs + decoded_bs[None]),
-                            jnp.zeros(st.cache.lengths.shape, jnp.int32))
-
-  def visible_lbs(self, state: LazyRevivalState) -> jax.Array:
-    return state.lazy_state.computed_lbs > 0
-
-  def reselects(self, pos_b: jax.Array, prompt_b: jax.Array) -> jax.Array:
-    return lazy.steps_to_revival(pos_b, prompt_b, self.lazy_cfg.reselect_every) == 0
-
-  def revive(self, params, cfg: LlamaConfig, cache, state: LazyRevivalState, token_b, pos_b, due_b):
-    full, got_b = lazy.revive_if(jnp.any(due_b), lambda s: lazy.revive_at(params, cfg, self.lazy_cfg, s, token_b,
-                                                                           pos_b, due_b),
-                                 state.lazy_state._replace(cache=cache))
-    return full.cache, LazyRevivalState(full._replace(cache=None), state.revived_b + got_b)
-
-  def report(self, state: LazyRevivalState) -> jax.Array:
-    return state.revived_b
-
-  def row_stats(self, revived_b, b: int) -> dict:
-    return dict(lazy_revive=True, revived=int(revived_b[b]))
 
 
 @register_method("lazy+adadecode")

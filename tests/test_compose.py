@@ -104,7 +104,8 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
     monkeypatch.setattr(decode, "adadecode_loop",
                         capture(method, decode.adadecode_loop, lambda out: out.revival.lazy_state))
   else:
-    monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop, lambda out: out.lazy_state))
+    monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop,
+                                                          lambda out: out.revival.lazy_state))
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=16, lazy_config=REVIVING)
   tree = {} if method == "lazy+adadecode" else dict(buckets=(1, 4))
