@@ -47,7 +47,8 @@ from hdjax.decoding.registry import Method, register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.speculative import HD_DEFAULTS, SpecConfig, device_method, spec_method
-from hdjax.decoding.verify import head_draft, start_head
+from hdjax.decoding.state import DecodeState, buffer_lengths, last_tokens
+from hdjax.decoding.verify import head_draft
 from hdjax.errors import HdjaxError
 
 # The head's draft is one node: a 2-node tree (root + head draft) is the common step when no database matches.
@@ -100,17 +101,17 @@ class LazyRevival:
 
 
 class RevivingState(NamedTuple):
-  """`reviving_loop`'s state: the device loop's and `LazyRevival`'s beside it."""
+  """`reviving_loop`'s method state: the device loop's and `LazyRevival`'s beside it."""
 
-  loop: device_loop.LoopState
+  spec: device_loop.SpecState
   revival: LazyRevivalState
   prefill_computed_b: jax.Array  # [B] (layer, prompt token) pairs whose K/V the prefill computed
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "spec", "sampling"), donate_argnames=("state",))
-def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: RevivingState, key: jax.Array,
-                  max_new: jax.Array, stop_at: jax.Array, spec: device_loop.DeviceSpec, sampling: SamplingConfig,
-                  tables: tuple = (), head_t_dd: jax.Array | None = None) -> RevivingState:
+def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: DecodeState, max_new: jax.Array,
+                  stop_at: jax.Array, spec: device_loop.DeviceSpec, sampling: SamplingConfig, tables: tuple = (),
+                  head_t_dd: jax.Array | None = None) -> DecodeState:
   """The device loop's steps (`device_loop.speculative_step`) over the pruned cache, stopping as
   `device_loop.decode_chunk` does, each step cut at the next re-selection point and followed by revival where
   one was reached. With an exit head (`spec.head_layer`, `head_t_dd`), a revival also reruns the next root's
@@ -118,35 +119,35 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: Re
   ar.TRACE_COUNTS["lazy_reviving_loop"] += 1
   every = lazy_cfg.reselect_every
 
-  def body(carry: RevivingState) -> RevivingState:
-    st, revival = carry.loop, LazyRevival(lazy_cfg)
+  def body(carry: DecodeState) -> DecodeState:
+    st, revival = carry._replace(method=carry.method.spec), LazyRevival(lazy_cfg)
     # the root is at position lengths - 1; its step may commit drafts up to the next re-selection point only
-    cap_b = lazy.steps_to_revival(st.lengths_b - 1, st.prompt_b, every)
-    new = device_loop.speculative_step(params, cfg, st, key, max_new, spec, sampling,
-                                       revival.visible_lbs(carry.revival), tables, cap_b, head_t_dd)
+    cap_b = lazy.steps_to_revival(buffer_lengths(st) - 1, st.start_b, every)
+    new = device_loop.speculative_step(params, cfg, st, max_new, spec, sampling,
+                                       revival.visible_lbs(carry.method.revival), tables, cap_b, head_t_dd)
     # revival where this step committed a re-selection token (the last committed one, by the cut above) whose
     # prediction was emitted (`lazy` never computes a token past EOS or max_new_tokens)
     last_b = new.cache.lengths - 1
-    due_b = ~st.done_b & (lazy.steps_to_revival(last_b, st.prompt_b, every) == 0) & (last_b < new.lengths_b - 1)
+    due_b = ~st.done_b & (lazy.steps_to_revival(last_b, st.start_b, every) == 0) & (last_b < buffer_lengths(new) - 1)
     token_b = jnp.take_along_axis(new.tokens_bs, last_b[:, None], axis=1)[:, 0]
-    cache, revived = revival.revive(params, cfg, new.cache, carry.revival, token_b, last_b, due_b)
+    cache, revived = revival.revive(params, cfg, new.cache, carry.method.revival, token_b, last_b, due_b)
     new = new._replace(cache=cache)
     if spec.head_layer is not None:
-      root_b = jnp.take_along_axis(new.tokens_bs, (new.lengths_b - 1)[:, None], axis=1)[:, 0]
-      new = run_if(jnp.any(due_b), functools.partial(_redraft_roots, params, cfg, spec.head_layer, head_t_dd, root_b,
-                                                     due_b, revival.visible_lbs(revived)), new)
-    return carry._replace(loop=new, revival=revived)
+      new = run_if(jnp.any(due_b), functools.partial(_redraft_roots, params, cfg, spec.head_layer, head_t_dd, due_b,
+                                                     revival.visible_lbs(revived)), new)
+    return new._replace(method=carry.method._replace(spec=new.method, revival=revived))
 
-  return jax.lax.while_loop(lambda carry: device_loop.continues(carry.loop, stop_at), body, state)
+  return jax.lax.while_loop(lambda st: device_loop.continues(st, stop_at), body, state)
 
 
-def _redraft_roots(params, cfg: LlamaConfig, head_layer: int, head_t_dd: jax.Array, root_b: jax.Array, due_b: jax.Array,
-                   visible_lbs: jax.Array, st: device_loop.LoopState) -> device_loop.LoopState:
+def _redraft_roots(params, cfg: LlamaConfig, head_layer: int, head_t_dd: jax.Array, due_b: jax.Array,
+                   visible_lbs: jax.Array, st: DecodeState) -> DecodeState:
   """The roots of the rows `due_b` through the layers below the head again, seeing `visible_lbs`, and the head's
   new drafts (the other rows keep theirs)."""
-  cache, h_bd, draft_b = head_draft(params, cfg, st.cache, root_b, due_b, head_layer, head_t_dd, visible_lbs)
-  return st._replace(cache=cache, head_h_bd=jnp.where(due_b[:, None], h_bd, st.head_h_bd),
-                     head_draft_b=jnp.where(due_b, draft_b, st.head_draft_b))
+  ms = st.method
+  cache, h_bd, draft_b = head_draft(params, cfg, st.cache, last_tokens(st), due_b, head_layer, head_t_dd, visible_lbs)
+  return st._replace(cache=cache, method=ms._replace(head_h_bd=jnp.where(due_b[:, None], h_bd, ms.head_h_bd),
+                                                     head_draft_b=jnp.where(due_b, draft_b, ms.head_draft_b)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,33 +167,25 @@ class RevivingLoop(driver.DecodeLoop):
     return max(self.spec.buckets)
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
-            key: jax.Array) -> tuple[RevivingState, jax.Array]:
+            key: jax.Array) -> DecodeState:
     revival = LazyRevival(self.lazy_cfg).start(prefilled)  # before `start_head` donates the prefill's cache
-    loop = device_loop.initial_state(lm.cfg, request, first_b, prefilled.cache, self.spec)
-    if self.spec.head_layer is not None:  # the first root's layers below the head, and the head's draft
-      batch = first_b.shape[0]
-      cache, head_h_bd, head_draft_b = start_head(lm.params, lm.cfg, loop.cache, first_b, jnp.ones((batch,), bool),
-                                                  self.spec.head_layer, self.head_t_dd, prefilled.visible_lbs)
-      loop = loop._replace(cache=cache, head_h_bd=head_h_bd, head_draft_b=head_draft_b,
-                           head_hits_b=jnp.zeros((batch,), jnp.int32))
-    return RevivingState(loop, revival, jnp.sum(prefilled.state.computed_lbs > 0, axis=(0, 2))), key
+    st = device_loop.initial_state(lm.cfg, request, first_b, prefilled.cache, key, self.spec)
+    st = device_loop.start_exit_head(lm, self.spec, self.head_t_dd, st, prefilled.visible_lbs)
+    return st._replace(method=RevivingState(st.method, revival,
+                                            jnp.sum(prefilled.state.computed_lbs > 0, axis=(0, 2))))
 
-  def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
-    st, key = state
-    return reviving_loop(lm.params, lm.cfg, self.lazy_cfg, st, key, jnp.int32(request.max_new_tokens), stop_at,
-                         self.spec, request.sampling, self.tables, self.head_t_dd), key
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
+    return reviving_loop(lm.params, lm.cfg, self.lazy_cfg, state, jnp.int32(request.max_new_tokens), stop_at,
+                         self.spec, request.sampling, self.tables, self.head_t_dd)
 
-  def progress(self, state) -> driver.Progress:
-    return device_loop.loop_progress(state[0].loop)
-
-  def report(self, state):
-    st = state[0]
-    return device_loop.loop_report(st.loop), st.revival.revived_b, st.prefill_computed_b
+  def report(self, state: DecodeState):
+    ms = state.method
+    return device_loop.loop_report(state._replace(method=ms.spec)), ms.revival.revived_b, ms.prefill_computed_b
 
   def row_stats(self, report, b: int, new_tokens: int) -> dict:
     loop, revived_b, prefill_computed_b = report
     return dict(device_loop.loop_row_stats(self.spec, loop, b), lazy_revive=True, revived=int(revived_b[b]),
-                computed_fraction_prefill=float(prefill_computed_b[b]) / (self.cfg.n_layers * int(loop.prompt_b[b])))
+                computed_fraction_prefill=float(prefill_computed_b[b]) / (self.cfg.n_layers * int(loop.start_b[b])))
 
   def finish(self, state, rows: list[list[int]]) -> None:
     if self.learn is not None:

@@ -42,11 +42,12 @@ from hdjax.config import LlamaConfig
 from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import driver
-from hdjax.decoding.ar_method import ArLoop, token_progress, token_row_stats
+from hdjax.decoding.ar_method import ArLoop, token_row_stats
 from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.registry import register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, pad_prompts
 from hdjax.decoding.sampling import SamplingConfig
+from hdjax.decoding.state import DecodeState
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache, init_cache
 
@@ -383,28 +384,28 @@ def revive_at(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, 
 
 
 class LazyInner(NamedTuple):
-  """The lazy decoding step's state inside an `ar.TokenState`."""
+  """The lazy decoding loop's method state (in a `DecodeState` whose cache is the pruned one)."""
 
-  state: LazyState
+  state: LazyState  # `cache` None (the `DecodeState`'s)
   revived_b: jax.Array  # [B] tokens revived during decoding
   prefill_computed_b: jax.Array  # [B] (layer, prompt token) pairs whose K/V the prefill computed
   prompt_b: jax.Array  # [B] prompt lengths
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "lazy_cfg", "sampling"), donate_argnames=("state",))
-def lazy_decode_chunk(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: ar.TokenState, max_new: jax.Array,
-                      stop_at: jax.Array, sampling: SamplingConfig) -> ar.TokenState:
+def lazy_decode_chunk(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: DecodeState, max_new: jax.Array,
+                      stop_at: jax.Array, sampling: SamplingConfig) -> DecodeState:
   """Decoding where each layer's attention sees only that layer's computed K/V, with revival every
-  `reselect_every` steps (`state.inner` is a `LazyInner`); stops as `ar.token_loop`."""
+  `reselect_every` steps (`state.method` is a `LazyInner`); stops as `ar.token_loop`."""
   ar.TRACE_COUNTS["lazy_decode_loop"] += 1
-  batch = state.cur_b.shape[0]
+  batch = state.new_b.shape[0]
 
-  def step(inner: LazyInner, cur_b, active_b, steps):
+  def step(cache, inner: LazyInner, cur_b, active_b, steps):
     st = inner.state
-    pos_b1 = st.cache.lengths[:, None]
+    pos_b1 = cache.lengths[:, None]
     live_lb1 = jnp.broadcast_to(active_b[:, None], (cfg.n_layers, batch, 1))
     h_b1d, cache, computed, entering_lb1d = run_layers_masked(
-        params, cfg, model.embed(params, cfg, cur_b[:, None]), pos_b1, pos_b1, live_lb1, st.computed_lbs, st.cache,
+        params, cfg, model.embed(params, cfg, cur_b[:, None]), pos_b1, pos_b1, live_lb1, st.computed_lbs, cache,
         0, cfg.n_layers)
     st = st._replace(cache=cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32)), computed_lbs=computed)
     revived_b = inner.revived_b
@@ -413,9 +414,10 @@ def lazy_decode_chunk(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: ar.
                             lambda s_: _revive(params, cfg, lazy_cfg, s_, entering_lb1d[:, :, 0], pos_b1[:, 0],
                                                active_b), st)
       revived_b = revived_b + got_b
-    return model.unembed(params, cfg, h_b1d)[:, 0], inner._replace(state=st, revived_b=revived_b)
+    return (model.unembed(params, cfg, h_b1d)[:, 0], st.cache,
+            inner._replace(state=st._replace(cache=None), revived_b=revived_b))
 
-  return ar.token_loop(step, lambda inner: inner.state.cache, state, cfg.eos_ids, max_new, stop_at, sampling)
+  return ar.token_loop(step, state, cfg.eos_ids, max_new, stop_at, sampling)
 
 
 _OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(LazyConfig))
@@ -458,30 +460,26 @@ def pruned_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int, la
 
 @dataclasses.dataclass(frozen=True)
 class LazyLoop(driver.DecodeLoop):
-  """`lazy`'s `driver.DecodeLoop` after `pruned_prefill`: an `ar.TokenState` around a `LazyInner`."""
+  """`lazy`'s `driver.DecodeLoop` after `pruned_prefill`: an `ar.token_state` whose method state is a `LazyInner`."""
 
   cfg: LlamaConfig
   lazy_cfg: LazyConfig
   extra_slots: int = 0
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
-            key: jax.Array) -> ar.TokenState:
+            key: jax.Array) -> DecodeState:
     st = prefilled.state
     # prompt lengths: a copy of the cache's cursors (the state is donated, and one buffer cannot be donated twice)
-    inner = LazyInner(st, jnp.zeros_like(first_b), jnp.sum(st.computed_lbs > 0, axis=(0, 2)),
+    inner = LazyInner(st._replace(cache=None), jnp.zeros_like(first_b), jnp.sum(st.computed_lbs > 0, axis=(0, 2)),
                       jnp.array(st.cache.lengths, copy=True))
-    return ar.token_state(lm.cfg, first_b, request.max_new_tokens, key, inner)
+    return ar.token_state(lm.cfg, first_b, request.max_new_tokens, key, st.cache, inner)
 
-  def run(self, lm: LoadedModel, request: GenerateRequest, state: ar.TokenState, stop_at: jax.Array
-          ) -> ar.TokenState:
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
     return lazy_decode_chunk(lm.params, lm.cfg, self.lazy_cfg, state, jnp.int32(request.max_new_tokens), stop_at,
                              request.sampling)
 
-  def progress(self, state: ar.TokenState) -> driver.Progress:
-    return token_progress(state, state.inner.state.cache)
-
-  def report(self, state: ar.TokenState):
-    return state.steps, state.inner._replace(state=state.inner.state.computed_lbs)
+  def report(self, state: DecodeState):
+    return state.steps, state.method._replace(state=state.method.state.computed_lbs)
 
   def row_stats(self, report, b: int, new_tokens: int) -> dict:
     steps, inner = report

@@ -105,8 +105,8 @@ def test_cache_full_guard_stops_cleanly(tiny_lm):
   logits, cache = ar.prefill(tiny_lm.params, tiny_lm.cfg, np.array([[1, 2, 3, 4]]), np.array([4]), 8)
   state = ar.token_state(tiny_lm.cfg, jnp.argmax(logits, -1).astype(jnp.int32), 100, jax.random.key(0), cache)
   out = ar.decode_chunk(tiny_lm.params, tiny_lm.cfg, state, jnp.int32(100), jnp.int32(100), SamplingConfig())
-  assert int(out.num_b[0]) == 5  # slots 4..7 were free: 4 fed tokens plus the first one
-  assert int(out.inner.lengths[0]) == 8
+  assert int(out.new_b[0]) == 5  # slots 4..7 were free: 4 fed tokens plus the first one
+  assert int(out.cache.lengths[0]) == 8
 
 
 def test_bad_requests(tiny_lm):

@@ -99,13 +99,13 @@ def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
       return out
     return run
 
-  monkeypatch.setattr(lazy, "lazy_decode_chunk", capture("lazy", lazy.lazy_decode_chunk, lambda out: out.inner.state))
+  monkeypatch.setattr(lazy, "lazy_decode_chunk", capture("lazy", lazy.lazy_decode_chunk, lambda out: out.method.state))
   if method == "lazy+adadecode":
     monkeypatch.setattr(decode, "adadecode_loop",
-                        capture(method, decode.adadecode_loop, lambda out: out.revival.lazy_state))
+                        capture(method, decode.adadecode_loop, lambda out: out.method.revival.lazy_state))
   else:
     monkeypatch.setattr(compose, "reviving_loop", capture(method, compose.reviving_loop,
-                                                          lambda out: out.revival.lazy_state))
+                                                          lambda out: out.method.revival.lazy_state))
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=16, lazy_config=REVIVING)
   tree = {} if method == "lazy+adadecode" else dict(buckets=(1, 4))

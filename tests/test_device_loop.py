@@ -233,6 +233,7 @@ def test_compiled_loops_never_copy_the_cache(lm):
   """The compiled `ar` decode loop and the device loop over three tree buckets hold no copy of the whole KV cache (a
   `lax.switch` over the buckets made 8 per step, one per branch operand and result)."""
   from hdjax.decoding import device_loop, speculative  # pylint: disable=import-outside-toplevel
+  from hdjax.decoding.request import GenerateRequest  # pylint: disable=import-outside-toplevel
   from hdjax.decoding.sampling import SamplingConfig  # pylint: disable=import-outside-toplevel
   from hdjax.kvcache import init_cache  # pylint: disable=import-outside-toplevel
   cfg, slots = lm.cfg, 128
@@ -245,10 +246,8 @@ def test_compiled_loops_never_copy_the_cache(lm):
   spec = speculative.PLD_DEFAULTS
   dspec = device_loop.device_spec(cfg, spec, ("pld",))
   assert dspec.buckets == (1, 4, 8)
-  loop_state = device_loop.LoopState(jnp.zeros((1, slots), jnp.int32), jnp.ones((1,), jnp.int32),
-                                     jnp.ones((1,), jnp.int32), jnp.zeros((1,), bool), cache,
-                                     jnp.zeros((1, slots), jnp.int32), jnp.int32(1), jnp.zeros((3,), jnp.int32),
-                                     jnp.zeros((1, 1), jnp.int32))
-  loop = device_loop.decode_chunk.lower(lm.params, cfg, loop_state, jax.random.key(0), jnp.int32(4), jnp.int32(4),
-                                        dspec, SamplingConfig()).compile().as_text()
+  request = GenerateRequest(((1, 2),), 8, SamplingConfig(), 0)
+  loop_state = device_loop.initial_state(cfg, request, jnp.asarray([1], jnp.int32), cache, jax.random.key(0), dspec)
+  loop = device_loop.decode_chunk.lower(lm.params, cfg, loop_state, jnp.int32(4), jnp.int32(4), dspec,
+                                        SamplingConfig()).compile().as_text()
   assert shape in loop and _cache_copies(loop, shape) == 0

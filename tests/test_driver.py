@@ -12,6 +12,8 @@ import pytest
 
 from hdjax import lazy
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding import driver
+from hdjax.decoding.state import DecodeState
 from tests.conftest import make_tiny_lm
 
 LAZY = lazy.LazyConfig(prune_layers=(1, 2), keep_ratios=(0.6, 0.4), min_prompt=0, bucket=64, chunk=48,
@@ -76,3 +78,33 @@ def test_a_batch_returns_each_rows_single_sequence_reference(lm, name):
     assert o.token_ids == want.token_ids
     assert o.stats["new_tokens"] == len(o.token_ids) == sum(o.stats["accept_lengths"])
     assert o.stats["tau"] == pytest.approx(np.mean(o.stats["accept_lengths"]))
+
+
+@pytest.mark.parametrize("name", [n for n in LOOPS if not n.endswith("_host")])
+def test_every_device_loop_steps_one_decode_state(lm, name, monkeypatch):
+  """Every on-device loop starts, runs and returns a `DecodeState` whose counts are the results' own."""
+  runs = []
+  real_generate = driver.generate
+
+  class Recording:
+    def __init__(self, loop):
+      self.loop = loop
+
+    def __getattr__(self, attr):
+      return getattr(self.loop, attr)
+
+    def run(self, lm_, request, state, stop_at):
+      out = self.loop.run(lm_, request, state, stop_at)
+      runs.append((state, out))
+      return out
+
+  monkeypatch.setattr(driver, "generate", lambda lm_, request, method, loop, *args: real_generate(
+      lm_, request, method, Recording(loop), *args))
+  method, options = METHOD.get(name, name), LOOPS[name]
+  results = lm.generate(prompts(2, (40, 33)), method=method, max_new_tokens=12, **options)
+  assert len(runs) == 1
+  state, out = runs[0]
+  assert isinstance(state, DecodeState) and isinstance(out, DecodeState)
+  assert np.asarray(out.new_b).tolist() == [len(r.token_ids) for r in results]
+  assert all(r.token_ids == np.asarray(out.tokens_bs)[b, s:s + len(r.token_ids)].tolist()
+             for b, (r, s) in enumerate(zip(results, np.asarray(out.start_b))))

@@ -125,8 +125,8 @@ def test_revival_never_computes_a_layer_twice(lm8):
   first_b = jnp.argmax(logits, -1).astype(jnp.int32)
   out = loop.run(lm8, request, loop.start(lm8, request, Prefilled(logits, state.cache, None, {}, state), first_b,
                                           jax.random.key(0)), jnp.int32(16))
-  computed = np.asarray(out.inner.state.computed_lbs)
-  aux_after = np.asarray(out.inner.state.aux_layer_bs)
+  computed = np.asarray(out.method.state.computed_lbs)
+  aux_after = np.asarray(out.method.state.aux_layer_bs)
   assert computed.max() == 1
   revived = 0
   for b, p in enumerate(prompts):
@@ -134,9 +134,9 @@ def test_revival_never_computes_a_layer_twice(lm8):
     layer_idx = np.arange(cfg.n_layers)[:, None]
     np.testing.assert_array_equal(computed[:, b, :n], (layer_idx < aux_after[b, :n]).astype(np.int32))
     revived_b = (aux_before[b, :n] < cfg.n_layers) & (aux_after[b, :n] == cfg.n_layers)
-    assert int(out.inner.revived_b[b]) == revived_b.sum()
+    assert int(out.method.revived_b[b]) == revived_b.sum()
     revived += revived_b.sum()
-    num = int(out.num_b[b])  # generated tokens: every layer once (the last one was never fed back)
+    num = int(out.new_b[b])  # generated tokens: every layer once (the last one was never fed back)
     assert np.all(computed[:, b, n:n + num - 1] == 1) and np.all(computed[:, b, n + num - 1:] == 0)
   assert revived > 0
 

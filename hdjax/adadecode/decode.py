@@ -53,6 +53,7 @@ from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.registry import register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
 from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
+from hdjax.decoding.state import DecodeState, start_state
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
@@ -109,25 +110,24 @@ class Window(NamedTuple):
   h_wd: jax.Array  # [W, D] hidden state after depth_w layers
   q_wv: jax.Array  # [W, V] head distribution that proposed tok_w[i + 1]
   n: jax.Array  # tokens in the window (>= 1)
-  out_n: jax.Array  # [out_len] emitted tokens
   accept_n: jax.Array  # [out_len] tokens emitted by each verification
-  num: jax.Array  # tokens emitted
-  done: jax.Array
-  key: jax.Array
   counters: Counters
-  prompt: jax.Array  # prompt length (out_n[i] is the token at position prompt + i)
+  prompt: jax.Array  # prompt length (the emitted token i is at position prompt + i)
   revive_due: jax.Array  # the last verification committed a re-selection token (with a `Revival`)
 
 
-class State(NamedTuple):
-  cache: KVCache  # lengths [B] = fully computed, verified tokens
+class AdaState(NamedTuple):
+  """The loop's method state in its `DecodeState`, whose `tokens_bs` [B, out_len] are the emitted tokens, `key`
+  [B] one key per sequence and cache lengths [B] the fully computed, verified tokens."""
+
   win: Window  # [B, ...]
   revival: Any = None  # the `Revival`'s state
+  visible_lbs: jax.Array | None = None  # [L, B, S] the slots each layer sees after a pruned prefill (None: all)
 
 
 class Revival(Protocol):
   """How a composition revives pruned prompt tokens during decoding (`lazy+adadecode`: `compose.LazyRevival`).
-  Static and hashable (a jit static argument); its state is a pytree in `State.revival`. A token at a re-selection
+  Static and hashable (a jit static argument); its state is a pytree in `AdaState.revival`. A token at a re-selection
   position proposes no early token, so it is the last of its window; once a verification commits it (and emits
   its prediction), `revive` runs with it and every later token sees the revived slots."""
 
@@ -234,41 +234,39 @@ def embed_one(params, cfg: LlamaConfig, tok: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "n_heads", "window", "out_len"))
-def start_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, keys_b: jax.Array, max_new: jax.Array,
-                n_heads: int, window: int, out_len: int) -> State:
+def initial_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, keys_b: jax.Array, max_new: jax.Array,
+                  n_heads: int, window: int, out_len: int) -> DecodeState:
   """The loop's state after the prefill: each sequence's window holds its first token at depth 0."""
-  eos = jnp.asarray(cfg.eos_ids, jnp.int32)
 
-  def start(first, key) -> Window:
+  def start(first, prompt) -> Window:
     zero = jnp.int32(0)
     counters = Counters(zero, jnp.zeros((cfg.n_layers,), jnp.int32), zero, jnp.zeros((n_heads,), jnp.int32),
                         jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
     h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(params, cfg, first))
     return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
-                  jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1),
-                  jnp.full((out_len,), -1, jnp.int32).at[0].set(first), jnp.zeros((out_len,), jnp.int32),
-                  jnp.int32(1), jnp.isin(first, eos) | (max_new <= 1), key, counters, jnp.int32(0), jnp.bool_(False))
+                  jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1), jnp.zeros((out_len,), jnp.int32),
+                  counters, prompt, jnp.bool_(False))
 
-  win = jax.vmap(start)(first_b, keys_b)
-  return State(cache, win._replace(prompt=cache.lengths))
+  win = jax.vmap(start)(first_b, cache.lengths)
+  return start_state(cfg.eos_ids, jnp.full((first_b.shape[0], out_len), -1, jnp.int32), jnp.zeros_like(first_b),
+                     first_b, max_new, cache, keys_b, AdaState(win))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "sampling", "revival"), donate_argnames=("state",))
 def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, checked,
-                   state: State, max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
-                   visible_lbs: jax.Array | None = None, revival: Revival | None = None) -> State:
+                   state: DecodeState, max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
+                   revival: Revival | None = None) -> DecodeState:
   """Decodes a batch from `start_state` until each sequence hits EOS, `max_new` or a full cache, or every active
   one has emitted `stop_at` tokens. Every iteration runs one layer, the lowest that an active sequence's newest
   group waits at, for the sequences waiting there (the others sit it out), so one weight read serves the batch
   and every sequence's computation is its own single-sequence one. Exit heads: `head_w` [I, D, D] with
   `head_ids` None (full vocabulary), or `head_w` [I, N, D] from `reduced_heads` with its candidate ids
   `head_ids` [N]. `checked` (a bool scalar): False keeps every early token unchecked (the paper's ablation).
-  `visible_lbs` [L, B, S]: which slots hold K/V at each layer after a pruned prefill (None: all); with a
-  `revival`, its state says instead."""
+  Layers see the slots of `AdaState.visible_lbs` (None: all), or with a `revival` those its state says."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
-  batch, window = state.win.tok_w.shape
-  out_len = state.win.out_n.shape[1]
+  batch, window = state.method.win.tok_w.shape
+  out_len = state.tokens_bs.shape[1]
   buckets = jnp.asarray(row_buckets(window))
   seq_buckets = row_buckets(batch)
   combos = [(p, r) for p in seq_buckets for r in row_buckets(window)]  # one lax.switch branch each
@@ -281,8 +279,8 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
   def front_depth_b(win: Window) -> jax.Array:
     return jnp.take_along_axis(win.depth_w, win.n[:, None] - 1, axis=1)[:, 0]
 
-  def active_b(s: State) -> jax.Array:
-    return ~s.win.done & (s.cache.lengths + window <= s.cache.num_slots)
+  def active_b(s: DecodeState) -> jax.Array:
+    return ~s.done_b & (s.cache.lengths + window <= s.cache.num_slots)
 
   def seq_bucket(taking_b):
     return jnp.searchsorted(jnp.asarray(seq_buckets), jnp.sum(taking_b))
@@ -291,8 +289,8 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     """The switch branch of (the sequence bucket of `taking_b`, the row bucket of `rows`)."""
     return seq_bucket(taking_b) * len(buckets) + jnp.searchsorted(buckets, rows)
 
-  def run_layer(s: State, layer, taking_b, order_b, visible_lbs) -> State:
-    win = s.win
+  def run_layer(s: DecodeState, layer, taking_b, order_b, visible_lbs) -> DecodeState:
+    win = s.method.win
     in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
     g_b = jnp.where(taking_b, win.n - g0_b, 0)
@@ -309,13 +307,13 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
                               block_seqs=win.counters.block_seqs + jnp.where(taking_b, block, 0),
                               layer_tokens_l=win.counters.layer_tokens_l.at[:, layer].add(g_b))
     win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, layer + 1, win.depth_w), counters=c)
-    return s._replace(cache=s.cache.replace(k=k, v=v), win=win)
+    return s._replace(cache=s.cache.replace(k=k, v=v), method=s.method._replace(win=win))
 
-  def exit_one(w: Window, logits_v, head, taking) -> Window:
+  def exit_one(w: Window, key, logits_v, head, taking) -> tuple[Window, jax.Array]:
     """The head at the newest token's layer proposes the next token; it enters the window if confident."""
     front = w.n - 1
     conf = jnp.max(jax.nn.softmax(logits_v))
-    key, sub = jax.random.split(w.key)
+    key, sub = jax.random.split(key)
     q_v = target_probs(logits_v[None], sampling)[0]
     y = _sample(sub, q_v, sampling)
     eligible = taking & (w.n < window)
@@ -326,25 +324,27 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     return w._replace(tok_w=w.tok_w.at[slot].set(y, mode="drop"), depth_w=w.depth_w.at[slot].set(0, mode="drop"),
                       h_wd=w.h_wd.at[slot].set(embed_one(params, cfg, y), mode="drop"),
                       q_wv=w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop"),
-                      n=w.n + go.astype(jnp.int32), key=key, counters=c)
+                      n=w.n + go.astype(jnp.int32), counters=c), key
 
-  def try_exit(s: State, layer, taking_b, order_b) -> State:
-    head = head_of_depth[layer]
-    h_front_bd = jnp.take_along_axis(s.win.h_wd, (s.win.n - 1)[:, None, None], axis=1)[:, 0]
+  def try_exit(s: DecodeState, layer, taking_b, order_b) -> DecodeState:
+    head, win = head_of_depth[layer], s.method.win
+    h_front_bd = jnp.take_along_axis(win.h_wd, (win.n - 1)[:, None, None], axis=1)[:, 0]
     check = functools.partial(_check_logits, params, cfg, head_w, head_ids, head)
     branches = [functools.partial(_packed, check, p) for p in seq_buckets]
     logits_bv = jax.lax.switch(seq_bucket(taking_b), branches, order_b, h_front_bd)
     exit_b = taking_b
     if revival is not None:  # a re-selection token is verified before any later token starts
-      exit_b &= ~revival.reselects(s.cache.lengths + s.win.n - 1, s.win.prompt)
-    return s._replace(win=jax.vmap(exit_one, in_axes=(0, 0, None, 0))(s.win, logits_bv, head, exit_b))
+      exit_b &= ~revival.reselects(s.cache.lengths + win.n - 1, win.prompt)
+    win, key_b = jax.vmap(exit_one, in_axes=(0, 0, 0, None, 0))(win, s.key, logits_bv, head, exit_b)
+    return s._replace(key=key_b, method=s.method._replace(win=win))
 
-  def verify_one(w: Window, logits_wv, taking) -> tuple[Window, jax.Array, jax.Array]:
+  def verify_one(w: Window, out_n, num, done, key, logits_wv, taking):
     """Checks the window's early tokens in order against the full model; returns it restarted at the full model's
-    token (unchanged unless `taking`), how far the cache cursor moves, and whether the full model's token (the
-    last committed token's prediction) was emitted."""
+    token (unchanged unless `taking`), the sequence's emitted tokens `out_n`, their count, its done flag and key
+    after the emitted ones, how far the cache cursor moves, and whether the full model's token (the last committed
+    token's prediction) was emitted."""
     p_wv = target_probs(logits_wv, sampling)
-    key, k_acc, k_next = jax.random.split(w.key, 3)
+    key, k_acc, k_next = jax.random.split(key, 3)
     proposed_w = jnp.roll(w.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
     p_prop_w = jnp.take_along_axis(p_wv, proposed_w[:, None], axis=1)[:, 0]
     q_prop_w = jnp.take_along_axis(w.q_wv, proposed_w[:, None], axis=1)[:, 0]
@@ -364,8 +364,8 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     count = n_acc + 1
     is_eos_w = jnp.isin(emit_w, eos) & (w_idx < count)
     count = jnp.where(jnp.any(is_eos_w), jnp.argmax(is_eos_w) + 1, count)
-    dst_w = jnp.where(taking & (w_idx < count) & (w.num + w_idx < max_new), w.num + w_idx, out_len)
-    num = jnp.where(taking, jnp.minimum(w.num + count, max_new), w.num)
+    dst_w = jnp.where(taking & (w_idx < count) & (num + w_idx < max_new), num + w_idx, out_len)
+    new_num = jnp.where(taking, jnp.minimum(num + count, max_new), num)
     c, t = w.counters, taking.astype(jnp.int32)
     c = c._replace(verifications=c.verifications + t, pending=c.pending + t * (w.n - 1),
                    accepted=c.accepted + t * n_acc, rejections=c.rejections + t * rejected.astype(jnp.int32))
@@ -373,49 +373,54 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     w = w._replace(tok_w=restart(jnp.zeros_like(w.tok_w).at[0].set(nxt), w.tok_w), depth_w=restart(0, w.depth_w),
                    h_wd=restart(jnp.zeros_like(w.h_wd).at[0].set(embed_one(params, cfg, nxt)), w.h_wd),
                    n=restart(1, w.n))
-    next_emitted = (count == n_acc + 1) & (w.num + count <= max_new)
-    return w._replace(out_n=w.out_n.at[dst_w].set(emit_w, mode="drop"),
-                      accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(
-                          num - w.num, mode="drop"),
-                      num=num, done=w.done | (taking & (jnp.any(is_eos_w) | (num >= max_new))),
-                      key=key, counters=c), t * (n_acc + 1), next_emitted
+    next_emitted = (count == n_acc + 1) & (num + count <= max_new)
+    w = w._replace(accept_n=w.accept_n.at[jnp.where(taking, c.verifications - 1, out_len)].set(new_num - num,
+                                                                                               mode="drop"),
+                   counters=c)
+    done = done | (taking & (jnp.any(is_eos_w) | (new_num >= max_new)))
+    return w, out_n.at[dst_w].set(emit_w, mode="drop"), new_num, done, key, t * (n_acc + 1), next_emitted
 
-  def verify(s: State, layer, taking_b, order_b) -> State:
+  def verify(s: DecodeState, layer, taking_b, order_b) -> DecodeState:
     del layer
+    win = s.method.win
     branches = [functools.partial(_final_rows, params, cfg, r, p) for p, r in combos]
-    logits_bwv = jax.lax.switch(combo(taking_b, jnp.max(jnp.where(taking_b, s.win.n, 1))), branches, s.win.h_wd,
-                                order_b)
-    win, advance_b, next_b = jax.vmap(verify_one)(s.win, logits_bwv, taking_b)
+    logits_bwv = jax.lax.switch(combo(taking_b, jnp.max(jnp.where(taking_b, win.n, 1))), branches, win.h_wd, order_b)
+    win, tokens_bs, new_b, done_b, key_b, advance_b, next_b = jax.vmap(verify_one)(
+        win, s.tokens_bs, s.new_b, s.done_b, s.key, logits_bwv, taking_b)
     if revival is not None:
       win = win._replace(revive_due=taking_b & (advance_b > 0) & next_b
                          & revival.reselects(s.cache.lengths + advance_b - 1, win.prompt))
-    return s._replace(cache=s.cache.replace(lengths=s.cache.lengths + advance_b), win=win)
+    return s._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b, key=key_b,
+                      cache=s.cache.replace(lengths=s.cache.lengths + advance_b), method=s.method._replace(win=win))
 
-  def body(s: State) -> State:
+  def body(s: DecodeState) -> DecodeState:
     running_b = active_b(s)
-    depth_b = front_depth_b(s.win)
+    depth_b = front_depth_b(s.method.win)
     layer = jnp.min(jnp.where(running_b, depth_b, n_layers))
     taking_b = running_b & (depth_b == layer)
     order_b = jnp.argsort(jnp.where(taking_b, 0, 1), stable=True).astype(jnp.int32)  # the sequences taking part first
-    s = run_layer(s, layer, taking_b, order_b, visible_lbs if revival is None else revival.visible_lbs(s.revival))
+    ms = s.method
+    s = run_layer(s, layer, taking_b, order_b, ms.visible_lbs if revival is None else revival.visible_lbs(ms.revival))
     layer = layer + 1
     # kept out of the switch (its branches only move the cursors): a branch's operands are copied
-    k, v, revived = s.cache.k, s.cache.v, s.revival
+    k, v = s.cache.k, s.cache.v
     no_kv = jnp.zeros((0,), k.dtype)
-    can_exit = (head_of_depth[layer] >= 0) & jnp.any(taking_b & (s.win.n < window))
+    can_exit = (head_of_depth[layer] >= 0) & jnp.any(taking_b & (s.method.win.n < window))
     branch = jnp.where(layer == n_layers, 2, can_exit.astype(jnp.int32))
     s = jax.lax.switch(branch, [lambda x, *_: x, try_exit, verify],
-                       s._replace(cache=s.cache.replace(k=no_kv, v=no_kv), revival=None), layer, taking_b, order_b)
-    s = s._replace(cache=s.cache.replace(k=k, v=v), revival=revived)
+                       s._replace(cache=s.cache.replace(k=no_kv, v=no_kv), method=AdaState(s.method.win)), layer,
+                       taking_b, order_b)
+    s = s._replace(cache=s.cache.replace(k=k, v=v), steps=s.steps + 1, method=ms._replace(win=s.method.win))
     if revival is not None:  # the committed re-selection tokens revive pruned prompt tokens
-      last_b = s.cache.lengths - 1
-      token_b = jnp.take_along_axis(s.win.out_n, jnp.maximum(last_b - s.win.prompt, 0)[:, None], axis=1)[:, 0]
-      cache, revived = revival.revive(params, cfg, s.cache, s.revival, token_b, last_b, s.win.revive_due)
-      s = State(cache, s.win._replace(revive_due=jnp.zeros_like(s.win.revive_due)), revived)
+      win, last_b = s.method.win, s.cache.lengths - 1
+      token_b = jnp.take_along_axis(s.tokens_bs, jnp.maximum(last_b - win.prompt, 0)[:, None], axis=1)[:, 0]
+      cache, revived = revival.revive(params, cfg, s.cache, ms.revival, token_b, last_b, win.revive_due)
+      s = s._replace(cache=cache, method=s.method._replace(
+          win=win._replace(revive_due=jnp.zeros_like(win.revive_due)), revival=revived))
     return s
 
-  def cond(s: State) -> jax.Array:
-    return jnp.any(active_b(s) & (s.win.num < stop_at))
+  def cond(s: DecodeState) -> jax.Array:
+    return jnp.any(active_b(s) & (s.new_b < stop_at))
 
   return jax.lax.while_loop(cond, body, state)
 
@@ -487,30 +492,26 @@ class AdaLoop(driver.DecodeLoop):
     return self.options.max_pending + 1  # the window
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
-            key: jax.Array) -> tuple[State, jax.Array | None]:
-    state = start_state(lm.params, lm.cfg, prefilled.cache, first_b, jax.random.split(key, first_b.shape[0]),
+            key: jax.Array) -> DecodeState:
+    state = initial_state(lm.params, lm.cfg, prefilled.cache, first_b, jax.random.split(key, first_b.shape[0]),
                         jnp.int32(request.max_new_tokens), len(self.heads.layers), self.extra_slots,
                         ar.next_pow2(request.max_new_tokens))
     if self.revival is not None:
-      return state._replace(revival=self.revival.start(prefilled)), None
-    return state, prefilled.visible_lbs
+      return state._replace(method=state.method._replace(revival=self.revival.start(prefilled)))
+    return state._replace(method=state.method._replace(visible_lbs=prefilled.visible_lbs))
 
-  def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
-    st, visible_lbs = state
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
     return adadecode_loop(lm.params, lm.cfg, self.head_w, self.head_ids, self.heads.layers,
-                          jnp.float32(self.options.gamma), jnp.bool_(self.options.verify), st,
-                          jnp.int32(request.max_new_tokens), stop_at, request.sampling, visible_lbs,
-                          self.revival), visible_lbs
+                          jnp.float32(self.options.gamma), jnp.bool_(self.options.verify), state,
+                          jnp.int32(request.max_new_tokens), stop_at, request.sampling, self.revival)
 
-  def progress(self, state) -> driver.Progress:
-    st = state[0]
-    room = jnp.any(~st.win.done & (st.cache.lengths + self.extra_slots <= st.cache.num_slots))
-    return driver.Progress(st.win.out_n, jnp.zeros_like(st.win.num), st.win.num, st.win.done, room)
+  def room(self, state: DecodeState) -> jax.Array:
+    return jnp.any(~state.done_b & (state.cache.lengths + self.extra_slots <= state.cache.num_slots))
 
-  def report(self, state) -> tuple[Window, Any]:
-    st = state[0]
-    return (st.win._replace(h_wd=None, q_wv=None, out_n=None, key=None),
-            None if self.revival is None else self.revival.report(st.revival))
+  def report(self, state: DecodeState) -> tuple[Window, Any]:
+    ms = state.method
+    return (ms.win._replace(h_wd=None, q_wv=None),
+            None if self.revival is None else self.revival.report(ms.revival))
 
   def row_stats(self, report, b: int, new_tokens: int) -> dict:
     win, revival_report = report

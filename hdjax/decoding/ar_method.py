@@ -14,12 +14,7 @@ from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefilled
 from hdjax.decoding.registry import register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
-
-
-def token_progress(state: ar.TokenState, cache) -> driver.Progress:
-  """A one-token-per-step loop's `driver.Progress` (`cache`: its KV cache)."""
-  room = jnp.all(state.done_b | (cache.lengths < cache.num_slots))
-  return driver.Progress(state.tokens_bn, jnp.zeros_like(state.num_b), state.num_b, state.done_b, room)
+from hdjax.decoding.state import DecodeState
 
 
 def token_row_stats(steps, new_tokens: int) -> dict[str, Any]:
@@ -29,22 +24,18 @@ def token_row_stats(steps, new_tokens: int) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class ArLoop(driver.DecodeLoop):
-  """`ar`'s `driver.DecodeLoop`: the state is an `ar.TokenState` whose inner state is the KV cache."""
+  """`ar`'s `driver.DecodeLoop`: the state is an `ar.token_state` with no method state."""
 
   extra_slots: int = 0
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
-            key: jax.Array) -> ar.TokenState:
+            key: jax.Array) -> DecodeState:
     return ar.token_state(lm.cfg, first_b, request.max_new_tokens, key, prefilled.cache)
 
-  def run(self, lm: LoadedModel, request: GenerateRequest, state: ar.TokenState, stop_at: jax.Array
-          ) -> ar.TokenState:
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
     return ar.decode_chunk(lm.params, lm.cfg, state, jnp.int32(request.max_new_tokens), stop_at, request.sampling)
 
-  def progress(self, state: ar.TokenState) -> driver.Progress:
-    return token_progress(state, state.inner)
-
-  def report(self, state: ar.TokenState) -> jax.Array:
+  def report(self, state: DecodeState) -> jax.Array:
     return state.steps
 
   def row_stats(self, steps, b: int, new_tokens: int) -> dict[str, Any]:

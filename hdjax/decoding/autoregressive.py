@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +13,7 @@ from hdjax import model
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.state import DecodeState, cache_room, is_eos, last_tokens, start_state
 from hdjax.kvcache import KVCache, init_cache
 
 # How many times each jitted step was traced: tests assert recompiles stay bounded.
@@ -76,61 +77,49 @@ def decode_one(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array, ac
   return logits_brv[:, 0], cache.replace(lengths=cache.lengths + active_b.astype(jnp.int32))
 
 
-def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-  return jnp.isin(tokens, jnp.asarray(eos_ids, jnp.int32))
+def token_state(cfg: LlamaConfig, first_b: jax.Array, max_new_tokens: int, key: jax.Array, cache: KVCache,
+                method: Any = None) -> DecodeState:
+  """A one-token-per-step loop's state after the prefill: its emitted tokens alone in `tokens_bs` (-1 past them)."""
+  buffer_bs = jnp.full((first_b.shape[0], next_pow2(max_new_tokens)), -1, jnp.int32)
+  return start_state(cfg.eos_ids, buffer_bs, jnp.zeros_like(first_b), first_b, max_new_tokens, cache, key, method)
 
 
-class TokenState(NamedTuple):
-  """The state of a loop that emits one token per sequence per step (`ar`, `lazy`)."""
-
-  tokens_bn: jax.Array  # [B, N] emitted tokens, the prefill's first one included; -1 past num_b
-  num_b: jax.Array  # [B] tokens emitted
-  done_b: jax.Array  # [B] EOS emitted or max_new_tokens reached
-  cur_b: jax.Array  # [B] the last emitted token, not yet in the cache
-  key: jax.Array
-  steps: jax.Array  # forward passes after the prefill
-  inner: Any  # the step's own state: the KV cache (`ar`), the lazy state and revival counts (`lazy`)
+# (cache, method state, last tokens [B], active rows [B], steps) -> (logits [B, V] after them, cache, method state)
+Step = Callable[[KVCache, Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, KVCache, Any]]
 
 
-def token_state(cfg: LlamaConfig, first_b: jax.Array, max_new_tokens: int, key: jax.Array, inner: Any) -> TokenState:
-  """The state after the prefill's first tokens (rows done at EOS, or when one token is all they may emit)."""
-  tokens_bn = jnp.full((first_b.shape[0], next_pow2(max_new_tokens)), -1, jnp.int32).at[:, 0].set(first_b)
-  done_b = is_eos(first_b, cfg.eos_ids) | (max_new_tokens <= 1)
-  return TokenState(tokens_bn, jnp.ones_like(first_b), done_b, first_b, key, jnp.int32(0), inner)
+def token_loop(step: Step, state: DecodeState, eos_ids: tuple[int, ...], max_new: jax.Array, stop_at: jax.Array,
+               sampling: SamplingConfig) -> DecodeState:
+  """Steps a `token_state` until every active row has `stop_at` tokens (or is done), or an active row's cache is
+  full; `step` runs each row's last token (inactive rows write nothing)."""
+  batch, out_len = state.tokens_bs.shape
 
+  def cond(st: DecodeState) -> jax.Array:
+    return jnp.any(~st.done_b & (st.new_b < stop_at)) & (cache_room(st) >= 1)
 
-Step = Callable[[Any, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
-
-
-def token_loop(step: Step, cache_of: Callable[[Any], KVCache], state: TokenState, eos_ids: tuple[int, ...],
-               max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig) -> TokenState:
-  """Steps until every active row has `stop_at` tokens (or is done), or an active row's cache is full.
-  `step(inner, cur_b, active_b, steps)` returns the logits [B, V] after each row's `cur_b` and the new inner
-  state, whose cache `cache_of` reads; inactive rows write nothing."""
-  batch, out_len = state.tokens_bn.shape
-
-  def cond(st: TokenState) -> jax.Array:
-    cache = cache_of(st.inner)
-    room = jnp.all(st.done_b | (cache.lengths < cache.num_slots))
-    return jnp.any(~st.done_b & (st.num_b < stop_at)) & room
-
-  def body(st: TokenState) -> TokenState:
+  def body(st: DecodeState) -> DecodeState:
     key, sub = jax.random.split(st.key)
     active_b = ~st.done_b
-    logits_bv, inner = step(st.inner, st.cur_b, active_b, st.steps)
+    logits_bv, cache, method = step(st.cache, st.method, last_tokens(st), active_b, st.steps)
     nxt_b = select_token(logits_bv, sub, sampling)
-    tokens_bn = st.tokens_bn.at[jnp.arange(batch), jnp.where(st.done_b, out_len, st.num_b)].set(nxt_b, mode="drop")
-    num_b = st.num_b + active_b.astype(jnp.int32)
-    done_b = st.done_b | is_eos(nxt_b, eos_ids) | (num_b >= max_new)
-    return TokenState(tokens_bn, num_b, done_b, jnp.where(done_b, st.cur_b, nxt_b), key, st.steps + 1, inner)
+    tokens_bs = st.tokens_bs.at[jnp.arange(batch), jnp.where(st.done_b, out_len, st.new_b)].set(nxt_b, mode="drop")
+    new_b = st.new_b + active_b.astype(jnp.int32)
+    done_b = st.done_b | is_eos(nxt_b, eos_ids) | (new_b >= max_new)
+    return st._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b, cache=cache, key=key, steps=st.steps + 1,
+                       method=method)
 
   return jax.lax.while_loop(cond, body, state)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling"), donate_argnames=("state",))
-def decode_chunk(params, cfg: LlamaConfig, state: TokenState, max_new: jax.Array, stop_at: jax.Array,
-                 sampling: SamplingConfig) -> TokenState:
-  """Plain decoding (`state.inner` is the cache) until EOS, `max_new` tokens, `stop_at` tokens or a full cache."""
+def decode_chunk(params, cfg: LlamaConfig, state: DecodeState, max_new: jax.Array, stop_at: jax.Array,
+                 sampling: SamplingConfig) -> DecodeState:
+  """Plain decoding of a `token_state` until EOS, `max_new` tokens, `stop_at` tokens or a full cache."""
   TRACE_COUNTS["decode_loop"] += 1
-  return token_loop(lambda cache, cur_b, active_b, steps: decode_one(params, cfg, cache, cur_b, active_b),
-                    lambda cache: cache, state, cfg.eos_ids, max_new, stop_at, sampling)
+
+  def step(cache, method, cur_b, active_b, steps):
+    del steps
+    logits_bv, cache = decode_one(params, cfg, cache, cur_b, active_b)
+    return logits_bv, cache, method
+
+  return token_loop(step, state, cfg.eos_ids, max_new, stop_at, sampling)

@@ -21,8 +21,8 @@ when it ends, through `DeviceLoop.learn`). `stats["source_chains"]` counts the c
 `speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens), `hd_context`
 (HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) and `hd` (context -> model ->
 statistics) on this loop, with any other `order` of the sources, and `compose.py` `hd+adadecode` and
-`lazy+hd+adadecode`, whose exit head drafts first (`DeviceSpec.head_layer`; the loop state carries the roots'
-states at that layer and the head's drafts). The host loops stay registered as `pld_host`, `hd_context_host`,
+`lazy+hd+adadecode`, whose exit head drafts first (`DeviceSpec.head_layer`; the loop's `SpecState` carries the
+roots' states at that layer and the head's drafts). The host loops stay registered as `pld_host`, `hd_context_host`,
 `hd_host`, `hd+adadecode_host`, ..., the reference for identity tests and speed comparisons.
 """
 
@@ -43,6 +43,7 @@ from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, pad_prompts
 from hdjax.decoding.sampling import SamplingConfig
+from hdjax.decoding.state import DecodeState, buffer_lengths, cache_room, is_eos, last_tokens, start_state
 from hdjax.decoding.tree import device_tree, engine_buckets, truncate_tree
 from hdjax.decoding.verify import head_draft, start_head, verify_tree
 from hdjax.drafting.context_db import NgramDrafter, context_drafter
@@ -70,18 +71,14 @@ class DeviceSpec:
 NGRAM_DRAFTERS: dict[str, Callable[[], NgramDrafter]] = {"context": context_drafter, "pld": pld_drafter}
 
 
-class LoopState(NamedTuple):
-  """Everything the loop carries; it stays on the device between chunks."""
+class SpecState(NamedTuple):
+  """The loop's method state in its `DecodeState`, whose `tokens_bs` [B, S] holds each row's prompt, then its
+  emitted tokens from column `start_b` (the prompt's length); the last one (the root) is not yet in the cache."""
 
-  tokens_bs: jax.Array  # [B, S] prompt then emitted tokens; the last one (the root) is not yet in the cache
-  lengths_b: jax.Array  # [B] tokens in the buffer
-  prompt_b: jax.Array  # [B] prompt lengths
-  done_b: jax.Array  # [B] EOS emitted or max_new_tokens reached
-  cache: KVCache
   accept_bs: jax.Array  # [B, S] tokens emitted by each step (column = step; 0 where a row was done)
-  steps: jax.Array  # int32: steps so far, the prefill's first token included
   bucket_counts_k: jax.Array  # [len(buckets)] steps verified at each node count
   source_counts_bk: jax.Array  # [B, len(sources)] chains each source gave each row
+  visible_lbs: jax.Array | None = None  # [L, B, S] the slots each layer sees after a pruned prefill (None: all)
   # with an exit head (`DeviceSpec.head_layer`): the root's state at that layer (its K/V below it is cached), the
   # head's draft of the token after the root, and the steps whose first emitted token was that draft
   head_h_bd: jax.Array | None = None
@@ -89,20 +86,14 @@ class LoopState(NamedTuple):
   head_hits_b: jax.Array | None = None
 
 
-def cache_room(state: LoopState) -> jax.Array:
-  """Free cache slots of the fullest active row (the host loop's rule)."""
-  active_b = ~state.done_b
-  return state.cache.num_slots - jnp.max(jnp.where(active_b, state.cache.lengths, 0))
-
-
 def exit_head_arrays(head: ExitHeads | None) -> tuple[int | None, jax.Array | None]:
   """One exit head's layer and its transform [D, D] on the device in fp32; (None, None) without a head."""
   return (None, None) if head is None else (head.layers[0], jnp.asarray(head.t_idd[0], jnp.float32))
 
 
-def continues(st: LoopState, stop_at: jax.Array) -> jax.Array:
+def continues(st: DecodeState, stop_at: jax.Array) -> jax.Array:
   """Whether an active row has fewer than `stop_at` new tokens and the cache has room for a step."""
-  return jnp.any(~st.done_b & (st.lengths_b - st.prompt_b < stop_at)) & (cache_room(st) >= 1)
+  return jnp.any(~st.done_b & (st.new_b < stop_at)) & (cache_room(st) >= 1)
 
 
 def device_spec(cfg: LlamaConfig, spec, sources: tuple[str, ...], head_layer: int | None = None) -> DeviceSpec:
@@ -114,28 +105,29 @@ def device_spec(cfg: LlamaConfig, spec, sources: tuple[str, ...], head_layer: in
                     spec.max_chains, head_layer)
 
 
-def speculative_step(params, cfg: LlamaConfig, st: LoopState, key: jax.Array, max_new: jax.Array, spec: DeviceSpec,
+def speculative_step(params, cfg: LlamaConfig, st: DecodeState, max_new: jax.Array, spec: DeviceSpec,
                      sampling: SamplingConfig, visible_lbs: jax.Array | None = None, tables: tuple = (),
-                     depth_cap_b: jax.Array | None = None, head_t_dd: jax.Array | None = None) -> LoopState:
-  """One step of every active row: draft, merge into a tree, verify and accept, append the emitted tokens (cut
-  after an EOS and at `max_new` new tokens) and update the stop flags. `depth_cap_b` caps each row's draft depth.
+                     depth_cap_b: jax.Array | None = None, head_t_dd: jax.Array | None = None) -> DecodeState:
+  """One step of every active row (`st.method` a `SpecState`): draft, merge into a tree, verify and accept,
+  append the emitted tokens (cut after an EOS and at `max_new` new tokens) and update the stop flags. Layers see
+  `visible_lbs` (None: every slot); `depth_cap_b` caps each row's draft depth.
   With `spec.head_layer`, the exit head `head_t_dd`'s draft is each tree's first chain, the roots resume at that
   layer, and the step ends with the next roots' layers below it and their head drafts (`verify.head_draft`)."""
   batch = st.tokens_bs.shape[0]
   buckets_k = jnp.asarray(spec.buckets, jnp.int32)
   active_b = ~st.done_b
-  chains_bcd, counts_bk = draft(st.tokens_bs, st.lengths_b, spec, tables)
+  lengths_b, ms = buffer_lengths(st), st.method
+  chains_bcd, counts_bk = draft(st.tokens_bs, lengths_b, spec, tables)
   if spec.head_layer is not None:  # the head's one-token chain first, then the sources' (the host loop's order)
-    head_bcd = jnp.full((batch, 1, chains_bcd.shape[2]), -1, jnp.int32).at[:, 0, 0].set(st.head_draft_b)
+    head_bcd = jnp.full((batch, 1, chains_bcd.shape[2]), -1, jnp.int32).at[:, 0, 0].set(ms.head_draft_b)
     chains_bcd = jnp.concatenate([head_bcd, chains_bcd], axis=1)
   keep_bcd = jnp.broadcast_to(active_b[:, None, None], chains_bcd.shape)  # done rows draft nothing
   if depth_cap_b is not None:
     keep_bcd &= jnp.arange(chains_bcd.shape[2])[None, None, :] < depth_cap_b[:, None, None]
   chains_bcd = jnp.where(keep_bcd, chains_bcd, -1)
   counts_bk = jnp.where(active_b[:, None], counts_bk, 0)
-  root_b = jnp.take_along_axis(st.tokens_bs, (st.lengths_b - 1)[:, None], axis=1)[:, 0]
   tree = jax.vmap(functools.partial(device_tree, num_nodes=spec.buckets[-1], max_depth=spec.max_depth))(
-      root_b, chains_bcd)
+      last_tokens(st), chains_bcd)
   # the host loop's bucket: the smallest holding the largest tree, capped by the room left in the cache
   num_real = jnp.max(jnp.sum(tree.valid, axis=1))
   wanted = jnp.min(jnp.where(buckets_k >= num_real, buckets_k, buckets_k[-1]))
@@ -143,46 +135,45 @@ def speculative_step(params, cfg: LlamaConfig, st: LoopState, key: jax.Array, ma
   bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
 
   def verify(num_nodes: int, carry):
-    out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, key, st.steps, sampling,
-                      spec.max_depth, visible_lbs, spec.head_layer, st.head_h_bd)
+    out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, st.key, st.steps, sampling,
+                      spec.max_depth, visible_lbs, spec.head_layer, ms.head_h_bd)
     return out.tokens_bd, out.num_b, out.cache
 
   no_step = (jnp.zeros((batch, spec.max_depth + 1), jnp.int32), jnp.zeros((batch,), jnp.int32), st.cache)
   tokens_bd, num_b, cache = switch_in_place(bucket, [functools.partial(verify, n) for n in spec.buckets], no_step)
   depth_d = jnp.arange(tokens_bd.shape[1], dtype=jnp.int32)
-  eos_bd = ar.is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
+  eos_bd = is_eos(tokens_bd, cfg.eos_ids) & (depth_d[None, :] <= num_b[:, None])
   first_eos_b = jnp.where(jnp.any(eos_bd, axis=1), jnp.argmax(eos_bd, axis=1), tokens_bd.shape[1])
-  new_b = st.lengths_b - st.prompt_b
-  emit_b = jnp.minimum(jnp.minimum(num_b + 1, first_eos_b + 1), max_new - new_b)
+  emit_b = jnp.minimum(jnp.minimum(num_b + 1, first_eos_b + 1), max_new - st.new_b)
   emit_b = jnp.where(active_b, emit_b, 0)
-  cols_bd = jnp.where(depth_d[None, :] < emit_b[:, None], st.lengths_b[:, None] + depth_d[None, :],
+  cols_bd = jnp.where(depth_d[None, :] < emit_b[:, None], lengths_b[:, None] + depth_d[None, :],
                       st.tokens_bs.shape[1])
   tokens_bs = st.tokens_bs.at[jnp.arange(batch)[:, None], cols_bd].set(tokens_bd, mode="drop")
-  lengths_b = st.lengths_b + emit_b
-  done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (lengths_b - st.prompt_b >= max_new)))
+  new_b = st.new_b + emit_b
+  done_b = st.done_b | (active_b & ((first_eos_b < emit_b) | (new_b >= max_new)))
   head = {}
   if spec.head_layer is not None:
     next_root_b = jnp.take_along_axis(tokens_bd, num_b[:, None], axis=1)[:, 0]
     cache, head_h_bd, head_draft_b = head_draft(params, cfg, cache, next_root_b, active_b, spec.head_layer, head_t_dd,
                                                 visible_lbs)
     head = dict(head_h_bd=head_h_bd, head_draft_b=head_draft_b,
-                head_hits_b=st.head_hits_b + (active_b & (tokens_bd[:, 0] == st.head_draft_b)))
-  return LoopState(tokens_bs, lengths_b, st.prompt_b, done_b, cache,
-                   st.accept_bs.at[:, st.steps].set(emit_b, mode="drop"), st.steps + 1,
-                   st.bucket_counts_k.at[bucket].add(1), st.source_counts_bk + counts_bk, **head)
+                head_hits_b=ms.head_hits_b + (active_b & (tokens_bd[:, 0] == ms.head_draft_b)))
+  ms = ms._replace(accept_bs=ms.accept_bs.at[:, st.steps].set(emit_b, mode="drop"),
+                   bucket_counts_k=ms.bucket_counts_k.at[bucket].add(1),
+                   source_counts_bk=ms.source_counts_bk + counts_bk, **head)
+  return st._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b, cache=cache, steps=st.steps + 1, method=ms)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "spec", "sampling"), donate_argnames=("state",))
-def decode_chunk(params, cfg: LlamaConfig, state: LoopState, key: jax.Array, max_new: jax.Array,
-                 stop_at: jax.Array, spec: DeviceSpec, sampling: SamplingConfig,
-                 visible_lbs: jax.Array | None = None, tables: tuple = (), head_t_dd: jax.Array | None = None
-                 ) -> LoopState:
-  """Steps until every row is done, the cache has no room, or every active row has `stop_at` new tokens.
-  `tables` are the device tables of `spec.sources` other than the n-gram ones, in order; `head_t_dd` the exit
-  head of `spec.head_layer`."""
+def decode_chunk(params, cfg: LlamaConfig, state: DecodeState, max_new: jax.Array, stop_at: jax.Array,
+                 spec: DeviceSpec, sampling: SamplingConfig, tables: tuple = (), head_t_dd: jax.Array | None = None
+                 ) -> DecodeState:
+  """Steps `initial_state`'s state until every row is done, the cache has no room, or every active row has
+  `stop_at` new tokens. `tables` are the device tables of `spec.sources` other than the n-gram ones, in order;
+  `head_t_dd` the exit head of `spec.head_layer`."""
   ar.TRACE_COUNTS["device_loop"] += 1
-  step = functools.partial(speculative_step, params, cfg, key=key, max_new=max_new, spec=spec, sampling=sampling,
-                           visible_lbs=visible_lbs, tables=tables, head_t_dd=head_t_dd)
+  step = functools.partial(speculative_step, params, cfg, max_new=max_new, spec=spec, sampling=sampling,
+                           visible_lbs=state.method.visible_lbs, tables=tables, head_t_dd=head_t_dd)
   return jax.lax.while_loop(lambda st: continues(st, stop_at), lambda st: step(st=st), state)
 
 
@@ -205,10 +196,11 @@ def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: 
 
 @dataclasses.dataclass(frozen=True)
 class DeviceLoop(driver.DecodeLoop):
-  """The speculative methods' `driver.DecodeLoop`: a `LoopState` stepped by `decode_chunk`. `tables` are the
-  device tables of `spec.sources` that are databases (in order); `learn(rows)` gets every row's emitted tokens
-  at the end of a request, as the host drafters' `finish` does (the model database learns them); `head_t_dd`
-  is the exit head of `spec.head_layer`, which drafts first in every tree (`hd+adadecode`)."""
+  """The speculative methods' `driver.DecodeLoop`: an `initial_state` (a `DecodeState` around a `SpecState`)
+  stepped by `decode_chunk`. `tables` are the device tables of `spec.sources` that are databases (in order);
+  `learn(rows)` gets every row's emitted tokens at the end of a request, as the host drafters' `finish` does (the
+  model database learns them); `head_t_dd` is the exit head of `spec.head_layer`, which drafts first in every tree
+  (`hd+adadecode`)."""
 
   spec: DeviceSpec
   tables: tuple = ()
@@ -220,28 +212,18 @@ class DeviceLoop(driver.DecodeLoop):
     return max(self.spec.buckets)
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
-            key: jax.Array) -> tuple[LoopState, jax.Array, jax.Array | None]:
-    """The loop state, the key of its samples, and the prefill's per-layer visibility (or None)."""
-    cache, head_state = prefilled.cache, {}
-    if self.spec.head_layer is not None:  # the first root's layers below the head, and the head's draft
-      batch = first_b.shape[0]
-      cache, head_h_bd, head_draft_b = start_head(lm.params, lm.cfg, cache, first_b, jnp.ones((batch,), bool),
-                                                  self.spec.head_layer, self.head_t_dd, prefilled.visible_lbs)
-      head_state = dict(head_h_bd=head_h_bd, head_draft_b=head_draft_b, head_hits_b=jnp.zeros((batch,), jnp.int32))
-    return initial_state(lm.cfg, request, first_b, cache, self.spec)._replace(**head_state), key, prefilled.visible_lbs
+            key: jax.Array) -> DecodeState:
+    state = initial_state(lm.cfg, request, first_b, prefilled.cache, key, self.spec, prefilled.visible_lbs)
+    return start_exit_head(lm, self.spec, self.head_t_dd, state, prefilled.visible_lbs)
 
-  def run(self, lm: LoadedModel, request: GenerateRequest, state, stop_at: jax.Array):
-    loop, key, visible_lbs = state
-    return decode_chunk(lm.params, lm.cfg, loop, key, jnp.int32(request.max_new_tokens), stop_at, self.spec,
-                        request.sampling, visible_lbs, self.tables, self.head_t_dd), key, visible_lbs
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
+    return decode_chunk(lm.params, lm.cfg, state, jnp.int32(request.max_new_tokens), stop_at, self.spec,
+                        request.sampling, self.tables, self.head_t_dd)
 
-  def progress(self, state) -> driver.Progress:
-    return loop_progress(state[0])
+  def report(self, state: DecodeState) -> DecodeState:
+    return loop_report(state)
 
-  def report(self, state):
-    return loop_report(state[0])
-
-  def row_stats(self, report, b: int, new_tokens: int) -> dict:
+  def row_stats(self, report: DecodeState, b: int, new_tokens: int) -> dict:
     return loop_row_stats(self.spec, report, b)
 
   def finish(self, state, rows: list[list[int]]) -> None:
@@ -249,25 +231,22 @@ class DeviceLoop(driver.DecodeLoop):
       self.learn(rows)
 
 
-def loop_progress(st: LoopState) -> driver.Progress:
-  return driver.Progress(st.tokens_bs, st.prompt_b, st.lengths_b - st.prompt_b, st.done_b, cache_room(st) >= 1)
-
-
-def loop_report(st: LoopState) -> LoopState:
+def loop_report(st: DecodeState) -> DecodeState:
   """The parts of the state that `loop_row_stats` reads (the cache and the buffers left out)."""
-  return st._replace(tokens_bs=None, cache=None, head_h_bd=None)
+  return st._replace(tokens_bs=None, cache=None, key=None,
+                     method=st.method._replace(visible_lbs=None, head_h_bd=None))
 
 
-def loop_row_stats(spec: DeviceSpec, st: LoopState, b: int) -> dict:
+def loop_row_stats(spec: DeviceSpec, st: DecodeState, b: int) -> dict:
   """Row b's stats from the host copy of `loop_report`: steps, tokens per step, tree sizes, source chains."""
-  steps = int(st.steps)
-  acc = [int(a) for a in st.accept_bs[b, :steps] if a > 0]
+  steps, ms = int(st.steps), st.method
+  acc = [int(a) for a in ms.accept_bs[b, :steps] if a > 0]
   return dict(engine="device", steps=steps, accept_lengths=acc, node_budget=max(spec.buckets),
               max_depth=spec.max_depth,
-              bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, st.bucket_counts_k) if v},
-              source_chains={s: int(n) for s, n in zip(spec.sources, st.source_counts_bk[b])},
+              bucket_counts={str(k): int(v) for k, v in zip(spec.buckets, ms.bucket_counts_k) if v},
+              source_chains={s: int(n) for s, n in zip(spec.sources, ms.source_counts_bk[b])},
               **({} if spec.head_layer is None else
-                 dict(head_layer=spec.head_layer, head_hit_rate=int(st.head_hits_b[b]) / max(len(acc) - 1, 1))))
+                 dict(head_layer=spec.head_layer, head_hit_rate=int(ms.head_hits_b[b]) / max(len(acc) - 1, 1))))
 
 
 def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, spec, prefill: Prefill = full_prefill,
@@ -284,12 +263,25 @@ def device_generate(lm: LoadedModel, request: GenerateRequest, method: str, spec
   return driver.generate(lm, request, method, loop, prefill)
 
 
-def initial_state(cfg: LlamaConfig, request: GenerateRequest, first_b: jax.Array, cache: KVCache, spec: DeviceSpec
-                  ) -> LoopState:
+def initial_state(cfg: LlamaConfig, request: GenerateRequest, first_b: jax.Array, cache: KVCache, key: jax.Array,
+                  spec: DeviceSpec, visible_lbs: jax.Array | None = None) -> DecodeState:
   """The loop's state after the prefill: prompts and first tokens in the buffer, rows done at EOS or 1 token."""
   batch = len(request.prompts)
   tokens_bs, prompt_b = (jnp.asarray(x) for x in pad_prompts(request.prompts, cfg.pad_id, cache.num_slots))
-  done_b = ar.is_eos(first_b, cfg.eos_ids) | (request.max_new_tokens <= 1)
-  return LoopState(tokens_bs.at[jnp.arange(batch), prompt_b].set(first_b), prompt_b + 1, prompt_b, done_b, cache,
-                   jnp.zeros((batch, cache.num_slots), jnp.int32).at[:, 0].set(1), jnp.int32(1),
-                   jnp.zeros((len(spec.buckets),), jnp.int32), jnp.zeros((batch, len(spec.sources)), jnp.int32))
+  method = SpecState(jnp.zeros((batch, cache.num_slots), jnp.int32).at[:, 0].set(1),
+                     jnp.zeros((len(spec.buckets),), jnp.int32), jnp.zeros((batch, len(spec.sources)), jnp.int32),
+                     visible_lbs)
+  return start_state(cfg.eos_ids, tokens_bs, prompt_b, first_b, request.max_new_tokens, cache, key, method, steps=1)
+
+
+def start_exit_head(lm: LoadedModel, spec: DeviceSpec, head_t_dd: jax.Array | None, st: DecodeState,
+                    visible_lbs: jax.Array | None) -> DecodeState:
+  """With an exit head (`spec.head_layer`), the first roots' layers below it, seeing `visible_lbs`, and its
+  drafts; the state unchanged without one."""
+  if spec.head_layer is None:
+    return st
+  active_b = jnp.ones(st.new_b.shape, bool)
+  cache, head_h_bd, head_draft_b = start_head(lm.params, lm.cfg, st.cache, last_tokens(st), active_b,
+                                              spec.head_layer, head_t_dd, visible_lbs)
+  return st._replace(cache=cache, method=st.method._replace(head_h_bd=head_h_bd, head_draft_b=head_draft_b,
+                                                            head_hits_b=jnp.zeros(st.new_b.shape, jnp.int32)))

@@ -1,8 +1,9 @@
 """The one driver of every decoding method: a prefill, the first token, then the method's decoding loop.
 
-A method is a `Prefill` (`prefill.py`) and a `DecodeLoop`: the loop's state is one pytree on the device, and
-`run(state, stop_at)` (jitted, the state donated) steps it until every active sequence has emitted `stop_at`
-tokens, is done, or the cache is full. The driver owns what every method shares: the random keys, the cache size,
+A method is a `Prefill` (`prefill.py`) and a `DecodeLoop`: the loop's state is one `DecodeState` on the device
+(`state.py`: tokens, counts, stop flags, cache, key, steps, then the method's own state), and `run(state, stop_at)`
+(jitted, the state donated) steps it until every active sequence has emitted `stop_at` tokens, is done, or the
+cache is full. The driver owns what every method shares: the random keys, the cache size,
 the prefill and its time to first token, warm-up (compile the loop for this cache shape, run no step), streaming
 (one `run` per chunk of `chunk_tokens` new tokens, row 0's new tokens sent to `on_tokens` after each), the stop
 rule, the common stats and the results.
@@ -24,6 +25,7 @@ from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
                                     padded_rows)
 from hdjax.decoding.sampling import select_token
+from hdjax.decoding.state import DecodeState, cache_room
 
 
 class Progress(NamedTuple):
@@ -37,23 +39,29 @@ class Progress(NamedTuple):
 
 
 class DecodeLoop(Protocol):
-  """A method's decoding after the prefill (see the module docstring)."""
+  """A method's decoding after the prefill (see the module docstring). Its state is a `DecodeState` (the host
+  loop, a test reference, keeps a host state and overrides `progress`)."""
 
   extra_slots: int  # cache slots a step may write past the request's new tokens (a verify's tree)
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
-            key: jax.Array) -> Any:
+            key: jax.Array) -> DecodeState:
     """The loop's state after the prefill and its first token."""
 
-  def run(self, lm: LoadedModel, request: GenerateRequest, state: Any, stop_at: jax.Array) -> Any:
+  def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
     """Steps until every active row has `stop_at` new tokens, or is done, or the cache is full."""
 
-  def warm(self, lm: LoadedModel, request: GenerateRequest, state: Any) -> Any:
+  def warm(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState) -> DecodeState:
     """Compiles what `run` runs for this cache shape, running no step; by default `run` to 0 new tokens."""
     return self.run(lm, request, state, jnp.int32(0))
 
-  def progress(self, state: Any) -> Progress:
+  def room(self, state: DecodeState) -> jax.Array:
+    """Whether the cache has room for another step; by default a slot for every active row."""
+    return cache_room(state) >= 1
+
+  def progress(self, state: DecodeState) -> Progress:
     """The state's tokens and stop flags (device arrays)."""
+    return Progress(state.tokens_bs, state.start_b, state.new_b, state.done_b, self.room(state))
 
   def report(self, state: Any) -> Any:
     """The device arrays that `row_stats` reads (read in the same wait as the final `progress`)."""
