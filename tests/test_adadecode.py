@@ -122,6 +122,21 @@ def test_perfect_heads_are_always_accepted_and_save_layers(deep_tiny):
     assert st_["layer_steps"] < lm.cfg.n_layers * st_["new_tokens"]
 
 
+def test_each_iteration_runs_a_whole_segment(deep_tiny):
+  """With one head at layer 4 of 8 (always confident, up to 3 pending), a window with e exits takes e + 2 loop
+  iterations ([0, 4) for each of its e + 1 tokens, then [4, 8) for all of them), not one per layer."""
+  prompts = _prompts(5, deep_tiny.cfg.vocab_size)[:1]
+  ref = deep_tiny.generate(prompts, method="ar", max_new_tokens=24)
+  out = deep_tiny.generate(prompts, method="adadecode", max_new_tokens=24, heads=identity_heads(deep_tiny.cfg, (4,)),
+                           gamma=0.0, max_pending=3)[0]
+  assert out.token_ids == ref[0].token_ids
+  st_ = out.stats
+  exits, windows = sum(st_["exits"]), st_["verifications"]
+  assert exits > 0 and decode.segments_of(8, (4,)) == ((0, 4), (4, 8))
+  assert st_["loop_iterations"] == exits + 2 * windows
+  assert st_["layer_steps"] == 4 * (exits + windows) + 4 * windows
+
+
 @pytest.mark.slow  # ~22 s; batched AdaDecode identity stays in the default run (test_compose.py)
 def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   """One loop over four prompts of different lengths, one of which meets EOS early: every sequence's tokens AND

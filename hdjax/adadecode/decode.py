@@ -1,12 +1,14 @@
 """AdaDecode: adaptive layer-parallel decoding with exit heads and exact verification (arXiv 2506.03700).
 
-One jitted `lax.while_loop` whose every iteration runs ONE decoder layer for a group of tokens. The tokens in
-flight sit in a static window of W = P + 1 slots at consecutive positions `cache.lengths + i`. Slot i has a
-depth (how many layers it has run) and a hidden state; depths never increase along the window, so the tokens at
-the newest token's depth form a suffix — the group. Each iteration runs the group (padded to a static bucket of
-1, 2, 4, ... rows, one `lax.switch` branch per bucket, so a single token costs a single-row layer) through the
-layer at that depth, writing each token's exact K/V at that layer. When the group catches up with an older token
-that waits at that depth, they merge: the deferred layers of an early token run batched with the later tokens.
+One jitted `lax.while_loop` whose every iteration runs ONE segment of decoder layers for a group of tokens: the
+layers from one exit head's layer to the next (`segments_of`; with the head at 26 of 30 layers, [0, 26) and
+[26, 30)), since a token can only stop where a head may exit. The tokens in flight sit in a static window of
+W = P + 1 slots at consecutive positions `cache.lengths + i`. Slot i has a depth (how many layers it has run) and
+a hidden state; depths never increase along the window, so the tokens at the newest token's depth form a suffix —
+the group. Each iteration runs the group (padded to a static bucket of 1, 2, 4, ... rows, one branch per bucket,
+so a single token costs single-row layers) through the segment that starts at that depth, writing each token's
+exact K/V at its layers. When the group catches up with an older token that waits at that depth, they merge: the
+deferred layers of an early token run batched with the later tokens.
 
 After a layer that has a head, the newest token's head decides: if its max probability >= gamma (and fewer than P
 tokens are pending) its prediction becomes the next token, which enters the window at depth 0. With
@@ -47,6 +49,7 @@ from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_
                                    load_vocab, reduced_heads, reduced_logits)
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig, is_int
+from hdjax.control import switch_in_place
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
@@ -92,9 +95,10 @@ class AdaDecodeConfig:
 
 class Counters(NamedTuple):
   """Per sequence; the loop holds them with a leading batch axis [B]."""
-  layer_steps: jax.Array  # loop iterations (one decoder layer each) the sequence took part in
+  layer_steps: jax.Array  # decoder layers run in the loop iterations the sequence took part in
   layer_tokens_l: jax.Array  # [L] token-rows run at each layer
   block_seqs: jax.Array  # sum over its layer steps of the sequences in the packed block (padding included)
+  iterations: jax.Array  # loop iterations (one segment each) the sequence took part in
   head_evals_i: jax.Array  # [I] head evaluations
   exits_i: jax.Array  # [I] early exits
   verifications: jax.Array  # windows that reached the last layer
@@ -157,43 +161,47 @@ def row_buckets(window: int) -> tuple[int, ...]:
   return tuple(sorted(sizes))
 
 
-def _layer_rows(p_layer, cfg: LlamaConfig, rows: int, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b, visible_bs):
-  """Runs the decoder layer with weights `p_layer` (one layer's own buffers: slicing a layer out of stacked weights
-  by a traced index copies them, ~3x a 1-row layer's time on XLA:CPU) on window slots [g0, g0 + g) of every
-  sequence as a static block of `rows` rows (g = 0: the sequence sits this layer out), with that layer's K/V cache
-  [1, B, K, S, H] (only it enters the `lax.switch`, so the whole cache is never copied); they see the slots of
-  `visible_bs` (that layer's visibility; all slots when None) at positions <= their own."""
+def segments_of(n_layers: int, head_layers: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """The loop's layer segments: [0, first head layer), ..., [last head layer, n_layers). A token's depth is always a
+  segment's start (it stops only where a head may exit or waits at one), so an iteration runs a whole segment."""
+  bounds = sorted({0, n_layers, *head_layers})
+  return tuple(zip(bounds[:-1], bounds[1:]))
+
+
+def _segment_rows(params, cfg: LlamaConfig, start: int, end: int, rows: int, h_bwd, cache: KVCache, g0_b, g_b,
+                  visible_lbs):
+  """Runs decoder layers [start, end) of `params` on window slots [g0, g0 + g) of every sequence as a static block
+  of `rows` rows (g = 0: the sequence sits them out), writing their K/V into `cache`, whose lengths are each
+  sequence's first window position; at layer l they see the slots of visible_lbs[l] (all when None) at positions
+  <= their own. Returns the window's hidden states and the cache."""
   window = h_bwd.shape[1]
-  num_slots = k_1bksh.shape[3]
   j_r = jnp.arange(rows)
   idx_br = jnp.clip(g0_b[:, None] + j_r, 0, window - 1)
   valid_br = j_r[None, :] < g_b[:, None]
-  pos_br = base_b[:, None] + g0_b[:, None] + j_r
-  slots_br = jnp.where(valid_br, pos_br, num_slots)
-  mask_brs = causal_mask(pos_br, num_slots)
-  if visible_bs is not None:
-    mask_brs = mask_brs & visible_bs[:, None, :]
+  pos_br = cache.lengths[:, None] + g0_b[:, None] + j_r
+  slots_br = jnp.where(valid_br, pos_br, cache.num_slots)
   h_brd = jnp.take_along_axis(h_bwd, idx_br[:, :, None], axis=1)
-  # the layer as a one-layer model over its own cache slice
-  out = model.run_layers({"layers": (p_layer,)}, cfg, h_brd, pos_br, mask_brs,
-                         KVCache(k=k_1bksh, v=v_1bksh, lengths=base_b), slots_br, 0, 1)
-  h_brd, k_1bksh, v_1bksh = out.h_btd, out.cache.k, out.cache.v
+  out = model.run_layers(params, cfg, h_brd, pos_br, causal_mask(pos_br, cache.num_slots), cache, slots_br, start,
+                         end, visible_lbs=visible_lbs)
   b_idx = jnp.arange(h_bwd.shape[0])[:, None]
-  h_bwd = h_bwd.at[b_idx, jnp.where(valid_br, idx_br, window)].set(h_brd, mode="drop")
-  return h_bwd, k_1bksh, v_1bksh
+  return h_bwd.at[b_idx, jnp.where(valid_br, idx_br, window)].set(out.h_btd, mode="drop"), out.cache
 
 
-def _packed_layer_rows(p_layer, cfg: LlamaConfig, rows: int, size: int, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b,
-                       visible_bs, order_b):
-  """`_layer_rows` on the sequences `order_b[:size]` only (all of them, in place, when `size` is the batch): their
-  hidden states and K/V gathered, then scattered back (the others are unchanged)."""
+def _packed_segment_rows(params, cfg: LlamaConfig, start: int, end: int, rows: int, size: int, g0_b, g_b,
+                         visible_lbs, order_b, carry):
+  """`_segment_rows` over the carry (h_bwd, cache) on the sequences `order_b[:size]`: all of them in place when
+  `size` is the batch; else their hidden states and K/V at layers [start, end) gathered, run as a model of those
+  layers alone, and scattered back (the others are unchanged)."""
+  h_bwd, cache = carry
   if size == order_b.shape[0]:
-    return _layer_rows(p_layer, cfg, rows, h_bwd, k_1bksh, v_1bksh, base_b, g0_b, g_b, visible_bs)
+    return _segment_rows(params, cfg, start, end, rows, h_bwd, cache, g0_b, g_b, visible_lbs)
   idx_p = order_b[:size]
-  h_pwd, k_1pksh, v_1pksh = _layer_rows(p_layer, cfg, rows, h_bwd[idx_p], k_1bksh[:, idx_p],
-                                        v_1bksh[:, idx_p], base_b[idx_p], g0_b[idx_p], g_b[idx_p],
-                                        None if visible_bs is None else visible_bs[idx_p])
-  return h_bwd.at[idx_p].set(h_pwd), k_1bksh.at[:, idx_p].set(k_1pksh), v_1bksh.at[:, idx_p].set(v_1pksh)
+  part = KVCache(k=cache.k[start:end, idx_p], v=cache.v[start:end, idx_p], lengths=cache.lengths[idx_p])
+  h_pwd, part = _segment_rows({"layers": tuple(params["layers"][start:end])}, cfg, 0, end - start, rows,
+                              h_bwd[idx_p], part, g0_b[idx_p], g_b[idx_p],
+                              None if visible_lbs is None else visible_lbs[start:end, idx_p])
+  return h_bwd.at[idx_p].set(h_pwd), cache.replace(k=cache.k.at[start:end, idx_p].set(part.k),
+                                                   v=cache.v.at[start:end, idx_p].set(part.v))
 
 
 def _packed(fn, size: int, order_b, x_b):
@@ -240,7 +248,7 @@ def initial_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, 
 
   def start(first, prompt) -> Window:
     zero = jnp.int32(0)
-    counters = Counters(zero, jnp.zeros((cfg.n_layers,), jnp.int32), zero, jnp.zeros((n_heads,), jnp.int32),
+    counters = Counters(zero, jnp.zeros((cfg.n_layers,), jnp.int32), zero, zero, jnp.zeros((n_heads,), jnp.int32),
                         jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
     h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(params, cfg, first))
     return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
@@ -256,20 +264,24 @@ def initial_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, 
 def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, checked,
                    state: DecodeState, max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
                    revival: Revival | None = None) -> DecodeState:
-  """Decodes a batch from `start_state` until each sequence hits EOS, `max_new` or a full cache, or every active
-  one has emitted `stop_at` tokens. Every iteration runs one layer, the lowest that an active sequence's newest
-  group waits at, for the sequences waiting there (the others sit it out), so one weight read serves the batch
-  and every sequence's computation is its own single-sequence one. Exit heads: `head_w` [I, D, D] with
-  `head_ids` None (full vocabulary), or `head_w` [I, N, D] from `reduced_heads` with its candidate ids
-  `head_ids` [N]. `checked` (a bool scalar): False keeps every early token unchecked (the paper's ablation).
-  Layers see the slots of `AdaState.visible_lbs` (None: all), or with a `revival` those its state says."""
+  """Decodes a batch from `initial_state` until each sequence hits EOS, `max_new` or a full cache, or every active
+  one has emitted `stop_at` tokens. Every iteration runs one segment of layers (`segments_of`: up to the next exit
+  head), the lowest that an active sequence's newest group waits at, for the sequences waiting there (the others
+  sit it out), so one weight read serves the batch and every sequence's computation is its own single-sequence
+  one. Exit heads: `head_w` [I, D, D] with `head_ids` None (full vocabulary), or `head_w` [I, N, D] from
+  `reduced_heads` with its candidate ids `head_ids` [N]. `checked` (a bool scalar): False keeps every early token
+  unchecked (the paper's ablation). Layers see the slots of `AdaState.visible_lbs` (None: all), or with a
+  `revival` those its state says."""
   ar.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
   batch, window = state.method.win.tok_w.shape
   out_len = state.tokens_bs.shape[1]
   buckets = jnp.asarray(row_buckets(window))
   seq_buckets = row_buckets(batch)
-  combos = [(p, r) for p in seq_buckets for r in row_buckets(window)]  # one lax.switch branch each
+  combos = [(p, r) for p in seq_buckets for r in row_buckets(window)]  # one branch each
+  segments = segments_of(n_layers, head_layers)
+  starts, ends = (jnp.asarray(x, jnp.int32) for x in zip(*segments))
+  l_idx = jnp.arange(n_layers)
   head_of_depth = np.full(n_layers + 1, -1, np.int32)
   head_of_depth[list(head_layers)] = np.arange(len(head_layers))
   head_of_depth = jnp.asarray(head_of_depth)
@@ -289,25 +301,25 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     """The switch branch of (the sequence bucket of `taking_b`, the row bucket of `rows`)."""
     return seq_bucket(taking_b) * len(buckets) + jnp.searchsorted(buckets, rows)
 
-  def run_layer(s: DecodeState, layer, taking_b, order_b, visible_lbs) -> DecodeState:
-    win = s.method.win
-    in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == layer) & taking_b[:, None]
+  def run_segment(s: DecodeState, seg, taking_b, order_b, visible_lbs) -> DecodeState:
+    """The group of each sequence `taking_b` through segment `seg`'s layers (every layer on its own weight
+    buffers, the cache updated in place: one `control.run_if` branch per (segment, sequence bucket, row bucket))."""
+    win, start, end = s.method.win, starts[seg], ends[seg]
+    in_group_bw = (w_idx[None] < win.n[:, None]) & (win.depth_w == start) & taking_b[:, None]
     g0_b = jnp.argmax(in_group_bw, axis=1).astype(jnp.int32)
     g_b = jnp.where(taking_b, win.n - g0_b, 0)
-    # one branch per (layer, sequence bucket, row bucket): each layer runs on its own weight buffers
-    branches = [functools.partial(_packed_layer_rows, model.layer_params(params, l), cfg, r, p)
-                for l in range(n_layers) for p, r in combos]
-    layer_kv = [jax.lax.dynamic_slice_in_dim(x, layer, 1) for x in (s.cache.k, s.cache.v)]
-    visible_bs = None if visible_lbs is None else jax.lax.dynamic_index_in_dim(visible_lbs, layer, keepdims=False)
-    h_bwd, *layer_kv = jax.lax.switch(layer * len(combos) + combo(taking_b, jnp.max(g_b)), branches, win.h_wd,
-                                      *layer_kv, s.cache.lengths, g0_b, g_b, visible_bs, order_b)
-    k, v = (jax.lax.dynamic_update_slice_in_dim(x, y, layer, 0) for x, y in zip((s.cache.k, s.cache.v), layer_kv))
+    branches = [functools.partial(_packed_segment_rows, params, cfg, a, e, r, p, g0_b, g_b, visible_lbs, order_b)
+                for a, e in segments for p, r in combos]
+    h_bwd, cache = switch_in_place(seg * len(combos) + combo(taking_b, jnp.max(g_b)), branches, (win.h_wd, s.cache))
     block = jnp.asarray(seq_buckets)[seq_bucket(taking_b)]
-    c = win.counters._replace(layer_steps=win.counters.layer_steps + taking_b,
-                              block_seqs=win.counters.block_seqs + jnp.where(taking_b, block, 0),
-                              layer_tokens_l=win.counters.layer_tokens_l.at[:, layer].add(g_b))
-    win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, layer + 1, win.depth_w), counters=c)
-    return s._replace(cache=s.cache.replace(k=k, v=v), method=s.method._replace(win=win))
+    layers_b = jnp.where(taking_b, end - start, 0)
+    in_seg_l = (l_idx >= start) & (l_idx < end)
+    c = win.counters._replace(layer_steps=win.counters.layer_steps + layers_b,
+                              iterations=win.counters.iterations + taking_b,
+                              block_seqs=win.counters.block_seqs + layers_b * block,
+                              layer_tokens_l=win.counters.layer_tokens_l + g_b[:, None] * in_seg_l[None])
+    win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, end, win.depth_w), counters=c)
+    return s._replace(cache=cache, method=s.method._replace(win=win))
 
   def exit_one(w: Window, key, logits_v, head, taking) -> tuple[Window, jax.Array]:
     """The head at the newest token's layer proposes the next token; it enters the window if confident."""
@@ -400,8 +412,9 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     taking_b = running_b & (depth_b == layer)
     order_b = jnp.argsort(jnp.where(taking_b, 0, 1), stable=True).astype(jnp.int32)  # the sequences taking part first
     ms = s.method
-    s = run_layer(s, layer, taking_b, order_b, ms.visible_lbs if revival is None else revival.visible_lbs(ms.revival))
-    layer = layer + 1
+    seg = jnp.searchsorted(starts, layer).astype(jnp.int32)
+    s = run_segment(s, seg, taking_b, order_b, ms.visible_lbs if revival is None else revival.visible_lbs(ms.revival))
+    layer = ends[seg]
     # kept out of the switch (its branches only move the cursors): a branch's operands are copied
     k, v = s.cache.k, s.cache.v
     no_kv = jnp.zeros((0,), k.dtype)
@@ -463,7 +476,8 @@ def window_stats(counters: Counters, head_layers: tuple[int, ...], new_tokens: i
       rejection_rate=float(int(c.rejections) / max(checked, 1)),
       early_exit_rate=float(int(c.accepted) / max(new_tokens, 1)),
       verifications=int(c.verifications), mean_pending_depth=float(int(c.pending) / max(int(c.verifications), 1)),
-      layer_steps=int(c.layer_steps), layer_tokens=np.asarray(c.layer_tokens_l).tolist(),
+      layer_steps=int(c.layer_steps), loop_iterations=int(c.iterations),
+      layer_tokens=np.asarray(c.layer_tokens_l).tolist(),
       mean_block_seqs=float(int(c.block_seqs) / max(int(c.layer_steps), 1)))
 
 
