@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import hdjax
+from hdjax.adadecode.decode import AdaDecodeConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.request import slots_for
 
@@ -52,8 +53,9 @@ def answer(lm: hdjax.LM, method: str, turns: Sequence[str], max_new_tokens: int,
   return out
 
 
-# cache slots a method adds for its tree rows: none (`ar`), up to the default and a larger node budget
-SPECULATIVE_EXTRA_ROWS = (0, 8, 16)
+# cache slots a method adds past its new tokens: none (`ar`), AdaDecode's window (max_pending + 1), tree rows up to
+# the default and a larger node budget (a shape of AdaDecode's window was missed without it: one timed compile)
+SPECULATIVE_EXTRA_ROWS = (0, AdaDecodeConfig().max_pending + 1, 8, 16)
 
 
 # an answer's text can tokenize to a few more tokens than were generated when a later turn's prompt holds it
