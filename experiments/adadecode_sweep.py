@@ -4,6 +4,8 @@ profile.
 
   .venv/bin/python -m experiments.adadecode_sweep --per_category=3 --max_new_tokens=128 \
       --gammas=0.5,0.75,0.9 --head_vocabs=1024,2048,4096 --out_dir=results/adadecode
+  .venv/bin/python -m experiments.adadecode_sweep --sharegpt_val=13 --layer_sets=24,24+26,26+28 \
+      --noablation --nowithout_verification --out_dir=results/adadecode_val     (choosing layers on validation)
   .venv/bin/python experiments/adadecode_sweep.py ...     (the same, from any directory)
 """
 
@@ -28,12 +30,18 @@ from experiments.common import (at_least, check_output_dir, int_list, median_ms,
 from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
+from hdjax.adadecode.train import first_exchanges
 from hdjax.decoding.autoregressive import next_pow2
 from hdjax.attention import causal_mask
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
 
+VAL_SKIP = 2200  # exchanges; the heads' training, held-out and vocabulary text ends before it (README)
+VAL_CHARS = (20, 600)
 flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file")
+flags.DEFINE_integer("sharegpt_val", 0, "> 0: run on that many ShareGPT validation prompts instead of --questions "
+                     f"(first user turns of {VAL_CHARS[0]}-{VAL_CHARS[1]} characters of the exchanges from {VAL_SKIP} "
+                     "on, after all the exit heads' training and vocabulary text)")
 flags.DEFINE_integer("per_category", 3, "questions per category (the first ones of each)")
 flags.DEFINE_list("categories", [], "categories to keep (default: all)")
 flags.DEFINE_integer("max_new_tokens", 128, "new tokens per question")
@@ -45,12 +53,20 @@ flags.DEFINE_list("gammas", ["0.5", "0.9"], "extra gammas for the sweep (the def
 flags.DEFINE_integer("head_vocab", decode.DEFAULT_HEAD_VOCAB,
                      "candidate ids the heads score in the gamma sweep (0: full vocabulary)")
 flags.DEFINE_list("head_vocabs", ["0"], "extra head_vocab values run at the default gamma")
+flags.DEFINE_list("layer_sets", [], "extra sets of head layers ('+'-joined, e.g. 24+26) run at the default gamma")
 flags.DEFINE_bool("ablation", True, "also run the original LM head (identity T_i) at the trained layers")
 flags.DEFINE_bool("without_verification", True,
                   "also run the default config keeping every early token unchecked (the paper's ablation; lossy)")
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weight dtype (AdaDecode returns ar's tokens in both)")
 flags.DEFINE_string("out_dir", "results/adadecode", "output directory")
 F = flags.FLAGS
+
+
+def sharegpt_validation(n: int) -> list[dict]:
+  """The validation split on which the method's settings are chosen (never Spec-Bench)."""
+  picked = [e[0]["content"] for e in first_exchanges(10 * n, skip=VAL_SKIP)
+            if VAL_CHARS[0] <= len(e[0]["content"]) <= VAL_CHARS[1]][:n]
+  return [dict(question_id=f"sharegpt_val_{i}", category="sharegpt_val", turns=[text]) for i, text in enumerate(picked)]
 
 
 def select_questions(path, per_category, categories):
@@ -96,17 +112,21 @@ def main(argv):
           head_vocab=(F.head_vocab, at_least(0)))
   head_layers = int_list("head_layers", F.head_layers)
   head_vocabs = sorted(set(int_list("head_vocabs", F.head_vocabs, low=0)) - {F.head_vocab})
+  layer_sets = [tuple(int_list("layer_sets", text.split("+"))) for text in F.layer_sets]
   try:
     gammas = sorted({F.gamma} | {float(g) for g in F.gammas})
   except ValueError:
     raise HdjaxError(f"--gammas must be numbers, got {','.join(F.gammas)!r}") from None
   require(**{f"gammas[{i}]": (g, at_least(0)) for i, g in enumerate(gammas)})
-  qs = select_questions(F.questions, F.per_category, set(F.categories))
+  qs = (sharegpt_validation(F.sharegpt_val) if F.sharegpt_val > 0
+        else select_questions(F.questions, F.per_category, set(F.categories)))
   if not qs:
     raise HdjaxError(f"no questions in categories {F.categories} of {F.questions}")
   check_output_dir(F.out_dir, ["runs.jsonl", "summary.json", "gamma_sweep.png"])
   lm = hdjax.load("smollm2-135m", dtype=F.dtype)
-  trained = decode.select_heads(lm.cfg, load_heads(F.heads, lm.cfg), head_layers)
+  all_heads = load_heads(F.heads, lm.cfg)
+  trained = decode.select_heads(lm.cfg, all_heads, head_layers)
+  other_sets = [decode.select_heads(lm.cfg, all_heads, layers) for layers in layer_sets]  # bad layers fail here
   prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in qs]
   for n in [F.head_vocab] + head_vocabs:  # a bad head_vocab fails here, before any timed run
     decode.loop_heads(lm, trained, n)
@@ -114,7 +134,9 @@ def main(argv):
              + [(f"adadecode_g{g}", "adadecode", dict(heads=trained, gamma=g, head_vocab=F.head_vocab))
                 for g in gammas]
              + [(f"adadecode_v{n}_g{F.gamma}", "adadecode", dict(heads=trained, gamma=F.gamma, head_vocab=n))
-                for n in head_vocabs])
+                for n in head_vocabs]
+             + [(f"adadecode_L{'+'.join(map(str, h.layers))}_g{F.gamma}", "adadecode",
+                 dict(heads=h, gamma=F.gamma, head_vocab=F.head_vocab)) for h in other_sets])
   if F.ablation:
     configs.append((f"identity_g{F.gamma}", "adadecode",
                     dict(heads="identity", head_layers=trained.layers, gamma=F.gamma, head_vocab=F.head_vocab)))
@@ -158,11 +180,12 @@ def main(argv):
       toks = sum(r["new_tokens"] for r in sel)
       exits = np.sum([r["exits"] for r in sel], axis=0)
       evals = np.sum([r["head_evals"] for r in sel], axis=0)
+      layers = sel[0]["head_layers"]
       rej = sum(r["rejections"] for r in sel)
       out.update(accepted_early_per_token=sum(r["early_accepted"] for r in sel) / toks,
                  rejection_rate=rej / max(rej + sum(r["early_accepted"] for r in sel), 1),
                  early_tokens_per_token=early / toks,
-                 exit_rate_per_layer={str(l): float(x / max(e, 1)) for l, x, e in zip(trained.layers, exits, evals)},
+                 exit_rate_per_layer={str(l): float(x / max(e, 1)) for l, x, e in zip(layers, exits, evals)},
                  head_evals_per_token=float(np.sum(evals) / toks),
                  mean_pending_depth=sum(r["mean_pending_depth"] * r["verifications"] for r in sel)
                  / max(sum(r["verifications"] for r in sel), 1),
@@ -188,7 +211,8 @@ def main(argv):
   ax.plot(gammas, rj, "s--", label="rejection rate")
   ax.axhline(1.0, color="gray", lw=0.5)
   ax.set_xlabel("gamma")
-  ax.set_title(f"AdaDecode, SmolLM2-135M {F.dtype} CPU, {len(qs)} Spec-Bench q")
+  source = "ShareGPT validation" if F.sharegpt_val else "Spec-Bench"
+  ax.set_title(f"AdaDecode, SmolLM2-135M {F.dtype} CPU, {len(qs)} {source} prompts")
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(F.out_dir, "gamma_sweep.png"), dpi=120)

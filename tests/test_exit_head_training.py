@@ -34,17 +34,42 @@ def tiny_data():
   return lm, data
 
 
-def test_iter_sharegpt_stops_at_truncation(tmp_path):
-  convs = [{"id": str(i), "conversations": [{"from": "human", "value": f"q{i} ]}}"}, {"from": "gpt", "value": "a"}]}
-           for i in range(5)]
-  text = json.dumps(convs, indent=1)
-  path = tmp_path / "trunc.json"
-  path.write_text(text[:text.index('"3"') + 5])
-  got = list(train.iter_sharegpt(str(path), chunk_chars=16))
-  assert [c["id"] for c in got] == ["0", "1", "2"]
-  full = tmp_path / "full.json"
-  full.write_text(text)
-  assert [c["id"] for c in train.iter_sharegpt(str(full), chunk_chars=7)] == [str(i) for i in range(5)]
+def test_first_exchanges_skips_and_counts_whole_exchanges(tmp_path):
+  def conv(i, first="human"):
+    return {"id": str(i), "conversations": [{"from": first, "value": f"q{i}"}, {"from": "gpt", "value": f"a{i}"}]}
+
+  convs = [conv(0), conv(1, first="gpt"), conv(2), {"id": "3", "conversations": []}, conv(4), conv(5)]
+  text = json.dumps(convs)
+  path = tmp_path / "sharegpt.json"
+  path.write_text(text[:text.index('"5"')])  # truncated inside the last conversation, as the package's file is
+  users = lambda ex: [e[0]["content"] for e in ex]
+  assert users(train.first_exchanges(10, path=str(path))) == ["q0", "q2", "q4"]
+  # `skip` counts exchanges, not conversations: the skipped ones are exactly the ones a smaller call returned
+  assert users(train.first_exchanges(1, skip=1, path=str(path))) == ["q2"]
+  assert users(train.first_exchanges(5, skip=2, path=str(path))) == ["q4"]
+  assert train.first_exchanges(2, path=str(path))[1][1] == {"role": "assistant", "content": "a2"}
+
+
+def test_greedy_replies_resume_after_a_kill(tiny_lm, tmp_path):
+  prompts = [[5, 6, 7], [9] * 11, [3, 4], [8, 8, 8, 8, 8, 8], [12]]
+  path = str(tmp_path / "replies.jsonl")
+  want = [r.token_ids for p in prompts for r in tiny_lm.generate([p], max_new_tokens=6)]
+  assert train.generate_replies(tiny_lm, prompts, 6, path, batch=2) == want
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  assert len(lines) == len(prompts)
+  with open(path, "w", encoding="utf-8") as f:  # a kill after two replies, in the middle of the third line
+    f.writelines(lines[:2] + [lines[2][:7]])
+  calls = []
+
+  class Counting:
+    def generate(self, batch, **kw):
+      calls.append(len(batch))
+      return tiny_lm.generate(batch, **kw)
+
+  assert train.generate_replies(Counting(), prompts, 6, path, batch=2) == want
+  assert sum(calls) == len(prompts) - 2
+  assert sorted(train.read_replies(path)) == list(range(len(prompts)))
 
 
 def test_collect_hidden_matches_run_layers(tiny_data):
@@ -109,3 +134,26 @@ def test_heads_round_trip(tmp_path):
   (tmp_path / "h" / "vocab.json").write_text('{"ids": [4, 100000]}')
   with pytest.raises(HdjaxError, match="vocab.json"):
     load_heads(str(tmp_path / "h"), lm.cfg)
+
+
+def test_saving_heads_over_others_swaps_them_whole(tmp_path, monkeypatch):
+  lm = make_tiny_lm(0)
+  d = lm.cfg.d_model
+  old = ExitHeads((1, 3), jnp.ones((2, d, d)), (4, 0, 9))
+  new = ExitHeads((2,), 2 * jnp.ones((1, d, d)), (7,))
+  path = str(tmp_path / "h")
+  save_heads(path, old, "tiny")
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as m:  # killed after the matrices, before heads.json: the old heads stay whole
+    m.setattr(json, "dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+      save_heads(path, new, "tiny")
+  back = load_heads(path, lm.cfg)
+  assert back.layers == (1, 3) and back.vocab_ids == (4, 0, 9) and float(back.t_idd[0, 0, 0]) == 1.0
+  save_heads(path, new, "tiny")
+  back = load_heads(path, lm.cfg)
+  assert back.layers == (2,) and back.vocab_ids == (7,) and float(back.t_idd[0, 0, 0]) == 2.0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]  # nothing left beside it

