@@ -26,7 +26,7 @@ from absl import flags
 
 import hdjax
 from experiments.common import (at_least, check_output_dir, int_list, median_ms, read_questions, require, run_main,
-                                write_json_atomic)
+                                speed_dtype, write_json_atomic)
 from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
@@ -57,7 +57,8 @@ flags.DEFINE_list("layer_sets", [], "extra sets of head layers ('+'-joined, e.g.
 flags.DEFINE_bool("ablation", True, "also run the original LM head (identity T_i) at the trained layers")
 flags.DEFINE_bool("without_verification", True,
                   "also run the default config keeping every early token unchecked (the paper's ablation; lossy)")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "weight dtype (AdaDecode returns ar's tokens in both)")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "weight dtype (auto: `common.speed_dtype`; AdaDecode returns ar's tokens in both)")
 flags.DEFINE_string("out_dir", "results/adadecode", "output directory")
 F = flags.FLAGS
 
@@ -123,7 +124,8 @@ def main(argv):
   if not qs:
     raise HdjaxError(f"no questions in categories {F.categories} of {F.questions}")
   check_output_dir(F.out_dir, ["runs.jsonl", "summary.json", "gamma_sweep.png"])
-  lm = hdjax.load("smollm2-135m", dtype=F.dtype)
+  dtype = speed_dtype(F.dtype)
+  lm = hdjax.load("smollm2-135m", dtype=dtype)
   all_heads = load_heads(F.heads, lm.cfg)
   trained = decode.select_heads(lm.cfg, all_heads, head_layers)
   other_sets = [decode.select_heads(lm.cfg, all_heads, layers) for layers in layer_sets]  # bad layers fail here
@@ -193,7 +195,7 @@ def main(argv):
     return out
 
   cats = list(dict.fromkeys(q["category"] for q in qs))
-  summary = dict(questions=len(qs), max_new_tokens=F.max_new_tokens, dtype=F.dtype, heads=F.heads,
+  summary = dict(questions=len(qs), max_new_tokens=F.max_new_tokens, dtype=dtype, heads=F.heads,
                  head_layers=list(trained.layers),
                  max_pending=F.max_pending, overall={n: agg(n) for n, _, _ in configs},
                  per_category={c: {n: agg(n, c)["speedup"] for n, _, _ in configs} for c in cats},
@@ -212,7 +214,7 @@ def main(argv):
   ax.axhline(1.0, color="gray", lw=0.5)
   ax.set_xlabel("gamma")
   source = "ShareGPT validation" if F.sharegpt_val else "Spec-Bench"
-  ax.set_title(f"AdaDecode, SmolLM2-135M {F.dtype} CPU, {len(qs)} {source} prompts")
+  ax.set_title(f"AdaDecode, SmolLM2-135M {dtype} CPU, {len(qs)} {source} prompts")
   ax.legend()
   fig.tight_layout()
   fig.savefig(os.path.join(F.out_dir, "gamma_sweep.png"), dpi=120)

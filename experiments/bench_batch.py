@@ -24,7 +24,7 @@ from absl import flags
 
 import hdjax
 from experiments.common import (at_least, check_output_file, device_name, int_list, read_questions, require, run_main,
-                                write_json_atomic)
+                                speed_dtype, write_json_atomic)
 from experiments.specbench_lib import spec_bench_category
 from hdjax.decoding import speculative
 from hdjax.errors import HdjaxError
@@ -36,9 +36,9 @@ flags.DEFINE_list("categories", [], "Spec-Bench categories to draw prompts from 
 flags.DEFINE_integer("max_new_tokens", 64, "New tokens per sequence.")
 flags.DEFINE_integer("repeats", 1, "Timed runs per (method, B); the median is reported.")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
-                  "Weight dtype (bf16: fp32 accumulation and residual stream). Every method returns `ar`'s tokens "
-                  "in either; the speculative methods pay in bf16 on CPU (README).")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "Weight dtype (bf16: fp32 accumulation and residual stream); auto: bf16 on an accelerator or a CPU "
+                  "with bf16 units, else fp32 (`common.speed_dtype`). Every method returns `ar`'s tokens in either.")
 flags.DEFINE_string("out", "results/bench_batch.json", "Output JSON (the plot goes next to it as .png).")
 
 FLAGS = flags.FLAGS
@@ -95,7 +95,8 @@ def main(argv):
   questions = read_questions(FLAGS.questions)
   chosen = {batch: batch_questions(questions, batch, FLAGS.categories) for batch in batches}
   check_output_file(FLAGS.out)
-  lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
+  dtype = speed_dtype(FLAGS.dtype)
+  lm = hdjax.load(FLAGS.model, dtype=dtype)
   rows = []
   for batch in batches:
     prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in chosen[batch]]
@@ -114,7 +115,7 @@ def main(argv):
       extra = (f"  {r['throughput_vs_ar']:.2f}x ar  tau {r['tau']:.2f}  identical {r['identical_to_ar']:.2f}"
                if r["method"] != "ar" else "")
       print(f"B={batch:<3d} {r['method']:10s} {r['tokens_per_s']:7.1f} tok/s{extra}", flush=True)
-  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, dtype=FLAGS.dtype, device=device_name(),
+  write_json_atomic(FLAGS.out, dict(model=FLAGS.model, dtype=dtype, device=device_name(),
                                     max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats, rows=rows))
   plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")
 

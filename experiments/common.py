@@ -70,19 +70,41 @@ def device_name() -> str:
   return f"{name}: {cpu_model()})"
 
 
-def cpu_model() -> str:
-  """The host CPU's model name, core count and bf16 support, from /proc/cpuinfo (Linux; 'unknown CPU' elsewhere)."""
+def cpu_info() -> tuple[str, frozenset[str]]:
+  """The host CPU's model name and feature flags, from /proc/cpuinfo (Linux; ('unknown CPU', {}) elsewhere)."""
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      info = f.read()
+      lines = f.read().splitlines()
   except OSError:
-    return "unknown CPU"
-  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-  fields = {k.strip(): v.strip() for k, v in fields.items()}
-  flags = set(fields.get("flags", "").split())
-  bf16 = sorted(flags & {"avx512_bf16", "amx_bf16"})
-  return (f"{fields.get('model name', 'unknown CPU')}, {os.cpu_count()} cores, "
-          f"{'bf16 units: ' + ' '.join(bf16) if bf16 else 'no bf16 units'}")
+    return "unknown CPU", frozenset()
+  fields = {}
+  for line in lines:
+    key, sep, value = line.partition(":")
+    if sep:
+      fields.setdefault(key.strip(), value.strip())
+  return fields.get("model name", "unknown CPU"), frozenset(fields.get("flags", "").split())
+
+
+BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+def cpu_model() -> str:
+  """The host CPU's model name, core count and bf16 units, e.g. 'AMD EPYC, 2 cores, no bf16 units'."""
+  name, cpu_flags = cpu_info()
+  bf16 = sorted(cpu_flags & BF16_FLAGS)
+  return f"{name}, {os.cpu_count()} cores, {'bf16 units: ' + ' '.join(bf16) if bf16 else 'no bf16 units'}"
+
+
+def speed_dtype(dtype: str = "auto") -> str:
+  """`dtype`, or for "auto" the faster weight dtype of this host: bf16 on an accelerator or on a CPU with bf16 units
+  (where a bf16 step is flat in its rows: README, Results), fp32 on a CPU without them (a bf16 decode step took
+  87 ms against fp32's 30-38 ms on an AVX2-only AMD EPYC, 2026-11-29)."""
+  if dtype != "auto":
+    return dtype
+  import jax  # pylint: disable=import-outside-toplevel  (see median_ms)
+  if jax.default_backend() != "cpu":
+    return "bfloat16"
+  return "bfloat16" if cpu_info()[1] & BF16_FLAGS else "float32"
 
 
 def median_ms(fn: Callable[..., Any], *args, repeats: int) -> float:

@@ -26,7 +26,7 @@ from absl import flags
 import hdjax
 from experiments import multihost
 from experiments.common import (at_least, check_memory_maps, check_output_dir, device_name, parse_method_options,
-                                read_questions, require, run_main, write_json_atomic, write_jsonl_atomic)
+                                read_questions, require, run_main, speed_dtype, write_json_atomic, write_jsonl_atomic)
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
@@ -42,9 +42,9 @@ flags.DEFINE_integer("max_turns", None, "Turns per question, >= 1 (default: all;
 flags.DEFINE_float("temperature", 0.0, "Finite, >= 0; 0 is greedy.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (per question: seed + question index).")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
-flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
-                  "Weight dtype (bf16: fp32 accumulation and residual stream). Every method returns `ar`'s tokens "
-                  "in either; the speculative methods pay in bf16 on CPU (README).")
+flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                  "Weight dtype (bf16: fp32 accumulation and residual stream); auto: bf16 on an accelerator or a CPU "
+                  "with bf16 units, else fp32 (`common.speed_dtype`). Every method returns `ar`'s tokens in either.")
 flags.DEFINE_string("method_options", "{}", 'JSON {method: {option: value}}, e.g. {"hd": {"max_depth": 3}}.')
 flags.DEFINE_string("out_dir", "results/specbench", "Output directory.")
 
@@ -66,7 +66,8 @@ def main(argv: Sequence[str]) -> None:
   questions = select_questions(read_questions(FLAGS.questions), FLAGS.limit, FLAGS.subset)
   check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in methods] + ["summary.json", "speedup.png",
                                                                      "accept_lengths.png"])
-  lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
+  dtype = speed_dtype(FLAGS.dtype)
+  lm = hdjax.load(FLAGS.model, dtype=dtype)
   model_id = os.path.basename(FLAGS.model)
   for method in methods:
     with speculative.database_scope(method):
@@ -102,7 +103,7 @@ def main(argv: Sequence[str]) -> None:
                         for m, rows in rows_by_method.items()}
   summary["settings"] = dict(questions=FLAGS.questions, methods=methods, limit=FLAGS.limit, subset=FLAGS.subset,
                              max_new_tokens=FLAGS.max_new_tokens, max_turns=FLAGS.max_turns,
-                             temperature=FLAGS.temperature, model=FLAGS.model, dtype=FLAGS.dtype,
+                             temperature=FLAGS.temperature, model=FLAGS.model, dtype=dtype,
                              device=device_name(),
                              method_options=method_options, num_questions=len(questions))
   if info.is_main:

@@ -8,7 +8,7 @@
 Training rows are the assistant-reply positions of two sets, teacher-forced: ShareGPT first exchanges
 [0, num_train_seqs) with their human-written replies, and the model's own greedy replies (in `greedy_dtype`, up
 to `greedy_tokens` tokens) to the user turns of `greedy_seqs` more exchanges, taken after the held-out ones; the
-replies are cached in `workdir/greedy_*.jsonl` as they are made, so a killed run keeps them. The held-out table
+replies are checkpointed in `workdir/greedy_*.partial.npz` as they are made, so a killed run keeps them. The held-out table
 reports top-1 agreement with the final layer on both kinds of held-out text: the human replies of exchanges
 [num_train_seqs, num_train_seqs + num_eval_seqs) and the model's greedy replies to their user turns (`greedy_*`
 columns), for the identity head (the original LM head) at every table layer and for the trained heads.
@@ -44,6 +44,7 @@ import hdjax
 from experiments.common import at_least, check_output_dir, require, run_main, write_json_atomic
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
+from hdjax.drafting import model_db
 from hdjax.errors import HdjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -105,14 +106,23 @@ def exchange_tokens(tok, exchanges):
   return seqs, starts
 
 
-def greedy_tokens(c, gen_lm, exchanges, skip: int, bar):
-  """The chat-templated user turns of `exchanges` (ShareGPT index from `skip`) followed by the model's greedy
-  replies, cached in the workdir, and where each reply starts."""
-  prompts = [gen_lm.tokenizer.apply_chat_template([user_turn(e)]) for e in exchanges]
-  name = re.sub(r"[^\w.-]", "_", f"greedy_{c.model}_{c.greedy_dtype}_{c.greedy_tokens}_from{skip}.jsonl")
-  replies = train.generate_replies(gen_lm, prompts, c.greedy_tokens, os.path.join(c.workdir, name),
-                                   batch=c.greedy_batch, progress=bar.update)
-  return [p + r for p, r in zip(prompts, replies)], [len(p) for p in prompts]
+def greedy_texts(c, gen_lm, exchanges, skip: int, bar):
+  """The chat-templated user turns of `exchanges` (exchanges counted from `skip`) followed by the model's greedy
+  replies, and where each reply starts. The replies are generated a batch at a time and checkpointed after each
+  (`model_db.save_partial`, atomic), so a rerun after a kill keeps them."""
+  prompts = [(str(i), gen_lm.tokenizer.apply_chat_template([user_turn(e)])) for i, e in enumerate(exchanges)]
+  name = re.sub(r"[^\w.-]", "_", f"greedy_{c.model}_from{skip}.partial.npz")
+  partial, identity = os.path.join(c.workdir, name), gen_lm.tokenizer.identity
+  settings = dict(max_new_tokens=c.greedy_tokens, dtype=c.greedy_dtype)
+  done = model_db.load_partial(partial, identity, settings)
+  bar.update(sum(cid in done for cid, _ in prompts))
+
+  def generate(batch):
+    return [r.token_ids for r in gen_lm.generate(batch, method="ar", max_new_tokens=c.greedy_tokens)]
+
+  replies = model_db.generate_outputs(generate, prompts, c.greedy_batch, done,
+                                      lambda outputs: model_db.save_partial(partial, identity, settings, outputs), bar)
+  return [ids + replies[cid] for cid, ids in prompts], [len(ids) for _, ids in prompts]
 
 
 class TextSets(NamedTuple):
@@ -129,8 +139,8 @@ def text_sets(c, tok) -> TextSets:
   human_train, human_eval = exchange_tokens(tok, exchanges[:n_train]), exchange_tokens(tok, exchanges[n_train:])
   gen_lm = hdjax.load(c.model, dtype=c.greedy_dtype)
   with tqdm(total=c.greedy_seqs + n_eval, desc="greedy replies", unit="seq") as bar:
-    greedy_train = greedy_tokens(c, gen_lm, train.first_exchanges(c.greedy_seqs, skip=greedy_from), greedy_from, bar)
-    greedy_eval = greedy_tokens(c, gen_lm, exchanges[n_train:], n_train, bar)
+    greedy_train = greedy_texts(c, gen_lm, train.first_exchanges(c.greedy_seqs, skip=greedy_from), greedy_from, bar)
+    greedy_eval = greedy_texts(c, gen_lm, exchanges[n_train:], n_train, bar)
   train_set = (human_train[0] + greedy_train[0], human_train[1] + greedy_train[1])
   return TextSets(train_set, human_eval, greedy_eval)
 

@@ -50,28 +50,6 @@ def test_first_exchanges_skips_and_counts_whole_exchanges(tmp_path):
   assert train.first_exchanges(2, path=str(path))[1][1] == {"role": "assistant", "content": "a2"}
 
 
-def test_greedy_replies_resume_after_a_kill(tiny_lm, tmp_path):
-  prompts = [[5, 6, 7], [9] * 11, [3, 4], [8, 8, 8, 8, 8, 8], [12]]
-  path = str(tmp_path / "replies.jsonl")
-  want = [r.token_ids for p in prompts for r in tiny_lm.generate([p], max_new_tokens=6)]
-  assert train.generate_replies(tiny_lm, prompts, 6, path, batch=2) == want
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
-  assert len(lines) == len(prompts)
-  with open(path, "w", encoding="utf-8") as f:  # a kill after two replies, in the middle of the third line
-    f.writelines(lines[:2] + [lines[2][:7]])
-  calls = []
-
-  class Counting:
-    def generate(self, batch, **kw):
-      calls.append(len(batch))
-      return tiny_lm.generate(batch, **kw)
-
-  assert train.generate_replies(Counting(), prompts, 6, path, batch=2) == want
-  assert sum(calls) == len(prompts) - 2
-  assert sorted(train.read_replies(path)) == list(range(len(prompts)))
-
-
 def test_collect_hidden_matches_run_layers(tiny_data):
   lm, data = tiny_data
   assert data.inputs_inrd.shape == (len(LAYERS), 8 * 28, lm.cfg.d_model)
@@ -157,3 +135,12 @@ def test_saving_heads_over_others_swaps_them_whole(tmp_path, monkeypatch):
   back = load_heads(path, lm.cfg)
   assert back.layers == (2,) and back.vocab_ids == (7,) and float(back.t_idd[0, 0, 0]) == 2.0
   assert sorted(p.name for p in tmp_path.iterdir()) == ["h"]  # nothing left beside it
+
+
+def test_evaluate_counts_every_row(tiny_data):
+  lm, data = tiny_data
+  t_idd = identity_heads(lm.cfg, LAYERS).t_idd
+  kl_i, agree_i = train.kl_per_head(lm.params, lm.cfg, t_idd, jnp.asarray(data.inputs_inrd), jnp.asarray(data.final_rd))
+  got = train.evaluate(lm.params, lm.cfg, t_idd, data, chunk=96)  # 224 rows: chunks of 96, 96 and 32
+  np.testing.assert_allclose(got["agree"], agree_i, rtol=1e-6)
+  np.testing.assert_allclose(got["kl"], kl_i, rtol=1e-4)

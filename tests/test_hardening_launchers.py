@@ -208,13 +208,24 @@ def test_killed_and_resumed_training_logs_each_step_once(tmp_path):
   """The real launcher (SmolLM2, a few ShareGPT exchanges): stop after step 3 (checkpoint at 2), resume to 4."""
   args = [f"--config.workdir={tmp_path}", "--config.num_train_seqs=4", "--config.num_eval_seqs=6", "--config.steps=4",
           "--config.ckpt_every=2", "--config.batch=8", "--config.layers=(6,)", "--config.table_layers=(6,)",
-          "--config.export_dir="]
+          "--config.greedy_seqs=2", "--config.greedy_tokens=8", "--config.export_dir="]
   for stop_after in (3, -1):
     proc = launch("train_exit_heads", *args, f"--config.stop_after={stop_after}")
     assert proc.returncode == 0, proc.stderr[-2000:]
   rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4] and "eval" in rows[-1]
   assert_one_error(launch("train_exit_heads", *args, "--config.layers=(8,)"), "holds checkpoints of another run")
+
+
+def test_speed_dtype_follows_the_cpus_bf16_units(monkeypatch):
+  """The timed launchers' `--dtype=auto`: bf16 only where the CPU has bf16 units (the tests run on CPU)."""
+  assert common.speed_dtype("float32") == "float32" and common.speed_dtype("bfloat16") == "bfloat16"
+  monkeypatch.setattr(common, "cpu_info", lambda: ("Some Xeon", frozenset({"avx2", "amx_bf16", "avx512_bf16"})))
+  assert common.speed_dtype() == "bfloat16"
+  assert common.cpu_model().endswith("bf16 units: amx_bf16 avx512_bf16")
+  monkeypatch.setattr(common, "cpu_info", lambda: ("AMD EPYC", frozenset({"avx2"})))
+  assert common.speed_dtype() == "float32" and common.cpu_model().endswith("no bf16 units")
+  assert common.cpu_model().startswith("AMD EPYC, ")
 
 
 def test_memory_map_budget_is_a_clear_error():

@@ -9,7 +9,6 @@ would) and updates every head's T_i with optax AdamW on a cosine schedule with l
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import NamedTuple, Sequence
 
@@ -21,7 +20,7 @@ import optax
 from hdjax import model
 from hdjax.adadecode.heads import head_logits
 from hdjax.attention import causal_mask
-from hdjax.config import LlamaConfig, is_int
+from hdjax.config import LlamaConfig
 from hdjax.drafting import sharegpt
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
@@ -42,49 +41,6 @@ def first_exchanges(limit: int, skip: int = 0, path: str | None = None) -> list[
       if len(out) >= limit:
         break
   return out
-
-
-def read_replies(path: str) -> dict[int, list[int]]:
-  """The replies a (possibly killed) `generate_replies` run wrote: {prompt index: token ids}; a line cut short by
-  a kill is dropped."""
-  replies = {}
-  if not os.path.isfile(path):
-    return replies
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(row, dict) and is_int(row.get("i")) and isinstance(row.get("ids"), list):
-        replies[row["i"]] = row["ids"]
-  return replies
-
-
-def generate_replies(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, path: str, batch: int = 8,
-                     progress=None) -> list[list[int]]:
-  """The model's own greedy replies to `prompts` (`lm.generate`, method `ar`), a batch of similar lengths at a
-  time, each appended to the JSONL file `path` as it is made: a rerun after a kill keeps the replies already there
-  and generates the rest."""
-  replies = read_replies(path)
-  todo = sorted((i for i in range(len(prompts)) if i not in replies), key=lambda i: len(prompts[i]))
-  if progress is not None:
-    progress(len(prompts) - len(todo))
-  with open(path, "ab+") as f:
-    if f.tell() > 0:
-      f.seek(-1, os.SEEK_END)
-      if f.read(1) != b"\n":  # a line cut short by a kill: end it, so that it stays a line of its own
-        f.write(b"\n")
-    for s in range(0, len(todo), batch):
-      chunk = todo[s:s + batch]
-      for i, result in zip(chunk, lm.generate([prompts[i] for i in chunk], method="ar",
-                                              max_new_tokens=max_new_tokens)):
-        replies[i] = list(result.token_ids)
-        f.write((json.dumps(dict(i=i, ids=replies[i])) + "\n").encode())
-      f.flush()
-      if progress is not None:
-        progress(len(chunk))
-  return [replies[i] for i in range(len(prompts))]
 
 
 class HiddenSet(NamedTuple):
@@ -179,17 +135,19 @@ def _eval_chunk(params, cfg: LlamaConfig, t_idd, inputs_ird, final_rd):
 
 
 def evaluate(params, cfg: LlamaConfig, t_idd, data: HiddenSet, chunk: int = 256) -> dict[str, np.ndarray]:
-  """Held-out KL and top-1 agreement with the final layer, per head (full chunks only: static shapes)."""
-  rows = data.final_rd.shape[0] // chunk * chunk
-  if rows == 0:
-    raise HdjaxError(f"held-out set has {data.final_rd.shape[0]} token rows, fewer than one chunk of {chunk}")
-  kls, agrees = [], []
-  for s in range(0, rows, chunk):
+  """Held-out KL and top-1 agreement with the final layer, per head, over every row (chunks of `chunk` rows and
+  one smaller last chunk: two static shapes)."""
+  num_rows = data.final_rd.shape[0]
+  if num_rows == 0:
+    raise HdjaxError("the held-out set has no token rows")
+  kls, agrees, sizes = [], [], []
+  for s in range(0, num_rows, chunk):
     kl, agree = _eval_chunk(params, cfg, t_idd, jnp.asarray(data.inputs_inrd[:, s:s + chunk]),
                             jnp.asarray(data.final_rd[s:s + chunk]))
     kls.append(np.asarray(kl))
     agrees.append(np.asarray(agree))
-  return dict(kl=np.mean(kls, axis=0), agree=np.mean(agrees, axis=0))
+    sizes.append(min(chunk, num_rows - s))
+  return dict(kl=np.average(kls, axis=0, weights=sizes), agree=np.average(agrees, axis=0, weights=sizes))
 
 
 def latest_step(ckpt_dir: str) -> int:
