@@ -63,8 +63,8 @@ OPTIONS = {"lazy+adadecode": dict(heads="identity", head_layers=(3, 5), gamma=0.
 
 
 # lazy+hd's device loop over a frozen set: also tests/test_driver.py (lazy+pld_frozen) and lazy+hd+adadecode here
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("lazy+pld", "lazy+hd")]
-                         + ["lazy+adadecode", "lazy+hd+adadecode"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow)
+                                    for m in ("lazy+pld", "lazy+hd", "lazy+hd+adadecode")] + ["lazy+adadecode"])
 def test_lazy_compositions_equal_lazy_without_revival(lm8, method):
   prompts = _prompts(0, (150, 97))
   want = lm8.generate(prompts, method="lazy", max_new_tokens=24, lazy_config=SCHEDULE)
@@ -84,8 +84,8 @@ REVIVING = dataclasses.replace(SCHEDULE, prune_layers=(2, 5), keep_ratios=(0.5, 
                                revive_budget=4)
 
 
-@pytest.mark.parametrize("method", [pytest.param("lazy+pld", marks=pytest.mark.slow), "lazy+hd",
-                                    "lazy+hd+adadecode", "lazy+adadecode"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("lazy+pld", "lazy+hd")]
+                         + ["lazy+hd+adadecode", "lazy+adadecode"])
 def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
   """With revival, every composition emits lazy's tokens and ends with exactly the (layer, slot) pairs lazy
   computed: the same tokens revived at the same re-selection points, none computed twice. (On this random model

@@ -276,6 +276,7 @@ def test_real_model_hd_equals_ar_and_the_host_loop(smollm, real_dbs):
     speculative.reset_databases()
 
 
+@pytest.mark.slow
 def test_any_order_of_the_sources_runs_on_the_device_as_on_the_host(tiny_with_dbs):
   """The `order` ablations (the databases asked in another order, or some of them) take the host loop's steps."""
   from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel

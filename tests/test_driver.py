@@ -41,7 +41,8 @@ def prompts(seed: int, lengths) -> list[list[int]]:
   return [[int(x) for x in rng.integers(3, 128, n - 21)] + motif * 3 for n in lengths]
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "ar" else n for n in LOOPS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("ar", "lazy+pld_frozen") else n
+                                  for n in LOOPS])
 def test_streaming_sends_what_one_shot_returns(lm, name):
   method, options = METHOD.get(name, name), LOOPS[name]
   prompt = prompts(0, (40,))
@@ -65,8 +66,8 @@ def test_warmup_compiles_and_runs_no_step(lm, name):
 
 
 # ar, pld and adadecode batches: also tests/test_autoregressive.py and tests/test_compose.py
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in ("ar", "pld", "adadecode") else n
-                                  for n in LOOPS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n in ("ar", "pld", "adadecode", "lazy+pld_frozen") else n for n in LOOPS])
 def test_a_batch_returns_each_rows_single_sequence_reference(lm, name):
   method, options = METHOD.get(name, name), LOOPS[name]
   reference = REFERENCE.get(name, "ar")
@@ -80,7 +81,8 @@ def test_a_batch_returns_each_rows_single_sequence_reference(lm, name):
     assert o.stats["tau"] == pytest.approx(np.mean(o.stats["accept_lengths"]))
 
 
-@pytest.mark.parametrize("name", [n for n in LOOPS if not n.endswith("_host")])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "lazy+pld_frozen" else n
+                                  for n in LOOPS if not n.endswith("_host")])
 def test_every_device_loop_steps_one_decode_state(lm, name, monkeypatch):
   """Every on-device loop starts, runs and returns a `DecodeState` whose counts are the results' own."""
   runs = []

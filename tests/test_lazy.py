@@ -53,8 +53,9 @@ def check_gathered_equals_masked(lm, cfg, prompts):
   return st_g
 
 
-@pytest.mark.parametrize("selection,window,pool", [("attention", 1, 1), ("static", 1, 1), ("random", 1, 1),
-                                                   ("attention", 5, 1), ("attention", 4, 7)])
+@pytest.mark.parametrize("selection,window,pool", [("attention", 1, 1), ("attention", 4, 7)]
+                         + [pytest.param(*p, marks=pytest.mark.slow)
+                            for p in (("static", 1, 1), ("random", 1, 1), ("attention", 5, 1))])
 def test_gathered_equals_masked(lm8, selection, window, pool):
   prompts = _prompts()
   st_g = check_gathered_equals_masked(
