@@ -8,10 +8,11 @@
 Training rows are the assistant-reply positions of two sets, teacher-forced: ShareGPT first exchanges
 [0, num_train_seqs) with their human-written replies, and the model's own greedy replies (in `greedy_dtype`, up
 to `greedy_tokens` tokens) to the user turns of `greedy_seqs` more exchanges, taken after the held-out ones; the
-replies are checkpointed in `workdir/greedy_*.partial.npz` as they are made, so a killed run keeps them. The held-out table
-reports top-1 agreement with the final layer on both kinds of held-out text: the human replies of exchanges
-[num_train_seqs, num_train_seqs + num_eval_seqs) and the model's greedy replies to their user turns (`greedy_*`
-columns), for the identity head (the original LM head) at every table layer and for the trained heads.
+replies are checkpointed in `workdir/greedy_*.partial.npz` as they are made, so a killed run keeps them. The
+held-out table reports top-1 agreement with the final layer on both kinds of held-out text: the human replies of
+exchanges [num_train_seqs, num_train_seqs + num_eval_seqs) and the model's greedy replies to their user turns
+(`greedy_*` columns), for the identity head (the original LM head) at every table layer and for the trained
+heads.
 
 Writes `workdir/metrics.jsonl` (one line per step, plus the evaluation tables), resumable orbax checkpoints in
 `workdir/ckpt`, `workdir/summary.json`, and exports the final heads to `export_dir`. A rerun resumes from the last
