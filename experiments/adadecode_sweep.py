@@ -4,7 +4,7 @@ profile.
 
   .venv/bin/python -m experiments.adadecode_sweep --per_category=3 --max_new_tokens=128 \
       --gammas=0.5,0.75,0.9 --head_vocabs=1024,2048,4096 --out_dir=results/adadecode
-  .venv/bin/python -m experiments.adadecode_sweep --sharegpt_val=13 --layer_sets=24,24+26,26+28 \
+  .venv/bin/python -m experiments.adadecode_sweep --sharegpt_val=13 --layer_sets=22,22+26 \
       --noablation --nowithout_verification --out_dir=results/adadecode_val     (choosing layers on validation)
   .venv/bin/python experiments/adadecode_sweep.py ...     (the same, from any directory)
 """

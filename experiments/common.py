@@ -61,8 +61,8 @@ def check_memory_maps(fraction: float = 0.85) -> None:
 
 def device_name() -> str:
   """What the numbers were measured on, e.g. 'NVIDIA H100 80GB HBM3 x1 (gpu)', or on a CPU its model and whether
-  it has bf16 units (bf16 runs ~4x slower than fp32 without them), e.g. 'cpu x1 (cpu: AMD EPYC, 2 cores, no bf16
-  units)'."""
+  it has bf16 units (without them a bf16 step ran ~2.5x an fp32 one), e.g. 'cpu x1 (cpu: AMD EPYC, 2 cores, no
+  bf16 units)'."""
   import jax  # pylint: disable=import-outside-toplevel  (see median_ms)
   name = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}"
   if jax.default_backend() != "cpu":
