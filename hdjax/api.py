@@ -138,26 +138,32 @@ def _full_logits(params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   return model.unembed(params, cfg, h)
 
 
+FEATURE_MAJOR_ROWS = 64
+
+
 def engine_settings(dtype: str, backend: str | None = None) -> dict[str, Any]:
   """The engine's layout and numerics for a weight dtype on a backend (measured with `experiments/bench_steps.py`,
   see the README): on CPU the KV cache stays fp32, and bf16 weights get steps padded to a multiple of 8 rows (a
   1-row bf16 dot takes a slow path on XLA:CPU, and 8 rows ran faster than 1 to 4) and a [D, V] LM head (a bf16
   `x @ embedding.T` is ~8x slower there); accelerators keep the cache in the weights' dtype. Decode and verify
   steps are padded to that row count by their callers and compiled as one program (`model.step_logits`), which is
-  what makes the speculative methods bitwise lossless in bf16 on XLA:CPU."""
+  what makes the speculative methods bitwise lossless in bf16 on XLA:CPU. fp32 weights on CPU are stored [out, in]
+  and a step of up to FEATURE_MAJOR_ROWS rows contracts them as W @ X^T (`model.contract`): Eigen's GEMM ran a
+  30-layer step of 1-16 rows 1.3-1.5x faster that way on an AVX2 host."""
   backend = backend or jax.default_backend()
   cpu_bf16 = backend == "cpu" and dtype == "bfloat16"
+  cpu_fp32 = backend == "cpu" and dtype == "float32"
   return dict(cache_dtype="float32" if backend == "cpu" else dtype, row_multiple=8 if cpu_bf16 else 1,
-              untie_head=cpu_bf16)
+              untie_head=cpu_bf16, weights_out_major=cpu_fp32, feature_major_rows=FEATURE_MAJOR_ROWS if cpu_fp32 else 0)
 
 
 def params_to_device(params_np: model.Params, cfg: LlamaConfig, mesh=None) -> model.Params:
-  """Casts numpy params to `cfg.dtype` (norm scales stay fp32), gives a tied head the layout the config asks for,
-  and places them (sharded with a mesh)."""
+  """Casts numpy params to `cfg.dtype` (norm scales stay fp32), puts them in the config's weight layout
+  (`model.with_layout`), and places them (sharded with a mesh)."""
   def cast(path, x):
     keep_fp32 = any(getattr(k, "key", None) == "scale" for k in path)
     return jnp.asarray(x, jnp.float32 if keep_fp32 else jnp.dtype(cfg.dtype))
-  params = model.tie_head_copy(cfg, jax.tree_util.tree_map_with_path(cast, params_np))
+  params = jax.tree_util.tree_map_with_path(cast, model.with_layout(cfg, params_np))
   if mesh is not None:
     params = sharding.shard_params(params, mesh)
   return params

@@ -22,6 +22,15 @@ class RopeScaling:
   original_max_position: int = 8192
 
 
+# Every weight's axes in its two layouts, (input-major, output-major), in the letters of `hdjax.model` (D d_model,
+# N heads, K kv heads, H head_dim, F ffn_dim, V vocab); its param is named f"{weight}_{axes.lower()}". The tied
+# LM head is the embedding [V, D], already output-major.
+WEIGHT_AXES: dict[str, tuple[str, str]] = {
+    "q": ("DNH", "NHD"), "k": ("DKH", "KHD"), "v": ("DKH", "KHD"), "o": ("NHD", "DNH"),
+    "gate": ("DF", "FD"), "up": ("DF", "FD"), "down": ("FD", "DF"), "lm_head": ("DV", "VD"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Shape and numerics of a LLaMA-family decoder. Hashable, so it can be a static jit argument."""
@@ -48,6 +57,10 @@ class LlamaConfig:
   row_multiple: int = 1  # a step's rows run padded to a multiple of this (XLA:CPU's bf16 dots are slow on one row
   #                        and round a row differently when it falls in a remainder block)
   untie_head: bool = False  # a tied LM head also kept as its own [D, V] copy (the layout a bf16 CPU dot wants)
+  weights_out_major: bool = False  # weights stored output axes first, [out, in] as in torch (`WEIGHT_AXES`)
+  feature_major_rows: int = 0  # a contraction over at most this many rows (B x T) of out-major weights computes
+  #                              W @ X^T, its result feature-major (`model.contract`: XLA:CPU's fp32 GEMM runs a
+  #                              few rows ~1.5x faster that way); 0: never
 
   @property
   def bitwise_steps(self) -> bool:
@@ -69,6 +82,17 @@ class LlamaConfig:
                        f"pad_id={self.pad_id!r}")
     if self.n_heads % self.n_kv_heads:
       raise HdjaxError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+    if not is_int(self.feature_major_rows) or self.feature_major_rows < 0:
+      raise HdjaxError(f"config feature_major_rows={self.feature_major_rows!r} must be an integer >= 0")
+    if self.feature_major_rows and not self.weights_out_major:
+      raise HdjaxError("config feature_major_rows > 0 needs weights_out_major (W @ X^T wants W stored [out, in])")
+
+  def weight_axes(self, weight: str) -> str:
+    """The axes of `weight` (a key of `WEIGHT_AXES`) in this config's layout."""
+    return WEIGHT_AXES[weight][self.weights_out_major]
+
+  def weight_name(self, weight: str) -> str:
+    return f"{weight}_{self.weight_axes(weight).lower()}"
 
   @property
   def q_per_kv(self) -> int:

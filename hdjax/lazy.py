@@ -138,10 +138,12 @@ def prefill_bucket(n: int, lazy_cfg: LazyConfig) -> int:
 
 
 def _norm_qk(cfg: LlamaConfig, p_layer, h_btd: jax.Array, positions_bt: jax.Array, weight: str) -> jax.Array:
-  """Post-RoPE queries (weight='q_dnh') or keys ('k_dkh') of one layer: [B, T, heads, H]."""
+  """Post-RoPE queries (weight='q') or keys ('k') of one layer: [B, T, heads, H]."""
   x_btd = model.RMSNorm(cfg.rms_eps).apply({"params": p_layer["attn_norm"]}, h_btd)
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
-  return apply_rope(model.contract("BTD,DNH->BTNH", x_btd, p_layer[weight]), sin_bth, cos_bth)
+  heads_axes = cfg.weight_axes(weight).replace("D", "")  # NH or KH
+  q_or_k = model.project(cfg, weight, p_layer[cfg.weight_name(weight)], x_btd, "BTD", "BT" + heads_axes)
+  return apply_rope(q_or_k, sin_bth, cos_bth)
 
 
 def _row_probs(cfg: LlamaConfig, q_bwnh: jax.Array, k_bskh: jax.Array, visible_bws: jax.Array) -> jax.Array:
@@ -164,11 +166,11 @@ def score_tokens(params, cfg: LlamaConfig, layer: int, h_bnd: jax.Array, positio
   tokens before the last one (their rows, never the full matrix), averaged over heads and rows. Returns scores
   [B, N] and keys [B, N, K, H]."""
   p = model.layer_params(params, layer)
-  k_bnkh = _norm_qk(cfg, p, h_bnd, positions_bn, "k_dkh")
+  k_bnkh = _norm_qk(cfg, p, h_bnd, positions_bn, "k")
   query_pos_bw = last_pos_b[:, None] - skip - jnp.arange(window)[None, :]
   match_bwn = (positions_bn[:, None, :] == query_pos_bw[:, :, None]) & valid_bn[:, None, :]
   h_query_bwd = jnp.take_along_axis(h_bnd, jnp.argmax(match_bwn, axis=2)[:, :, None], axis=1)
-  q_bwnh = _norm_qk(cfg, p, h_query_bwd, query_pos_bw, "q_dnh")
+  q_bwnh = _norm_qk(cfg, p, h_query_bwd, query_pos_bw, "q")
   visible_bwn = (valid_bn[:, None, :] & (positions_bn[:, None, :] <= query_pos_bw[:, :, None])
                  & jnp.any(match_bwn, axis=2, keepdims=True))
   return _row_probs(cfg, q_bwnh, k_bnkh, visible_bwn), k_bnkh
@@ -334,7 +336,7 @@ def _revive(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: LazyState, en
   budget = min(lazy_cfg.revive_budget, s)
   for layer in lazy_cfg.prune_layers:
     p = model.layer_params(params, layer)
-    q_b1nh = _norm_qk(cfg, p, entering_lbd[layer][:, None], pos_b[:, None], "q_dnh")
+    q_b1nh = _norm_qk(cfg, p, entering_lbd[layer][:, None], pos_b[:, None], "q")
     candidate_bs = (state.aux_layer_bs == layer) & active_b[:, None]
     computed_bs = state.computed_lbs[layer] > 0
     k_bskh = jnp.where(candidate_bs[:, :, None, None], state.aux_k_bskh, state.cache.k[layer].swapaxes(1, 2))

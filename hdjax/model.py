@@ -16,6 +16,7 @@ differ only in their positions, slots and mask; a prefill instead attends blockw
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 
 from hdjax import sharding
 from hdjax.attention import apply_rope, attend, blocked_causal_attention, rope_sin_cos
-from hdjax.config import LlamaConfig
+from hdjax.config import WEIGHT_AXES, LlamaConfig
 from hdjax.control import run_if
 from hdjax.kvcache import KVCache
 
@@ -43,10 +44,23 @@ class RMSNorm(nn.Module):
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * scale_d
 
 
-def contract(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
-  """A weight contraction: the activation is cast to the weight's dtype and the sum accumulates in fp32 (bf16 dots
-  without an fp32 result are slow on XLA:CPU, and fail on its unfused path)."""
-  return jnp.einsum(spec, x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+def contract(spec: str, x: jax.Array, w: jax.Array, feature_major_rows: int = 0) -> jax.Array:
+  """A weight contraction "x_axes,w_axes->out_axes": the activation is cast to the weight's dtype and the sum
+  accumulates in fp32 (bf16 dots without an fp32 result are slow on XLA:CPU, and fail on its unfused path).
+
+  Over at most `feature_major_rows` rows (the product of x's kept axes) the weight's own output axes come first:
+  W @ X^T into a feature-major result, transposed after an optimization barrier (without it XLA folds the
+  transpose back into the dot). With W stored [out, in], XLA:CPU's fp32 GEMM ran a 30-layer step ~1.3x faster at
+  1 row and ~1.5x at 4-16 rows that way (README, "fp32 steps on an AVX2 CPU")."""
+  x_axes, w_axes = spec.split("->")[0].split(",")
+  out_axes = spec.split("->")[1]
+  x = x.astype(w.dtype)
+  rows = math.prod(n for axis, n in zip(x_axes, x.shape) if axis in out_axes)
+  if rows > feature_major_rows:
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+  feature_major = "".join(a for a in w_axes if a in out_axes) + "".join(a for a in x_axes if a in out_axes)
+  y = jnp.einsum(f"{w_axes},{x_axes}->{feature_major}", w, x, preferred_element_type=jnp.float32)
+  return jnp.einsum(f"{feature_major}->{out_axes}", jax.lax.optimization_barrier(y))
 
 
 def write_kv(k_lbksh: jax.Array, v_lbksh: jax.Array, layer_idx, slots_bt: jax.Array, k_btkh: jax.Array,
@@ -56,6 +70,15 @@ def write_kv(k_lbksh: jax.Array, v_lbksh: jax.Array, layer_idx, slots_bt: jax.Ar
   # the indexed view of a [L, B, K, S, H] cache at (layer, b, :, slot) is [B, T, K, H]
   return (k_lbksh.at[layer_idx, b_idx, :, slots_bt].set(k_btkh.astype(k_lbksh.dtype), mode="drop"),
           v_lbksh.at[layer_idx, b_idx, :, slots_bt].set(v_btkh.astype(v_lbksh.dtype), mode="drop"))
+
+
+LAYER_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def project(cfg: LlamaConfig, weight: str, w: jax.Array, x: jax.Array, x_axes: str, out_axes: str) -> jax.Array:
+  """The contraction of activations `x` (axes `x_axes`) with `weight` (a key of `config.WEIGHT_AXES`) stored in the
+  config's layout."""
+  return contract(f"{x_axes},{cfg.weight_axes(weight)}->{out_axes}", x, w, cfg.feature_major_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -68,35 +91,35 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     init = nn.initializers.normal(0.02)
-    d, n, k, hd, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.ffn_dim
-    self.q_dnh = self.param("q_dnh", init, (d, n, hd), dtype)
-    self.k_dkh = self.param("k_dkh", init, (d, k, hd), dtype)
-    self.v_dkh = self.param("v_dkh", init, (d, k, hd), dtype)
-    self.o_nhd = self.param("o_nhd", init, (n, hd, d), dtype)
-    self.gate_df = self.param("gate_df", init, (d, f), dtype)
-    self.up_df = self.param("up_df", init, (d, f), dtype)
-    self.down_fd = self.param("down_fd", init, (f, d), dtype)
+    dims = dict(D=cfg.d_model, N=cfg.n_heads, K=cfg.n_kv_heads, H=cfg.head_dim, F=cfg.ffn_dim)
+    self.weights = {w: self.param(cfg.weight_name(w), init, tuple(dims[a] for a in cfg.weight_axes(w)), dtype)
+                    for w in LAYER_WEIGHTS}
     self.attn_norm = RMSNorm(cfg.rms_eps)
     self.mlp_norm = RMSNorm(cfg.rms_eps)
+
+  def project(self, weight: str, x, x_axes: str, out_axes: str):
+    return project(self.cfg, weight, self.weights[weight], x, x_axes, out_axes)
 
   def project_qkv(self, h_btd, sin_bth, cos_bth):
     """Queries [B, T, N, H] and keys [B, T, K, H] after RoPE, values [B, T, K, H]; all fp32."""
     x_btd = self.attn_norm(h_btd)
-    q_btnh = apply_rope(contract("BTD,DNH->BTNH", x_btd, self.q_dnh), sin_bth, cos_bth)
-    k_btkh = apply_rope(contract("BTD,DKH->BTKH", x_btd, self.k_dkh), sin_bth, cos_bth)
-    return q_btnh, k_btkh, contract("BTD,DKH->BTKH", x_btd, self.v_dkh)
+    q_btnh = apply_rope(self.project("q", x_btd, "BTD", "BTNH"), sin_bth, cos_bth)
+    k_btkh = apply_rope(self.project("k", x_btd, "BTD", "BTKH"), sin_bth, cos_bth)
+    return q_btnh, k_btkh, self.project("v", x_btd, "BTD", "BTKH")
 
   def finish(self, h_btd, attn_btnh):
     """The output projection's residual, then the MLP's."""
     b, t, n, hd = attn_btnh.shape
-    # one [N * H, D] contraction over the heads' outputs in (head, dim) order: as "BTNH,NHD->BTD", XLA:CPU chose to
-    # copy the whole [N, H, D] weight into (dim, head) order every step (~0.08 ms per layer, profiled) instead of the
-    # activation
-    h_btd = h_btd + contract("BTE,ED->BTD", attn_btnh.reshape(b, t, n * hd), self.o_nhd.reshape(n * hd, -1))
+    # one contraction over the heads' outputs flattened in (head, dim) order, E = N * H: as "BTNH,NHD->BTD",
+    # XLA:CPU chose to copy the whole [N, H, D] weight into (dim, head) order every step (~0.08 ms per layer,
+    # profiled) instead of the activation
+    o_axes = self.cfg.weight_axes("o").replace("NH", "E")
+    o_e = self.weights["o"].reshape([n * hd if a == "E" else -1 for a in o_axes])
+    h_btd = h_btd + contract(f"BTE,{o_axes}->BTD", attn_btnh.reshape(b, t, n * hd), o_e, self.cfg.feature_major_rows)
     x_btd = self.mlp_norm(h_btd)
-    gate_btf = contract("BTD,DF->BTF", x_btd, self.gate_df)
-    up_btf = contract("BTD,DF->BTF", x_btd, self.up_df)
-    return h_btd + contract("BTF,FD->BTD", jax.nn.silu(gate_btf) * up_btf, self.down_fd)
+    gate_btf = self.project("gate", x_btd, "BTD", "BTF")
+    up_btf = self.project("up", x_btd, "BTD", "BTF")
+    return h_btd + self.project("down", jax.nn.silu(gate_btf) * up_btf, "BTF", "BTD")
 
   def prefill(self, h_btd, sin_bth, cos_bth, positions_bt, k_lbksh, v_lbksh, slots_bt, layer_idx, block):
     """A prompt's layer: K/V written at `slots_bt` (0..T-1; >= S for padding, which is never attended), queries
@@ -123,7 +146,7 @@ class DecoderLayer(nn.Module):
 
 class Embedder(nn.Module):
   """Token embedding, final norm and LM head (tied to the embedding when the config says so; a tied head may also
-  be kept as its own [D, V] copy, `cfg.untie_head`, which `tie_head_copy` fills)."""
+  be kept as its own copy, `cfg.untie_head`, which `with_layout` fills)."""
 
   cfg: LlamaConfig
 
@@ -133,9 +156,10 @@ class Embedder(nn.Module):
     self.embedding_vd = self.param("embedding_vd", nn.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                                    dtype)
     self.final_norm = RMSNorm(cfg.rms_eps)
-    if has_head_dv(cfg):
-      self.lm_head_dv = self.param("lm_head_dv", nn.initializers.normal(0.02), (cfg.d_model, cfg.vocab_size),
-                                   dtype)
+    if has_own_head(cfg):
+      dims = dict(D=cfg.d_model, V=cfg.vocab_size)
+      self.lm_head = self.param(cfg.weight_name("lm_head"), nn.initializers.normal(0.02),
+                                tuple(dims[a] for a in cfg.weight_axes("lm_head")), dtype)
 
   def encode(self, tokens_bt):
     return jnp.take(self.embedding_vd, tokens_bt, axis=0).astype(jnp.float32)
@@ -147,28 +171,50 @@ class Embedder(nn.Module):
     """Logits [B, T, V] in fp32 from already-normalized hidden states (rows padded to `cfg.row_multiple`)."""
     t = x_btd.shape[1]
     x_btd = pad_rows(x_btd, self.cfg.row_multiple)
-    if has_head_dv(self.cfg):
-      return contract("BTD,DV->BTV", x_btd, self.lm_head_dv)[:, :t]
-    return contract("BTD,VD->BTV", x_btd, self.embedding_vd)[:, :t]
+    if has_own_head(self.cfg):
+      return project(self.cfg, "lm_head", self.lm_head, x_btd, "BTD", "BTV")[:, :t]
+    return contract("BTD,VD->BTV", x_btd, self.embedding_vd, self.cfg.feature_major_rows)[:, :t]
 
   def __call__(self, tokens_bt):
     h = self.encode(tokens_bt)
     return self.decode(self.normalize(h))
 
 
-def has_head_dv(cfg: LlamaConfig) -> bool:
+def has_own_head(cfg: LlamaConfig) -> bool:
+  """Whether the embedder holds an LM head weight apart from the embedding (`cfg.weight_name("lm_head")`)."""
   return not cfg.tie_embeddings or cfg.untie_head
 
 
-def tie_head_copy(cfg: LlamaConfig, params: Params) -> Params:
-  """Params whose embedder holds `lm_head_dv` exactly when the config wants it: for a tied head, the embedding's
-  transpose (added or dropped here, so one checkpoint serves both layouts)."""
-  if not cfg.tie_embeddings:
-    return params
-  embedder = {k: v for k, v in params["embedder"].items() if k != "lm_head_dv"}
-  if cfg.untie_head:
-    embedder["lm_head_dv"] = embedder["embedding_vd"].T
-  return dict(params, embedder=embedder)
+def head_weight(cfg: LlamaConfig, embedder: Params) -> tuple[jax.Array, str]:
+  """The LM head's weight and its axes ("DV" or "VD")."""
+  if has_own_head(cfg):
+    return embedder[cfg.weight_name("lm_head")], cfg.weight_axes("lm_head")
+  return embedder["embedding_vd"], "VD"
+
+
+def with_layout(cfg: LlamaConfig, params: Params) -> Params:
+  """Params in the config's weight layout, from params in either (each weight transposed and renamed where its
+  stored layout differs; `config.WEIGHT_AXES`), with the LM head a tied model keeps as its own copy exactly when
+  the config wants one (`cfg.untie_head`: the embedding's transpose, added or dropped here). Loaders and
+  checkpoints may hold either layout; the engine's steps expect the config's."""
+  def relayout(tree: Params) -> Params:
+    out = {}
+    for name, x in tree.items():
+      weight, _, axes = name.rpartition("_")
+      if weight in WEIGHT_AXES and axes.upper() in WEIGHT_AXES[weight]:
+        want = cfg.weight_axes(weight)
+        x = x.transpose([axes.upper().index(a) for a in want])
+        name = cfg.weight_name(weight)
+      out[name] = x
+    return out
+
+  embedder = relayout(params["embedder"])
+  if cfg.tie_embeddings:
+    embedder = {k: v for k, v in embedder.items() if not k.startswith("lm_head_")}
+    if cfg.untie_head:
+      embedder[cfg.weight_name("lm_head")] = embedder["embedding_vd"].transpose(
+          ["VD".index(a) for a in cfg.weight_axes("lm_head")])
+  return dict(params, embedder=embedder, layers=tuple(relayout(layer) for layer in params["layers"]))
 
 
 def pad_rows(x_bt: jax.Array, multiple: int) -> jax.Array:
@@ -189,7 +235,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
   dummy = _dummy_layer_inputs(cfg)
   stacked = jax.vmap(lambda k: layer.init(k, *dummy)["params"])(jax.random.split(k_layers, cfg.n_layers))
   layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.n_layers))
-  return tie_head_copy(cfg, {"embedder": embedder, "layers": layers})
+  return with_layout(cfg, {"embedder": embedder, "layers": layers})
 
 
 def _dummy_layer_inputs(cfg: LlamaConfig):

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from hdjax.config import WEIGHT_AXES
 from hdjax.errors import HdjaxError
 
 log = logging.getLogger(__name__)
@@ -45,17 +46,15 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("mlp", "model"),
 )
 
-# Logical axes of every param, by its name in `model.py` (each decoder layer has its own params).
+# The logical axis of each of `model.py`'s axis letters.
+AXIS_LETTERS = {"D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp", "V": "vocab"}
+
+# Logical axes of every param, by its name in `model.py` (each decoder layer has its own params), in both weight
+# layouts (`config.WEIGHT_AXES`).
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "embedding_vd": ("vocab", "embed"),
-    "lm_head_dv": ("embed", "vocab"),
-    "q_dnh": ("embed", "heads", "head_dim"),
-    "k_dkh": ("embed", "kv_heads", "head_dim"),
-    "v_dkh": ("embed", "kv_heads", "head_dim"),
-    "o_nhd": ("heads", "head_dim", "embed"),
-    "gate_df": ("embed", "mlp"),
-    "up_df": ("embed", "mlp"),
-    "down_fd": ("mlp", "embed"),
+    **{f"{weight}_{axes.lower()}": tuple(AXIS_LETTERS[a] for a in axes)
+       for weight, layouts in WEIGHT_AXES.items() for axes in layouts},
     "scale": ("embed",),  # RMSNorm scales: attn_norm, mlp_norm, final_norm
 }
 

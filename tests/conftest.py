@@ -7,7 +7,7 @@ import pytest
 
 import hdjax
 from hdjax import model
-from hdjax.api import LM, params_to_device
+from hdjax.api import LM, engine_settings, params_to_device
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +16,10 @@ def smollm() -> LM:
 
 
 def make_tiny_lm(seed: int = 0, **cfg_changes) -> LM:
-  cfg = hdjax.PRESETS["tiny"].replace(**cfg_changes)
+  """The tiny preset with random weights, in the engine's layout for its dtype on this backend (as `hdjax.load`
+  gives), unless `cfg_changes` say otherwise."""
+  preset = hdjax.PRESETS["tiny"]
+  cfg = preset.replace(**{**engine_settings(cfg_changes.get("dtype", preset.dtype)), **cfg_changes})
   params = model.init_params(cfg, jax.random.key(seed))
   return LM(cfg, params_to_device(params, cfg), tokenizer=None, name="tiny")
 

@@ -101,7 +101,8 @@ def test_without_verification_keeps_the_early_tokens(deep_tiny):
 def _skip_late_layers(lm: LM, first_skipped: int) -> LM:
   """Layers >= first_skipped add nothing to the residual stream (their K/V still exist): an identity head at
   first_skipped predicts exactly what the full model does."""
-  layers = tuple(dict(p, o_nhd=p["o_nhd"] * 0.0, down_fd=p["down_fd"] * 0.0) if i >= first_skipped else p
+  o, down = lm.cfg.weight_name("o"), lm.cfg.weight_name("down")
+  layers = tuple(dict(p, **{o: p[o] * 0.0, down: p[down] * 0.0}) if i >= first_skipped else p
                  for i, p in enumerate(lm.params["layers"]))
   return LM(lm.cfg, dict(lm.params, layers=layers), None, name="tiny-skip")
 

@@ -24,9 +24,10 @@ def tiny_data():
   lm = make_tiny_lm(0)
   # a random tiny model is almost uniform at the output and its last layer barely moves the residual stream:
   # sharpen the LM head and amplify the last layer so that intermediate heads have something to learn
-  embedder = dict(lm.params["embedder"], lm_head_dv=lm.params["embedder"]["lm_head_dv"] * 50.0)
+  head, down = lm.cfg.weight_name("lm_head"), lm.cfg.weight_name("down")
+  embedder = dict(lm.params["embedder"], **{head: lm.params["embedder"][head] * 50.0})
   last = lm.params["layers"][-1]
-  layers = lm.params["layers"][:-1] + (dict(last, down_fd=last["down_fd"] * 30.0),)
+  layers = lm.params["layers"][:-1] + (dict(last, **{down: last[down] * 30.0}),)
   lm.params = dict(lm.params, embedder=embedder, layers=layers)
   rng = np.random.default_rng(0)
   seqs = [rng.integers(3, lm.cfg.vocab_size, size=32).tolist() for _ in range(8)]

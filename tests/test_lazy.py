@@ -80,8 +80,8 @@ def test_scores_are_the_last_rows_of_full_attention(lm8, window):
   h = lazy.model.embed(lm8.params, cfg, tokens)
   scores, _ = lazy.score_tokens(lm8.params, cfg, 0, h, pos, jnp.ones((1, 40), bool), jnp.asarray([39]), window)
   p = lazy.model.layer_params(lm8.params, 0)
-  q = np.asarray(lazy._norm_qk(cfg, p, h, pos, "q_dnh"))[0]  # pylint: disable=protected-access
-  k = np.asarray(lazy._norm_qk(cfg, p, h, pos, "k_dkh"))[0]  # pylint: disable=protected-access
+  q = np.asarray(lazy._norm_qk(cfg, p, h, pos, "q"))[0]  # pylint: disable=protected-access
+  k = np.asarray(lazy._norm_qk(cfg, p, h, pos, "k"))[0]  # pylint: disable=protected-access
   k_full = np.repeat(k, cfg.q_per_kv, axis=1)  # [T, N, H]
   logits = np.einsum("tnh,snh->nts", q, k_full) / np.sqrt(cfg.head_dim)
   logits = np.where(np.tril(np.ones((40, 40), bool))[None], logits, -np.inf)

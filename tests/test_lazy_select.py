@@ -45,8 +45,8 @@ def test_skipped_scores_are_earlier_rows_of_full_attention(lm8, window, skip):  
   scores, _ = lazy.score_tokens(lm8.params, cfg, 0, h, pos, jnp.ones((1, n), bool), jnp.asarray([n - 1]), window,
                                 skip)
   p = lazy.model.layer_params(lm8.params, 0)
-  q = np.asarray(lazy._norm_qk(cfg, p, h, pos, "q_dnh"))[0]  # pylint: disable=protected-access
-  k = np.asarray(lazy._norm_qk(cfg, p, h, pos, "k_dkh"))[0]  # pylint: disable=protected-access
+  q = np.asarray(lazy._norm_qk(cfg, p, h, pos, "q"))[0]  # pylint: disable=protected-access
+  k = np.asarray(lazy._norm_qk(cfg, p, h, pos, "k"))[0]  # pylint: disable=protected-access
   k = np.repeat(k, cfg.q_per_kv, axis=1)
   logits = np.einsum("tnh,snh->nts", q, k) / np.sqrt(cfg.head_dim)
   logits = np.where(np.tril(np.ones((n, n), bool))[None], logits, -np.inf)

@@ -12,6 +12,7 @@ import hdjax
 from hdjax import attention, kvcache, model
 from hdjax.api import resolve_path
 from hdjax.config import RopeScaling
+from hdjax.errors import HdjaxError
 from hdjax.weights import convert, gguf
 from tests.conftest import make_tiny_lm
 from tests.numpy_reference import numpy_logits
@@ -119,7 +120,8 @@ def test_each_layer_has_its_own_buffers(tiny_lm):
   shapes = jax.tree.map(lambda x: x.shape, tiny_lm.params)
   cfg = tiny_lm.cfg
   assert len(shapes["layers"]) == cfg.n_layers
-  assert shapes["layers"][1]["q_dnh"] == (cfg.d_model, cfg.n_heads, cfg.head_dim)
+  want_q = dict(q_dnh=(cfg.d_model, cfg.n_heads, cfg.head_dim), q_nhd=(cfg.n_heads, cfg.head_dim, cfg.d_model))
+  assert shapes["layers"][1][cfg.weight_name("q")] == want_q[cfg.weight_name("q")]
   assert shapes["layers"][1]["attn_norm"]["scale"] == (cfg.d_model,)
 
 
@@ -238,6 +240,34 @@ def test_blocked_attention_skips_blocks_above_the_diagonal():
   assert np.isfinite(np.asarray(out)[:, :12]).all()
 
 
+@pytest.mark.parametrize("tie", [False, True])
+def test_both_weight_layouts_compute_the_same_logits(tie):
+  """fp32 weights stored [out, in] and contracted feature-major over few rows (the CPU engine's layout) give the
+  input-major layout's logits, for a decode row, a verify block and a prefill-sized block; `with_layout` converts
+  either way and back without changing a value."""
+  from hdjax.api import params_to_device  # pylint: disable=import-outside-toplevel
+  lm = make_tiny_lm(seed=3, tie_embeddings=tie, weights_out_major=False, feature_major_rows=0)
+  params_np = jax.device_get(lm.params)
+  out_major = lm.cfg.replace(weights_out_major=True, feature_major_rows=4)
+  params_om = params_to_device(params_np, out_major)
+  assert set(params_om["layers"][0]) == {"attn_norm", "mlp_norm", "q_nhd", "k_khd", "v_khd", "o_dnh", "gate_fd",
+                                         "up_fd", "down_df"}
+  assert ("lm_head_vd" in params_om["embedder"]) == (not tie) and "lm_head_dv" not in params_om["embedder"]
+  np.testing.assert_array_equal(params_om["layers"][1]["o_dnh"], np.transpose(params_np["layers"][1]["o_nhd"],
+                                                                               (2, 0, 1)))
+  back = jax.device_get(model.with_layout(lm.cfg, params_om))
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params_np)):
+    np.testing.assert_array_equal(x, y)
+  ids = [5, 9, 1, 77, 3, 3, 100, 42, 8, 17]
+  for n in (1, 3, 10):  # 1 and 3 rows feature-major (<= 4), 10 rows the plain contraction
+    np.testing.assert_allclose(hdjax.LM(out_major, params_om, None).logits(ids[:n]), lm.logits(ids[:n]), atol=2e-5)
+
+
+def test_feature_major_rows_needs_out_major_weights():
+  with pytest.raises(HdjaxError, match="needs weights_out_major"):
+    hdjax.PRESETS["tiny"].replace(feature_major_rows=8)
+
+
 def test_bf16_engine_tracks_fp32():
   """bf16 weights with fp32 accumulation, padded rows and a [D, V] copy of the tied head: logits close to fp32,
   and padding rows changes nothing in the real ones (a 1-row step padded to 8 == the first row of 8)."""
@@ -249,7 +279,7 @@ def test_bf16_engine_tracks_fp32():
   params16 = params_to_device(params_np, cfg16)
   np.testing.assert_array_equal(np.asarray(params16["embedder"]["lm_head_dv"], np.float32),
                                 np.asarray(params16["embedder"]["embedding_vd"], np.float32).T)
-  assert params16["layers"][0]["q_dnh"].dtype == jnp.bfloat16
+  assert params16["layers"][0]["q_dnh"].dtype == jnp.bfloat16  # bf16 keeps the input-major layout
   assert params16["layers"][0]["attn_norm"]["scale"].dtype == jnp.float32
   ids = [5, 9, 1, 77, 3, 3, 100, 42]
   ref = lm.logits(ids)

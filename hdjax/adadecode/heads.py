@@ -71,10 +71,9 @@ def head_logits(params, cfg: LlamaConfig, t_dd: jax.Array, h_btd: jax.Array) -> 
 
 def head_rows(params, cfg: LlamaConfig, ids_n: jax.Array) -> jax.Array:
   """Rows [N, D] of the LM head E* for token ids `ids_n`, in the weights' dtype."""
-  embedder = params["embedder"]
-  if model.has_head_dv(cfg):
-    return jnp.take(embedder["lm_head_dv"], ids_n, axis=1).T
-  return jnp.take(embedder["embedding_vd"], ids_n, axis=0)
+  w, axes = model.head_weight(cfg, params["embedder"])
+  rows_nd = jnp.take(w, ids_n, axis=axes.index("V"))
+  return rows_nd if axes == "VD" else rows_nd.T
 
 
 @jax.jit

@@ -6,7 +6,7 @@ import numpy as np
 
 from hdjax.config import LlamaConfig
 from hdjax.errors import HdjaxError
-from hdjax.model import Params
+from hdjax.model import Params, with_layout
 
 
 def _layer_entries(cfg: LlamaConfig):
@@ -52,7 +52,8 @@ def check_tensor(name: str, w: np.ndarray, shape: tuple[int, ...]) -> None:
 
 
 def params_from_hf_state(cfg: LlamaConfig, state: dict[str, np.ndarray]) -> Params:
-  """fp32 numpy params from an HF-named state dict, each tensor checked for its shape and finite values."""
+  """fp32 numpy params from an HF-named state dict, each tensor checked for its shape and finite values, in the
+  input-major layout (`model.with_layout` gives the engine's)."""
   shapes = hf_shapes(cfg)
 
   def get(name):
@@ -77,7 +78,8 @@ def params_from_hf_state(cfg: LlamaConfig, state: dict[str, np.ndarray]) -> Para
 
 
 def hf_state_from_params(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
-  """The inverse of `params_from_hf_state` (fp32 numpy)."""
+  """The inverse of `params_from_hf_state` (fp32 numpy), from params in either weight layout."""
+  params = with_layout(cfg.replace(weights_out_major=False, feature_major_rows=0, untie_head=False), params)
   layers = params["layers"]
   state = {"model.embed_tokens.weight": np.asarray(params["embedder"]["embedding_vd"], np.float32),
            "model.norm.weight": np.asarray(params["embedder"]["final_norm"]["scale"], np.float32)}
