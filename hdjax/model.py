@@ -228,10 +228,12 @@ def pad_rows(x_bt: jax.Array, multiple: int) -> jax.Array:
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
-  """Random params: {'embedder': ..., 'layers': a tuple of L per-layer dicts}."""
+  """Random params: {'embedder': ..., 'layers': a tuple of L per-layer dicts}; drawn in the input-major layout
+  and then put in the config's, so a key gives the same model in either layout."""
   k_emb, k_layers = jax.random.split(key)
-  embedder = Embedder(cfg).init(k_emb, jnp.zeros((1, 1), jnp.int32))["params"]
-  layer = DecoderLayer(cfg)
+  drawn = cfg.replace(weights_out_major=False, feature_major_rows=0, untie_head=False)
+  embedder = Embedder(drawn).init(k_emb, jnp.zeros((1, 1), jnp.int32))["params"]
+  layer = DecoderLayer(drawn)
   dummy = _dummy_layer_inputs(cfg)
   stacked = jax.vmap(lambda k: layer.init(k, *dummy)["params"])(jax.random.split(k_layers, cfg.n_layers))
   layers = tuple(jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(cfg.n_layers))

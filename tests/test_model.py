@@ -256,8 +256,11 @@ def test_both_weight_layouts_compute_the_same_logits(tie):
   np.testing.assert_array_equal(params_om["layers"][1]["o_dnh"], np.transpose(params_np["layers"][1]["o_nhd"],
                                                                                (2, 0, 1)))
   back = jax.device_get(model.with_layout(lm.cfg, params_om))
-  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(params_np)):
+  drawn = jax.device_get(model.init_params(out_major, jax.random.key(3)))  # one key, one model, either layout
+  for x, y, z in zip(jax.tree.leaves(back), jax.tree.leaves(params_np),
+                     jax.tree.leaves(model.with_layout(lm.cfg, drawn))):
     np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(z, y)
   ids = [5, 9, 1, 77, 3, 3, 100, 42, 8, 17]
   for n in (1, 3, 10):  # 1 and 3 rows feature-major (<= 4), 10 rows the plain contraction
     np.testing.assert_allclose(hdjax.LM(out_major, params_om, None).logits(ids[:n]), lm.logits(ids[:n]), atol=2e-5)
