@@ -266,6 +266,16 @@ def test_both_weight_layouts_compute_the_same_logits(tie):
     np.testing.assert_allclose(hdjax.LM(out_major, params_om, None).logits(ids[:n]), lm.logits(ids[:n]), atol=2e-5)
 
 
+def test_engine_layout_is_out_major_for_fp32_on_cpu_only():
+  from hdjax.api import engine_settings  # pylint: disable=import-outside-toplevel
+  for dtype, backend, out_major in [("float32", "cpu", True), ("bfloat16", "cpu", False), ("float32", "gpu", False),
+                                    ("bfloat16", "tpu", False)]:
+    settings = engine_settings(dtype, backend)
+    assert settings["weights_out_major"] == out_major
+    assert settings["feature_major_rows"] == (64 if out_major else 0)
+    hdjax.PRESETS["tiny"].replace(dtype=dtype, **settings)  # a valid config
+
+
 def test_feature_major_rows_needs_out_major_weights():
   with pytest.raises(HdjaxError, match="needs weights_out_major"):
     hdjax.PRESETS["tiny"].replace(feature_major_rows=8)
