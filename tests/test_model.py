@@ -243,8 +243,8 @@ def test_blocked_attention_skips_blocks_above_the_diagonal():
 @pytest.mark.parametrize("tie", [False, True])
 def test_both_weight_layouts_compute_the_same_logits(tie):
   """fp32 weights stored [out, in] and contracted feature-major over few rows (the CPU engine's layout) give the
-  input-major layout's logits, for a decode row, a verify block and a prefill-sized block; `with_layout` converts
-  either way and back without changing a value."""
+  input-major layout's logits at 1 and 3 rows (feature-major) and 10 rows (over the limit of 4: the plain product
+  on [out, in] weights); `with_layout` converts either way and back without changing a value."""
   from hdjax.api import params_to_device  # pylint: disable=import-outside-toplevel
   lm = make_tiny_lm(seed=3, tie_embeddings=tie, weights_out_major=False, feature_major_rows=0)
   params_np = jax.device_get(lm.params)
