@@ -94,6 +94,11 @@ class LlamaConfig:
   def weight_name(self, weight: str) -> str:
     return f"{weight}_{self.weight_axes(weight).lower()}"
 
+  def input_major(self) -> "LlamaConfig":
+    """This config with its weights in the input-major layout and no extra LM-head copy: the layout of loaders'
+    and HF exports' params, and the one random params are drawn in."""
+    return self.replace(weights_out_major=False, feature_major_rows=0, untie_head=False)
+
   @property
   def q_per_kv(self) -> int:
     return self.n_heads // self.n_kv_heads

@@ -231,7 +231,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
   """Random params: {'embedder': ..., 'layers': a tuple of L per-layer dicts}; drawn in the input-major layout
   and then put in the config's, so a key gives the same model in either layout."""
   k_emb, k_layers = jax.random.split(key)
-  drawn = cfg.replace(weights_out_major=False, feature_major_rows=0, untie_head=False)
+  drawn = cfg.input_major()
   embedder = Embedder(drawn).init(k_emb, jnp.zeros((1, 1), jnp.int32))["params"]
   layer = DecoderLayer(drawn)
   dummy = _dummy_layer_inputs(cfg)

@@ -79,7 +79,7 @@ def params_from_hf_state(cfg: LlamaConfig, state: dict[str, np.ndarray]) -> Para
 
 def hf_state_from_params(cfg: LlamaConfig, params: Params) -> dict[str, np.ndarray]:
   """The inverse of `params_from_hf_state` (fp32 numpy), from params in either weight layout."""
-  params = with_layout(cfg.replace(weights_out_major=False, feature_major_rows=0, untie_head=False), params)
+  params = with_layout(cfg.input_major(), params)
   layers = params["layers"]
   state = {"model.embed_tokens.weight": np.asarray(params["embedder"]["embedding_vd"], np.float32),
            "model.norm.weight": np.asarray(params["embedder"]["final_norm"]["scale"], np.float32)}
