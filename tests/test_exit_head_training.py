@@ -1,5 +1,5 @@
 """Exit-head training: truncated ShareGPT streaming, KL training that helps, orbax resume == uninterrupted run,
-head save/load round trip with the vocabulary ranking."""
+head save/load round trip with the vocabulary ranking, heads read and folded once per version of their files."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdjax.adadecode import train
-from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads, load_heads, rank_vocab, save_heads
+from hdjax.adadecode import decode, heads as heads_lib, train
+from hdjax.adadecode.heads import (ExitHeads, head_logits, identity_heads, load_heads, load_vocab, rank_vocab,
+                                   save_heads)
 from hdjax import model
+from hdjax.decoding.request import GenerateRequest
+from hdjax.decoding.sampling import SamplingConfig
 from hdjax.errors import HdjaxError
 from tests.conftest import make_tiny_lm
 
@@ -145,3 +148,29 @@ def test_evaluate_counts_every_row(tiny_data):
   got = train.evaluate(lm.params, lm.cfg, t_idd, data, chunk=96)  # 224 rows: chunks of 96, 96 and 32
   np.testing.assert_allclose(got["agree"], agree_i, rtol=1e-6)
   np.testing.assert_allclose(got["kl"], kl_i, rtol=1e-4)
+
+
+def test_heads_are_read_and_folded_once_per_version_of_their_files(tmp_path, monkeypatch):
+  lm = make_tiny_lm(0)
+  d = lm.cfg.d_model
+  path = str(tmp_path / "h")
+  save_heads(path, ExitHeads((1, 3), jnp.ones((2, d, d)), (4, 0, 9)), "tiny")
+  reads = []
+  monkeypatch.setattr(heads_lib, "load_vocab", lambda *a: reads.append(a) or load_vocab(*a))
+
+  def request(**options):
+    return GenerateRequest(((1, 2),), 4, SamplingConfig(), 0, tuple(dict(heads=path, **options).items()))
+
+  first = decode.resolve_heads(lm, request())
+  folded = decode.loop_heads(lm, first, 2)
+  assert decode.resolve_heads(lm, request()) is first and len(reads) == 1  # one read from disk
+  assert all(a is b for a, b in zip(decode.loop_heads(lm, first, 2), folded))  # one fold
+  np.testing.assert_array_equal(np.asarray(folded[1]), [4, 0])
+  assert decode.resolve_heads(lm, request(head_layers=[3])).layers == (3,)
+  lm.params = jax.tree.map(lambda x: x * 2, lm.params)  # new params: folded again
+  assert not np.array_equal(np.asarray(decode.loop_heads(lm, first, 2)[0]), np.asarray(folded[0]))
+  save_heads(path, ExitHeads((2,), 2 * jnp.ones((1, d, d)), (7,)), "tiny")  # re-exported: read again
+  again = decode.resolve_heads(lm, request())
+  assert again.layers == (2,) and again.vocab_ids == (7,) and float(again.t_idd[0, 0, 0]) == 2.0
+  with pytest.raises(HdjaxError, match="list of integers"):
+    decode.resolve_heads(lm, request(head_layers=2))

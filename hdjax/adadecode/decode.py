@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import weakref
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -46,7 +47,7 @@ import numpy as np
 
 from hdjax import model
 from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_logits, identity_heads, load_heads,
-                                   load_vocab, reduced_heads, reduced_logits)
+                                   load_vocab, read_once, reduced_heads, reduced_logits)
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig, is_int
 from hdjax.control import switch_in_place
@@ -447,18 +448,29 @@ def select_heads(cfg: LlamaConfig, heads: ExitHeads, layers) -> ExitHeads:
   return ExitHeads(layers, heads.t_idd[jnp.asarray([heads.layers.index(l) for l in layers])], heads.vocab_ids)
 
 
+def _selected_heads(path: str, cfg: LlamaConfig, layers: tuple[int, ...] | None) -> ExitHeads:
+  heads = load_heads(path, cfg)
+  return select_heads(cfg, heads, layers or heads.layers)
+
+
+def _ranked_identity(path: str, cfg: LlamaConfig, layers: tuple[int, ...]) -> ExitHeads:
+  return dataclasses.replace(identity_heads(cfg, layers), vocab_ids=load_vocab(path, cfg))
+
+
 def resolve_heads(lm: LoadedModel, request: GenerateRequest, ranked: bool = False) -> ExitHeads:
   """`heads`: an ExitHeads, a directory saved by `save_heads`, or "identity" (the original LM head; `ranked`: with
   the committed heads' vocabulary ranking); `head_layers`: which of them to use (default: DEFAULT_LAYERS for
-  "identity" and the committed heads, else all)."""
+  "identity" and the committed heads, else all). Heads read from a directory are read once per version of its
+  files (`read_once`), so a request returns the same `ExitHeads` as the last one and `loop_heads` folds it once."""
   heads = request.option("heads", DEFAULT_HEADS_DIR)
   layers = request.option("head_layers")
+  layers = None if layers is None else check_layers(lm.cfg, layers)
   if heads == "identity":
-    identity = identity_heads(lm.cfg, layers or DEFAULT_LAYERS)
-    return dataclasses.replace(identity, vocab_ids=load_vocab(DEFAULT_HEADS_DIR, lm.cfg)) if ranked else identity
+    if ranked:
+      return read_once(_ranked_identity, DEFAULT_HEADS_DIR, lm.cfg, layers or DEFAULT_LAYERS)
+    return identity_heads(lm.cfg, layers or DEFAULT_LAYERS)
   if isinstance(heads, str):
-    layers = layers or (DEFAULT_LAYERS if heads == DEFAULT_HEADS_DIR else None)
-    heads = load_heads(heads, lm.cfg)
+    return read_once(_selected_heads, heads, lm.cfg, layers or (DEFAULT_LAYERS if heads == DEFAULT_HEADS_DIR else None))
   if not isinstance(heads, ExitHeads):
     raise HdjaxError(f"option heads must be a directory, 'identity' or an ExitHeads, got {type(heads).__name__}")
   return select_heads(lm.cfg, heads, layers or heads.layers)
@@ -481,13 +493,34 @@ def window_stats(counters: Counters, head_layers: tuple[int, ...], new_tokens: i
       mean_block_seqs=float(int(c.block_seqs) / max(int(c.layer_steps), 1)))
 
 
+class _Folded(NamedTuple):
+  params: Any  # the model's params when the heads were folded (a later `lm.params` folds again)
+  heads: ExitHeads  # kept alive, so that its id in the key is not reused
+  loop_heads: tuple[jax.Array, jax.Array | None]
+
+
+_FOLDED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {(id(heads), head_vocab): _Folded}
+_FOLDED_PER_MODEL = 8  # head sets kept per model
+
+
 def loop_heads(lm: LoadedModel, heads: ExitHeads, head_vocab: int) -> tuple[jax.Array, jax.Array | None]:
   """`adadecode_loop`'s (head_w, head_ids): the heads' [I, D, D] and None, or with `head_vocab` > 0 the reduced
-  heads [I, N, D] and their candidate ids [N]."""
+  heads [I, N, D] and their candidate ids [N], folded once per model, params and head set (`read_once` returns
+  the same `ExitHeads` until its files change)."""
+  per_model = _FOLDED.setdefault(lm, {})
+  key = (id(heads), head_vocab)
+  folded = per_model.get(key)
+  if folded is not None and folded.params is lm.params:
+    return folded.loop_heads
   if head_vocab == 0:
-    return jnp.asarray(heads.t_idd, jnp.float32), None
-  ids_n = candidate_ids(heads, head_vocab, lm.cfg.vocab_size)
-  return reduced_heads(lm.params, lm.cfg, heads.t_idd, ids_n), jnp.asarray(ids_n)
+    out = jnp.asarray(heads.t_idd, jnp.float32), None
+  else:
+    ids_n = candidate_ids(heads, head_vocab, lm.cfg.vocab_size)
+    out = reduced_heads(lm.params, lm.cfg, heads.t_idd, ids_n), jnp.asarray(ids_n)
+  if len(per_model) >= _FOLDED_PER_MODEL:
+    per_model.clear()
+  per_model[key] = _Folded(lm.params, heads, out)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

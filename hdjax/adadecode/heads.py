@@ -18,6 +18,7 @@ contraction instead of a [D, D] and a [V, D] one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -49,6 +50,8 @@ class ExitHeads:
 
 
 def check_layers(cfg: LlamaConfig, layers) -> tuple[int, ...]:
+  if not isinstance(layers, (list, tuple)) or not all(is_int(l) for l in layers):
+    raise HdjaxError(f"head layers must be a list of integers, got {layers!r}")
   layers = tuple(sorted({int(l) for l in layers}))
   if not layers or layers[0] < 1 or layers[-1] >= cfg.n_layers:
     raise HdjaxError(f"head layers must lie in [1, {cfg.n_layers - 1}], got {list(layers)}")
@@ -183,6 +186,34 @@ def load_heads(path: str, cfg: LlamaConfig) -> ExitHeads:
     raise HdjaxError(f"exit heads in {params_dir} have shape {t_idd.shape} (need {target['t_idd'].shape}) or "
                      f"non-finite values")
   return ExitHeads(layers, jnp.asarray(t_idd), load_vocab(path, cfg))
+
+
+def files_signature(path: str) -> tuple:
+  """(inode, mtime, size) of the directory `path` and of the files in it that `load_heads` reads (None for a
+  missing one): it changes when `save_heads` swaps in a new directory or a file is rewritten in place."""
+  signature = []
+  for name in ("", META_FILE, PARAMS_DIR, VOCAB_FILE):
+    try:
+      st = os.stat(os.path.join(path, name))
+    except OSError:
+      signature.append(None)
+      continue
+    signature.append((st.st_ino, st.st_mtime_ns, st.st_size))
+  return tuple(signature)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_version(reader, path: str, signature: tuple, cfg: LlamaConfig, *args):
+  del signature  # a key only: another version of the files is read again
+  return reader(path, cfg, *args)
+
+
+def read_once(reader, path: str, cfg: LlamaConfig, *args):
+  """`reader(path, cfg, *args)` (a module-level function that reads heads saved by `save_heads`, `args`
+  hashable), read from disk once per version of the directory's files (`files_signature`): orbax's restore and the
+  ranking's checks took ~60-130 ms of every AdaDecode request. A read that fails is not kept."""
+  path = os.path.abspath(path)
+  return _read_version(reader, path, files_signature(path), cfg, *args)
 
 
 def load_vocab(path: str, cfg: LlamaConfig) -> tuple[int, ...]:
