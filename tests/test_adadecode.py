@@ -160,6 +160,23 @@ def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   assert min(r.stats["mean_block_seqs"] for r in batch) < 4.0
 
 
+def test_in_step_batch_exits_together_and_keeps_the_tokens(deep_tiny):
+  """`in_step`: a batch's sequences exit at a head all together or not at all, so every layer step runs the whole
+  batch (no packed blocks) and each sequence's window has the same exits; the tokens stay `ar`'s. Decoded on their
+  own heads, the same sequences exit at different steps."""
+  prompts = _prompts(5, deep_tiny.cfg.vocab_size)
+  options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.1, max_pending=3)
+  own = deep_tiny.generate(prompts, method="adadecode", **options)
+  in_step = deep_tiny.generate(prompts, method="adadecode", in_step=True, **options)
+  ar_tokens = [r.token_ids for r in deep_tiny.generate(prompts, method="ar", max_new_tokens=24)]
+  assert [r.token_ids for r in in_step] == [r.token_ids for r in own] == ar_tokens
+  assert all(len(t) == 24 for t in ar_tokens)  # no sequence stops early
+  assert own[0].stats["exits"] != own[1].stats["exits"]
+  assert in_step[0].stats["exits"] == in_step[1].stats["exits"] and sum(in_step[0].stats["exits"]) > 0
+  assert all(r.stats["mean_block_seqs"] == 2.0 for r in in_step)
+  assert min(r.stats["mean_block_seqs"] for r in own) < 2.0
+
+
 def test_no_recompile_per_token_or_prompt(deep_tiny):
   heads = _random_heads(0, 64, 1.0)
   # the warm-up has the batch size of the calls below (the compile depends on it), so the test holds when run alone

@@ -23,7 +23,9 @@ window.
 A batch decodes in the same loop: each iteration runs the lowest layer that an active sequence's group waits at,
 for every sequence whose group waits there (the others sit the layer out and finished sequences never take part),
 so the layer's weights are read once for the batch while each sequence's tokens, exits and verifications are
-exactly those of decoding it alone. The sequences taking part are packed into a static bucket of 1, 2, 4, ... B
+exactly those of decoding it alone. With `in_step` a head's exit is taken only when every sequence taking part
+exits there: the batch then runs each segment once for all its sequences, never a segment for the few that
+exited while the rest wait (the tokens are unchanged, the exits are fewer). The sequences taking part are packed into a static bucket of 1, 2, 4, ... B
 of them (their hidden states and that layer's K/V gathered, the written rows scattered back): an iteration's
 layer, exit-head and verification contractions grow with the sequences taking part, not with B.
 
@@ -79,6 +81,9 @@ class AdaDecodeConfig:
   # DEFAULT_HEAD_VOCAB for the committed heads, 0 for others
   head_vocab: int | None = None
   verify: bool = True  # False: the paper's ablation that keeps every early token unchecked (not lossless)
+  # a batch's sequences exit together or not at all (each layer then runs once per token for the whole batch);
+  # False: each exits on its own head, as when decoded alone. Lossless either way.
+  in_step: bool = False
 
   @classmethod
   def from_request(cls, request: GenerateRequest) -> "AdaDecodeConfig":
@@ -91,7 +96,7 @@ class AdaDecodeConfig:
     if not is_int(head_vocab) or head_vocab < 0:
       raise HdjaxError(f"head_vocab must be an integer >= 0 (0: the full vocabulary), got {head_vocab!r}")
     return dataclasses.replace(c, gamma=float(c.gamma), max_pending=int(c.max_pending), head_vocab=int(head_vocab),
-                               verify=bool(c.verify))
+                               verify=bool(c.verify), in_step=bool(c.in_step))
 
 
 class Counters(NamedTuple):
@@ -223,18 +228,11 @@ def _final_rows(params, cfg: LlamaConfig, rows: int, size: int, h_bwd, order_b):
 
 
 def _check_logits(params, cfg: LlamaConfig, head_w, head_ids, head, h_bd):
-  """Exit-head logits [B, V] of hidden states [B, D]: the full head (`head_w` [I, D, D], `head_ids` None), or the
-  reduced one (`head_w` [I, N, D]) scattered into -inf at the ids it does not score."""
+  """Exit-head logits of hidden states [B, D]: [B, V] for the full head (`head_w` [I, D, D], `head_ids` None), or
+  [B, N] at the candidate ids `head_ids` [N] for the reduced one (`head_w` [I, N, D])."""
   if head_ids is None:
     return head_logits(params, cfg, head_w[head], h_bd[:, None])[:, 0]
-  logits_bn = reduced_logits(params, cfg, head_w[head], h_bd[:, None])[:, 0]
-  return jnp.full((h_bd.shape[0], cfg.vocab_size), -jnp.inf, jnp.float32).at[:, head_ids].set(logits_bn)
-
-
-def _sample(key, probs_v, sampling: SamplingConfig):
-  if sampling.greedy:
-    return greedy_tokens(probs_v)
-  return jax.random.categorical(key, jnp.log(probs_v)).astype(jnp.int32)
+  return reduced_logits(params, cfg, head_w[head], h_bd[:, None])[:, 0]
 
 
 def embed_one(params, cfg: LlamaConfig, tok: jax.Array) -> jax.Array:
@@ -261,10 +259,11 @@ def initial_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, 
                      first_b, max_new, cache, keys_b, AdaState(win))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "sampling", "revival"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "head_layers", "sampling", "in_step", "revival"),
+                   donate_argnames=("state",))
 def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tuple[int, ...], gamma, checked,
                    state: DecodeState, max_new: jax.Array, stop_at: jax.Array, sampling: SamplingConfig,
-                   revival: Revival | None = None) -> DecodeState:
+                   in_step: bool = False, revival: Revival | None = None) -> DecodeState:
   """Decodes a batch from `initial_state` until each sequence hits EOS, `max_new` or a full cache, or every active
   one has emitted `stop_at` tokens. Every iteration runs one segment of layers (`segments_of`: up to the next exit
   head), the lowest that an active sequence's newest group waits at, for the sequences waiting there (the others
@@ -322,33 +321,41 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, end, win.depth_w), counters=c)
     return s._replace(cache=cache, method=s.method._replace(win=win))
 
-  def exit_one(w: Window, key, logits_v, head, taking) -> tuple[Window, jax.Array]:
-    """The head at the newest token's layer proposes the next token; it enters the window if confident."""
+  def exit_one(w: Window, y, q_v, head, eligible, go) -> Window:
+    """The head at the newest token's layer proposed `y` from `q_v` [V] (None when greedy: never read); it enters
+    the window if `go`."""
     front = w.n - 1
-    conf = jnp.max(jax.nn.softmax(logits_v))
-    key, sub = jax.random.split(key)
-    q_v = target_probs(logits_v[None], sampling)[0]
-    y = _sample(sub, q_v, sampling)
-    eligible = taking & (w.n < window)
-    go = eligible & (conf >= gamma)
     c = w.counters._replace(head_evals_i=w.counters.head_evals_i.at[head].add(eligible.astype(jnp.int32)),
                             exits_i=w.counters.exits_i.at[head].add(go.astype(jnp.int32)))
     slot = jnp.where(go, w.n, window)  # dropped unless exiting
+    q_wv = w.q_wv if q_v is None else w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop")
     return w._replace(tok_w=w.tok_w.at[slot].set(y, mode="drop"), depth_w=w.depth_w.at[slot].set(0, mode="drop"),
-                      h_wd=w.h_wd.at[slot].set(embed_one(params, cfg, y), mode="drop"),
-                      q_wv=w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop"),
-                      n=w.n + go.astype(jnp.int32), counters=c), key
+                      h_wd=w.h_wd.at[slot].set(embed_one(params, cfg, y), mode="drop"), q_wv=q_wv,
+                      n=w.n + go.astype(jnp.int32), counters=c)
 
   def try_exit(s: DecodeState, layer, taking_b, order_b) -> DecodeState:
     head, win = head_of_depth[layer], s.method.win
     h_front_bd = jnp.take_along_axis(win.h_wd, (win.n - 1)[:, None, None], axis=1)[:, 0]
     check = functools.partial(_check_logits, params, cfg, head_w, head_ids, head)
     branches = [functools.partial(_packed, check, p) for p in seq_buckets]
-    logits_bv = jax.lax.switch(seq_bucket(taking_b), branches, order_b, h_front_bd)
-    exit_b = taking_b
+    logits_bn = jax.lax.switch(seq_bucket(taking_b), branches, order_b, h_front_bd)  # N: the scored ids
+    eligible_b = taking_b & (win.n < window)
     if revival is not None:  # a re-selection token is verified before any later token starts
-      exit_b &= ~revival.reselects(s.cache.lengths + win.n - 1, win.prompt)
-    win, key_b = jax.vmap(exit_one, in_axes=(0, 0, 0, None, 0))(win, s.key, logits_bv, head, exit_b)
+      eligible_b &= ~revival.reselects(s.cache.lengths + win.n - 1, win.prompt)
+    go_b = eligible_b & (jnp.max(jax.nn.softmax(logits_bn, axis=-1), axis=-1) >= gamma)
+    if in_step:  # all or none: the batch stays in step
+      go_b &= jnp.all(go_b | ~taking_b)
+    key_b = s.key
+    if sampling.greedy:  # the top candidate; verification compares it with the full model's argmax
+      y_b, q_bv = greedy_tokens(logits_bn), None
+      y_b = y_b if head_ids is None else head_ids[y_b]
+    else:  # the proposal distribution over the vocabulary (zero outside the candidates)
+      logits_bv = logits_bn if head_ids is None else jnp.full(
+          (logits_bn.shape[0], cfg.vocab_size), -jnp.inf, jnp.float32).at[:, head_ids].set(logits_bn)
+      key_b, sub_b = jnp.moveaxis(jax.vmap(jax.random.split)(s.key), 1, 0)
+      q_bv = target_probs(logits_bv, sampling)
+      y_b = jax.vmap(lambda k, q_v: jax.random.categorical(k, jnp.log(q_v)).astype(jnp.int32))(sub_b, q_bv)
+    win = jax.vmap(exit_one, in_axes=(0, 0, 0, None, 0, 0))(win, y_b, q_bv, head, eligible_b, go_b)
     return s._replace(key=key_b, method=s.method._replace(win=win))
 
   def verify_one(w: Window, out_n, num, done, key, logits_wv, taking):
@@ -356,17 +363,21 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     token (unchanged unless `taking`), the sequence's emitted tokens `out_n`, their count, its done flag and key
     after the emitted ones, how far the cache cursor moves, and whether the full model's token (the last committed
     token's prediction) was emitted."""
-    p_wv = target_probs(logits_wv, sampling)
     key, k_acc, k_next = jax.random.split(key, 3)
     proposed_w = jnp.roll(w.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
-    p_prop_w = jnp.take_along_axis(p_wv, proposed_w[:, None], axis=1)[:, 0]
-    q_prop_w = jnp.take_along_axis(w.q_wv, proposed_w[:, None], axis=1)[:, 0]
-    u_w = jax.random.uniform(k_acc, (window,))
-    ok_w = (w_idx < w.n - 1) & ((u_w * q_prop_w < p_prop_w) | ~checked)
+    if sampling.greedy:  # exact argmax (sampling's rule with one-hot p*: accepted iff p* is 1 at the proposal)
+      best_w = greedy_tokens(logits_wv)
+      ok_w = (w_idx < w.n - 1) & ((proposed_w == best_w) | ~checked)
+    else:
+      p_wv = target_probs(logits_wv, sampling)
+      p_prop_w = jnp.take_along_axis(p_wv, proposed_w[:, None], axis=1)[:, 0]
+      q_prop_w = jnp.take_along_axis(w.q_wv, proposed_w[:, None], axis=1)[:, 0]
+      u_w = jax.random.uniform(k_acc, (window,))
+      ok_w = (w_idx < w.n - 1) & ((u_w * q_prop_w < p_prop_w) | ~checked)
     n_acc = jnp.sum(jnp.cumprod(ok_w.astype(jnp.int32))).astype(jnp.int32)
     rejected = n_acc < w.n - 1
     if sampling.greedy:
-      nxt = greedy_tokens(logits_wv[n_acc])
+      nxt = best_w[n_acc]
     else:
       residual_v = jnp.maximum(p_wv[n_acc] - w.q_wv[n_acc], 0.0)
       residual_v = jnp.where(jnp.sum(residual_v) > 0, residual_v, p_wv[n_acc])
@@ -550,7 +561,8 @@ class AdaLoop(driver.DecodeLoop):
   def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
     return adadecode_loop(lm.params, lm.cfg, self.head_w, self.head_ids, self.heads.layers,
                           jnp.float32(self.options.gamma), jnp.bool_(self.options.verify), state,
-                          jnp.int32(request.max_new_tokens), stop_at, request.sampling, self.revival)
+                          jnp.int32(request.max_new_tokens), stop_at, request.sampling,
+                          self.options.in_step and state.done_b.shape[0] > 1, self.revival)
 
   def room(self, state: DecodeState) -> jax.Array:
     return jnp.any(~state.done_b & (state.cache.lengths + self.extra_slots <= state.cache.num_slots))
