@@ -147,7 +147,7 @@ def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
   eos = deep_tiny.generate(prompts[:1], method="ar", max_new_tokens=24)[0].token_ids[4]
   lm = make_tiny_lm(0, n_layers=8, eos_ids=(eos,))
   # gamma 0.1: exits at some heads and not others, so the sequences fall out of step and blocks get packed
-  options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.1, max_pending=3)
+  options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.1, max_pending=3, in_step=False)
   batch = lm.generate(prompts, method="adadecode", **options)
   alone = [lm.generate([p], method="adadecode", **options)[0] for p in prompts]
   assert [r.token_ids for r in batch] == [r.token_ids for r in alone] == [
@@ -161,13 +161,13 @@ def test_batch_decodes_each_sequence_as_if_alone(deep_tiny):
 
 
 def test_in_step_batch_exits_together_and_keeps_the_tokens(deep_tiny):
-  """`in_step`: a batch's sequences exit at a head all together or not at all, so every layer step runs the whole
-  batch (no packed blocks) and each sequence's window has the same exits; the tokens stay `ar`'s. Decoded on their
-  own heads, the same sequences exit at different steps."""
+  """`in_step` (the default): a batch's sequences exit at a head all together or not at all, so every layer step
+  runs the whole batch (no packed blocks) and each sequence's window has the same exits; the tokens stay `ar`'s.
+  Decoded on their own heads, the same sequences exit at different steps."""
   prompts = _prompts(5, deep_tiny.cfg.vocab_size)
   options = dict(max_new_tokens=24, heads=_random_heads(2, 64, 1.0), gamma=0.1, max_pending=3)
-  own = deep_tiny.generate(prompts, method="adadecode", **options)
-  in_step = deep_tiny.generate(prompts, method="adadecode", in_step=True, **options)
+  own = deep_tiny.generate(prompts, method="adadecode", in_step=False, **options)
+  in_step = deep_tiny.generate(prompts, method="adadecode", **options)  # the default
   ar_tokens = [r.token_ids for r in deep_tiny.generate(prompts, method="ar", max_new_tokens=24)]
   assert [r.token_ids for r in in_step] == [r.token_ids for r in own] == ar_tokens
   assert all(len(t) == 24 for t in ar_tokens)  # no sequence stops early
@@ -262,11 +262,11 @@ def test_smollm_parity_with_trained_heads(smollm):
 
 def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens):
   """The committed heads at layers 22 and 26 over their 2,048 most frequent reply tokens, prompts of different
-  lengths in one packed batch: each identical to its single-sequence `ar` output (fp32)."""
+  lengths in one packed batch (each sequence on its own head): each identical to its single-sequence `ar` output (fp32)."""
   prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
   ref = [smollm.generate([p], method="ar", max_new_tokens=max_new_tokens)[0].token_ids for p in prompts]
   out = smollm.generate(prompts, method="adadecode", max_new_tokens=max_new_tokens, head_vocab=2048,
-                        head_layers=(22, 26), gamma=0.5)
+                        head_layers=(22, 26), gamma=0.5, in_step=False)
   assert [r.token_ids for r in out] == ref
   assert sum(r.stats["early_accepted"] for r in out) > 0
   assert min(r.stats["mean_block_seqs"] for r in out) < len(prompts)  # some layer steps ran a packed block
