@@ -262,7 +262,8 @@ def test_smollm_parity_with_trained_heads(smollm):
 
 def _reduced_vocab_batch_parity(smollm, questions, max_new_tokens):
   """The committed heads at layers 22 and 26 over their 2,048 most frequent reply tokens, prompts of different
-  lengths in one packed batch (each sequence on its own head): each identical to its single-sequence `ar` output (fp32)."""
+  lengths in one packed batch (each sequence on its own head): each identical to its single-sequence `ar` output
+  (fp32)."""
   prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
   ref = [smollm.generate([p], method="ar", max_new_tokens=max_new_tokens)[0].token_ids for p in prompts]
   out = smollm.generate(prompts, method="adadecode", max_new_tokens=max_new_tokens, head_vocab=2048,

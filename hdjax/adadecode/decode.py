@@ -22,12 +22,13 @@ window.
 
 A batch decodes in the same loop: each iteration runs the lowest layer that an active sequence's group waits at,
 for every sequence whose group waits there (the others sit the layer out and finished sequences never take part),
-so the layer's weights are read once for the batch while each sequence's tokens, exits and verifications are
-exactly those of decoding it alone. With `in_step` a head's exit is taken only when every sequence taking part
-exits there: the batch then runs each segment once for all its sequences, never a segment for the few that
-exited while the rest wait (the tokens are unchanged, the exits are fewer). The sequences taking part are packed into a static bucket of 1, 2, 4, ... B
-of them (their hidden states and that layer's K/V gathered, the written rows scattered back): an iteration's
-layer, exit-head and verification contractions grow with the sequences taking part, not with B.
+so the layer's weights are read once for the batch. The sequences taking part are packed into a static bucket of
+1, 2, 4, ... B of them (their hidden states and that layer's K/V gathered, the written rows scattered back): an
+iteration's layer, exit-head and verification contractions grow with the sequences taking part, not with B. With
+`in_step` (the default) a head's exit is taken only when every sequence taking part exits there, so the batch runs
+each segment once for all its sequences, never a segment again for the few that exited while the rest wait; with
+`in_step=False` each sequence's tokens, exits and verifications are exactly those of decoding it alone. The tokens
+are the same either way.
 
 After LazyLLM's pruned prefill (`lazy+adadecode`) every layer sees the slots whose K/V exists there; a `Revival`
 revives pruned prompt tokens as `lazy` does: a token at a re-selection position proposes no early token, so it
