@@ -19,16 +19,24 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
-from absl import app, logging
+from absl import app, flags, logging
 
+from hdjax import compilation
 from hdjax.errors import HdjaxError
+
+flags.DEFINE_bool("compile_cache", True,
+                  "Keep compiled programs in jax's persistent compilation cache, so that a second run loads them "
+                  f"instead of compiling them; ${compilation.CACHE_ENV} names its directory (default "
+                  "~/.cache/hdjax/jax) or turns it off (0).")
 
 
 def run_main(main: Callable[[list[str]], Any]) -> None:
-  """`app.run(main)`, turning user-facing errors into one line on stderr and exit status 2."""
+  """`app.run(main)` with the persistent compilation cache on (unless --compile_cache=false), turning user-facing
+  errors into one line on stderr and exit status 2."""
 
   def guarded(argv):
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter (orbax, jax backends) out of the output
+    compilation.enable_persistent_cache(flags.FLAGS.compile_cache)
     try:
       return main(argv)
     except HdjaxError as e:

@@ -6,8 +6,11 @@ import jax
 import pytest
 
 import hdjax
-from hdjax import model
+from hdjax import compilation, model
 from hdjax.api import LM, engine_settings, params_to_device
+
+# before the first compile: a second run of the suite loads its programs instead of compiling them
+compilation.enable_persistent_cache()
 
 
 @pytest.fixture(scope="session")
