@@ -30,13 +30,13 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from hdjax import api, model, sharding
+from hdjax import api, compilation, model, sharding
 from hdjax.attention import prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache, init_cache
-from experiments.common import device_name, run_main, write_json_atomic
+from experiments.common import compiled_text, device_name, print_start, run_main, write_json_atomic
 
 flags.DEFINE_string("model", "smollm2-135m", "an embedded model or path (real weights), or a preset in "
                     "hdjax.PRESETS (random weights), e.g. llama-2-7b")
@@ -108,7 +108,7 @@ def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool =
   if random_weights and name not in hdjax.PRESETS:
     raise HdjaxError(f"--random_weights needs a preset --model ({', '.join(hdjax.PRESETS)}), got {name!r}")
   if name in hdjax.PRESETS and (random_weights or name not in api.EMBEDDED):
-    cfg = hdjax.PRESETS[name].replace(dtype=dtype, **api.engine_settings(dtype))
+    cfg = hdjax.PRESETS[name].replace(dtype=dtype, engine=api.engine_settings(dtype))
     cfg = cfg.replace(n_layers=layers) if layers else cfg
     params = jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"), jax.random.key(0))
     params = api.params_to_device(jax.device_get(params), cfg, mesh)
@@ -148,6 +148,8 @@ def main(argv):
     raise HdjaxError("--nodes, --prefix, --batch and --depth must be positive")
   tau, tau_source = read_tau()
   dtype = FLAGS.dtype or api.default_dtype()
+  print_start("bench_steps", model=FLAGS.model, dtype=dtype, nodes=",".join(map(str, nodes)), prefix=FLAGS.prefix,
+              batch=FLAGS.batch)
   mesh = sharding.make_mesh(*(int(x) for x in FLAGS.mesh)) if FLAGS.mesh else None
   cfg, params, weights = build_model(FLAGS.model, FLAGS.layers, dtype, mesh, FLAGS.random_weights)
   num_slots = ar.next_pow2(FLAGS.prefix + max(nodes) + FLAGS.warmup + FLAGS.repeats + 2)
@@ -156,9 +158,11 @@ def main(argv):
   print(f"# {FLAGS.model}, {weights}, {note}, {dtype}, batch {FLAGS.batch}, prefix {FLAGS.prefix}, "
         f"device {device}, mesh {dict(mesh.shape) if mesh else None}; medians of {FLAGS.repeats} after warm-up, "
         f"decode and verify timed in alternation")
+  print(f"{'T':>4} {'decode ms':>10} {'verify ms':>10} {'verify/decode':>14}  (median of paired ratios; compile s "
+        "and programs of the row)", flush=True)
 
   rng = np.random.default_rng(0)
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(mesh), compilation.track() as compiled:
     def at_prefix(cache: KVCache) -> KVCache:  # a fresh lengths array: the old one is donated with the cache
       return cache.replace(lengths=jnp.full((FLAGS.batch,), FLAGS.prefix, jnp.int32))
 
@@ -169,17 +173,18 @@ def main(argv):
       mask_tt, depths_t = (jnp.asarray(x) for x in chain_tree_mask(t, FLAGS.depth))
       tokens_bt = jnp.asarray(rng.integers(3, cfg.vocab_size, (FLAGS.batch, t)), jnp.int32)
       caches = [at_prefix(c) for c in caches]
-      times, caches = interleaved_ms(
-          [lambda c: decode_step(params, cfg, c, tokens_b),
-           lambda c, tokens_bt=tokens_bt, depths_t=depths_t, mask_tt=mask_tt: tree_verify_step(
-               params, cfg, c, tokens_bt, depths_t, mask_tt)], caches, FLAGS.warmup, FLAGS.repeats)
+      with compilation.track() as row_compiled:
+        times, caches = interleaved_ms(
+            [lambda c: decode_step(params, cfg, c, tokens_b),
+             lambda c, tokens_bt=tokens_bt, depths_t=depths_t, mask_tt=mask_tt: tree_verify_step(
+                 params, cfg, c, tokens_bt, depths_t, mask_tt)], caches, FLAGS.warmup, FLAGS.repeats)
       decode_ms, verify_ms = np.median(times, axis=0)
-      rows.append(dict(nodes=t, decode_ms=float(decode_ms), verify_ms=float(verify_ms),
-                       verify_over_decode=float(np.median(times[:, 1] / times[:, 0]))))
-
-  print(f"{'T':>4} {'decode ms':>10} {'verify ms':>10} {'verify/decode':>14}  (median of paired ratios)")
-  for r in rows:
-    print(f"{r['nodes']:>4} {r['decode_ms']:>10.2f} {r['verify_ms']:>10.2f} {r['verify_over_decode']:>14.2f}")
+      r = dict(nodes=t, decode_ms=float(decode_ms), verify_ms=float(verify_ms),
+               verify_over_decode=float(np.median(times[:, 1] / times[:, 0])), compile=row_compiled.count().as_dict())
+      rows.append(r)
+      print(f"{r['nodes']:>4} {r['decode_ms']:>10.2f} {r['verify_ms']:>10.2f} {r['verify_over_decode']:>14.2f}  "
+            f"({row_compiled.seconds:.1f} s, {row_compiled.programs} programs)", flush=True)
+  print(f"bench_steps: {compiled_text(compiled.count())}")
   projection = [dict(nodes=r["nodes"], tau=tau[r["nodes"]], projected_speedup=tau[r["nodes"]] / r["verify_over_decode"])
                 for r in rows if r["nodes"] in tau]
   missing = sorted(set(tau) - set(nodes))
@@ -192,7 +197,8 @@ def main(argv):
   if FLAGS.out:
     write_json_atomic(FLAGS.out, dict(model=FLAGS.model, weights=weights, layers=cfg.n_layers, dtype=dtype,
                                       device=device, batch=FLAGS.batch, prefix=FLAGS.prefix, verify=rows,
-                                      projection=projection, tau_source=tau_source))
+                                      projection=projection, tau_source=tau_source,
+                                      compile=compiled.count().as_dict()))
 
 
 if __name__ == "__main__":

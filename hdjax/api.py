@@ -12,7 +12,7 @@ import importlib.util
 import math
 import numbers
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,7 @@ import numpy as np
 
 from hdjax import model, sharding
 from hdjax.attention import causal_mask
-from hdjax.config import LlamaConfig, is_int
+from hdjax.config import LlamaConfig, engine_settings, is_int
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.ar_method import generate_ar
 from hdjax.decoding.registry import METHOD_OPTIONS, METHODS, Method, check_options, register_method
@@ -138,25 +138,6 @@ def _full_logits(params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   return model.unembed(params, cfg, h)
 
 
-FEATURE_MAJOR_ROWS = 64
-
-
-def engine_settings(dtype: str, backend: str | None = None) -> dict[str, Any]:
-  """The engine's layout and numerics for a weight dtype on a backend (measured with `experiments/bench_steps.py`,
-  see the README): on CPU the KV cache stays fp32, and bf16 weights get steps padded to a multiple of 8 rows (a
-  1-row bf16 dot takes a slow path on XLA:CPU, and 8 rows ran faster than 1 to 4) and a [D, V] LM head (a bf16
-  `x @ embedding.T` is ~8x slower there); accelerators keep the cache in the weights' dtype. Decode and verify
-  steps are padded to that row count by their callers and compiled as one program (`model.step_logits`), which is
-  what makes the speculative methods bitwise lossless in bf16 on XLA:CPU. fp32 weights on CPU are stored [out, in]
-  and a step of up to FEATURE_MAJOR_ROWS rows contracts them as W @ X^T (`model.contract`): on an AVX2 host a
-  decode step ran ~1.1x and a 4-8-row verify step 1.4-1.7x faster that way."""
-  backend = backend or jax.default_backend()
-  cpu_bf16 = backend == "cpu" and dtype == "bfloat16"
-  cpu_fp32 = backend == "cpu" and dtype == "float32"
-  return dict(cache_dtype="float32" if backend == "cpu" else dtype, row_multiple=8 if cpu_bf16 else 1,
-              untie_head=cpu_bf16, weights_out_major=cpu_fp32, feature_major_rows=FEATURE_MAJOR_ROWS if cpu_fp32 else 0)
-
-
 def params_to_device(params_np: model.Params, cfg: LlamaConfig, mesh=None) -> model.Params:
   """Casts numpy params to `cfg.dtype` (norm scales stay fp32), puts them in the config's weight layout
   (`model.with_layout`), and places them (sharded with a mesh)."""
@@ -198,5 +179,5 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype: str | None = None, mesh: jax.
     params_np = convert.params_from_hf_state(cfg, state)
   if tok is not None:
     cfg = cfg.replace(eos_ids=tuple(dict.fromkeys(cfg.eos_ids + tok.eos_ids)))
-  cfg = cfg.replace(dtype=dtype, max_seq_len=max_seq_len or cfg.max_seq_len, **engine_settings(dtype))
+  cfg = cfg.replace(dtype=dtype, max_seq_len=max_seq_len or cfg.max_seq_len, engine=engine_settings(dtype))
   return LM(cfg, params_to_device(params_np, cfg, mesh), tok, name=name_or_path, mesh=mesh)

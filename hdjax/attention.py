@@ -95,12 +95,9 @@ def _online_result(carry, t: int) -> jax.Array:
   return out_bkmh.reshape(b, k, m // t, t, x - 1).transpose(0, 3, 1, 2, 4).reshape(b, t, m // t * k, x - 1)
 
 
-KEY_BLOCK = 128  # cache slots per block of a step's attention (measured against 256 and 64: README, Design)
-
-
-def key_block_of(slots: jax.Array, num_slots: int, block: int = KEY_BLOCK) -> jax.Array:
+def key_block_of(slots: jax.Array, num_slots: int, block: int) -> jax.Array:
   """The block of `attend`'s online softmax that reads each slot (0 everywhere when the cache is one block)."""
-  return slots // block if num_slots > block and num_slots % block == 0 else jnp.zeros_like(slots)
+  return slots // block if block and num_slots > block and num_slots % block == 0 else jnp.zeros_like(slots)
 
 
 def visible_extent(mask_bts: jax.Array) -> jax.Array:
@@ -109,7 +106,7 @@ def visible_extent(mask_bts: jax.Array) -> jax.Array:
 
 
 def attend(q_btnh: jax.Array, k_lbksh: jax.Array, v_lbksh: jax.Array, layer: int, mask_bts: jax.Array,
-           block: int = KEY_BLOCK) -> jax.Array:
+           block: int) -> jax.Array:
   """Attention of T queries over the S cache slots of `layer` under a boolean mask; returns [B, T, N, H] fp32.
   Both contractions take the cache's dtype and accumulate in fp32.
 
@@ -117,14 +114,15 @@ def attend(q_btnh: jax.Array, k_lbksh: jax.Array, v_lbksh: jax.Array, layer: int
   may see: a step costs what the used part of the cache costs, not the whole allocation. Block boundaries sit at
   fixed slots and a block with no visible slot is never read (a fully masked one would leave the sums bitwise
   unchanged anyway), so a query's result depends on its visible slots only, not on the other queries of the step.
-  A cache of at most one block, or of a size that is not a multiple of it, is one block.
+  A cache of at most one block, or of a size that is not a multiple of it, is one block; so is every cache with
+  `block` 0 (`EngineLayout.key_block` on GPU and TPU: one masked pass, no loop whose trip count the host reads).
   """
   b, t, n, h = q_btnh.shape
   _, _, k, s, _ = k_lbksh.shape
   q_bkmh = _queries_bkmh(q_btnh, k, k_lbksh.dtype)
   mask_bms = jnp.tile(mask_bts, (1, n // k, 1))
   init = _online_init(b, k, n // k * t, h)
-  if s <= block or s % block:  # one block (key_block_of says the same)
+  if not block or s <= block or s % block:  # one block (key_block_of says the same)
     return _online_result(_block_step(init, q_bkmh, k_lbksh[layer], v_lbksh[layer], mask_bms), t)
 
   def key_block(j, carry):

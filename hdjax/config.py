@@ -7,6 +7,7 @@ import math
 import numbers
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from hdjax.errors import HdjaxError
@@ -31,6 +32,76 @@ WEIGHT_AXES: dict[str, tuple[str, str]] = {
 }
 
 
+def is_int(x: Any) -> bool:
+  """An integer (Python or numpy), not a bool."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineLayout:
+  """How the engine stores weights and runs a step on one backend; `engine_settings` picks one per backend and
+  dtype, in one place. Hashable: part of the static `LlamaConfig`."""
+
+  cache_dtype: str = "float32"  # the KV cache and the inputs of attention's two contractions
+  row_multiple: int = 1  # a step's rows run padded to a multiple of this (copies of the last row)
+  one_step_shape: bool = False  # every decode and verify step runs exactly `row_multiple` rows (trees cut to that
+  #                               many nodes): one compiled step shape, whatever kernel a backend picks per shape
+  untie_head: bool = False  # a tied LM head also kept as its own [D, V] copy (the layout a bf16 CPU dot wants)
+  weights_out_major: bool = False  # weights stored output axes first, [out, in] as in torch (`WEIGHT_AXES`)
+  feature_major_rows: int = 0  # a contraction over at most this many rows (B x T) of out-major weights computes
+  #                              W @ X^T, its result feature-major (`model.contract`); 0: never
+  layer_programs: bool = True  # each layer, and each whole step, a computation of its own that is skipped when no
+  #                              row writes (`control.run_if`, a `while` that runs once); False: straight-line layers
+  key_block: int = 128  # attention reads the cache in blocks of this many slots (128 ran faster than 64 and 256 on
+  #                       CPU), up to the last one any query sees: an online softmax looping a data-dependent number
+  #                       of times; 0: one masked pass over every slot
+
+  def __post_init__(self):
+    for name in ("row_multiple", "feature_major_rows", "key_block"):
+      value = getattr(self, name)
+      if not is_int(value) or value < (name == "row_multiple"):
+        raise HdjaxError(f"engine {name}={value!r} must be an integer >= {int(name == 'row_multiple')}")
+    if self.feature_major_rows and not self.weights_out_major:
+      raise HdjaxError("engine feature_major_rows > 0 needs weights_out_major (W @ X^T wants W stored [out, in])")
+
+  @property
+  def exact_span(self) -> int:
+    """Slots within which moving a key leaves a query's attention bitwise unchanged (masked slots between its keys
+    included): a blocked step's block, whose dot XLA:CPU folds in slot order; one slot for a one-pass step, whose
+    reduction order a GPU or TPU kernel chooses."""
+    return self.key_block or 1
+
+
+FEATURE_MAJOR_ROWS = 64
+ACCELERATOR_ROWS = 16
+
+
+def engine_settings(dtype: str, backend: str | None = None) -> EngineLayout:
+  """The engine layout for weights of `dtype` on `backend` (default: jax's), what each backend runs:
+
+  - CPU (measured with `experiments/bench_steps.py` on 2-core hosts, docs/results/engine-steps.md): per-layer
+    computations, attention over the visible cache blocks, an fp32 KV cache. bf16 weights get steps padded to a
+    multiple of 8 rows (a 1-row bf16 dot takes a slow path on XLA:CPU, and 8 rows ran faster than 1 to 4) and a
+    [D, V] LM head (a bf16 `x @ embedding.T` is ~8x slower there); decode and verify then compile to one program,
+    which makes the speculative methods bitwise lossless in bf16. fp32 weights are stored [out, in] and a step of
+    up to FEATURE_MAJOR_ROWS rows contracts them as W @ X^T (decode ~1.1x, 4-8-row verify 1.4-1.7x faster on an
+    AVX2 host).
+  - GPU and TPU: no control flow inside a step (XLA:GPU reads a `while`/`cond` predicate on the host, and
+    per-layer computations block fusion across layers): straight-line layers, attention in one masked pass over
+    every cache slot, the cache in the weights' dtype, and every decode and verify step exactly ACCELERATOR_ROWS
+    rows, one compiled shape, so a tree node whose keys sit at its committed slots gets the decode step's logits.
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu":
+    return EngineLayout(cache_dtype=dtype, row_multiple=ACCELERATOR_ROWS, one_step_shape=True, layer_programs=False,
+                        key_block=0)
+  if dtype == "bfloat16":
+    return EngineLayout(row_multiple=8, untie_head=True)
+  if dtype == "float32":
+    return EngineLayout(weights_out_major=True, feature_major_rows=FEATURE_MAJOR_ROWS)
+  return EngineLayout()
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Shape and numerics of a LLaMA-family decoder. Hashable, so it can be a static jit argument."""
@@ -50,24 +121,16 @@ class LlamaConfig:
   bos_id: int = 1
   eos_ids: tuple[int, ...] = (2,)
   pad_id: int = 0
-  # The engine's numerics and layout (`hdjax.api.engine_settings` picks them per backend and dtype):
   dtype: str = "float32"  # weights and the inputs of weight contractions; every contraction accumulates in fp32,
   #                         and the residual stream, norms, RoPE and softmax stay fp32
-  cache_dtype: str = "float32"  # the KV cache and the inputs of attention's two contractions
-  row_multiple: int = 1  # a step's rows run padded to a multiple of this (XLA:CPU's bf16 dots are slow on one row
-  #                        and round a row differently when it falls in a remainder block)
-  untie_head: bool = False  # a tied LM head also kept as its own [D, V] copy (the layout a bf16 CPU dot wants)
-  weights_out_major: bool = False  # weights stored output axes first, [out, in] as in torch (`WEIGHT_AXES`)
-  feature_major_rows: int = 0  # a contraction over at most this many rows (B x T) of out-major weights computes
-  #                              W @ X^T, its result feature-major (`model.contract`: XLA:CPU's fp32 GEMM ran 4-8
-  #                              rows 1.4-1.7x faster that way); 0: never
+  engine: EngineLayout = EngineLayout()  # how steps run on the backend (`engine_settings` picks it)
 
   @property
   def bitwise_steps(self) -> bool:
     """Decode and verify steps are one compiled program (rows padded alike), so a greedy speculative method can
     return `ar`'s tokens bitwise by trusting only the tree nodes whose step equals a decode step
-    (`verify.slot_exact_nodes`)."""
-    return self.row_multiple > 1
+    (`verify.trusted_nodes`)."""
+    return self.engine.row_multiple > 1
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
@@ -82,14 +145,10 @@ class LlamaConfig:
                        f"pad_id={self.pad_id!r}")
     if self.n_heads % self.n_kv_heads:
       raise HdjaxError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
-    if not is_int(self.feature_major_rows) or self.feature_major_rows < 0:
-      raise HdjaxError(f"config feature_major_rows={self.feature_major_rows!r} must be an integer >= 0")
-    if self.feature_major_rows and not self.weights_out_major:
-      raise HdjaxError("config feature_major_rows > 0 needs weights_out_major (W @ X^T wants W stored [out, in])")
 
   def weight_axes(self, weight: str) -> str:
     """The axes of `weight` (a key of `WEIGHT_AXES`) in this config's layout."""
-    return WEIGHT_AXES[weight][self.weights_out_major]
+    return WEIGHT_AXES[weight][self.engine.weights_out_major]
 
   def weight_name(self, weight: str) -> str:
     return f"{weight}_{self.weight_axes(weight).lower()}"
@@ -97,7 +156,8 @@ class LlamaConfig:
   def input_major(self) -> "LlamaConfig":
     """This config with its weights in the input-major layout and no extra LM-head copy: the layout of loaders'
     and HF exports' params, and the one random params are drawn in."""
-    return self.replace(weights_out_major=False, feature_major_rows=0, untie_head=False)
+    return self.replace(engine=dataclasses.replace(self.engine, weights_out_major=False, feature_major_rows=0,
+                                                   untie_head=False))
 
   @property
   def q_per_kv(self) -> int:
@@ -225,11 +285,6 @@ class LlamaConfig:
                                  high_freq_factor=rs.high_freq_factor,
                                  original_max_position_embeddings=rs.original_max_position)
     return out
-
-
-def is_int(x: Any) -> bool:
-  """An integer (Python or numpy), not a bool."""
-  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
 
 
 PRESETS: dict[str, LlamaConfig] = {

@@ -39,7 +39,7 @@ class KVCache:
 
 def init_cache(cfg: LlamaConfig, batch: int, num_slots: int, dtype=None) -> KVCache:
   shape = (cfg.n_layers, batch, cfg.n_kv_heads, num_slots, cfg.head_dim)
-  dtype = dtype or jnp.dtype(cfg.cache_dtype)
+  dtype = dtype or jnp.dtype(cfg.engine.cache_dtype)
   cache = KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), lengths=jnp.zeros((batch,), jnp.int32))
   return sharding.constrain_cache(cache)
 

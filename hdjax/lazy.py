@@ -263,7 +263,7 @@ def _run_group_gathered(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, h_bnd, p
   to the cache."""
   batch, n, _ = h_bnd.shape
   sub_params = {"layers": params["layers"][start:end]}
-  dtype = jnp.dtype(cfg.cache_dtype)
+  dtype = jnp.dtype(cfg.engine.cache_dtype)
   local = KVCache(k=jnp.zeros((end - start, batch, cfg.n_kv_heads, n, cfg.head_dim), dtype),
                   v=jnp.zeros((end - start, batch, cfg.n_kv_heads, n, cfg.head_dim), dtype),
                   lengths=jnp.zeros((batch,), jnp.int32))

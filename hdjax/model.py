@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, TypeVar
 
 import flax.linen as nn
 import jax
@@ -30,6 +30,7 @@ from hdjax.control import run_if
 from hdjax.kvcache import KVCache
 
 Params = dict[str, Any]
+Carry = TypeVar("Carry")
 
 
 class RMSNorm(nn.Module):
@@ -78,7 +79,7 @@ LAYER_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
 def project(cfg: LlamaConfig, weight: str, w: jax.Array, x: jax.Array, x_axes: str, out_axes: str) -> jax.Array:
   """The contraction of activations `x` (axes `x_axes`) with `weight` (a key of `config.WEIGHT_AXES`) stored in the
   config's layout."""
-  return contract(f"{x_axes},{cfg.weight_axes(weight)}->{out_axes}", x, w, cfg.feature_major_rows)
+  return contract(f"{x_axes},{cfg.weight_axes(weight)}->{out_axes}", x, w, cfg.engine.feature_major_rows)
 
 
 class DecoderLayer(nn.Module):
@@ -115,7 +116,8 @@ class DecoderLayer(nn.Module):
     # profiled) instead of the activation
     o_axes = self.cfg.weight_axes("o").replace("NH", "E")
     o_e = self.weights["o"].reshape([n * hd if a == "E" else -1 for a in o_axes])
-    h_btd = h_btd + contract(f"BTE,{o_axes}->BTD", attn_btnh.reshape(b, t, n * hd), o_e, self.cfg.feature_major_rows)
+    h_btd = h_btd + contract(f"BTE,{o_axes}->BTD", attn_btnh.reshape(b, t, n * hd), o_e,
+                             self.cfg.engine.feature_major_rows)
     x_btd = self.mlp_norm(h_btd)
     gate_btf = self.project("gate", x_btd, "BTD", "BTF")
     up_btf = self.project("up", x_btd, "BTD", "BTF")
@@ -134,19 +136,20 @@ class DecoderLayer(nn.Module):
     return self.finish(h_btd, attn_btnh), k_lbksh, v_lbksh
 
   def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbksh, v_lbksh, slots_bt, layer_idx):
-    """Rows run padded to a multiple of `cfg.row_multiple` with copies of the last row (which write its K/V again)."""
-    t, rows = h_btd.shape[1], self.cfg.row_multiple
+    """Rows run padded to a multiple of `cfg.engine.row_multiple` with copies of the last row (which write its K/V
+    again)."""
+    t, rows = h_btd.shape[1], self.cfg.engine.row_multiple
     h_btd, sin_bth, cos_bth, mask_bts, slots_bt = (
         pad_rows(x, rows) for x in (h_btd.astype(jnp.float32), sin_bth, cos_bth, mask_bts, slots_bt))
     q_btnh, k_btkh, v_btkh = self.project_qkv(h_btd, sin_bth, cos_bth)
     k_lbksh, v_lbksh = write_kv(k_lbksh, v_lbksh, layer_idx, slots_bt, k_btkh, v_btkh)
-    attn_btnh = attend(q_btnh, k_lbksh, v_lbksh, layer_idx, mask_bts)
+    attn_btnh = attend(q_btnh, k_lbksh, v_lbksh, layer_idx, mask_bts, self.cfg.engine.key_block)
     return self.finish(h_btd, attn_btnh)[:, :t], k_lbksh, v_lbksh
 
 
 class Embedder(nn.Module):
   """Token embedding, final norm and LM head (tied to the embedding when the config says so; a tied head may also
-  be kept as its own copy, `cfg.untie_head`, which `with_layout` fills)."""
+  be kept as its own copy, `cfg.engine.untie_head`, which `with_layout` fills)."""
 
   cfg: LlamaConfig
 
@@ -168,12 +171,12 @@ class Embedder(nn.Module):
     return self.final_norm(h_btd)
 
   def decode(self, x_btd):
-    """Logits [B, T, V] in fp32 from already-normalized hidden states (rows padded to `cfg.row_multiple`)."""
+    """Logits [B, T, V] in fp32 from already-normalized hidden states (rows padded to `cfg.engine.row_multiple`)."""
     t = x_btd.shape[1]
-    x_btd = pad_rows(x_btd, self.cfg.row_multiple)
+    x_btd = pad_rows(x_btd, self.cfg.engine.row_multiple)
     if has_own_head(self.cfg):
       return project(self.cfg, "lm_head", self.lm_head, x_btd, "BTD", "BTV")[:, :t]
-    return contract("BTD,VD->BTV", x_btd, self.embedding_vd, self.cfg.feature_major_rows)[:, :t]
+    return contract("BTD,VD->BTV", x_btd, self.embedding_vd, self.cfg.engine.feature_major_rows)[:, :t]
 
   def __call__(self, tokens_bt):
     h = self.encode(tokens_bt)
@@ -182,7 +185,7 @@ class Embedder(nn.Module):
 
 def has_own_head(cfg: LlamaConfig) -> bool:
   """Whether the embedder holds an LM head weight apart from the embedding (`cfg.weight_name("lm_head")`)."""
-  return not cfg.tie_embeddings or cfg.untie_head
+  return not cfg.tie_embeddings or cfg.engine.untie_head
 
 
 def head_weight(cfg: LlamaConfig, embedder: Params) -> tuple[jax.Array, str]:
@@ -195,7 +198,7 @@ def head_weight(cfg: LlamaConfig, embedder: Params) -> tuple[jax.Array, str]:
 def with_layout(cfg: LlamaConfig, params: Params) -> Params:
   """Params in the config's weight layout, from params in either (each weight transposed and renamed where its
   stored layout differs; `config.WEIGHT_AXES`), with the LM head a tied model keeps as its own copy exactly when
-  the config wants one (`cfg.untie_head`: the embedding's transpose, added or dropped here). Loaders and
+  the config wants one (`cfg.engine.untie_head`: the embedding's transpose, added or dropped here). Loaders and
   checkpoints may hold either layout; the engine's steps expect the config's."""
   def relayout(tree: Params) -> Params:
     out = {}
@@ -211,7 +214,7 @@ def with_layout(cfg: LlamaConfig, params: Params) -> Params:
   embedder = relayout(params["embedder"])
   if cfg.tie_embeddings:
     embedder = {k: v for k, v in embedder.items() if not k.startswith("lm_head_")}
-    if cfg.untie_head:
+    if cfg.engine.untie_head:
       embedder[cfg.weight_name("lm_head")] = embedder["embedding_vd"].transpose(
           ["VD".index(a) for a in cfg.weight_axes("lm_head")])
   return dict(params, embedder=embedder, layers=tuple(relayout(layer) for layer in params["layers"]))
@@ -241,7 +244,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
 
 
 def _dummy_layer_inputs(cfg: LlamaConfig):
-  kv = jnp.zeros((1, 1, cfg.n_kv_heads, 1, cfg.head_dim), jnp.dtype(cfg.cache_dtype))
+  kv = jnp.zeros((1, 1, cfg.n_kv_heads, 1, cfg.head_dim), jnp.dtype(cfg.engine.cache_dtype))
   hd = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)
   return (jnp.zeros((1, 1, cfg.d_model), jnp.float32), hd, hd, jnp.ones((1, 1, 1), bool), kv, kv,
           jnp.zeros((1, 1), jnp.int32), 0)
@@ -303,11 +306,13 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
   also return the state after start + i layers, for i = 0..end - start.
   Does not move `cache.lengths`: committing is the caller's decision.
 
-  Outside a prefill each layer is a computation of its own (`control.run_if`; a layer in which no token writes a
-  slot is skipped and its tokens keep their states), so XLA fuses a layer alike wherever it runs: in a decode or
-  verify step of all layers, a range of them, or one layer of AdaDecode's loop. On XLA:CPU bf16, fusing a layer
-  with its neighbours rounds some activations differently, and the exit-head methods' deferred layers must
-  compute `ar`'s logits bit for bit.
+  Outside a prefill, with `cfg.engine.layer_programs` (the CPU layout), each layer is a computation of its own
+  (`control.run_if`; a layer in which no token writes a slot is skipped and its tokens keep their states), so XLA
+  fuses a layer alike wherever it runs: in a decode or verify step of all layers, a range of them, or one layer of
+  AdaDecode's loop. On XLA:CPU bf16, fusing a layer with its neighbours rounds some activations differently, and
+  the exit-head methods' deferred layers must compute `ar`'s logits bit for bit. Without it (GPU, TPU) the layers
+  are straight-line code with no control flow, which XLA fuses across layers and a GPU runs without reading a
+  predicate on the host.
   """
   end = cfg.n_layers if end is None else end
   h_btd = sharding.constrain(h_btd.astype(jnp.float32), sharding.ACTIVATION_AXES["h_btd"])
@@ -321,13 +326,22 @@ def run_layers(params: Params, cfg: LlamaConfig, h_btd: jax.Array, positions_bt:
     if prefill_block is None:
       mask = mask_bts if visible_lbs is None else mask_bts & visible_lbs[idx][:, None, :]
       step = functools.partial(_layer_step, bound, sin_bth, cos_bth, mask, slots, idx)
-      new_h, k, v = run_if(jnp.any(slots < cache.num_slots), step, (h_btd, k, v))
+      new_h, k, v = written_only(cfg, slots, cache.num_slots, step, (h_btd, k, v))
     else:
       new_h, k, v = bound.prefill(h_btd, sin_bth, cos_bth, positions_bt, k, v, slots, idx, prefill_block)
     h_btd = new_h if live_bt is None else jnp.where(live_bt[:, :, None], new_h, h_btd)
     hidden.append(h_btd)
   hidden_lbtd = jnp.stack(hidden) if collect_hidden else None
   return LayerOut(h_btd, sharding.constrain_cache(cache.replace(k=k, v=v)), hidden_lbtd)
+
+
+def written_only(cfg: LlamaConfig, slots: jax.Array, num_slots: int, step: Callable[[Carry], Carry],
+                 carry: Carry) -> Carry:
+  """`step(carry)`: with `cfg.engine.layer_programs` a computation of its own, skipped (carry unchanged) when no
+  row writes a slot (`control.run_if`); else inline."""
+  if not cfg.engine.layer_programs:
+    return step(carry)
+  return run_if(jnp.any(slots < num_slots), step, carry)
 
 
 def _layer_step(bound: DecoderLayer, sin_bth, cos_bth, mask_bts, slots_bt, idx: int, carry):
@@ -347,12 +361,14 @@ def forward(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt
 def step_logits(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, positions_bt: jax.Array, mask_bts: jax.Array,
                 cache: KVCache, slots_bt: jax.Array, visible_lbs: jax.Array | None = None
                 ) -> tuple[jax.Array, KVCache]:
-  """One decoding step through all layers and the LM head: logits [B, T, V] fp32 and the written cache; a step in
-  which no row writes a slot (every sequence done) is skipped (zero logits, cache unchanged).
+  """One decoding step through all layers and the LM head: logits [B, T, V] fp32 and the written cache.
 
-  The step runs under `control.run_if`, as a computation of its own that XLA fuses alike wherever it is traced (a
-  decode loop, a verify step, a branch of a switch): on XLA:CPU bf16 another fusion of the same math rounds some
-  activations differently, and a lossless method's logits must equal the decode step's bit for bit.
+  With `cfg.engine.layer_programs` the step runs under `control.run_if`, as a computation of its own that XLA fuses
+  alike wherever it is traced (a decode loop, a verify step, a branch of a switch): on XLA:CPU bf16 another fusion
+  of the same math rounds some activations differently, and a lossless method's logits must equal the decode
+  step's bit for bit. A step in which no row writes a slot (every sequence done) is then skipped (zero logits,
+  cache unchanged). On GPU and TPU it is straight-line code, one shape for decode and verify
+  (`EngineLayout.one_step_shape`).
   """
   def run(carry):
     _, cache = carry
@@ -360,4 +376,4 @@ def step_logits(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array, position
     return unembed(params, cfg, h_btd), cache
 
   logits = jnp.zeros(tokens_bt.shape + (cfg.vocab_size,), jnp.float32)
-  return run_if(jnp.any(slots_bt < cache.num_slots), run, (logits, cache))
+  return written_only(cfg, slots_bt, cache.num_slots, run, (logits, cache))

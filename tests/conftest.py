@@ -7,7 +7,8 @@ import pytest
 
 import hdjax
 from hdjax import compilation, model
-from hdjax.api import LM, engine_settings, params_to_device
+from hdjax.api import LM, params_to_device
+from hdjax.config import EngineLayout, engine_settings
 
 # before the first compile: a second run of the suite loads its programs instead of compiling them
 compilation.enable_persistent_cache()
@@ -18,11 +19,11 @@ def smollm() -> LM:
   return hdjax.load("smollm2-135m", dtype="float32")
 
 
-def make_tiny_lm(seed: int = 0, **cfg_changes) -> LM:
-  """The tiny preset with random weights, in the engine's layout for its dtype on this backend (as `hdjax.load`
-  gives), unless `cfg_changes` say otherwise."""
-  preset = hdjax.PRESETS["tiny"]
-  cfg = preset.replace(**{**engine_settings(cfg_changes.get("dtype", preset.dtype)), **cfg_changes})
+def make_tiny_lm(seed: int = 0, engine: EngineLayout | None = None, **cfg_changes) -> LM:
+  """The tiny preset with random weights, in `engine`'s layout, by default the engine's layout for its dtype on
+  this backend (as `hdjax.load` gives)."""
+  cfg = hdjax.PRESETS["tiny"].replace(**cfg_changes)
+  cfg = cfg.replace(engine=engine or engine_settings(cfg.dtype))
   params = model.init_params(cfg, jax.random.key(seed))
   return LM(cfg, params_to_device(params, cfg), tokenizer=None, name="tiny")
 

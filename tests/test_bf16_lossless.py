@@ -2,7 +2,7 @@
 
 On XLA:CPU a bf16 step rounds its activations to bf16 before every weight contraction, so an fp32-level difference
 between two compiled programs (another fusion, another row count) can flip a rounding and then a token. The
-engine keeps decode and verify the same program (`model.step_logits`, rows padded to `cfg.row_multiple` by the
+engine keeps decode and verify the same program (`model.step_logits`, rows padded to `cfg.engine.row_multiple` by the
 callers). Before that, the travel-blog question below diverged from `ar` at its 7th token under `pld` and `hd`.
 """
 
@@ -57,7 +57,7 @@ def _first_difference(a: list[int], b: list[int]) -> int:
 
 
 def test_bf16_engine_pads_steps(smollm_bf16):
-  assert smollm_bf16.cfg.dtype == "bfloat16" and smollm_bf16.cfg.row_multiple == 8
+  assert smollm_bf16.cfg.dtype == "bfloat16" and smollm_bf16.cfg.engine.row_multiple == 8
 
 
 def test_speculative_methods_identical_to_ar_in_bf16(smollm_bf16):

@@ -196,13 +196,17 @@ PROMPTS = [tuple([5, 6, 7, 8, 9, 10] * 5), (5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10
 
 @pytest.fixture
 def tiny_with_dbs():
-  """The tiny model with a tokenizer identity and small model and statistics databases (one per loop, so that
-  each loop's model database learns only its own outputs)."""
+  yield from tiny_hd_model()
+
+
+def tiny_hd_model(**tiny_changes):
+  """Yields the tiny model (`make_tiny_lm(**tiny_changes)`) with a tokenizer identity and small model and statistics
+  databases (one per loop, so that each loop's model database learns only its own outputs), and the databases."""
   from types import SimpleNamespace  # pylint: disable=import-outside-toplevel
   from hdjax.api import LM  # pylint: disable=import-outside-toplevel
   from hdjax.decoding import speculative  # pylint: disable=import-outside-toplevel
   from tests.conftest import make_tiny_lm  # pylint: disable=import-outside-toplevel
-  base = make_tiny_lm()
+  base = make_tiny_lm(**tiny_changes)
   lm = LM(base.cfg, base.params, SimpleNamespace(identity="tiny-hd", decode=lambda ids: ""), name="tiny")
   rng = np.random.default_rng(0)
   docs = [rng.integers(0, 12, 40).tolist() for _ in range(30)] + [list(p) for p in PROMPTS]

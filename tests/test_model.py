@@ -11,7 +11,7 @@ import hdjax
 
 from hdjax import attention, kvcache, model
 from hdjax.api import resolve_path
-from hdjax.config import RopeScaling
+from hdjax.config import EngineLayout, RopeScaling, engine_settings
 from hdjax.errors import HdjaxError
 from hdjax.weights import convert, gguf
 from tests.conftest import make_tiny_lm
@@ -156,7 +156,7 @@ def test_blocked_attention_matches_dense_and_numpy(t, block):
   valid = jnp.asarray(np.arange(t)[None, :] < np.array([[t], [t - 3]]))
   blocked = attention.blocked_causal_attention(q, keys, values, positions, valid, block)
   mask = (positions[:, None, :] <= positions[:, :, None]) & valid[:, None, :]
-  dense = attention.attend(q, keys.swapaxes(1, 2)[None], values.swapaxes(1, 2)[None], 0, mask)  # [L, B, K, S, H]
+  dense = attention.attend(q, keys.swapaxes(1, 2)[None], values.swapaxes(1, 2)[None], 0, mask, 0)  # [L, B, K, S, H]
   rows = np.asarray(valid)
   np.testing.assert_allclose(np.asarray(blocked)[rows], np.asarray(dense)[rows], atol=1e-5)
   np.testing.assert_allclose(np.asarray(blocked), _dense_reference_attention(q, keys, values, positions, valid),
@@ -214,7 +214,7 @@ def test_step_attention_is_the_same_with_masked_slots_between_the_keys(seed):
   b, t, n, k, h, s, prefix = 1, 8, 9, 3, 64, 512, 300
   q = jnp.asarray(2 * rng.standard_normal((b, t, n, h)), jnp.float32)
   keys, values = (np.repeat(rng.standard_normal((1, b, k, s, h)).astype(np.float32), 2, axis=0) for _ in range(2))
-  spread = [prefix, prefix + 2, prefix + 5, prefix + 6]  # in the same block of 256 as prefix .. prefix + 3
+  spread = [prefix, prefix + 2, prefix + 5, prefix + 6]  # in the same block of 128 as prefix .. prefix + 3
   for cache in (keys, values):
     cache[1, :, :, prefix:prefix + 8] = rng.standard_normal((b, k, 8, h))  # other nodes, masked
     cache[1][:, :, spread] = cache[0][:, :, prefix:prefix + 4]
@@ -223,7 +223,7 @@ def test_step_attention_is_the_same_with_masked_slots_between_the_keys(seed):
   mask[0, :, :, prefix:prefix + 4] = True
   mask[1, :, :, spread] = True
   out = [np.asarray(attention.attend(q, jnp.asarray(keys[i][None]), jnp.asarray(values[i][None]), 0,
-                                     jnp.asarray(mask[i]))) for i in range(2)]
+                                     jnp.asarray(mask[i]), 128)) for i in range(2)]
   np.testing.assert_array_equal(out[1], out[0])
 
 
@@ -246,9 +246,9 @@ def test_both_weight_layouts_compute_the_same_logits(tie):
   input-major layout's logits at 1 and 3 rows (feature-major) and 10 rows (over the limit of 4: the plain product
   on [out, in] weights); `with_layout` converts either way and back without changing a value."""
   from hdjax.api import params_to_device  # pylint: disable=import-outside-toplevel
-  lm = make_tiny_lm(seed=3, tie_embeddings=tie, weights_out_major=False, feature_major_rows=0)
+  lm = make_tiny_lm(seed=3, tie_embeddings=tie, engine=EngineLayout())
   params_np = jax.device_get(lm.params)
-  out_major = lm.cfg.replace(weights_out_major=True, feature_major_rows=4)
+  out_major = lm.cfg.replace(engine=EngineLayout(weights_out_major=True, feature_major_rows=4))
   params_om = params_to_device(params_np, out_major)
   assert set(params_om["layers"][0]) == {"attn_norm", "mlp_norm", "q_nhd", "k_khd", "v_khd", "o_dnh", "gate_fd",
                                          "up_fd", "down_df"}
@@ -266,29 +266,36 @@ def test_both_weight_layouts_compute_the_same_logits(tie):
     np.testing.assert_allclose(hdjax.LM(out_major, params_om, None).logits(ids[:n]), lm.logits(ids[:n]), atol=2e-5)
 
 
-def test_engine_layout_is_out_major_for_fp32_on_cpu_only():
-  from hdjax.api import engine_settings  # pylint: disable=import-outside-toplevel
+def test_engine_layout_per_backend():
+  """The CPU keeps per-layer programs and blocked attention (out-major fp32, padded bf16 rows); GPU and TPU run one
+  step shape of straight-line layers and one-pass attention, the cache in the weights' dtype."""
   for dtype, backend, out_major in [("float32", "cpu", True), ("bfloat16", "cpu", False), ("float32", "gpu", False),
                                     ("bfloat16", "tpu", False)]:
-    settings = engine_settings(dtype, backend)
-    assert settings["weights_out_major"] == out_major
-    assert settings["feature_major_rows"] == (64 if out_major else 0)
-    hdjax.PRESETS["tiny"].replace(dtype=dtype, **settings)  # a valid config
+    layout = engine_settings(dtype, backend)
+    assert layout.weights_out_major == out_major and layout.feature_major_rows == (64 if out_major else 0)
+    accelerator = backend != "cpu"
+    assert layout.layer_programs != accelerator and layout.one_step_shape == accelerator
+    assert (layout.key_block == 0) == accelerator and layout.exact_span == (1 if accelerator else 128)
+    assert layout.cache_dtype == (dtype if accelerator else "float32")
+    hdjax.PRESETS["tiny"].replace(dtype=dtype, engine=layout)  # a valid config
 
 
-def test_feature_major_rows_needs_out_major_weights():
-  with pytest.raises(HdjaxError, match="needs weights_out_major"):
-    hdjax.PRESETS["tiny"].replace(feature_major_rows=8)
+@pytest.mark.parametrize("changes, error", [(dict(feature_major_rows=8), "needs weights_out_major"),
+                                            (dict(row_multiple=0), "row_multiple=0"),
+                                            (dict(key_block=-1), "key_block=-1")])
+def test_bad_engine_layout_is_a_one_line_error(changes, error):
+  with pytest.raises(HdjaxError, match=error):
+    EngineLayout(**changes)
 
 
 def test_bf16_engine_tracks_fp32():
   """bf16 weights with fp32 accumulation, padded rows and a [D, V] copy of the tied head: logits close to fp32,
   and padding rows changes nothing in the real ones (a 1-row step padded to 8 == the first row of 8)."""
-  from hdjax.api import engine_settings, params_to_device  # pylint: disable=import-outside-toplevel
+  from hdjax.api import params_to_device  # pylint: disable=import-outside-toplevel
   lm = make_tiny_lm(seed=5, tie_embeddings=True)
   params_np = jax.device_get(lm.params)
-  cfg16 = lm.cfg.replace(dtype="bfloat16", **engine_settings("bfloat16", "cpu"))
-  assert cfg16.row_multiple == 8 and cfg16.untie_head and cfg16.cache_dtype == "float32"
+  cfg16 = lm.cfg.replace(dtype="bfloat16", engine=engine_settings("bfloat16", "cpu"))
+  assert cfg16.engine.row_multiple == 8 and cfg16.engine.untie_head and cfg16.engine.cache_dtype == "float32"
   params16 = params_to_device(params_np, cfg16)
   np.testing.assert_array_equal(np.asarray(params16["embedder"]["lm_head_dv"], np.float32),
                                 np.asarray(params16["embedder"]["embedding_vd"], np.float32).T)

@@ -104,7 +104,7 @@ def test_accelerator_dtype_survives_sharding():
   import hdjax  # pylint: disable=import-outside-toplevel
   from hdjax import kvcache, model, sharding  # pylint: disable=import-outside-toplevel
   from hdjax.api import params_to_device  # pylint: disable=import-outside-toplevel
-  cfg = hdjax.PRESETS["tiny"].replace(dtype="bfloat16", **hdjax.api.engine_settings("bfloat16", "gpu"))
+  cfg = hdjax.PRESETS["tiny"].replace(dtype="bfloat16", engine=hdjax.engine_settings("bfloat16", "gpu"))
   mesh = sharding.make_mesh()
   params_np = jax.device_get(jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"),
                                                                           jax.random.key(0)))

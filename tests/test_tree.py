@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from hdjax.decoding.tree import build_tree, bucket_for, engine_buckets, merge_chains, pad_tree, stack_trees
+from hdjax.config import EngineLayout
+from hdjax.decoding.tree import (build_tree, bucket_for, engine_buckets, engine_tree, merge_chains, pad_tree,
+                                 stack_trees)
 from hdjax.decoding.verify import greedy_accept, rejection_accept, trusted_nodes
 
 
@@ -32,8 +34,11 @@ def test_tree_arrays_and_padding():
   np.testing.assert_array_equal(tree.ancestors, expected)
   assert tree.num_real == 5
   assert bucket_for(5, (1, 4, 8, 16)) == 8 and bucket_for(1, (1, 4, 8)) == 1 and bucket_for(30, (1, 4, 8)) == 8
-  assert engine_buckets((1, 4, 8), 8) == (8,) and engine_buckets((1, 4, 8, 16), 8) == (8, 16)
-  assert engine_buckets((1, 4, 8), 1) == (1, 4, 8) and engine_buckets((1, 9), 4) == (4, 12)
+  rows = lambda n, one_shape=False: EngineLayout(row_multiple=n, one_step_shape=one_shape)
+  assert engine_buckets((1, 4, 8), rows(8)) == (8,) and engine_buckets((1, 4, 8, 16), rows(8)) == (8, 16)
+  assert engine_buckets((1, 4, 8), rows(1)) == (1, 4, 8) and engine_buckets((1, 9), rows(4)) == (4, 12)
+  # an accelerator runs one step shape: one bucket, the row count, whatever the method asked for
+  assert engine_buckets((1, 4, 8), rows(16, True)) == (16,) and engine_buckets((1, 32), rows(16, True)) == (16,)
 
 
 def reference_greedy(tokens, parents, valid, target, trusted=None):
@@ -76,13 +81,15 @@ def test_trusted_nodes_are_those_read_in_the_same_attention_block():
   """Node 3 (depth 2, under node 1) and node 4 (depth 1) sit 1 and 3 slots past where they will be committed: with
   the cache at 252 of 512 slots (blocks of 128), node 4's tree slot 256 is in the next block, so it and nothing
   else is untrusted; at 100 every node is trusted, and in a one-block cache too (260 slots: not a multiple of the
-  block)."""
+  block). With a span of one slot (GPU, TPU) only the first chain (nodes 0-2, each at its committed slot) is."""
   tree = stack_trees([build_tree(9, [[1, 2], [1, 3], [4, 5]], num_nodes=8, max_depth=4)])
   tree = jax.tree.map(jnp.asarray, tree)
-  at = lambda length, slots: np.asarray(trusted_nodes(tree, jnp.asarray([length]), slots))[0]
+  at = lambda length, slots, span=128: np.asarray(trusted_nodes(tree, jnp.asarray([length]), slots, span))[0]
   np.testing.assert_array_equal(at(100, 512), [1, 1, 1, 1, 1, 1, 0, 0])
   np.testing.assert_array_equal(at(252, 512), [1, 1, 1, 1, 0, 0, 0, 0])  # node 5 is under node 4
   np.testing.assert_array_equal(at(252, 260), [1, 1, 1, 1, 1, 1, 0, 0])
+  for length in (100, 252):
+    np.testing.assert_array_equal(at(length, 512, 1), [1, 1, 1, 0, 0, 0, 0, 0])
 
 
 def test_rejection_with_one_hot_target_is_greedy():
@@ -127,3 +134,15 @@ def test_pad_tree_appends_padding_nodes():
   for name in ("tokens", "parents", "depths", "valid", "ancestors"):
     np.testing.assert_array_equal(np.asarray(getattr(padded, name)), getattr(built, name), err_msg=name)
   assert pad_tree(padded, 8) is padded and pad_tree(padded, 3).num_nodes == 9
+
+
+def test_engine_tree_is_one_shape_on_an_accelerator():
+  """With one step shape a tree is cut or padded to exactly the row count (parents precede children, so the cut
+  keeps a tree); otherwise padded to a multiple of it."""
+  chains = [[5, 6, 7], [5, 8], [9]]
+  tree = jax.tree.map(jnp.asarray, stack_trees([build_tree(3, chains, 8, 4)]))
+  one_shape = engine_tree(tree, EngineLayout(row_multiple=4, one_step_shape=True))
+  np.testing.assert_array_equal(one_shape.tokens, [[3, 5, 6, 7]])
+  np.testing.assert_array_equal(one_shape.ancestors[0], np.tril(np.ones((4, 4), bool)))
+  assert engine_tree(tree, EngineLayout(row_multiple=16, one_step_shape=True)).num_nodes == 16
+  assert engine_tree(tree, EngineLayout(row_multiple=3)).num_nodes == 9

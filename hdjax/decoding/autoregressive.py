@@ -66,10 +66,10 @@ def decode_one(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array, ac
   """One token per sequence at slot = position = cache.lengths; inactive rows write nothing and stay put.
   Returns logits [B, V] and the cache advanced by one for active rows.
 
-  The step runs `cfg.row_multiple` rows: the token, then copies that write nothing. It is then the same program
+  The step runs `cfg.engine.row_multiple` rows: the token, then copies that write nothing. It is then the same program
   as a verify step of that many nodes (`verify.verify_tree` pads its tree alike), which on XLA:CPU bf16 is what
   keeps the speculative methods' logits bitwise equal to these."""
-  batch, rows = tokens_b.shape[0], cfg.row_multiple
+  batch, rows = tokens_b.shape[0], cfg.engine.row_multiple
   pos_br = jnp.broadcast_to(cache.lengths[:, None], (batch, rows))
   slots_br = jnp.where(active_b[:, None] & (jnp.arange(rows) == 0)[None, :], pos_br, cache.num_slots)
   logits_brv, cache = model.step_logits(params, cfg, jnp.broadcast_to(tokens_b[:, None], (batch, rows)), pos_br,

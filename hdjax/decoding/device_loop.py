@@ -101,7 +101,7 @@ def device_spec(cfg: LlamaConfig, spec, sources: tuple[str, ...], head_layer: in
   multiple) and its sources in order."""
   drafters = tuple(DeviceNgramConfig.like(NGRAM_DRAFTERS[s]().config, spec.max_chains, spec.max_depth)
                    for s in sources if s in NGRAM_DRAFTERS)
-  return DeviceSpec(drafters, engine_buckets(spec.buckets, cfg.row_multiple), spec.max_depth, tuple(sources),
+  return DeviceSpec(drafters, engine_buckets(spec.buckets, cfg.engine), spec.max_depth, tuple(sources),
                     spec.max_chains, head_layer)
 
 

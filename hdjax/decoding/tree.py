@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdjax.config import EngineLayout
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -76,10 +78,15 @@ def bucket_for(num_real: int, buckets: Sequence[int]) -> int:
   return fitting[0] if fitting else max(buckets)
 
 
-def engine_buckets(buckets: Sequence[int], row_multiple: int) -> tuple[int, ...]:
+def engine_buckets(buckets: Sequence[int], engine: EngineLayout) -> tuple[int, ...]:
   """Node counts rounded up to the engine's row multiple (a step runs that many rows whatever its tree holds), equal
-  ones merged: on a bf16 CPU engine (8 rows) buckets 1, 4 and 8 are one compiled verify, not three alike."""
-  return tuple(sorted({-(-int(b) // row_multiple) * row_multiple for b in buckets}))
+  ones merged: on a bf16 CPU engine (8 rows) buckets 1, 4 and 8 are one compiled verify, not three alike. With
+  `engine.one_step_shape` (GPU, TPU) one count, the row multiple: every step verifies one tree size, and a
+  speculative step has no branch to choose."""
+  rows = engine.row_multiple
+  if engine.one_step_shape:
+    return (rows,)
+  return tuple(sorted({-(-int(b) // rows) * rows for b in buckets}))
 
 
 def stack_trees(trees: Sequence[DraftTree]) -> DraftTree:
@@ -143,6 +150,14 @@ def pad_tree(tree: DraftTree, multiple: int) -> DraftTree:
   ancestors = eye_tt[None].repeat(batch, 0).at[:, :t, :t].set(tree.ancestors)
   return DraftTree(pad(tree.tokens, 0), pad(tree.parents, 0), pad(tree.depths, 0), pad(tree.valid, False),
                    ancestors)
+
+
+def engine_tree(tree: DraftTree, engine: EngineLayout) -> DraftTree:
+  """A batch of trees [B, T] as the engine's step runs it: padded to a multiple of its row multiple, or with
+  `one_step_shape` cut or padded to exactly that many nodes."""
+  if engine.one_step_shape:
+    tree = truncate_tree(tree, engine.row_multiple)
+  return pad_tree(tree, engine.row_multiple)
 
 
 def truncate_tree(tree: DraftTree, num_nodes: int) -> DraftTree:

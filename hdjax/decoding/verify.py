@@ -20,7 +20,7 @@ from hdjax.adadecode.heads import head_logits
 from hdjax.attention import causal_mask, key_block_of, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
-from hdjax.decoding.tree import DraftTree, pad_tree
+from hdjax.decoding.tree import DraftTree, engine_tree
 from hdjax.kvcache import KVCache, commit_rows
 
 
@@ -64,15 +64,17 @@ def greedy_accept(tokens_t: jax.Array, parents_t: jax.Array, depths_t: jax.Array
   return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, last))
 
 
-def trusted_nodes(tree: DraftTree, lengths_b: jax.Array, num_slots: int) -> jax.Array:
+def trusted_nodes(tree: DraftTree, lengths_b: jax.Array, num_slots: int, exact_span: int) -> jax.Array:
   """[B, T] tree nodes whose logits are bitwise a decode step's for the same tokens (when decode and verify are
   one program, `cfg.bitwise_steps`). A node attends to its ancestors at their tree slots (lengths + index), not
-  at the slots they get once committed (lengths + depth); `attention.attend` gives the same result for the same
-  keys in the same order with masked slots between them, as long as each key is read in the same block of its
-  online softmax. So a node is trusted when every ancestor-or-self has its tree slot and its committed slot in
-  one attention block (always, unless the tree straddles a block boundary)."""
+  at the slots they get once committed (lengths + depth); attention gives the same result for the same keys in
+  the same order with masked slots between them as long as each key stays within its span of `exact_span` slots
+  (`EngineLayout.exact_span`). So a node is trusted when every ancestor-or-self has its tree slot and its committed
+  slot in one span: on CPU (a span is an attention block) always, unless the tree straddles a block boundary; on
+  GPU and TPU (a span is one slot) when the node and its ancestors are the tree's first chain."""
   index_bt = lengths_b[:, None] + jnp.arange(tree.num_nodes)
-  same_block_bt = key_block_of(index_bt, num_slots) == key_block_of(lengths_b[:, None] + tree.depths, num_slots)
+  same_block_bt = (key_block_of(index_bt, num_slots, exact_span)
+                   == key_block_of(lengths_b[:, None] + tree.depths, num_slots, exact_span))
   return tree.valid & ~jnp.any(tree.ancestors & ~same_block_bt[:, None, :], axis=-1)
 
 
@@ -130,12 +132,14 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   Inactive rows write and commit nothing. `visible_lbs` restricts each layer to the slots that hold K/V there
   (after a pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below
   it is already in the cache) and the draft nodes run layers [0, head_layer) first.
-  The tree is padded to a multiple of `cfg.row_multiple` nodes, so every verify step and every decode step
-  (`autoregressive.decode_one`) is the same program over the same rows: on XLA:CPU bf16 that is what keeps a
-  node's logits bitwise equal to the decode step's for the same token (a step padded inside the model fuses
-  differently and rounds differently). Nodes that would fall past the cache's last slot count as padding.
+  The tree is padded to a multiple of `cfg.engine.row_multiple` nodes (cut or padded to exactly that many with
+  `one_step_shape`), so every verify step and every decode step (`autoregressive.decode_one`) is the same program
+  over the same rows: on XLA:CPU bf16 that is what keeps a node's logits bitwise equal to the decode step's for
+  the same token (a step padded inside the model fuses differently and rounds differently), and on a GPU, whose
+  libraries pick a kernel per shape, one shape is what makes it hold. Nodes that would fall past the cache's last
+  slot count as padding.
   """
-  tree = pad_tree(tree, cfg.row_multiple)
+  tree = engine_tree(tree, cfg.engine)
   batch, num_nodes = tree.tokens.shape
   lengths_b = cache.lengths
   offsets_bt = jnp.broadcast_to(jnp.arange(num_nodes, dtype=jnp.int32), (batch, num_nodes))
@@ -157,7 +161,8 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
     logits_btv, cache = model.unembed(params, cfg, above.h_btd), above.cache
   if sampling.greedy:
     target_bt = greedy_tokens(logits_btv)
-    trusted_bt = trusted_nodes(tree, lengths_b, cache.num_slots) if cfg.bitwise_steps else tree.valid
+    trusted_bt = (trusted_nodes(tree, lengths_b, cache.num_slots, cfg.engine.exact_span) if cfg.bitwise_steps
+                  else tree.valid)
     acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
         tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt, trusted_t=trusted_bt)
   else:

@@ -9,7 +9,7 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
-from hdjax.config import LlamaConfig, RopeScaling
+from hdjax.config import EngineLayout, LlamaConfig, RopeScaling
 from hdjax.errors import HdjaxError
 from hdjax.model import Params, param_shapes
 from hdjax.weights.safetensors_dir import read_json
@@ -39,6 +39,9 @@ def load_config(path: str) -> LlamaConfig:
     d["eos_ids"] = tuple(d["eos_ids"])
     if d.get("rope_scaling"):
       d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+    # a checkpoint written before the layout had its own object holds its fields at the top level
+    loose = {f.name: d.pop(f.name) for f in dataclasses.fields(EngineLayout) if f.name in d}
+    d["engine"] = EngineLayout(**(d.get("engine") or loose))
     return LlamaConfig(**d)
   except (KeyError, TypeError, ValueError) as e:
     raise HdjaxError(f"{config_path} is not a valid hdjax config ({type(e).__name__}: {e})") from None

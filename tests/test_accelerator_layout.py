@@ -1,0 +1,121 @@
+"""The GPU/TPU engine layout, lowered and run on CPU: no control flow inside a decode or verify step (XLA:GPU reads
+a `while`/`cond` predicate on the host), one step shape, and the speculative methods still return `ar`'s tokens."""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import pytest
+
+from hdjax.adadecode.heads import ExitHeads
+from hdjax.config import engine_settings
+from hdjax.decoding import autoregressive as ar, device_loop, speculative
+from tests.test_device_hd import PROMPTS, tiny_hd_model
+
+CONTROL_FLOW = ("while", "cond")
+
+
+def sub_jaxprs(eqn) -> list:
+  """The jaxprs an equation holds (a loop's body, a branch, a jitted call's body)."""
+  found = []
+  for value in eqn.params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      if hasattr(item, "eqns"):
+        found.append(item)
+      elif hasattr(item, "jaxpr") and hasattr(item.jaxpr, "eqns"):
+        found.append(item.jaxpr)
+  return found
+
+
+def control_flow(jaxpr) -> collections.Counter:
+  """`while` and `cond` equations anywhere inside `jaxpr`, counted by primitive."""
+  counts = collections.Counter()
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in CONTROL_FLOW:
+      counts[eqn.primitive.name] += 1
+    for sub in sub_jaxprs(eqn):
+      counts += control_flow(sub)
+  return counts
+
+
+def token_loops(jaxpr) -> list:
+  """The `while` equations of `jaxpr` outside any other loop (through jitted calls)."""
+  loops = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "while":
+      loops.append(eqn)
+    elif eqn.primitive.name not in CONTROL_FLOW:
+      for sub in sub_jaxprs(eqn):
+        loops += token_loops(sub)
+  return loops
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def tiny_gpu(request):
+  yield from tiny_hd_model(dtype=request.param, engine=engine_settings(request.param, "gpu"))
+
+
+def traced_decode_loop(lm, method: str, module, monkeypatch):
+  """The jaxpr of the decode loop (`module.decode_chunk`) that one `method` request on `lm` runs."""
+  traced = []
+  chunk = module.decode_chunk
+
+  def trace_and_run(*args, **kwargs):
+    traced.append(chunk.trace(*args, **kwargs).jaxpr.jaxpr)
+    return chunk(*args, **kwargs)
+
+  monkeypatch.setattr(module, "decode_chunk", trace_and_run)
+  with speculative.database_scope("device"):
+    lm.generate([list(PROMPTS[0])], method=method, max_new_tokens=6)
+  (jaxpr,) = traced
+  return jaxpr
+
+
+@pytest.mark.parametrize("backend", ["gpu", "cpu"])
+@pytest.mark.parametrize("method, module", [("ar", ar), ("hd", device_loop), ("pld", device_loop)])
+def test_a_decoding_request_on_an_accelerator_has_one_loop_and_no_control_flow_inside_its_step(
+    monkeypatch, backend, method, module):
+  """The decode loop of `ar`, `hd` and `pld` traced with the GPU layout: one `while` (the token loop, one
+  predicate per step) and no `while`/`cond` inside its body (a `scan` has a known trip count). The CPU layout's
+  step has per-layer `while`s inside (`control.run_if`), which is what the accelerator layout removes."""
+  for lm, _ in tiny_hd_model(dtype="bfloat16", engine=engine_settings("bfloat16", backend)):
+    jaxpr = traced_decode_loop(lm, method, module, monkeypatch)
+    (loop,) = token_loops(jaxpr)
+    inside = control_flow(loop.params["body_jaxpr"].jaxpr)
+    if backend == "gpu":
+      assert inside == collections.Counter() and control_flow(jaxpr) == collections.Counter({"while": 1})
+    else:
+      assert inside["while"] >= lm.cfg.n_layers
+
+
+def test_the_accelerator_layout_is_lossless_and_runs_one_step_shape(tiny_gpu):
+  """On the GPU layout (run here on CPU) `hd` and `pld` return `ar`'s tokens, every step verifies one tree of 16
+  rows, and drafts are still accepted (a tree node on its first chain is trusted)."""
+  lm, _ = tiny_gpu
+  prompts = [list(p) for p in PROMPTS]
+  ref = lm.generate(prompts, method="ar", max_new_tokens=24)
+  for method in ("hd", "pld"):
+    with speculative.database_scope("device"):
+      out = lm.generate(prompts, method=method, max_new_tokens=24)
+    for r, o in zip(ref, out):
+      assert o.token_ids == r.token_ids, method
+      assert set(o.stats["bucket_counts"]) == {"16"}, method
+    assert max(max(o.stats["accept_lengths"]) for o in out) > 1, method
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_exit_head_methods_on_the_accelerator_layout_return_ar_tokens(dtype):
+  """`adadecode` with heads that exit at every head (gamma 0) and `hd+adadecode` on the GPU layout (run here on
+  CPU) return that layout's `ar` tokens."""
+  from tests.test_adadecode import _random_heads  # pylint: disable=import-outside-toplevel
+  for lm, _ in tiny_hd_model(dtype=dtype, n_layers=8, engine=engine_settings(dtype, "gpu")):
+    prompts = [list(p) for p in PROMPTS[1:]]
+    ref = [r.token_ids for r in lm.generate(prompts, method="ar", max_new_tokens=20)]
+    heads = _random_heads(0, lm.cfg.d_model, 30.0)
+    early = lm.generate(prompts, method="adadecode", max_new_tokens=20, heads=heads, gamma=0.0, max_pending=3)
+    assert [r.token_ids for r in early] == ref and all(r.stats["early_tokens"] > 0 for r in early)
+    one_head = ExitHeads(heads.layers[1:2], heads.t_idd[1:2], heads.vocab_ids)
+    with speculative.database_scope("device"):
+      both = lm.generate(prompts, method="hd+adadecode", max_new_tokens=20, heads=one_head)
+    assert [r.token_ids for r in both] == ref
