@@ -12,6 +12,7 @@ profile.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import os
 import sys
@@ -25,8 +26,8 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import (at_least, check_output_dir, int_list, median_ms, read_questions, require, run_main,
-                                speed_dtype, write_json_atomic)
+from experiments.common import (at_least, check_output_dir, each_shape, int_list, median_ms, print_start, pyplot,
+                                read_questions, require, run_main, speed_dtype, write_json_atomic)
 from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
@@ -125,6 +126,7 @@ def main(argv):
     raise HdjaxError(f"no questions in categories {F.categories} of {F.questions}")
   check_output_dir(F.out_dir, ["runs.jsonl", "summary.json", "gamma_sweep.png"])
   dtype = speed_dtype(F.dtype)
+  print_start("adadecode_sweep", dtype=dtype, questions=len(qs), max_new_tokens=F.max_new_tokens, heads=F.heads)
   lm = hdjax.load("smollm2-135m", dtype=dtype)
   all_heads = load_heads(F.heads, lm.cfg)
   trained = decode.select_heads(lm.cfg, all_heads, head_layers)
@@ -152,9 +154,8 @@ def main(argv):
 
   # warm-up: one prompt per shape bucket (prefill length, cache slots), so no compile lands in a timed run
   buckets = {(next_pow2(len(p)), next_pow2(len(p) + F.max_new_tokens + F.max_pending + 1, 64)): p for p in prompts}
-  for prompt in buckets.values():
-    for _, method, opts in configs[:2] + configs[1 + len(gammas):]:  # gamma is traced; head_vocab is a shape
-      gen(method, opts, prompt)
+  for name, method, opts in configs[:2] + configs[1 + len(gammas):]:  # gamma is traced; head_vocab is a shape
+    each_shape(name, list(buckets.values()), functools.partial(gen, method, opts))
   os.makedirs(F.out_dir, exist_ok=True)
   rows = []
   log = open(os.path.join(F.out_dir, "runs.jsonl"), "w", encoding="utf-8")
@@ -203,9 +204,9 @@ def main(argv):
   write_json_atomic(os.path.join(F.out_dir, "summary.json"), summary)
   print(json.dumps(summary, indent=1))
 
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot(os.path.join(F.out_dir, "gamma_sweep.png"))
+  if plt is None:
+    return
   fig, ax = plt.subplots(figsize=(5, 3.5))
   sp = [summary["overall"][f"adadecode_g{g}"]["speedup"] for g in gammas]
   rj = [summary["overall"][f"adadecode_g{g}"]["rejection_rate"] for g in gammas]

@@ -23,9 +23,10 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import (at_least, check_output_file, device_name, int_list, read_questions, require, run_main,
-                                speed_dtype, write_json_atomic)
+from experiments.common import (at_least, check_output_file, compiled_text, device_name, int_list, print_start, pyplot,
+                                read_questions, require, run_main, speed_dtype, write_json_atomic)
 from experiments.specbench_lib import spec_bench_category
+from hdjax import compilation
 from hdjax.decoding import speculative
 from hdjax.errors import HdjaxError
 
@@ -57,21 +58,23 @@ def batch_questions(questions: list[dict], batch: int, categories: list[str]) ->
 
 
 def timed(lm: hdjax.LM, method: str, prompts: list[list[int]], max_new: int, repeats: int
-          ) -> tuple[float, list[hdjax.GenerationResult]]:
-  """Median decode-phase seconds (wall time after the first token) over `repeats` runs after one untimed run."""
-  lm.generate(prompts, method=method, max_new_tokens=max_new)
+          ) -> tuple[float, list[hdjax.GenerationResult], compilation.CompileCount]:
+  """Median decode-phase seconds (wall time after the first token) over `repeats` runs after one untimed run, the
+  last run's results, and what the untimed run compiled."""
+  with compilation.track() as compiled:
+    lm.generate(prompts, method=method, max_new_tokens=max_new)
   walls, results = [], []
   for _ in range(repeats):
     speculative.reset_databases(read_only_too=False)  # every repeat starts from the same persisted databases
     results = lm.generate(prompts, method=method, max_new_tokens=max_new)
     walls.append(results[0].stats["total_s"] - results[0].stats["ttft_s"])
-  return float(np.median(walls)), results
+  return float(np.median(walls)), results, compiled.count()
 
 
 def plot(rows: list[dict], path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot(path)
+  if plt is None:
+    return
   fig, ax = plt.subplots(figsize=(5, 3.5))
   for method in dict.fromkeys(r["method"] for r in rows):
     pts = [(r["batch"], r["tokens_per_s"]) for r in rows if r["method"] == method]
@@ -96,25 +99,28 @@ def main(argv):
   chosen = {batch: batch_questions(questions, batch, FLAGS.categories) for batch in batches}
   check_output_file(FLAGS.out)
   dtype = speed_dtype(FLAGS.dtype)
+  print_start("bench_batch", model=FLAGS.model, dtype=dtype, methods=",".join(["ar", *FLAGS.methods]),
+              batches=",".join(map(str, batches)), max_new_tokens=FLAGS.max_new_tokens)
   lm = hdjax.load(FLAGS.model, dtype=dtype)
   rows = []
   for batch in batches:
     prompts = [lm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in chosen[batch]]
-    ar_wall, ar_res = timed(lm, "ar", prompts, FLAGS.max_new_tokens, FLAGS.repeats)
+    ar_wall, ar_res, compiled = timed(lm, "ar", prompts, FLAGS.max_new_tokens, FLAGS.repeats)
     ar_tokens = sum(len(r.token_ids) - 1 for r in ar_res)  # the first token comes from the prefill
     rows.append(dict(method="ar", batch=batch, decode_s=ar_wall, new_tokens=ar_tokens,
-                     tokens_per_s=ar_tokens / ar_wall))
+                     tokens_per_s=ar_tokens / ar_wall, compile=compiled.as_dict()))
+    print(f"B={batch:<3d} {'ar':10s} {rows[-1]['tokens_per_s']:7.1f} tok/s  ({compiled_text(compiled)})", flush=True)
     for method in FLAGS.methods:
-      wall, res = timed(lm, method, prompts, FLAGS.max_new_tokens, FLAGS.repeats)
+      wall, res, compiled = timed(lm, method, prompts, FLAGS.max_new_tokens, FLAGS.repeats)
       tokens = sum(len(r.token_ids) - 1 for r in res)
-      rows.append(dict(method=method, batch=batch, decode_s=wall, new_tokens=tokens, tokens_per_s=tokens / wall,
-                       throughput_vs_ar=(tokens / wall) / (ar_tokens / ar_wall),
-                       tau=float(np.mean([r.stats.get("tau", 1.0) for r in res])),
-                       identical_to_ar=float(np.mean([r.token_ids == a.token_ids for r, a in zip(res, ar_res)]))))
-    for r in rows[-1 - len(FLAGS.methods):]:
-      extra = (f"  {r['throughput_vs_ar']:.2f}x ar  tau {r['tau']:.2f}  identical {r['identical_to_ar']:.2f}"
-               if r["method"] != "ar" else "")
-      print(f"B={batch:<3d} {r['method']:10s} {r['tokens_per_s']:7.1f} tok/s{extra}", flush=True)
+      row = dict(method=method, batch=batch, decode_s=wall, new_tokens=tokens, tokens_per_s=tokens / wall,
+                 throughput_vs_ar=(tokens / wall) / (ar_tokens / ar_wall),
+                 tau=float(np.mean([r.stats.get("tau", 1.0) for r in res])),
+                 identical_to_ar=float(np.mean([r.token_ids == a.token_ids for r, a in zip(res, ar_res)])),
+                 compile=compiled.as_dict())
+      rows.append(row)
+      print(f"B={batch:<3d} {method:10s} {row['tokens_per_s']:7.1f} tok/s  {row['throughput_vs_ar']:.2f}x ar  "
+            f"tau {row['tau']:.2f}  identical {row['identical_to_ar']:.2f}  ({compiled_text(compiled)})", flush=True)
   write_json_atomic(FLAGS.out, dict(model=FLAGS.model, dtype=dtype, device=device_name(),
                                     max_new_tokens=FLAGS.max_new_tokens, repeats=FLAGS.repeats, rows=rows))
   plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")

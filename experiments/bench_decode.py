@@ -22,7 +22,7 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import check_output_file, int_list, run_main, write_json_atomic
+from experiments.common import check_output_file, each_shape, int_list, print_start, run_main, write_json_atomic
 from experiments.hf_peer import HFRunner
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
@@ -88,13 +88,16 @@ def main(argv):
            + [("decode", b) for b in int_list("batches", _BATCHES.value)])
   if _OUT.value:
     check_output_file(_OUT.value)
+  print_start("bench_decode", model=_MODEL.value, dtype="float32", repeats=_REPEATS.value, new_tokens=_NEW.value,
+              hf=_HF.value)
   lm = hdjax.load(_MODEL.value, dtype="float32")
   # decode exactly --new_tokens: an end-of-sequence id that no argmax can take (the vocabulary's size)
   lm_no_eos = hdjax.LM(lm.cfg.replace(eos_ids=(lm.cfg.vocab_size,)), lm.params, lm.tokenizer, lm.name)
   hf = HFRunner(hdjax.api.resolve_path(_MODEL.value)) if _HF.value else None
   prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": "Tell me a long story about a dragon."}])
-  rows = []
-  for kind, size in cases:
+
+  def measure(case: tuple[str, int]) -> dict:
+    kind, size = case
     ours, theirs = [], []
     for rep in range(_REPEATS.value + 1):  # repetition 0 is warm-up
       if kind == "prefill":
@@ -106,7 +109,9 @@ def main(argv):
       if rep:
         ours.append(o)
         theirs.append(t)
-    rows.append(dict(kind=kind, size=size, hdjax_tps=statistics.median(ours), hf_tps=statistics.median(theirs)))
+    return dict(kind=kind, size=size, hdjax_tps=statistics.median(ours), hf_tps=statistics.median(theirs))
+
+  rows, _ = each_shape("bench_decode", cases, measure)
   bandwidth = copy_bandwidth_gbs()
   wbytes = weight_bytes(lm)
   print(f"copy bandwidth {bandwidth:.1f} GB/s; weights read per token {wbytes / 1e6:.0f} MB")

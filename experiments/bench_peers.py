@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from absl import flags
 
-from experiments.common import (at_least, check_output_file, int_list, read_questions, read_records, require,
+from experiments.common import (at_least, check_output_file, int_list, pyplot, read_questions, read_records, require,
                                 run_main, write_json_atomic)
 from hdjax.errors import HdjaxError
 
@@ -81,7 +81,7 @@ def decode_stage(dtype: str, questions: list[dict[str, Any]]) -> list[dict[str, 
   # prompt shape, HF once; then the model databases forget what the warm-up taught them.
   lengths = [len(hdjax_run(lm, F.methods[0], n)(ids, 0)[0][0]) for ids in prompts]
   for method in F.methods[1:]:
-    for ids in warmup_prompts(lm, questions, n):
+    for ids in warmup_prompts(lm, questions, n, max_turns=1):
       hdjax_run(lm, method, n)(ids, 0)
   hf.generate([prompts[0]], 2)
   speculative.reset_databases(read_only_too=False)
@@ -142,9 +142,9 @@ def prefill_stage(dtype: str, lengths: list[int]) -> list[dict[str, Any]]:
 
 
 def draw(rows: list[dict[str, Any]], path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot(path)
+  if plt is None:
+    return
   fig, ax = plt.subplots(figsize=(6, 4))
   for key in sorted({(r["dtype"], r["system"]) for r in rows}):
     pts = sorted((r["tokens"], r["ttft_s"]) for r in rows if (r["dtype"], r["system"]) == key)

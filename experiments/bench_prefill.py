@@ -15,6 +15,7 @@ It fits full(n) = a n + b n^2 over every timed n and reports the quadratic (atte
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -29,7 +30,7 @@ import hdjax
 from hdjax import lazy, model
 from hdjax.decoding import autoregressive as ar
 from hdjax.errors import HdjaxError
-from experiments.common import median_ms, run_main, write_json_atomic
+from experiments.common import each_shape, median_ms, print_start, run_main, write_json_atomic
 
 flags.DEFINE_list("lengths", ["1024", "2048", "4096"], "prompt bucket lengths T")
 flags.DEFINE_list("prune_layers", None, "LazyLLM pruning layers (default: LazyConfig's)")
@@ -67,23 +68,26 @@ def profile(lm, lazy_cfg: lazy.LazyConfig, lengths: list[int], repeats: int) -> 
   def full(p, tokens, lengths_b):
     return lazy.lazy_prefill(p, cfg, no_pruning, tokens, lengths_b, tokens.shape[1])[0]
 
-  full_by_n = {n: prefill_ms(full, n) for n in sorted({n for t in lengths for n in lazy_cfg.keep_counts(t)})}
-  rows = []
+  full_lengths = sorted({n for t in lengths for n in lazy_cfg.keep_counts(t)})
+  full_by_n = dict(zip(full_lengths, each_shape("full prefill", full_lengths, functools.partial(prefill_ms, full))[0]))
   bounds = (0,) + lazy_cfg.prune_layers + (cfg.n_layers,)
-  for t in lengths:
+
+  def row(t: int) -> dict:
     positions_bt = jnp.arange(t, dtype=jnp.int32)[None]
     h_btd = model.embed(params, cfg, tokens_bt[:, :t])
     score = jax.jit(lambda p, h, pos=positions_bt: lazy.score_tokens(
         p, cfg, lazy_cfg.prune_layers[0], h, pos, jnp.ones(pos.shape, bool), pos[:, -1])[0])
     groups = zip(np.diff(bounds), lazy_cfg.keep_counts(t))
-    rows.append(dict(
+    return dict(
         t=t, full_ms=full_by_n[t],
         ar_ms=prefill_ms(lambda p, tokens, lengths_b: ar.prefill(p, cfg, tokens, lengths_b, tokens.shape[1])[0], t),
         lazy_ms=prefill_ms(lambda p, tokens, lengths_b: lazy.lazy_prefill(
             p, cfg, lazy_cfg, tokens, lengths_b, tokens.shape[1])[0], t),
         lazy_ideal_ms=float(sum(layers / cfg.n_layers * full_by_n[n] for layers, n in groups)),
         score_ms=median_ms(score, params, h_btd, repeats=repeats),
-        lazy_computed_fraction=lazy_cfg.computed_fraction(cfg.n_layers)))
+        lazy_computed_fraction=lazy_cfg.computed_fraction(cfg.n_layers))
+
+  rows, _ = each_shape("ar, lazy and score prefills", lengths, row)
   return rows, full_by_n
 
 
@@ -98,6 +102,7 @@ def quadratic_share(full_by_n: dict[int, float]) -> dict[int, float]:
 def main(argv):
   del argv
   lengths, schedule = parse_args()
+  print_start("bench_prefill", model=F.model, dtype="float32", lengths=",".join(map(str, lengths)), repeats=F.repeats)
   lm = hdjax.load(F.model, dtype="float32")
   lazy_cfg = schedule.validate(lm.cfg)
   rows, full_by_n = profile(lm, lazy_cfg, lengths, F.repeats)

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, TextIO, TypeVar
 
 import numpy as np
 from absl import app, flags, logging
@@ -47,6 +47,50 @@ def run_main(main: Callable[[list[str]], Any]) -> None:
       sys.exit(130)
 
   app.run(guarded)
+
+
+def print_start(launcher: str, file: TextIO | None = None, **settings: Any) -> None:
+  """A launcher's first line, printed (to stdout, or `file`) before any model work: where it runs and with what
+  settings."""
+  print(f"{launcher} on {device_name()}: " + ", ".join(f"{k}={v}" for k, v in settings.items()), file=file,
+        flush=True)
+
+
+def compiled_text(count: compilation.CompileCount) -> str:
+  """`compile 52.3 s: 14 programs compiled, 3 loaded from the cache` (the seconds: tracing, compiling, loading)."""
+  return (f"compile {count.seconds:.1f} s: {count.programs} programs compiled, {count.cache_hits} loaded from the "
+          "cache")
+
+
+Shape = TypeVar("Shape")
+Out = TypeVar("Out")
+
+
+def each_shape(label: str, shapes: Sequence[Shape], run: Callable[[Shape], Out]
+               ) -> tuple[list[Out], compilation.CompileCount]:
+  """`run(shape)` for each of `shapes` (each compiles what it needs), printing `compiling {label}: 5/12 shapes, 38 s`
+  as each finishes and then `{label}: compiled_text(...)`; the outputs and what they compiled."""
+  start = time.perf_counter()
+  outs = []
+  with compilation.track() as compiled:
+    for k, shape in enumerate(shapes, 1):
+      outs.append(run(shape))
+      print(f"compiling {label}: {k}/{len(shapes)} shapes, {time.perf_counter() - start:.0f} s", flush=True)
+  print(f"{label}: {compiled_text(compiled.count())}", flush=True)
+  return outs, compiled.count()
+
+
+def pyplot(path: str) -> Any:
+  """matplotlib's pyplot on the Agg backend, or None, with a one-line note that `path` is not drawn, where matplotlib
+  is not installed (an accelerator image may lack it)."""
+  try:
+    import matplotlib  # pylint: disable=import-outside-toplevel  (optional: only the plots need it)
+  except ImportError:
+    print(f"note: matplotlib is not installed: {path} not drawn", file=sys.stderr)
+    return None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  return plt
 
 
 def check_memory_maps(fraction: float = 0.85) -> None:

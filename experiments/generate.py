@@ -15,7 +15,8 @@ if __package__ in (None, ""):  # started as `python experiments/X.py`: make the 
 from absl import flags
 
 import hdjax
-from experiments.common import at_least, require, run_main
+from hdjax import compilation
+from experiments.common import at_least, compiled_text, print_start, require, run_main
 from hdjax.errors import HdjaxError
 from hdjax.streaming import stream_generate
 
@@ -41,6 +42,7 @@ def main(argv):
           temperature=(_TEMPERATURE.value, at_least(0)), top_k=(_TOP_K.value, at_least(0)))
   if not 0 < _TOP_P.value <= 1:
     raise HdjaxError(f"--top_p must be in (0, 1], got {_TOP_P.value}")
+  print_start("generate", file=sys.stderr, model=_MODEL.value, method=_METHOD.value, max_new_tokens=_MAX_NEW.value)
   lm = hdjax.load(_MODEL.value)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {_MODEL.value} has no tokenizer")
@@ -49,15 +51,16 @@ def main(argv):
   else:
     ids = lm.tokenizer.apply_chat_template([{"role": "user", "content": _PROMPT.value}])
   result = None
-  for result in stream_generate(lm, ids, method=_METHOD.value, max_new_tokens=_MAX_NEW.value,
-                                temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                                seed=_SEED.value, chunk_tokens=_CHUNK.value):
-    sys.stdout.write(result.delta)
-    sys.stdout.flush()
+  with compilation.track() as compiled:
+    for result in stream_generate(lm, ids, method=_METHOD.value, max_new_tokens=_MAX_NEW.value,
+                                  temperature=_TEMPERATURE.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                                  seed=_SEED.value, chunk_tokens=_CHUNK.value):
+      sys.stdout.write(result.delta)
+      sys.stdout.flush()
   st = result.stats
   print(f"\n[{_METHOD.value}] {st['new_tokens']} tokens in {st['total_s']:.2f}s "
-        f"({st['new_tokens'] / max(st['total_s'], 1e-9):.1f} tok/s, ttft {st['ttft_s'] * 1e3:.0f} ms)",
-        file=sys.stderr)
+        f"({st['new_tokens'] / max(st['total_s'], 1e-9):.1f} tok/s, ttft {st['ttft_s'] * 1e3:.0f} ms; "
+        f"{compiled_text(compiled.count())})", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ within that rule. `--pareto_from=RUN_DIR` redraws them from a finished run's RUN
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -138,6 +139,8 @@ def main(argv):
   common.check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in FLAGS.methods] + [
       "summary.json", "table.md", "ttft.png", "prompts.jsonl"] + (["pareto.json", "pareto.md", "pareto.png"]
                                                                   if FLAGS.pareto else []))
+  common.print_start("longctx", model=FLAGS.model, methods=",".join(FLAGS.methods),
+                     prompts=FLAGS.prompts or ",".join(FLAGS.build), max_new_tokens=FLAGS.max_new_tokens)
   lm = hdjax.load(FLAGS.model)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; prompts are text")
@@ -155,8 +158,7 @@ def main(argv):
     n = len(ids[p["id"]])
     groups.setdefault((-(-n // 512), (n + FLAGS.max_new_tokens - 1).bit_length()), p["id"])
   for method in FLAGS.methods:  # speculative methods trace every tree bucket; the others generate once
-    for pid in groups.values():
-      run(method, pid, warmup=True)
+    common.each_shape(method, list(groups.values()), functools.partial(run, method, warmup=True))
   speculative.reset_databases(read_only_too=False)  # warm-up answers must not seed the online model database
   hf = None
   if FLAGS.hf:

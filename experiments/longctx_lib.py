@@ -274,9 +274,9 @@ def accuracy_table(summary: dict) -> str:
 
 
 def plot(rows_by_method: dict[str, list[dict]], path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = common.pyplot(path)
+  if plt is None:
+    return
   fig, ax = plt.subplots(figsize=(6, 4))
   for method, rows in rows_by_method.items():
     pts = sorted((r["prompt_tokens"], r["ttft_s"]) for r in rows)
@@ -360,9 +360,9 @@ def pareto_table(points: list[dict], target: float) -> str:
 def plot_pareto(points: list[dict], path: str, target: float) -> None:
   """Per prompt length, TTFT speedup (x) against the fraction of answers found and of first tokens equal to the
   base's (y); the base (full prefill) is a star, the frontier a line, `target` a dotted vertical."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = common.pyplot(path)
+  if plt is None:
+    return
   lengths = sorted({p["length"] for p in points}, key=str)
   base = points[0]["method"]
   fig, axes = plt.subplots(2, len(lengths), figsize=(5.5 * len(lengths), 7), squeeze=False)

@@ -10,11 +10,14 @@ DIR/summary.json (per-category and overall speedup by Spec-Bench's rule: per-que
 ratio to `ar`; τ; drafting share; identical-output rate against `ar`), DIR/speedup.png and
 DIR/accept_lengths.png (histogram of tokens emitted per step).
 Multi-turn questions go through the chat template, turn 2 including the model's own turn-1 answer. Before the
-timed runs each method generates once per distinct prompt shape (warm-up), so compilation is excluded.
+timed runs each method generates once per distinct prompt shape (warm-up), so compilation is excluded; the warm-up
+prints its progress per method and shape, and summary.json's "compile" holds each method's programs compiled,
+programs loaded from the persistent compilation cache and seconds.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
@@ -25,8 +28,9 @@ from typing import Any, Sequence
 from absl import flags
 import hdjax
 from experiments import multihost
-from experiments.common import (at_least, check_memory_maps, check_output_dir, device_name, parse_method_options,
-                                read_questions, require, run_main, speed_dtype, write_json_atomic, write_jsonl_atomic)
+from experiments.common import (at_least, check_memory_maps, check_output_dir, device_name, each_shape,
+                                parse_method_options, print_start, read_questions, require, run_main, speed_dtype,
+                                write_json_atomic, write_jsonl_atomic)
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
@@ -67,14 +71,22 @@ def main(argv: Sequence[str]) -> None:
   check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in methods] + ["summary.json", "speedup.png",
                                                                      "accept_lengths.png"])
   dtype = speed_dtype(FLAGS.dtype)
+  print_start("specbench", model=FLAGS.model, dtype=dtype, methods=",".join(methods), questions=len(questions),
+              max_new_tokens=FLAGS.max_new_tokens)
   lm = hdjax.load(FLAGS.model, dtype=dtype)
   model_id = os.path.basename(FLAGS.model)
+  prompts = warmup_prompts(lm, questions, FLAGS.max_new_tokens, FLAGS.max_turns)
+  print(f"warm-up: {len(prompts)} prompt shapes for each of {len(methods)} methods", flush=True)
+
+  def warm(method: str, prompt: list[int]) -> None:
+    lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                seed=FLAGS.seed, warmup=True, **method_options.get(method, {}))
+    check_memory_maps()
+
+  compiled = {}
   for method in methods:
     with speculative.database_scope(method):
-      for prompt in warmup_prompts(lm, questions, FLAGS.max_new_tokens):
-        lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                    seed=FLAGS.seed, warmup=True, **method_options.get(method, {}))
-        check_memory_maps()
+      _, compiled[method] = each_shape(method, prompts, functools.partial(warm, method))
   speculative.reset_databases(read_only_too=False)  # warm-up answers must not seed the online model databases
 
   def one_question(n: int, q: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -101,6 +113,7 @@ def main(argv: Sequence[str]) -> None:
   # the draft sources each method used: a database that failed to load (warned once on stderr) is missing here
   summary["sources"] = {m: sorted({st["sources"] for r in rows for st in r["choices"][0]["stats"] if "sources" in st})
                         for m, rows in rows_by_method.items()}
+  summary["compile"] = {method: count.as_dict() for method, count in compiled.items()}  # the warm-up's, per method
   summary["settings"] = dict(questions=FLAGS.questions, methods=methods, limit=FLAGS.limit, subset=FLAGS.subset,
                              max_new_tokens=FLAGS.max_new_tokens, max_turns=FLAGS.max_turns,
                              temperature=FLAGS.temperature, model=FLAGS.model, dtype=dtype,
@@ -115,7 +128,8 @@ def main(argv: Sequence[str]) -> None:
     share = "on device" if o["draft_share"] is None else f"{o['draft_share']:.3f}"
     syncs = "-" if o["host_syncs_per_turn"] is None else f"{o['host_syncs_per_turn']:.1f}"
     print(f"{method:12s} speedup {o.get('speedup', float('nan')):.2f}x  tau {o['tau']:.2f}  draft share {share:>9s}  "
-          f"host syncs/turn {syncs:>5s}  identical {o.get('identical_rate', float('nan')):.2f}")
+          f"host syncs/turn {syncs:>5s}  identical {o.get('identical_rate', float('nan')):.2f}  warm-up "
+          f"compile {compiled[method].seconds:.0f} s ({compiled[method].programs} programs)")
 
 
 if __name__ == "__main__":

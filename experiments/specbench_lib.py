@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 import hdjax
+from experiments.common import pyplot
 from hdjax.adadecode.decode import AdaDecodeConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.request import slots_for
@@ -62,15 +63,16 @@ SPECULATIVE_EXTRA_ROWS = (0, AdaDecodeConfig().max_pending + 1, 8, 16)
 RETOKENIZED_SLACK = 8
 
 
-def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens: int) -> list[list[int]]:
-  """One prompt per distinct compiled shape (prefill bucket and cache sizes) that any turn can have, so the timed
-  runs compile nothing new: turn k's prompt holds k earlier answers of 0..max_new_tokens (+ RETOKENIZED_SLACK)
-  tokens each, and every length in that range is covered (an estimate of one length missed shapes: `ar` compiled
-  during a timed second turn of `make run`)."""
+def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens: int, max_turns: int | None = None
+                   ) -> list[list[int]]:
+  """One prompt per distinct compiled shape (prefill bucket and cache sizes) that any of the first `max_turns` turns
+  (default: all) can have, so the timed runs compile nothing new: turn k's prompt holds k earlier answers of
+  0..max_new_tokens (+ RETOKENIZED_SLACK) tokens each, and every length in that range is covered (an estimate of one
+  length missed shapes: `ar` compiled during a timed second turn of `make run`)."""
   by_shape: dict[tuple[int, ...], list[int]] = {}
   for q in questions:
     messages: list[dict[str, str]] = []
-    for k, turn in enumerate(q["turns"]):
+    for k, turn in enumerate(q["turns"][:max_turns]):
       messages.append({"role": "user", "content": turn})
       shortest = lm.tokenizer.apply_chat_template(messages)
       for n in range(len(shortest), len(shortest) + k * (max_new_tokens + RETOKENIZED_SLACK) + 1):
@@ -134,9 +136,9 @@ def summarize(rows_by_method: dict[str, list[dict[str, Any]]]) -> dict[str, Any]
 
 
 def plot_speedups(summary: dict[str, Any], path: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot(path)
+  if plt is None:
+    return
   methods = [m for m, cats in summary["methods"].items() if "speedup" in cats["overall"]]
   categories = list(summary["methods"][methods[0]]) if methods else []
   fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(categories)), 4))
@@ -155,9 +157,9 @@ def plot_speedups(summary: dict[str, Any], path: str) -> None:
 
 def plot_accept_lengths(rows_by_method: dict[str, list[dict[str, Any]]], path: str) -> None:
   """Share of decoding steps that emitted k tokens, per method (`ar` always emits 1 and is left out)."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  plt = pyplot(path)
+  if plt is None:
+    return
   lengths = {m: [a for r in rows for a in r["choices"][0]["accept_lengths"]] for m, rows in rows_by_method.items()
              if m != "ar"}
   top = max((max(v) for v in lengths.values() if v), default=1)
