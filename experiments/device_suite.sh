@@ -1,63 +1,121 @@
 #!/usr/bin/env bash
-# The accelerator figures of README "On an H100 GPU", in one go, each part under its own time limit:
+# The accelerator check in one go, on a fresh GPU machine with the image's own jax (no `make setup` there):
 #
-#   bash experiments/device_suite.sh MODEL QUESTIONS OUT_DIR PART...
+#   bash experiments/device_suite.sh [--dry_run] OUT_DIR [PART...]
 #
-# MODEL is smollm2-135m or a path to its GGUF, QUESTIONS Spec-Bench's question.jsonl. Parts:
-#   steps_random  decode vs tree-verify step latency with random weights: SmolLM2-135M shape in bf16 and fp32,
-#                 LLaMA-2-7B shape in bf16, and SmolLM2 over a one-device jax.sharding.Mesh (the sharded path)
-#   specbench     the 60 stratified Spec-Bench questions of the CPU table, every method, fp32
-#   specbench_bf16  the same questions for ar, pld and hd in bf16
-#   steps_real    step latency of the real model, with the projection from specbench's hd tau
-#   batch         batched hd vs batched ar at B = 1, 4, 8, 16
-# PART_TIMEOUT (seconds, default 240) bounds each part; a part that fails or times out is reported and the next runs.
+# Parts (default: all, in this order), each launcher under its own time limit, its output shown as it comes and kept
+# in OUT_DIR/<run>.log, then a summary of every run's exit status (124: timed out; 3: the model is missing):
+#   steps      decode vs tree-verify step latency, random weights, bf16: SmolLM2-135M shape at T = 1-64, and the
+#              LLaMA-2-7B shape at T = 1, 4, 16, 64 over a 1,024-token prefix
+#   specbench  30 Spec-Bench questions (5 per category, first turn, 128 tokens), every method, bf16: speedups over
+#              `ar` and how many outputs are identical to `ar`'s
+#   hf         `ar` against HF transformers `generate` on the same device and GGUF, bf16: greedy and prompt lookup,
+#              tok/s and identical counts (10 questions, 128 tokens)
+#   batch      batched `hd` against batched `ar` at B = 1, 4, 8, 16, bf16
+# --dry_run: the same parts with tiny settings (the tiny preset for the step tables, 1-2 questions, 8 tokens,
+# B = 1, 2; HF in fp32) that run on a CPU in a few minutes; the test suite runs it (tests/test_device_suite.py).
+#
+# Environment: MODEL (default smollm2-135m), QUESTIONS (default: the first of /work/shared, ../shared and shared
+# whose data/spec_bench/question.jsonl exists), PYTHON (default .venv/bin/python where it exists, else
+# python3). specbench, hf and batch need the real model: on a machine without it, upload the parts that
+# ../shared/device/model_parts.sh writes and `source .device-model/assemble.sh partN` for N = 1, 2, 3.
 set -u
-if [ $# -lt 4 ]; then
-  echo "usage: $0 MODEL QUESTIONS OUT_DIR PART..." >&2
+dry_run=0
+if [ "${1:-}" = --dry_run ]; then
+  dry_run=1
+  shift
+fi
+if [ $# -lt 1 ] || [[ $1 == -* ]]; then
+  echo "usage: bash $0 [--dry_run] OUT_DIR [PART...]   (parts: steps specbench hf batch; default all)" >&2
   exit 2
 fi
-model=$1 questions=$2 out=$3
-shift 3
-py=${PYTHON:-python3}
-mkdir -p "$out"
-
-part() {  # part NAME MODULE FLAGS...: runs one launcher, logs to OUT_DIR/NAME.log, never stops the suite
-  local name=$1
-  shift
-  echo "== $name: $*"
-  local start=$SECONDS
-  PYTHONUNBUFFERED=1 timeout "${PART_TIMEOUT:-240}" "$py" -m "$@" >"$out/$name.log" 2>&1
-  local rc=$?
-  grep -v -E "^(W|I)[0-9]{4}|tok/s$" "$out/$name.log" | tail -n 25
-  echo "== $name: exit $rc after $((SECONDS - start)) s"
-}
-
-spec=(--questions="$questions" --limit=10 --subset=stratified --max_turns=1 --max_new_tokens=64)
-for name in "$@"; do
+out=$1
+shift
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(steps specbench hf batch)
+for name in "${parts[@]}"; do
   case $name in
-    steps_random)
-      part steps_smollm2_bf16 experiments.bench_steps --model=smollm2-135m --random_weights --dtype=bfloat16 \
-        --nodes=1,2,4,8,16,32,64 --out="$out/steps_smollm2_bf16.json"
-      part steps_smollm2_fp32 experiments.bench_steps --model=smollm2-135m --random_weights --dtype=float32 \
-        --nodes=1,2,4,8,16,32,64 --out="$out/steps_smollm2_fp32.json"
-      part steps_llama2_7b_bf16 experiments.bench_steps --model=llama-2-7b --dtype=bfloat16 \
-        --nodes=1,2,4,8,16,32,64 --prefix=1024 --out="$out/steps_llama2_7b_bf16.json"
-      part steps_mesh experiments.bench_steps --model=smollm2-135m --random_weights --mesh=1,1 --nodes=1,8 \
-        --out="$out/steps_mesh.json" ;;
-    specbench)
-      part specbench experiments.specbench --model="$model" "${spec[@]}" \
-        --methods=ar,pld,rest,hd,adadecode,hd+adadecode --out_dir="$out/specbench_60q" ;;
-    specbench_bf16)
-      part specbench_bf16 experiments.specbench --model="$model" "${spec[@]}" --dtype=bfloat16 \
-        --methods=ar,pld,hd --out_dir="$out/specbench_60q_bf16" ;;
-    steps_real)
-      part steps_real experiments.bench_steps --model="$model" --nodes=1,2,4,8,16,32 --summary_nodes=8 \
-        --summary="$out/specbench_60q/summary.json" --out="$out/steps_real.json" ;;
-    batch)
-      part batch experiments.bench_batch --model="$model" --questions="$questions" --batches=1,4,8,16 \
-        --methods=hd --max_new_tokens=32 --categories=mt_bench,qa,math_reasoning --out="$out/bench_batch.json" ;;
-    *)
-      echo "unknown part: $name" >&2
-      exit 2 ;;
+    steps | specbench | hf | batch) ;;
+    *) echo "error: unknown part '$name' (parts: steps specbench hf batch)" >&2; exit 2 ;;
   esac
 done
+if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
+model=${MODEL:-smollm2-135m}
+questions=${QUESTIONS:-}
+for candidate in {/work/shared,../shared,shared}/data/spec_bench/question.jsonl; do
+  if [ -z "$questions" ] && [ -f "$candidate" ]; then questions=$candidate; fi
+done
+mkdir -p "$out" || exit 2
+export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1
+summary=()
+failed=0
+
+run() {  # run NAME SECONDS MODULE FLAGS...: one launcher under `timeout`, its output shown and kept in OUT_DIR/NAME.log
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name (limit ${limit} s): $py -m $*"
+  local start=$SECONDS
+  timeout -k 10 "$limit" "$py" -m "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  summary+=("$(printf '%-16s exit %3d  %4d s' "$name" "$rc" $((SECONDS - start)))")
+  [ "$rc" = 0 ] || failed=1
+}
+
+skip() {  # skip NAME WHY: a run that cannot start here, reported in the summary with exit 3
+  echo "== $1: skipped: $2"
+  summary+=("$(printf '%-16s exit %3d  skipped: %s' "$1" 3 "$2")")
+  failed=1
+}
+
+missing_inputs() {  # why the real model or the questions are not usable here, or nothing
+  if [ -z "$questions" ] || [ ! -f "$questions" ]; then
+    echo "no Spec-Bench question file (set QUESTIONS=.../question.jsonl)"
+  elif ! "$py" -c "import gguf; from hdjax.api import resolve_path; resolve_path('$model')" >/dev/null 2>&1; then
+    echo "model $model or the gguf package is not here: run \`source .device-model/assemble.sh partN\` for N = 1, 2, 3 (parts written by ../shared/device/model_parts.sh)"
+  fi
+}
+
+echo "device suite: parts ${parts[*]}$([ $dry_run = 1 ] && echo ' (dry run)'); python $py; model $model; questions ${questions:-none}; logs in $out"
+if [ $dry_run = 1 ]; then
+  steps_small=(--model=tiny --random_weights --dtype=bfloat16 --nodes=1,2 --prefix=16 --warmup=1 --repeats=2)
+  steps_large=("${steps_small[@]}")
+  spec=(--limit=1 --max_turns=1 --max_new_tokens=8 --methods=ar,pld)
+  peers=(--dtypes=float32 --limit=2 --max_new_tokens=4)  # HF computes a bf16 GGUF model in fp32 on a CPU: slow
+  batch=(--batches=1,2 --max_new_tokens=8)
+  limit=300
+else
+  steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,2,4,8,16,32,64)
+  steps_large=(--model=llama-2-7b --dtype=bfloat16 --nodes=1,4,16,64 --prefix=1024)
+  spec=(--limit=5 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,rest,hd,adadecode,hd+adadecode)
+  peers=(--dtypes=bfloat16 --limit=10 --max_new_tokens=128)
+  batch=(--batches=1,4,8,16 --max_new_tokens=64)
+  limit=0
+fi
+for name in "${parts[@]}"; do
+  case $name in
+    steps)
+      run steps_smollm2 $((limit ? limit : 75)) experiments.bench_steps "${steps_small[@]}" --out="$out/steps_smollm2.json"
+      run steps_llama2_7b $((limit ? limit : 105)) experiments.bench_steps "${steps_large[@]}" \
+        --out="$out/steps_llama2_7b.json" ;;
+    specbench | hf | batch)
+      why=$(missing_inputs)
+      if [ -n "$why" ]; then
+        skip "$name" "$why"
+        continue
+      fi
+      case $name in
+        specbench)
+          run specbench $((limit ? limit : 210)) experiments.specbench --model="$model" --questions="$questions" \
+            --dtype=bfloat16 "${spec[@]}" --out_dir="$out/specbench" ;;
+        hf)
+          run hf $((limit ? limit : 90)) experiments.bench_peers --stage=decode --model="$model" --questions="$questions" \
+            --methods=ar "${peers[@]}" --out="$out/hf.json" ;;
+        batch)
+          run batch $((limit ? limit : 90)) experiments.bench_batch --model="$model" --questions="$questions" \
+            --dtype=bfloat16 --methods=hd "${batch[@]}" --out="$out/batch.json" ;;
+      esac ;;
+  esac
+done
+echo "== summary ($out)"
+printf '%s\n' "${summary[@]}"
+exit $failed
