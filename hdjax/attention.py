@@ -137,10 +137,14 @@ def attend(q_btnh: jax.Array, k_lbksh: jax.Array, v_lbksh: jax.Array, layer: int
 
 
 def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btkh: jax.Array,
-                             positions_bt: jax.Array, valid_bt: jax.Array, block: int) -> jax.Array:
+                             positions_bt: jax.Array, valid_bt: jax.Array, block: int, skip_future: bool = True
+                             ) -> jax.Array:
   """Causal self-attention of T tokens in position order, flash-style: queries and keys in blocks of `block`,
-  a running max and sum in fp32 (online softmax), and the key blocks above the diagonal never computed, so no
-  [heads, T, T] score tensor exists. Query i sees key j iff position_j <= position_i and j is valid.
+  a running max and sum in fp32 (online softmax), so no [heads, T, T] score tensor exists. Query i sees key j iff
+  position_j <= position_i and j is valid. With `skip_future` the key blocks above the diagonal are never
+  computed (a loop whose trip count depends on the query block); without it every key block is read, those above
+  the diagonal fully masked, which leaves the result bitwise the same (a loop of a fixed trip count: what a GPU
+  runs without reading a predicate on the host).
 
   T is padded up to a multiple of `block` (invalid keys). Returns [B, T, N, H] fp32; a query with no visible
   key gets zeros.
@@ -154,7 +158,7 @@ def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btk
       return jnp.pad(x, [(0, 0), (0, blocks * c - t)] + [(0, 0)] * (x.ndim - 2))
 
     out = blocked_causal_attention(pad(q_btnh), pad(keys_btkh), pad(values_btkh), pad(positions_bt),
-                                   pad(valid_bt), c)
+                                   pad(valid_bt), c, skip_future)
     return out[:, :t]
   dtype = keys_btkh.dtype
   # Block-major, batch-major views: [blocks, B, K, rows, H]
@@ -171,7 +175,8 @@ def blocked_causal_attention(q_btnh: jax.Array, keys_btkh: jax.Array, values_btk
       mask_bce = (pos_jbc[j][:, None, :] <= qpos_bc[:, :, None]) & valid_jbc[j][:, None, :]
       return _block_step(carry, q_bkmh, k_jbkeh[j], v_jbkeh[j], jnp.tile(mask_bce, (1, g, 1)))
 
-    return None, _online_result(jax.lax.fori_loop(0, i + 1, key_block, _online_init(b, k, g * c, h)), c)
+    key_blocks = i + 1 if skip_future else blocks
+    return None, _online_result(jax.lax.fori_loop(0, key_blocks, key_block, _online_init(b, k, g * c, h)), c)
 
   _, out_ibcnh = jax.lax.scan(query_block, None, (jnp.arange(blocks), q_ibkmh, pos_jbc))
   return out_ibcnh.swapaxes(0, 1).reshape(b, t, n, h)

@@ -53,8 +53,9 @@ class EngineLayout:
   layer_programs: bool = True  # each layer, and each whole step, a computation of its own that is skipped when no
   #                              row writes (`control.run_if`, a `while` that runs once); False: straight-line layers
   key_block: int = 128  # attention reads the cache in blocks of this many slots (128 ran faster than 64 and 256 on
-  #                       CPU), up to the last one any query sees: an online softmax looping a data-dependent number
-  #                       of times; 0: one masked pass over every slot
+  #                       CPU), up to the last one any query sees, and a prefill skips the key blocks above the
+  #                       diagonal: loops of a data-dependent trip count; 0: a step's attention is one masked pass
+  #                       over every slot, and a prefill reads every key block (those above the diagonal masked)
 
   def __post_init__(self):
     for name in ("row_multiple", "feature_major_rows", "key_block"):

@@ -132,7 +132,8 @@ class DecoderLayer(nn.Module):
     # the prefill's large blocks are where bf16 pays)
     dtype = min(k_lbksh.dtype, jnp.dtype(self.cfg.dtype), key=lambda d: d.itemsize)
     attn_btnh = blocked_causal_attention(q_btnh, k_btkh.astype(dtype), v_btkh.astype(dtype), positions_bt,
-                                         slots_bt < k_lbksh.shape[3], block)
+                                         slots_bt < k_lbksh.shape[3], block,
+                                         skip_future=self.cfg.engine.key_block > 0)
     return self.finish(h_btd, attn_btnh), k_lbksh, v_lbksh
 
   def __call__(self, h_btd, sin_bth, cos_bth, mask_bts, k_lbksh, v_lbksh, slots_bt, layer_idx):

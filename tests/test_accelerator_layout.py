@@ -56,37 +56,41 @@ def tiny_gpu(request):
   yield from tiny_hd_model(dtype=request.param, engine=engine_settings(request.param, "gpu"))
 
 
-def traced_decode_loop(lm, method: str, module, monkeypatch):
-  """The jaxpr of the decode loop (`module.decode_chunk`) that one `method` request on `lm` runs."""
-  traced = []
-  chunk = module.decode_chunk
+def traced_request(lm, method: str, module, monkeypatch) -> tuple:
+  """The jaxprs of the prefill (`autoregressive.prefill`) and the decode loop (`module.decode_chunk`) that one
+  `method` request on `lm` runs."""
+  traced = {}
 
-  def trace_and_run(*args, **kwargs):
-    traced.append(chunk.trace(*args, **kwargs).jaxpr.jaxpr)
-    return chunk(*args, **kwargs)
+  def tracing(name: str, jitted):
+    def trace_and_run(*args, **kwargs):
+      traced[name] = jitted.trace(*args, **kwargs).jaxpr.jaxpr
+      return jitted(*args, **kwargs)
+    return trace_and_run
 
-  monkeypatch.setattr(module, "decode_chunk", trace_and_run)
+  monkeypatch.setattr(ar, "prefill", tracing("prefill", ar.prefill))
+  monkeypatch.setattr(module, "decode_chunk", tracing("loop", module.decode_chunk))
   with speculative.database_scope("device"):
-    lm.generate([list(PROMPTS[0])], method=method, max_new_tokens=6)
-  (jaxpr,) = traced
-  return jaxpr
+    lm.generate([list(PROMPTS[0]) * 12], method=method, max_new_tokens=6)  # 360 tokens: two prefill blocks
+  return traced["prefill"], traced["loop"]
 
 
 @pytest.mark.parametrize("backend", ["gpu", "cpu"])
 @pytest.mark.parametrize("method, module", [("ar", ar), ("hd", device_loop), ("pld", device_loop)])
 def test_a_decoding_request_on_an_accelerator_has_one_loop_and_no_control_flow_inside_its_step(
     monkeypatch, backend, method, module):
-  """The decode loop of `ar`, `hd` and `pld` traced with the GPU layout: one `while` (the token loop, one
-  predicate per step) and no `while`/`cond` inside its body (a `scan` has a known trip count). The CPU layout's
-  step has per-layer `while`s inside (`control.run_if`), which is what the accelerator layout removes."""
+  """A request of `ar`, `hd` and `pld` traced with the GPU layout: the decode loop has one `while` (the token loop,
+  one predicate per step) and no `while`/`cond` inside its body, and the prefill none at all (a `scan` has a known
+  trip count). The CPU layout's step has per-layer `while`s inside (`control.run_if`) and its prefill skips the
+  key blocks above the diagonal (a `while` per query block): what the accelerator layout removes."""
   for lm, _ in tiny_hd_model(dtype="bfloat16", engine=engine_settings("bfloat16", backend)):
-    jaxpr = traced_decode_loop(lm, method, module, monkeypatch)
-    (loop,) = token_loops(jaxpr)
+    prefill, loop_jaxpr = traced_request(lm, method, module, monkeypatch)
+    (loop,) = token_loops(loop_jaxpr)
     inside = control_flow(loop.params["body_jaxpr"].jaxpr)
     if backend == "gpu":
-      assert inside == collections.Counter() and control_flow(jaxpr) == collections.Counter({"while": 1})
+      assert inside == collections.Counter() and control_flow(loop_jaxpr) == collections.Counter({"while": 1})
+      assert control_flow(prefill) == collections.Counter()
     else:
-      assert inside["while"] >= lm.cfg.n_layers
+      assert inside["while"] >= lm.cfg.n_layers and control_flow(prefill)["while"] >= lm.cfg.n_layers
 
 
 def test_the_accelerator_layout_is_lossless_and_runs_one_step_shape(tiny_gpu):
