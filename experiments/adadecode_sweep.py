@@ -37,7 +37,8 @@ from hdjax.attention import causal_mask
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import init_cache
 
-VAL_SKIP = 2200  # exchanges; the heads' training, held-out and vocabulary text ends before it (README)
+# exchanges; the heads' training, held-out and vocabulary text ends before it (docs/results/adadecode.md)
+VAL_SKIP = 2200
 VAL_CHARS = (20, 600)
 flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file")
 flags.DEFINE_integer("sharegpt_val", 0, "> 0: run on that many ShareGPT validation prompts instead of --questions "

@@ -149,8 +149,8 @@ def cpu_model() -> str:
 
 def speed_dtype(dtype: str = "auto") -> str:
   """`dtype`, or for "auto" the faster weight dtype of this host: bf16 on an accelerator or on a CPU with bf16 units
-  (where a bf16 step is flat in its rows: README, Results), fp32 on a CPU without them (a bf16 decode step took
-  87 ms against fp32's 30-38 ms on an AVX2-only AMD EPYC, 2026-11-29)."""
+  (where a bf16 step is flat in its rows: docs/results/engine-steps.md), fp32 on a CPU without them (a bf16 decode
+  step took 87 ms against fp32's 30-38 ms on an AVX2-only AMD EPYC, 2026-11-29)."""
   if dtype != "auto":
     return dtype
   import jax  # pylint: disable=import-outside-toplevel  (see median_ms)

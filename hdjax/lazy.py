@@ -62,7 +62,7 @@ class LazyConfig:
   bucket kept from that layer on, non-increasing. selection: "attention" (LazyLLM), "static" (scores of the
   first pruning layer reused at every later one) or "random" (same budget, uniform random scores).
 
-  The default was chosen on 16 passkey + 8 multi-document QA prompts per length (README, LazyLLM): one pruning
+  The default was chosen on 16 passkey + 8 multi-document QA prompts per length (docs/results/lazyllm.md): one pruning
   layer at 14 keeping 10%, scored by a 16-token window over the end of the user's turn (`score_skip=6` skips
   SmolLM2's chat-template assistant header) and pooled over 15 positions (a number or a name survives whole). On
   SmolLM2-135M the scores do not point at the answer before layer ~14, so earlier pruning loses it (the former

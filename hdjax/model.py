@@ -52,7 +52,7 @@ def contract(spec: str, x: jax.Array, w: jax.Array, feature_major_rows: int = 0)
   Over at most `feature_major_rows` rows (the product of x's kept axes) the weight's own output axes come first:
   W @ X^T into a feature-major result, transposed after an optimization barrier (without it XLA folds the
   transpose back into the dot). With W stored [out, in], XLA:CPU's fp32 30-layer step ran ~1.1x faster at 1 row and
-  1.4-1.7x at 4-8 rows that way on an AVX2 host (README, "fp32 steps on an AVX2 CPU")."""
+  1.4-1.7x at 4-8 rows that way on an AVX2 host (docs/results/engine-steps.md)."""
   x_axes, w_axes = spec.split("->")[0].split(",")
   out_axes = spec.split("->")[1]
   x = x.astype(w.dtype)

@@ -74,8 +74,8 @@ DEFAULT_HEAD_VOCAB = 2048  # candidates of the committed heads' checks (checkpoi
 class AdaDecodeConfig:
   """The method's options besides the heads (`resolve_heads`)."""
   # an exit needs the head's top probability >= gamma; 0.9 measured on 13 ShareGPT validation prompts (bf16, 96
-  # tokens, README): gamma 0.5 / 0.75 / 0.9 / 0.95 / 0.98 gave 0.76x / 0.87x / 0.91x / 0.915x / 0.924x `ar`, the last
-  # three within the noise of two runs of one setting (0.907x and 0.910x at 0.9)
+  # tokens, docs/results/adadecode.md): gamma 0.5 / 0.75 / 0.9 / 0.95 / 0.98 gave 0.76x / 0.87x / 0.91x / 0.915x /
+  # 0.924x `ar`, the last three within the noise of two runs of one setting (0.907x and 0.910x at 0.9)
   gamma: float = 0.9
   max_pending: int = 5  # early tokens awaiting verification, at most
   # > 0: heads score only the heads' `head_vocab` most frequent ids; 0: the full vocabulary; None:
@@ -85,7 +85,7 @@ class AdaDecodeConfig:
   # a batch's sequences exit together or not at all, so each segment runs once per token for the whole batch; False:
   # each exits on its own head, as when decoded alone (its work counters are then those of its own run). Lossless
   # either way. fp32, AMD host, 64 tokens, over batched `ar` at B = 2 / 4 / 8: True 1.07x / 0.97x / 1.08x, False
-  # 0.99x / 0.78x / 0.75x (README)
+  # 0.99x / 0.78x / 0.75x (docs/results/adadecode.md)
   in_step: bool = True
 
   @classmethod
