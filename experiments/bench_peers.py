@@ -26,8 +26,8 @@ from typing import Any, Callable
 
 from absl import flags
 
-from experiments.common import (at_least, check_output_file, int_list, pyplot, read_questions, read_records, require,
-                                run_main, write_json_atomic)
+from experiments.common import (at_least, check_output_file, int_list, print_start, pyplot, read_questions,
+                                read_records, require, run_main, write_json_atomic)
 from hdjax.errors import HdjaxError
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -168,6 +168,7 @@ def main(argv):
   for path in (F.out, F.plot):
     if path:
       check_output_file(path)
+  print_start("bench_peers", stage=F.stage, model=F.model, dtypes=",".join(F.dtypes), methods=",".join(F.methods))
   if F.stage == "decode":
     questions = spread(read_questions(F.questions), F.limit)
     rows = [row for dtype in F.dtypes for row in decode_stage(dtype, questions)]

@@ -22,7 +22,7 @@ import time
 from absl import flags
 from tqdm import tqdm
 
-from experiments.common import at_least, check_output_dir, require, run_main, write_json_atomic
+from experiments.common import at_least, check_output_dir, print_start, require, run_main, write_json_atomic
 from hdjax.drafting import model_db, stats_db
 from hdjax.errors import HdjaxError
 
@@ -127,6 +127,8 @@ def main(argv):
   check_output_dir(FLAGS.out_dir, ["model_db.npz", "stats_db.npz", "model_outputs.partial.npz",
                                    f"build_{'_'.join(FLAGS.which)}.json"])
   import hdjax  # pylint: disable=import-outside-toplevel  (keeps --help fast)
+  print_start("build_datastores", model=FLAGS.model, dtype=FLAGS.dtype, which=",".join(FLAGS.which),
+              out_dir=FLAGS.out_dir)
   lm = hdjax.load(FLAGS.model, dtype=FLAGS.dtype)
   if lm.tokenizer is None:
     raise HdjaxError(f"model {FLAGS.model!r} has no tokenizer; the databases are built from text")

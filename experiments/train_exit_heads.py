@@ -42,7 +42,7 @@ from ml_collections import config_flags
 from tqdm import tqdm
 
 import hdjax
-from experiments.common import at_least, check_output_dir, require, run_main, write_json_atomic
+from experiments.common import at_least, check_output_dir, print_start, require, run_main, write_json_atomic
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
 from hdjax.drafting import model_db
@@ -186,6 +186,7 @@ def main(argv):
   if c.export_dir:
     check_output_dir(c.export_dir)
   t0 = time.perf_counter()
+  print_start("train_exit_heads", model=c.model, dtype="float32", layers=c.layers, steps=c.steps, workdir=c.workdir)
   lm = hdjax.load(c.model, dtype="float32")
   layers = heads_lib.check_layers(lm.cfg, c.layers)
   table_layers = tuple(sorted(set(heads_lib.check_layers(lm.cfg, c.table_layers)) | set(layers)))
