@@ -10,7 +10,8 @@ The cache keeps every compiled program on disk, so a second process with the sam
 compiling them (a 30-layer program on XLA:CPU: 0.89 s to compile, 0.05 s to load). `HDJAX_COMPILE_CACHE` chooses
 where: unset, "1" or "true" for `default_cache_dir()`, "0", "false" or "off" for no cache, anything else a
 directory. A directory that cannot be written is warned about once and the run goes on without the cache. An
-explicit `JAX_COMPILATION_CACHE_DIR` (jax's own setting) wins over all of these.
+explicit `JAX_COMPILATION_CACHE_DIR` (jax's own setting) wins over all of these. The cache is not bounded (a run of
+the test suite adds ~330 MB of programs for each version of the code): delete the directory to empty it.
 
 The count listens to `jax.monitoring`: XLA's backend compile reports one duration per program, and a program that
 came from the persistent cache reports a cache hit first. Tracing (Python to jaxpr) and lowering (jaxpr to MLIR)
