@@ -108,7 +108,7 @@ def test_the_accelerator_layout_is_lossless_and_runs_one_step_shape(tiny_gpu):
     assert max(max(o.stats["accept_lengths"]) for o in out) > 1, method
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", [pytest.param("float32", marks=pytest.mark.slow), "bfloat16"])
 def test_exit_head_methods_on_the_accelerator_layout_return_ar_tokens(dtype):
   """`adadecode` with heads that exit at every head (gamma 0) and `hd+adadecode` on the GPU layout (run here on
   CPU) return that layout's `ar` tokens."""

@@ -84,8 +84,8 @@ REVIVING = dataclasses.replace(SCHEDULE, prune_layers=(2, 5), keep_ratios=(0.5, 
                                revive_budget=4)
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) for m in ("lazy+pld", "lazy+hd")]
-                         + ["lazy+hd+adadecode", "lazy+adadecode"])
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow)
+                                    for m in ("lazy+pld", "lazy+hd", "lazy+adadecode")] + ["lazy+hd+adadecode"])
 def test_lazy_compositions_revive_as_lazy_does(lm8, monkeypatch, method):
   """With revival, every composition emits lazy's tokens and ends with exactly the (layer, slot) pairs lazy
   computed: the same tokens revived at the same re-selection points, none computed twice. (On this random model

@@ -63,6 +63,7 @@ def test_full_forward_equals_cached_decode(tiny_lm):
   np.testing.assert_allclose(_step_by_step_logits(tiny_lm, ids), tiny_lm.logits(ids), atol=1e-5)
 
 
+@pytest.mark.slow  # ~74 s with an empty compilation cache; the tiny model's case above stays in the default suite
 def test_smollm_full_forward_equals_cached_decode(smollm):
   ids = smollm.tokenizer.encode("The quick brown fox jumps over")
   np.testing.assert_allclose(_step_by_step_logits(smollm, ids), smollm.logits(ids), atol=2e-4)
