@@ -85,7 +85,7 @@ def test_the_environment_turns_the_cache_off():
     (None, "/xdg/hdjax/jax"), ("1", "/xdg/hdjax/jax"), ("true", "/xdg/hdjax/jax"), ("0", None), ("false", None),
     ("OFF", None), ("/some/dir", "/some/dir")])
 def test_the_cache_dir_the_environment_asks_for(setting, expected):
-  environ = {"XDG_CACHE_HOME": "/xdg"} if setting is None else {"XDG_CACHE_HOME": "/xdg", compilation.CACHE_ENV: setting}
+  environ = {"XDG_CACHE_HOME": "/xdg", **({} if setting is None else {compilation.CACHE_ENV: setting})}
   assert compilation.requested_cache_dir(environ) == expected
 
 
