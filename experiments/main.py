@@ -27,11 +27,11 @@ import sys
 if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import subprocess
-import threading
 import time
 from typing import Any, Sequence
 
 from absl import flags
+import tqdm
 
 from experiments.common import check_output_dir, run_main
 from hdjax.errors import HdjaxError
@@ -143,61 +143,23 @@ def stage_timing(key: str, out_dir: str) -> tuple[float | None, float | None, st
   return seconds, timed, note
 
 
-class Progress:
-  """One status line that redraws itself on a terminal: units done, elapsed time, the launcher's last line."""
-
-  def __init__(self, label: str, units: int, tty: bool):
-    self.label, self.units, self.tty = label, units, tty
-    self.done, self.last, self.start = 0, "starting", time.perf_counter()
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._tick, daemon=True) if tty else None
-
-  def __enter__(self):
-    if self._thread:
-      self._thread.start()
-    return self
-
-  def __exit__(self, *exc):
-    self._stop.set()
-    if self._thread:
-      self._thread.join()
-      sys.stdout.write("\r\033[K")
-      sys.stdout.flush()
-
-  def line(self, text: str, counts: bool) -> None:
-    self.done += counts
-    self.last = text.strip() or self.last
-    if self.tty:
-      self.draw()
-
-  def draw(self) -> None:
-    elapsed = _duration(time.perf_counter() - self.start)
-    bar = ""
-    if self.units:
-      filled = min(20, 20 * self.done // self.units)
-      bar = f"[{'#' * filled}{'.' * (20 - filled)}] {self.done}/{self.units} "
-    text = f"  {bar}{elapsed}  {self.last}"
-    width = max(40, os.get_terminal_size(sys.stdout.fileno()).columns - 1) if sys.stdout.isatty() else 100
-    sys.stdout.write("\r\033[K" + text[:width])
-    sys.stdout.flush()
-
-  def _tick(self) -> None:
-    while not self._stop.wait(1.0):
-      self.draw()
-
-
 def run_stage(stage: Stage, log_path: str, env: dict[str, str], tty: bool) -> tuple[int, float]:
   """Runs the stage's launcher with its output in `log_path`; returns (exit status, seconds)."""
   pattern = re.compile(stage.progress) if stage.progress else None
   start = time.perf_counter()
-  with open(log_path, "w", encoding="utf-8") as log, Progress(stage.title, stage.units, tty) as progress:
+  bar = tqdm.tqdm(total=stage.units or None, disable=not tty, leave=False, dynamic_ncols=True, mininterval=0,
+                  bar_format="  {bar:20}| {n_fmt}/{total_fmt} {elapsed}  {postfix}" if stage.units else
+                  "  {elapsed}  {postfix}")
+  with open(log_path, "w", encoding="utf-8") as log, bar:
     proc = subprocess.Popen([sys.executable, "-m", *stage.argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=env, cwd=ROOT, bufsize=1)
     assert proc.stdout is not None
     for line in proc.stdout:
       log.write(line)
       log.flush()
-      progress.line(line, bool(pattern and pattern.search(line)))
+      if line.strip():  # the launcher's last line beside the bar
+        bar.set_postfix_str(line.strip(), refresh=False)
+      bar.update(bool(pattern and pattern.search(line)))
     status = proc.wait()
   return status, time.perf_counter() - start
 

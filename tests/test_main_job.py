@@ -120,12 +120,13 @@ def test_run_stage_logs_everything_and_counts_progress_lines(tmp_path):
   assert status != 0 and "none.json" in log.read_text()
 
 
-def test_progress_counts_units():
-  progress = main_job.Progress("t", units=4, tty=False)
-  with progress:
-    progress.line("hd qa q1: 128 tokens", True)
-    progress.line("   ", False)
-  assert progress.done == 1 and progress.last == "hd qa q1: 128 tokens"
+def test_progress_bar_counts_the_stage_units_on_a_terminal(tmp_path, capsys):
+  """On a terminal the stage's bar (tqdm, on stderr) counts the launcher's lines that match its progress pattern."""
+  data = tmp_path / "d.json"
+  data.write_text(json.dumps(dict(a=1, b=2, c=3)))
+  stage = main_job.Stage("x", "pretty-print", ["json.tool", str(data)], progress=r'^\s+"[ab]"', units=2)
+  status, _ = main_job.run_stage(stage, str(tmp_path / "x.log"), dict(os.environ), tty=True)
+  assert status == 0 and "2/2" in capsys.readouterr().err
 
 
 def test_unknown_stage_is_one_error_line(tmp_path):
