@@ -30,10 +30,11 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from hdjax import api, compilation, model, sharding
+from hdjax import api, compilation, model, profiling, sharding
 from hdjax.attention import prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
+from hdjax.decoding.sampling import SamplingConfig
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache, init_cache
 from experiments.common import compiled_text, device_name, print_start, run_main, write_json_atomic
@@ -56,6 +57,9 @@ flags.DEFINE_list("tau", ["16:1.57"], "T:tau pairs for the projection (default: 
 flags.DEFINE_string("summary", None, "a specbench summary.json: take tau from it instead of --tau")
 flags.DEFINE_string("method", "hd", "the method of --summary whose tau is used")
 flags.DEFINE_integer("summary_nodes", 16, "the tree size T that --method verified per step")
+flags.DEFINE_integer("profile", 0, "trace this many decode calls and verify calls at the largest T with "
+                     "jax.profiler and print kernels per call and device busy time against wall time (0: off)")
+flags.DEFINE_string("trace_dir", None, "where --profile writes its traces (default: a temporary directory)")
 flags.DEFINE_string("out", None, "also write the results to this JSON file")
 
 FLAGS = flags.FLAGS
@@ -102,6 +106,34 @@ def interleaved_ms(steps, caches: list[KVCache], warmup: int, repeats: int) -> t
   return times, caches
 
 
+def profile_step(step, cache: KVCache, calls: int) -> profiling.DeviceProfile:
+  """`profiling.profile_calls` of `step(cache) -> (out, cache)`, threading the donated cache through."""
+  holder = [cache]
+
+  def call():
+    out, holder[0] = step(holder[0])
+    return out
+
+  return profiling.profile_calls(call, calls, FLAGS.trace_dir)
+
+
+def profile_token_loop(params, cfg: LlamaConfig, num_slots: int, tokens_b: jax.Array, new_tokens: int
+                       ) -> profiling.DeviceProfile:
+  """The profile of `ar`'s whole on-device token loop (`decode_chunk`) emitting `new_tokens` tokens after the
+  prefix, from a fresh cache each call, after one untimed call that compiles it."""
+  batch = tokens_b.shape[0]
+  limit = jnp.int32(new_tokens)
+
+  def call():
+    cache = init_cache(cfg, batch, num_slots)
+    cache = cache.replace(lengths=jnp.full((batch,), FLAGS.prefix, jnp.int32))
+    state = ar.token_state(cfg, tokens_b, new_tokens, jax.random.key(0), cache)
+    return ar.decode_chunk(params, cfg, state, limit, limit, SamplingConfig()).tokens_bs
+
+  jax.block_until_ready(call())
+  return profiling.profile_calls(call, 1, FLAGS.trace_dir)
+
+
 def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool = False
                 ) -> tuple[LlamaConfig, model.Params, str]:
   """Real weights for embedded models and paths; random weights for presets. Optionally truncated."""
@@ -111,7 +143,7 @@ def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool =
     cfg = hdjax.PRESETS[name].replace(dtype=dtype, engine=api.engine_settings(dtype))
     cfg = cfg.replace(n_layers=layers) if layers else cfg
     params = jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"), jax.random.key(0))
-    params = api.params_to_device(jax.device_get(params), cfg, mesh)
+    params = api.params_to_device(params, cfg, mesh)  # cast and laid out on the device: no host round trip
     return cfg, params, "random weights"
   lm = api.load(name, dtype=dtype, mesh=mesh)
   cfg, params = lm.cfg, lm.params
@@ -184,6 +216,17 @@ def main(argv):
       rows.append(r)
       print(f"{r['nodes']:>4} {r['decode_ms']:>10.2f} {r['verify_ms']:>10.2f} {r['verify_over_decode']:>14.2f}  "
             f"({row_compiled.seconds:.1f} s, {row_compiled.programs} programs)", flush=True)
+    profiles = {}
+    if FLAGS.profile:
+      steps = {"decode": lambda c: decode_step(params, cfg, c, tokens_b),
+               f"verify T={t}": lambda c: tree_verify_step(params, cfg, c, tokens_bt, depths_t, mask_tt)}
+      for (label, step), cache in zip(steps.items(), caches):
+        profiles[label] = profile_step(step, at_prefix(cache), FLAGS.profile).as_dict()
+        print(f"profile {label}: {profiling.DeviceProfile(**profiles[label]).text()}", flush=True)
+      loop = profile_token_loop(params, cfg, num_slots, tokens_b, FLAGS.profile)
+      profiles[f"ar loop of {FLAGS.profile} tokens"] = loop.as_dict()
+      print(f"profile ar loop of {FLAGS.profile} tokens (one jitted while loop, cache allocated per call): "
+            f"{loop.text()}", flush=True)
   print(f"bench_steps: {compiled_text(compiled.count())}")
   projection = [dict(nodes=r["nodes"], tau=tau[r["nodes"]], projected_speedup=tau[r["nodes"]] / r["verify_over_decode"])
                 for r in rows if r["nodes"] in tau]
@@ -197,7 +240,7 @@ def main(argv):
   if FLAGS.out:
     write_json_atomic(FLAGS.out, dict(model=FLAGS.model, weights=weights, layers=cfg.n_layers, dtype=dtype,
                                       device=device, batch=FLAGS.batch, prefix=FLAGS.prefix, verify=rows,
-                                      projection=projection, tau_source=tau_source,
+                                      projection=projection, tau_source=tau_source, profile=profiles,
                                       compile=compiled.count().as_dict()))
 
 

@@ -5,12 +5,14 @@
 #
 # Parts (default: all, in this order), each launcher under its own time limit, its output shown as it comes and kept
 # in OUT_DIR/<run>.log, then a summary of every run's exit status (124: timed out; 3: the model is missing):
-#   steps      decode vs tree-verify step latency, random weights, bf16: SmolLM2-135M shape at T = 1-64, and the
-#              LLaMA-2-7B shape at T = 1, 4, 16, 64 over a 1,024-token prefix
+#   steps      decode vs tree-verify step latency, random weights, bf16, SmolLM2-135M shape at T = 1-64 (B = 1) and
+#              T = 1, 4, 16, 64 (B = 8), with a jax.profiler profile of decode, verify and `ar`'s token loop
+#              (kernels per call, device busy time against wall time)
+#   steps7b    the same for the LLaMA-2-7B shape at T = 1, 4, 16, 64 over a 1,024-token prefix (B = 1, profiled)
 #   specbench  30 Spec-Bench questions (5 per category, first turn, 128 tokens), every method, bf16: speedups over
 #              `ar` and how many outputs are identical to `ar`'s
-#   hf         `ar` against HF transformers `generate` on the same device and GGUF, bf16: greedy and prompt lookup,
-#              tok/s and identical counts (10 questions, 128 tokens)
+#   hf         `ar` and `hd` against HF transformers `generate` on the same device and GGUF, bf16: greedy and prompt
+#              lookup, tok/s and identical counts (6 questions, 128 tokens)
 #   batch      batched `hd` against batched `ar` at B = 1, 4, 8, 16, bf16
 # --dry_run: the same parts with tiny settings (the tiny preset for the step tables, 1-2 questions, 8 tokens,
 # B = 1, 2; HF in fp32) that run on a CPU in a few minutes; the test suite runs it (tests/test_device_suite.py).
@@ -26,17 +28,17 @@ if [ "${1:-}" = --dry_run ]; then
   shift
 fi
 if [ $# -lt 1 ] || [[ $1 == -* ]]; then
-  echo "usage: bash $0 [--dry_run] OUT_DIR [PART...]   (parts: steps specbench hf batch; default all)" >&2
+  echo "usage: bash $0 [--dry_run] OUT_DIR [PART...]   (parts: steps steps7b specbench hf batch; default all)" >&2
   exit 2
 fi
 out=$1
 shift
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(steps specbench hf batch)
+[ ${#parts[@]} -gt 0 ] || parts=(steps steps7b specbench hf batch)
 for name in "${parts[@]}"; do
   case $name in
-    steps | specbench | hf | batch) ;;
-    *) echo "error: unknown part '$name' (parts: steps specbench hf batch)" >&2; exit 2 ;;
+    steps | steps7b | specbench | hf | batch) ;;
+    *) echo "error: unknown part '$name' (parts: steps steps7b specbench hf batch)" >&2; exit 2 ;;
   esac
 done
 if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
@@ -77,25 +79,30 @@ missing_inputs() {  # why the real model or the questions are not usable here, o
 
 echo "device suite: parts ${parts[*]}$([ $dry_run = 1 ] && echo ' (dry run)'); python $py; model $model; questions ${questions:-none}; logs in $out"
 if [ $dry_run = 1 ]; then
-  steps_small=(--model=tiny --random_weights --dtype=bfloat16 --nodes=1,2 --prefix=16 --warmup=1 --repeats=2)
+  steps_small=(--model=tiny --random_weights --dtype=bfloat16 --nodes=1,2 --prefix=16 --warmup=1 --repeats=2 --profile=2)
+  steps_batch=("${steps_small[@]}" --batch=2 --profile=0)
   steps_large=("${steps_small[@]}")
   spec=(--limit=1 --max_turns=1 --max_new_tokens=8 --methods=ar,pld)
   peers=(--dtypes=float32 --limit=2 --max_new_tokens=4)  # HF computes a bf16 GGUF model in fp32 on a CPU: slow
   batch=(--batches=1,2 --max_new_tokens=8)
   limit=300
 else
-  steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,2,4,8,16,32,64)
-  steps_large=(--model=llama-2-7b --dtype=bfloat16 --nodes=1,4,16,64 --prefix=1024)
+  steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,2,4,8,16,32,64 --profile=32)
+  steps_batch=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,4,16,64 --batch=8)
+  steps_large=(--model=llama-2-7b --dtype=bfloat16 --nodes=1,4,16,64 --prefix=1024 --profile=16)
   spec=(--limit=5 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,rest,hd,adadecode,hd+adadecode)
-  peers=(--dtypes=bfloat16 --limit=10 --max_new_tokens=128)
+  peers=(--dtypes=bfloat16 --limit=6 --max_new_tokens=128)
   batch=(--batches=1,4,8,16 --max_new_tokens=64)
   limit=0
 fi
 for name in "${parts[@]}"; do
   case $name in
     steps)
-      run steps_smollm2 $((limit ? limit : 75)) experiments.bench_steps "${steps_small[@]}" --out="$out/steps_smollm2.json"
-      run steps_llama2_7b $((limit ? limit : 105)) experiments.bench_steps "${steps_large[@]}" \
+      run steps_smollm2 $((limit ? limit : 90)) experiments.bench_steps "${steps_small[@]}" --out="$out/steps_smollm2.json"
+      run steps_smollm2_b8 $((limit ? limit : 60)) experiments.bench_steps "${steps_batch[@]}" \
+        --out="$out/steps_smollm2_b8.json" ;;
+    steps7b)
+      run steps_llama2_7b $((limit ? limit : 120)) experiments.bench_steps "${steps_large[@]}" \
         --out="$out/steps_llama2_7b.json" ;;
     specbench | hf | batch)
       why=$(missing_inputs)
@@ -109,7 +116,7 @@ for name in "${parts[@]}"; do
             --dtype=bfloat16 "${spec[@]}" --out_dir="$out/specbench" ;;
         hf)
           run hf $((limit ? limit : 90)) experiments.bench_peers --stage=decode --model="$model" --questions="$questions" \
-            --methods=ar "${peers[@]}" --out="$out/hf.json" ;;
+            --methods=ar,hd "${peers[@]}" --out="$out/hf.json" ;;
         batch)
           run batch $((limit ? limit : 90)) experiments.bench_batch --model="$model" --questions="$questions" \
             --dtype=bfloat16 --methods=hd "${batch[@]}" --out="$out/batch.json" ;;

@@ -15,6 +15,7 @@ SUITE = os.path.join(ROOT, "experiments", "device_suite.sh")
 # each run of the suite: its launcher (whose first line names it) and a line of the table its log must hold
 RUNS = {
     "steps_smollm2": ("bench_steps", r"^\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+"),
+    "steps_smollm2_b8": ("bench_steps", r"^\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+"),
     "steps_llama2_7b": ("bench_steps", r"^\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+"),
     "specbench": ("specbench", r"^pld\s+speedup [\d.]+x .* identical 1\.00"),
     "hf": ("bench_peers", r"^float32\s+hf_prompt_lookup\s+[\d.]+ .* to hf$"),
@@ -36,6 +37,8 @@ def test_the_dry_run_runs_every_part_to_its_table(tmp_path):
     log = (tmp_path / f"{run}.log").read_text()
     assert log.startswith(f"{launcher} on "), log[:500]
     assert re.search(table_line, log, re.M), f"{run}.log lacks its table:\n{log[-2000:]}"
+  assert re.search(r"^profile ar loop of 2 tokens .* ms wall per call", (tmp_path / "steps_smollm2.log").read_text(),
+                   re.M)
 
 
 @pytest.mark.parametrize("args, message", [((), "usage:"), (("--dry_run",), "usage:"),
