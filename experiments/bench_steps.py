@@ -142,8 +142,8 @@ def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool =
   if name in hdjax.PRESETS and (random_weights or name not in api.EMBEDDED):
     cfg = hdjax.PRESETS[name].replace(dtype=dtype, engine=api.engine_settings(dtype))
     cfg = cfg.replace(n_layers=layers) if layers else cfg
-    params = jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"), jax.random.key(0))
-    params = api.params_to_device(params, cfg, mesh)  # cast and laid out on the device: no host round trip
+    params = model.timing_params(cfg)
+    params = sharding.shard_params(params, mesh) if mesh is not None else params
     return cfg, params, "random weights"
   lm = api.load(name, dtype=dtype, mesh=mesh)
   cfg, params = lm.cfg, lm.params

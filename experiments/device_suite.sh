@@ -5,12 +5,12 @@
 #
 # Parts (default: all, in this order), each launcher under its own time limit, its output shown as it comes and kept
 # in OUT_DIR/<run>.log, then a summary of every run's exit status (124: timed out; 3: the model is missing):
-#   steps      decode vs tree-verify step latency, random weights, bf16, SmolLM2-135M shape at T = 1-64 (B = 1) and
-#              T = 1, 4, 16, 64 (B = 8), with a jax.profiler profile of decode, verify and `ar`'s token loop
+#   steps      decode vs tree-verify step latency, random weights, bf16, SmolLM2-135M shape at T = 1, 4, 16, 64 (B = 1)
+#              and T = 1, 16, 64 (B = 8), with a jax.profiler profile of decode, verify and `ar`'s token loop
 #              (kernels per call, device busy time against wall time)
-#   steps7b    the same for the LLaMA-2-7B shape at T = 1, 4, 16, 64 over a 1,024-token prefix (B = 1, profiled)
-#   specbench  30 Spec-Bench questions (5 per category, first turn, 128 tokens), every method, bf16: speedups over
-#              `ar` and how many outputs are identical to `ar`'s
+#   steps7b    the same for the LLaMA-2-7B shape at T = 1, 16, 64 over a 1,024-token prefix (B = 1, profiled)
+#   specbench  30 Spec-Bench questions (5 per category, first turn, 128 tokens), ar, pld, hd, adadecode and
+#              hd+adadecode, bf16: speedups over `ar` and how many outputs are identical to `ar`'s
 #   hf         `ar` and `hd` against HF transformers `generate` on the same device and GGUF, bf16: greedy and prompt
 #              lookup, tok/s and identical counts (6 questions, 128 tokens)
 #   batch      batched `hd` against batched `ar` at B = 1, 4, 8, 16, bf16
@@ -87,10 +87,10 @@ if [ $dry_run = 1 ]; then
   batch=(--batches=1,2 --max_new_tokens=8)
   limit=300
 else
-  steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,2,4,8,16,32,64 --profile=32)
-  steps_batch=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,4,16,64 --batch=8)
-  steps_large=(--model=llama-2-7b --dtype=bfloat16 --nodes=1,4,16,64 --prefix=1024 --profile=16)
-  spec=(--limit=5 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,rest,hd,adadecode,hd+adadecode)
+  steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,4,16,64 --profile=32)
+  steps_batch=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,16,64 --batch=8)
+  steps_large=(--model=llama-2-7b --random_weights --dtype=bfloat16 --nodes=1,16,64 --prefix=1024 --profile=16)
+  spec=(--limit=5 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,hd,adadecode,hd+adadecode)
   peers=(--dtypes=bfloat16 --limit=6 --max_new_tokens=128)
   batch=(--batches=1,4,8,16 --max_new_tokens=64)
   limit=0

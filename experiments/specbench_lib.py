@@ -76,8 +76,9 @@ def warmup_prompts(lm: hdjax.LM, questions: list[dict[str, Any]], max_new_tokens
       messages.append({"role": "user", "content": turn})
       shortest = lm.tokenizer.apply_chat_template(messages)
       for n in range(len(shortest), len(shortest) + k * (max_new_tokens + RETOKENIZED_SLACK) + 1):
-        slots = tuple(slots_for(n, max_new_tokens, extra) for extra in SPECULATIVE_EXTRA_ROWS)
-        by_shape.setdefault((ar.prompt_bucket(n), *slots), shortest + [lm.cfg.pad_id] * (n - len(shortest)))
+        slots = tuple(slots_for(n, max_new_tokens, extra, lm.cfg.engine.min_rows) for extra in SPECULATIVE_EXTRA_ROWS)
+        by_shape.setdefault((ar.prompt_bucket(n, lm.cfg.engine.min_rows), *slots),
+                            shortest + [lm.cfg.pad_id] * (n - len(shortest)))
       messages.append({"role": "assistant", "content": ""})
   return [p[:lm.cfg.max_seq_len - max_new_tokens] for p in by_shape.values()]
 

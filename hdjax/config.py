@@ -56,9 +56,11 @@ class EngineLayout:
   #                       CPU), up to the last one any query sees, and a prefill skips the key blocks above the
   #                       diagonal: loops of a data-dependent trip count; 0: a step's attention is one masked pass
   #                       over every slot, and a prefill reads every key block (those above the diagonal masked)
+  min_rows: int = 16  # prompts are padded to at least this many rows and caches hold at least this many slots
+  #                     (beyond 64): prompts up to it share one compiled prefill and one decoding loop per method
 
   def __post_init__(self):
-    for name in ("row_multiple", "feature_major_rows", "key_block"):
+    for name in ("row_multiple", "feature_major_rows", "key_block", "min_rows"):
       value = getattr(self, name)
       if not is_int(value) or value < (name == "row_multiple"):
         raise HdjaxError(f"engine {name}={value!r} must be an integer >= {int(name == 'row_multiple')}")
@@ -75,6 +77,7 @@ class EngineLayout:
 
 FEATURE_MAJOR_ROWS = 64
 ACCELERATOR_ROWS = 16
+ACCELERATOR_MIN_ROWS = 512
 
 
 def engine_settings(dtype: str, backend: str | None = None) -> EngineLayout:
@@ -91,11 +94,13 @@ def engine_settings(dtype: str, backend: str | None = None) -> EngineLayout:
     per-layer computations block fusion across layers): straight-line layers, attention in one masked pass over
     every cache slot, the cache in the weights' dtype, and every decode and verify step exactly ACCELERATOR_ROWS
     rows, one compiled shape, so a tree node whose keys sit at its committed slots gets the decode step's logits.
+    Prompts pad to at least ACCELERATOR_MIN_ROWS rows and caches to as many slots: one program per method for
+    every prompt up to it (an XLA:GPU compile takes tens of seconds; 512 padded rows cost a GPU next to nothing).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return EngineLayout(cache_dtype=dtype, row_multiple=ACCELERATOR_ROWS, one_step_shape=True, layer_programs=False,
-                        key_block=0)
+                        key_block=0, min_rows=ACCELERATOR_MIN_ROWS)
   if dtype == "bfloat16":
     return EngineLayout(row_multiple=8, untie_head=True)
   if dtype == "float32":

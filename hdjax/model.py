@@ -244,6 +244,23 @@ def init_params(cfg: LlamaConfig, key: jax.Array) -> Params:
   return with_layout(cfg, {"embedder": embedder, "layers": layers})
 
 
+def timing_params(cfg: LlamaConfig, seed: int = 0) -> Params:
+  """Random params for timing steps: every weight N(0, 0.02^2) in `cfg.dtype`, every norm scale 1 (fp32), in the
+  config's layout. Each leaf is drawn on its own by the `unsafe_rbg` generator, so the few programs this compiles
+  are one RNG op per distinct shape: `jax.jit(init_params)` traces flax's init of a layer (its forward included)
+  and took over 40 s to compile on an H200 for SmolLM2-135M, against 5.6 s on a CPU."""
+  shapes = param_shapes(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  keys = jax.random.split(jax.random.key(seed, impl="unsafe_rbg"), len(leaves))
+
+  def draw(path, leaf, key):
+    if any(getattr(k, "key", None) == "scale" for k in path):
+      return jnp.ones(leaf.shape, jnp.float32)
+    return (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(cfg.dtype)
+
+  return jax.tree_util.tree_unflatten(treedef, [draw(path, leaf, k) for (path, leaf), k in zip(leaves, keys)])
+
+
 def _dummy_layer_inputs(cfg: LlamaConfig):
   kv = jnp.zeros((1, 1, cfg.n_kv_heads, 1, cfg.head_dim), jnp.dtype(cfg.engine.cache_dtype))
   hd = jnp.zeros((1, 1, cfg.head_dim), jnp.float32)

@@ -9,6 +9,7 @@ import jax
 import pytest
 
 from hdjax.adadecode.heads import ExitHeads
+from hdjax import config
 from hdjax.config import engine_settings
 from hdjax.decoding import autoregressive as ar, device_loop, speculative
 from tests.test_device_hd import PROMPTS, tiny_hd_model
@@ -123,3 +124,18 @@ def test_exit_head_methods_on_the_accelerator_layout_return_ar_tokens(dtype):
     with speculative.database_scope("device"):
       both = lm.generate(prompts, method="hd+adadecode", max_new_tokens=20, heads=one_head)
     assert [r.token_ids for r in both] == ref
+
+
+def test_prompts_up_to_the_accelerator_min_rows_share_one_prefill_and_one_loop():
+  """On the GPU layout prompts of 8 to 400 tokens pad to one prefill of ACCELERATOR_MIN_ROWS rows and one cache
+  size, so `ar` traces its prefill and its loop once; the CPU layout traces a prefill per prompt bucket."""
+  for backend, prefills in (("gpu", 1), ("cpu", 4)):
+    for lm, _ in tiny_hd_model(dtype="float32", n_layers=2, engine=engine_settings("float32", backend)):
+      jax.clear_caches()
+      before = dict(ar.TRACE_COUNTS)
+      for n in (8, 40, 150, 400):
+        lm.generate([[5 + i % 7 for i in range(n)]], method="ar", max_new_tokens=4)
+      traced = {k: ar.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode_loop")}
+      assert traced["prefill"] == prefills, (backend, traced)
+      if backend == "gpu":
+        assert traced["decode_loop"] == 1 and lm.cfg.engine.min_rows == config.ACCELERATOR_MIN_ROWS

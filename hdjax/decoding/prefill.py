@@ -29,7 +29,7 @@ Prefill = Callable[[LoadedModel, GenerateRequest, int], Prefilled]
 
 def full_prefill(lm: LoadedModel, request: GenerateRequest, num_slots: int) -> Prefilled:
   """Every prompt token through every layer (prompts right-padded to `ar.prompt_bucket`)."""
-  t = min(ar.prompt_bucket(max(len(p) for p in request.prompts)), num_slots)
+  t = min(ar.prompt_bucket(max(len(p) for p in request.prompts), lm.cfg.engine.min_rows), num_slots)
   tokens, lengths = pad_prompts(request.prompts, lm.cfg.pad_id, t)
   logits_bv, cache = ar.prefill(lm.params, lm.cfg, jnp.asarray(tokens), jnp.asarray(lengths), num_slots)
   return Prefilled(logits_bv, cache, None, {})

@@ -71,12 +71,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int) -> t
 
 def cache_slots_for(cfg: LlamaConfig, request: GenerateRequest, extra: int = 0) -> int:
   """A power-of-two slot count covering the longest prompt, the new tokens and `extra` speculative rows."""
-  return slots_for(max(len(p) for p in request.prompts), request.max_new_tokens, extra)
+  return slots_for(max(len(p) for p in request.prompts), request.max_new_tokens, extra, cfg.engine.min_rows)
 
 
-def slots_for(prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
-  """`cache_slots_for` of one prompt length."""
-  return ar.next_pow2(prompt_len + max_new_tokens + extra, 64)
+def slots_for(prompt_len: int, max_new_tokens: int, extra: int = 0, min_rows: int = 0) -> int:
+  """`cache_slots_for` of one prompt length, with at least 64 and `min_rows` (`EngineLayout.min_rows`) slots."""
+  return ar.next_pow2(prompt_len + max_new_tokens + extra, max(64, min_rows))
 
 
 def padded_rows(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
