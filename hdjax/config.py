@@ -58,6 +58,8 @@ class EngineLayout:
   #                       over every slot, and a prefill reads every key block (those above the diagonal masked)
   min_rows: int = 16  # prompts are padded to at least this many rows and caches hold at least this many slots
   #                     (beyond 64): prompts up to it share one compiled prefill and one decoding loop per method
+  exhaustive_lookup: bool = False  # HD's database lookups compare the query with every key in one pass instead of
+  #                                  bisecting the sorted keys (`device_tables.lookup`)
 
   def __post_init__(self):
     for name in ("row_multiple", "feature_major_rows", "key_block", "min_rows"):
@@ -96,11 +98,13 @@ def engine_settings(dtype: str, backend: str | None = None) -> EngineLayout:
     rows, one compiled shape, so a tree node whose keys sit at its committed slots gets the decode step's logits.
     Prompts pad to at least ACCELERATOR_MIN_ROWS rows and caches to as many slots: one program per method for
     every prompt up to it (an XLA:GPU compile takes tens of seconds; 512 padded rows cost a GPU next to nothing).
+    HD's database lookups read the whole table in one pass: bisection is a chain of dependent gathers, ~70 kernels
+    launched one after another per step for SmolLM2's databases (docs/results/gpu-h200.md).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return EngineLayout(cache_dtype=dtype, row_multiple=ACCELERATOR_ROWS, one_step_shape=True, layer_programs=False,
-                        key_block=0, min_rows=ACCELERATOR_MIN_ROWS)
+                        key_block=0, min_rows=ACCELERATOR_MIN_ROWS, exhaustive_lookup=True)
   if dtype == "bfloat16":
     return EngineLayout(row_multiple=8, untie_head=True)
   if dtype == "float32":

@@ -30,11 +30,15 @@ def buffer(streams, size: int):
   return jnp.asarray(buf), jnp.asarray(lengths)
 
 
-lookup = jax.jit(device_tables.lookup)
+lookup = jax.jit(device_tables.lookup, static_argnames="exhaustive")
 
 
-def device_lookup(table, contexts, size: int = 64):
-  return to_lists(lookup(table, *buffer([c[-size:] for c in contexts], size)))
+def device_lookup(table, contexts, size: int = 64, exhaustive: bool = False):
+  """Each context's chains from `table`; both searches (bisection, every key at once) must agree on them."""
+  got = to_lists(lookup(table, *buffer([c[-size:] for c in contexts], size), exhaustive=exhaustive))
+  if not exhaustive:
+    assert got == device_lookup(table, contexts, size, exhaustive=True)
+  return got
 
 
 def random_docs(rng, alphabet, num=20, max_len=30):

@@ -9,7 +9,7 @@ import pytest
 
 import hdjax
 
-from hdjax import attention, kvcache, model
+from hdjax import api, attention, kvcache, model
 from hdjax.api import resolve_path
 from hdjax.config import EngineLayout, RopeScaling, engine_settings
 from hdjax.errors import HdjaxError
@@ -291,12 +291,30 @@ def test_engine_layout_per_backend():
     assert layout.layer_programs != accelerator and layout.one_step_shape == accelerator
     assert (layout.key_block == 0) == accelerator and layout.exact_span == (1 if accelerator else 128)
     assert layout.cache_dtype == (dtype if accelerator else "float32")
+    assert layout.exhaustive_lookup == accelerator and layout.min_rows == (512 if accelerator else 16)
     hdjax.PRESETS["tiny"].replace(dtype=dtype, engine=layout)  # a valid config
+
+
+@pytest.mark.parametrize("dtype, backend", [("bfloat16", "gpu"), ("float32", "cpu"), ("bfloat16", "cpu")])
+def test_timing_params_have_the_loaded_params_tree(dtype, backend):
+  """`model.timing_params` gives the tree, shapes and dtypes that a model's params have in the config's layout
+  (norm scales fp32), weights of the asked spread, and runs a step."""
+  cfg = hdjax.PRESETS["tiny"].replace(dtype=dtype, engine=engine_settings(dtype, backend))
+  want = jax.eval_shape(lambda: api.params_to_device(model.init_params(cfg.replace(dtype="float32"),
+                                                                       jax.random.key(0)), cfg))
+  got = model.timing_params(cfg, seed=1)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(got)] == [(x.shape, x.dtype) for x in jax.tree.leaves(want)]
+  weights = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(got["layers"]) if x.ndim > 1])
+  assert 0.018 < weights.std() < 0.022 and abs(weights.mean()) < 0.001
+  logits = api._full_logits(got, cfg, jnp.asarray([[1, 2, 3]]))  # pylint: disable=protected-access
+  assert np.isfinite(np.asarray(logits, np.float32)).all()
 
 
 @pytest.mark.parametrize("changes, error", [(dict(feature_major_rows=8), "needs weights_out_major"),
                                             (dict(row_multiple=0), "row_multiple=0"),
-                                            (dict(key_block=-1), "key_block=-1")])
+                                            (dict(key_block=-1), "key_block=-1"),
+                                            (dict(min_rows=-1), "min_rows=-1")])
 def test_bad_engine_layout_is_a_one_line_error(changes, error):
   with pytest.raises(HdjaxError, match=error):
     EngineLayout(**changes)

@@ -117,7 +117,7 @@ def speculative_step(params, cfg: LlamaConfig, st: DecodeState, max_new: jax.Arr
   buckets_k = jnp.asarray(spec.buckets, jnp.int32)
   active_b = ~st.done_b
   lengths_b, ms = buffer_lengths(st), st.method
-  chains_bcd, counts_bk = draft(st.tokens_bs, lengths_b, spec, tables)
+  chains_bcd, counts_bk = draft(st.tokens_bs, lengths_b, spec, tables, cfg.engine.exhaustive_lookup)
   if spec.head_layer is not None:  # the head's one-token chain first, then the sources' (the host loop's order)
     head_bcd = jnp.full((batch, 1, chains_bcd.shape[2]), -1, jnp.int32).at[:, 0, 0].set(ms.head_draft_b)
     chains_bcd = jnp.concatenate([head_bcd, chains_bcd], axis=1)
@@ -177,10 +177,11 @@ def decode_chunk(params, cfg: LlamaConfig, state: DecodeState, max_new: jax.Arra
   return jax.lax.while_loop(lambda st: continues(st, stop_at), lambda st: step(st=st), state)
 
 
-def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: tuple
+def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: tuple, exhaustive: bool = False
           ) -> tuple[jax.Array, jax.Array]:
   """Each row's chains [B, max_chains, depth] from `spec.sources` by the hierarchy's rule, and the chains each
-  source gave [B, len(sources)]."""
+  source gave [B, len(sources)]; `exhaustive`: the database tables' lookup compares every key at once
+  (`device_tables.lookup`)."""
   if not spec.sources:  # an exit head alone drafts (`hd+adadecode` with an empty `order`)
     batch = tokens_bs.shape[0]
     return jnp.full((batch, spec.max_chains, spec.max_depth), -1, jnp.int32), jnp.zeros((batch, 0), jnp.int32)
@@ -189,7 +190,7 @@ def draft(tokens_bs: jax.Array, lengths_b: jax.Array, spec: DeviceSpec, tables: 
     if name in NGRAM_DRAFTERS:
       per_source.append(device_draft(tokens_bs, lengths_b, drafters.pop(0)))
     else:
-      per_source.append(device_tables.lookup(tables.pop(0), tokens_bs, lengths_b))
+      per_source.append(device_tables.lookup(tables.pop(0), tokens_bs, lengths_b, exhaustive))
   max_nodes = spec.buckets[-1] - 1
   return jax.vmap(lambda *s: device_hierarchy_one(s, spec.max_chains, max_nodes))(*per_source)
 

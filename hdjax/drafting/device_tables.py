@@ -4,8 +4,11 @@ A `DeviceTable` holds, per key order k (tried in the host drafter's order, longe
 keys sorted lexicographically as int32 columns `keys[U, k]`, and per key the chains the host drafter returns for
 it, `chains[U, C, depth]` padded with -1: `select_chains(ranked, max_chains, depth)` over the key's continuations
 in the host's ranking (count, then token ids, as `rank_continuations` and `StatsDB` rank them), computed once on
-the host with numpy. A lookup (`lookup`) takes the last k tokens of each sequence's buffer and binary-searches
-the order-k keys; the first order whose key is present answers, as on the host.
+the host with numpy. A lookup (`lookup`) takes the last k tokens of each sequence's buffer and finds them among
+the order-k keys; the first order whose key is present answers, as on the host. It finds them by bisection (CPU)
+or by comparing every key at once (`exhaustive`, GPU/TPU: `EngineLayout.exhaustive_lookup`): bisecting the
+SmolLM2 statistics table's 618k keys is ~20 dependent gathers per key order, each a kernel of its own on a GPU,
+where one pass over the table (5 MB) is one fused compare-and-reduce.
 
 Keys stay two (or k) int32 columns compared lexicographically rather than one int64 code (`stats_db.KEY_BASE`):
 jax runs with x64 off, and a 2-token code of a vocabulary above 46,341 ids does not fit int32. The search is a
@@ -216,7 +219,16 @@ def _search(keys_uk: jax.Array, query_k: jax.Array) -> jax.Array:
   return lo
 
 
-def lookup_one(table: DeviceTable, tokens_s: jax.Array, length: jax.Array) -> jax.Array:
+def _find(keys_uk: jax.Array, query_k: jax.Array, exhaustive: bool) -> tuple[jax.Array, jax.Array]:
+  """The row of `query_k` among the distinct sorted keys, and whether it is there."""
+  if exhaustive:
+    match_u = jnp.all(keys_uk == query_k[None, :], axis=1)
+    return jnp.argmax(match_u), jnp.any(match_u)
+  row = jnp.minimum(_search(keys_uk, query_k), keys_uk.shape[0] - 1)
+  return row, jnp.all(keys_uk[row] == query_k)
+
+
+def lookup_one(table: DeviceTable, tokens_s: jax.Array, length: jax.Array, exhaustive: bool = False) -> jax.Array:
   """[num_chains, depth] chains of one sequence (its first `length` tokens), -1 padded: the first key order whose
   key (the last k tokens) is in the table answers."""
   size = tokens_s.shape[0]
@@ -224,8 +236,8 @@ def lookup_one(table: DeviceTable, tokens_s: jax.Array, length: jax.Array) -> ja
   found = jnp.bool_(False)
   for k, keys_uk, chains_ucd in zip(table.orders, table.keys, table.chains):
     query_k = tokens_s[jnp.clip(length - k + jnp.arange(k), 0, size - 1)].astype(jnp.int32)
-    row = jnp.minimum(_search(keys_uk, query_k), keys_uk.shape[0] - 1)
-    hit = (length >= k) & jnp.all(keys_uk[row] == query_k) & ~found
+    row, present = _find(keys_uk, query_k, exhaustive)
+    hit = (length >= k) & present & ~found
     got = chains_ucd[row][:table.num_chains]
     got = jnp.pad(got, ((0, table.num_chains - got.shape[0]), (0, 0)), constant_values=PAD)
     out = jnp.where(hit, got, out)
@@ -233,6 +245,6 @@ def lookup_one(table: DeviceTable, tokens_s: jax.Array, length: jax.Array) -> ja
   return out
 
 
-def lookup(table: DeviceTable, tokens_bs: jax.Array, lengths_b: jax.Array) -> jax.Array:
+def lookup(table: DeviceTable, tokens_bs: jax.Array, lengths_b: jax.Array, exhaustive: bool = False) -> jax.Array:
   """[B, num_chains, depth] chains per sequence of the buffer `tokens_bs` [B, S] (`lengths_b` tokens each)."""
-  return jax.vmap(lambda t, n: lookup_one(table, t, n))(tokens_bs, lengths_b.astype(jnp.int32))
+  return jax.vmap(lambda t, n: lookup_one(table, t, n, exhaustive))(tokens_bs, lengths_b.astype(jnp.int32))
