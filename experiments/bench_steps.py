@@ -178,13 +178,15 @@ def main(argv):
   nodes = sorted({int(t) for t in FLAGS.nodes})
   if nodes[0] < 1 or FLAGS.prefix < 1 or FLAGS.batch < 1 or FLAGS.depth < 1:
     raise HdjaxError("--nodes, --prefix, --batch and --depth must be positive")
+  if FLAGS.profile < 0:
+    raise HdjaxError(f"--profile must be >= 0 (0: off), got {FLAGS.profile}")
   tau, tau_source = read_tau()
   dtype = FLAGS.dtype or api.default_dtype()
   print_start("bench_steps", model=FLAGS.model, dtype=dtype, nodes=",".join(map(str, nodes)), prefix=FLAGS.prefix,
               batch=FLAGS.batch)
   mesh = sharding.make_mesh(*(int(x) for x in FLAGS.mesh)) if FLAGS.mesh else None
   cfg, params, weights = build_model(FLAGS.model, FLAGS.layers, dtype, mesh, FLAGS.random_weights)
-  num_slots = ar.next_pow2(FLAGS.prefix + max(nodes) + FLAGS.warmup + FLAGS.repeats + 2)
+  num_slots = ar.next_pow2(FLAGS.prefix + max(max(nodes) + FLAGS.warmup + FLAGS.repeats + 2, FLAGS.profile + 1))
   device = device_name()
   note = f"{cfg.n_layers} layers" + (" (truncated from the full model by --layers)" if FLAGS.layers else "")
   print(f"# {FLAGS.model}, {weights}, {note}, {dtype}, batch {FLAGS.batch}, prefix {FLAGS.prefix}, "
@@ -221,8 +223,9 @@ def main(argv):
       steps = {"decode": lambda c: decode_step(params, cfg, c, tokens_b),
                f"verify T={t}": lambda c: tree_verify_step(params, cfg, c, tokens_bt, depths_t, mask_tt)}
       for (label, step), cache in zip(steps.items(), caches):
-        profiles[label] = profile_step(step, at_prefix(cache), FLAGS.profile).as_dict()
-        print(f"profile {label}: {profiling.DeviceProfile(**profiles[label]).text()}", flush=True)
+        found = profile_step(step, at_prefix(cache), FLAGS.profile)
+        profiles[label] = found.as_dict()
+        print(f"profile {label}: {found.text()}", flush=True)
       loop = profile_token_loop(params, cfg, num_slots, tokens_b, FLAGS.profile)
       profiles[f"ar loop of {FLAGS.profile} tokens"] = loop.as_dict()
       print(f"profile ar loop of {FLAGS.profile} tokens (one jitted while loop, cache allocated per call): "

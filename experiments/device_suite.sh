@@ -9,16 +9,20 @@
 #              and T = 1, 16, 64 (B = 8), with a jax.profiler profile of decode, verify and `ar`'s token loop
 #              (kernels per call, device busy time against wall time)
 #   steps7b    the same for the LLaMA-2-7B shape at T = 1, 16, 64 over a 1,024-token prefix (B = 1, profiled)
-#   specbench  30 Spec-Bench questions (5 per category, first turn, 128 tokens), ar, pld, hd, adadecode and
+#   specbench  18 Spec-Bench questions (3 per category, first turn, 128 tokens), ar, pld, hd, adadecode and
 #              hd+adadecode, bf16: speedups over `ar` and how many outputs are identical to `ar`'s
 #   hf         `ar` and `hd` against HF transformers `generate` on the same device and GGUF, bf16: greedy and prompt
-#              lookup, tok/s and identical counts (6 questions, 128 tokens)
-#   batch      batched `hd` against batched `ar` at B = 1, 4, 8, 16, bf16
+#              lookup, tok/s and identical counts (4 questions, 128 tokens)
+#   batch      batched `hd` against batched `ar` at B = 1, 8, 16, bf16
+# In a 15-minute lease the model travels in three parts, one per call: `steps`, then `steps7b`, then
+# `specbench hf batch`, back to back (an H200 took ~35 s to start, 97 s for `steps`, 51 s for `steps7b`; each
+# prompt shape compiles in ~11 s per method there, hence 18 questions: 3 prompt shapes).
 # --dry_run: the same parts with tiny settings (the tiny preset for the step tables, 1-2 questions, 8 tokens,
 # B = 1, 2; HF in fp32) that run on a CPU in a few minutes; the test suite runs it (tests/test_device_suite.py).
 #
 # Environment: MODEL (default smollm2-135m), QUESTIONS (default: the first of /work/shared, ../shared and shared
-# whose data/spec_bench/question.jsonl exists), PYTHON (default .venv/bin/python where it exists, else
+# whose data/spec_bench/question.jsonl exists, else .device-model/question.jsonl: ../shared does not travel to a
+# device machine, so copy the file there and carry it), PYTHON (default .venv/bin/python where it exists, else
 # python3). specbench, hf and batch need the real model: on a machine without it, upload the parts that
 # ../shared/device/model_parts.sh writes and `source .device-model/assemble.sh partN` for N = 1, 2, 3.
 set -u
@@ -44,7 +48,7 @@ done
 if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
 model=${MODEL:-smollm2-135m}
 questions=${QUESTIONS:-}
-for candidate in {/work/shared,../shared,shared}/data/spec_bench/question.jsonl; do
+for candidate in {/work/shared,../shared,shared}/data/spec_bench/question.jsonl .device-model/question.jsonl; do
   if [ -z "$questions" ] && [ -f "$candidate" ]; then questions=$candidate; fi
 done
 mkdir -p "$out" || exit 2
@@ -90,9 +94,9 @@ else
   steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,4,16,64 --profile=32)
   steps_batch=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,16,64 --batch=8)
   steps_large=(--model=llama-2-7b --random_weights --dtype=bfloat16 --nodes=1,16,64 --prefix=1024 --profile=16)
-  spec=(--limit=5 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,hd,adadecode,hd+adadecode)
-  peers=(--dtypes=bfloat16 --limit=6 --max_new_tokens=128)
-  batch=(--batches=1,4,8,16 --max_new_tokens=64)
+  spec=(--limit=3 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,hd,adadecode,hd+adadecode)
+  peers=(--dtypes=bfloat16 --limit=4 --max_new_tokens=128)
+  batch=(--batches=1,8,16 --max_new_tokens=64)
   limit=0
 fi
 for name in "${parts[@]}"; do
@@ -112,13 +116,13 @@ for name in "${parts[@]}"; do
       fi
       case $name in
         specbench)
-          run specbench $((limit ? limit : 210)) experiments.specbench --model="$model" --questions="$questions" \
+          run specbench $((limit ? limit : 240)) experiments.specbench --model="$model" --questions="$questions" \
             --dtype=bfloat16 "${spec[@]}" --out_dir="$out/specbench" ;;
         hf)
-          run hf $((limit ? limit : 90)) experiments.bench_peers --stage=decode --model="$model" --questions="$questions" \
+          run hf $((limit ? limit : 120)) experiments.bench_peers --stage=decode --model="$model" --questions="$questions" \
             --methods=ar,hd "${peers[@]}" --out="$out/hf.json" ;;
         batch)
-          run batch $((limit ? limit : 90)) experiments.bench_batch --model="$model" --questions="$questions" \
+          run batch $((limit ? limit : 120)) experiments.bench_batch --model="$model" --questions="$questions" \
             --dtype=bfloat16 --methods=hd "${batch[@]}" --out="$out/batch.json" ;;
       esac ;;
   esac

@@ -56,8 +56,8 @@ class EngineLayout:
   #                       CPU), up to the last one any query sees, and a prefill skips the key blocks above the
   #                       diagonal: loops of a data-dependent trip count; 0: a step's attention is one masked pass
   #                       over every slot, and a prefill reads every key block (those above the diagonal masked)
-  min_rows: int = 16  # prompts are padded to at least this many rows and caches hold at least this many slots
-  #                     (beyond 64): prompts up to it share one compiled prefill and one decoding loop per method
+  min_rows: int = 16  # prompts are padded to at least this many rows and caches hold at least max(64, this)
+  #                     slots: prompts up to it share one compiled prefill and one decoding loop per method
   exhaustive_lookup: bool = False  # HD's database lookups compare the query with every key in one pass instead of
   #                                  bisecting the sorted keys (`device_tables.lookup`)
 
@@ -98,8 +98,8 @@ def engine_settings(dtype: str, backend: str | None = None) -> EngineLayout:
     rows, one compiled shape, so a tree node whose keys sit at its committed slots gets the decode step's logits.
     Prompts pad to at least ACCELERATOR_MIN_ROWS rows and caches to as many slots: one program per method for
     every prompt up to it (an XLA:GPU compile takes tens of seconds; 512 padded rows cost a GPU next to nothing).
-    HD's database lookups read the whole table in one pass: bisection is a chain of dependent gathers, ~70 kernels
-    launched one after another per step for SmolLM2's databases (docs/results/gpu-h200.md).
+    HD's database lookups read the whole table in one pass: bisection is a chain of dependent gathers, ~70 steps
+    one after another per speculative step for SmolLM2's databases (docs/results/accelerators.md).
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":

@@ -166,6 +166,7 @@ def test_every_launcher_bootstraps_the_repository_path():
     ("bench_peers", ["--dtypes=float16"], "--dtypes must be float32 and/or bfloat16", True),
     ("bench_peers", ["--stage=prefill", "--lengths=4k"], "--lengths must be a comma-separated", False),
     ("bench_steps", ["--nodes=0"], "must be positive", True),
+    ("bench_steps", ["--profile=-1"], "--profile must be >= 0", False),
     ("adadecode_sweep", ["--per_category=0"], "--per_category must be >= 1", False),
     ("train_exit_heads", ["--config.steps=0"], "--config.steps must be >= 1", True),
     ("main", ["--out_dir={a_file}"], "is a file", True),

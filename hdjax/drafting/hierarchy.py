@@ -53,7 +53,12 @@ def device_hierarchy_one(sources: Sequence, max_chains: int, max_nodes: int):
   The host rule: source s is asked for `max_chains - collected` chains; each of them is kept when it adds a new
   prefix (a chain's prefixes are new exactly when the whole chain is not a prefix of a kept chain; it adds
   `length - longest common prefix with a kept chain` of them); drafting stops once `max_chains` chains or
-  `max_nodes` distinct prefixes are collected."""
+  `max_nodes` distinct prefixes are collected.
+
+  One source's chains are decided together, not one after another (a chain of dependent tiny ops is a chain of
+  kernels on a GPU): a chain's longest common prefix with the kept chains equals its longest with every earlier
+  chain that was asked for (one not kept is itself a prefix of a kept chain), so whether each chain is kept, and
+  what it adds, follows from pairwise prefix lengths; running sums then find where drafting stops."""
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
 
   depth = sources[0].shape[1]
@@ -63,19 +68,28 @@ def device_hierarchy_one(sources: Sequence, max_chains: int, max_nodes: int):
   stopped = jnp.bool_(False)
   counts = []
   for chains_cd in sources:
-    asked = max_chains - num
-    given = jnp.int32(0)
-    for i in range(chains_cd.shape[0]):
-      chain_d = chains_cd[i].astype(jnp.int32)
-      real_d = jnp.cumprod(chain_d >= 0).astype(bool)
-      length = jnp.sum(real_d)
-      common = jnp.max(jnp.sum(jnp.cumprod((out_cd == chain_d[None, :]) & real_d[None, :], axis=1), axis=1))
-      seen = (i < asked) & (length > 0) & ~stopped
-      keep = seen & (length > common)
-      out_cd = out_cd.at[jnp.where(keep, num, max_chains)].set(jnp.where(real_d, chain_d, -1), mode="drop")
-      num += keep
-      given += keep
-      prefixes += jnp.where(keep, length - common, 0)
-      stopped |= seen & ((num >= max_chains) | (prefixes >= max_nodes))
+    real_cd = jnp.cumprod(chains_cd >= 0, axis=1).astype(bool)
+    clean_cd = jnp.where(real_cd, chains_cd, -1).astype(jnp.int32)
+    length_c = jnp.sum(real_cd, axis=1)
+    c = clean_cd.shape[0]
+    # [C, R] longest common prefix of each chain (within its own tokens) with the kept rows and with its source's
+    # chains (padding -1 never equals a token)
+    with_kept_cr = jnp.sum(jnp.cumprod((clean_cd[:, None, :] == out_cd[None, :, :]) & real_cd[:, None, :], axis=2),
+                           axis=2)
+    with_own_cr = jnp.sum(jnp.cumprod((clean_cd[:, None, :] == clean_cd[None, :, :]) & real_cd[:, None, :], axis=2),
+                          axis=2)
+    asked_c = (jnp.arange(c) < max_chains - num) & (length_c > 0) & ~stopped
+    earlier_cr = jnp.tril(jnp.ones((c, c), bool), -1) & asked_c[None, :]
+    common_c = jnp.maximum(jnp.max(with_kept_cr, axis=1), jnp.max(jnp.where(earlier_cr, with_own_cr, 0), axis=1))
+    adds_c = jnp.where(asked_c & (length_c > common_c), length_c - common_c, 0)
+    stops_c = asked_c & ((num + jnp.cumsum(adds_c > 0) >= max_chains) | (prefixes + jnp.cumsum(adds_c) >= max_nodes))
+    alive_c = jnp.cumsum(stops_c) - stops_c == 0  # no stop before this chain
+    keep_c = (adds_c > 0) & alive_c
+    slot_c = jnp.where(keep_c, num + jnp.cumsum(keep_c) - 1, max_chains)
+    out_cd = out_cd.at[slot_c].set(clean_cd, mode="drop")
+    given = jnp.sum(keep_c, dtype=jnp.int32)
+    num += given
+    prefixes += jnp.sum(jnp.where(keep_c, adds_c, 0), dtype=jnp.int32)
+    stopped |= jnp.any(stops_c)
     counts.append(given)
   return out_cd, jnp.stack(counts)
