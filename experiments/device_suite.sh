@@ -14,15 +14,18 @@
 #   hf         `ar` and `hd` against HF transformers `generate` on the same device and GGUF, bf16: greedy and prompt
 #              lookup, tok/s and identical counts (4 questions, 128 tokens)
 #   batch      batched `hd` against batched `ar` at B = 1, 8, 16, bf16
+#   lazy       LazyLLM's TTFT against full prefill and HF transformers' prefill on the same device, passkey prompts
+#              of ~4k and ~8k tokens built from XSum (SmolLM2's context is 8,192 tokens), 2 each
 # In a 15-minute lease the model travels in three parts, one per call: `steps`, then `steps7b`, then
-# `specbench hf batch`, back to back (an H200 took ~35 s to start, 97 s for `steps`, 51 s for `steps7b`; each
-# prompt shape compiles in ~11 s per method there, hence 18 questions: 3 prompt shapes).
+# `specbench hf batch` (or `lazy`), back to back (an H200 took ~35 s to start, 97 s for `steps`, 51 s for
+# `steps7b`; each prompt shape compiles in ~11 s per method there, hence 18 questions: 3 prompt shapes).
 # --dry_run: the same parts with tiny settings (the tiny preset for the step tables, 1-2 questions, 8 tokens,
 # B = 1, 2; HF in fp32) that run on a CPU in a few minutes; the test suite runs it (tests/test_device_suite.py).
 #
 # Environment: MODEL (default smollm2-135m), QUESTIONS (default: the first of /work/shared, ../shared and shared
 # whose data/spec_bench/question.jsonl exists, else .device-model/question.jsonl: ../shared does not travel to a
-# device machine, so copy the file there and carry it), PYTHON (default .venv/bin/python where it exists, else
+# device machine, so copy the file there and carry it), XSUM (likewise for data/xsum/test.jsonl and
+# .device-model/xsum.jsonl), PYTHON (default .venv/bin/python where it exists, else
 # python3). specbench, hf and batch need the real model: on a machine without it, upload the parts that
 # ../shared/device/model_parts.sh writes and `source .device-model/assemble.sh partN` for N = 1, 2, 3.
 set -u
@@ -32,17 +35,17 @@ if [ "${1:-}" = --dry_run ]; then
   shift
 fi
 if [ $# -lt 1 ] || [[ $1 == -* ]]; then
-  echo "usage: bash $0 [--dry_run] OUT_DIR [PART...]   (parts: steps steps7b specbench hf batch; default all)" >&2
+  echo "usage: bash $0 [--dry_run] OUT_DIR [PART...]   (parts: steps steps7b specbench hf batch lazy; default all)" >&2
   exit 2
 fi
 out=$1
 shift
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(steps steps7b specbench hf batch)
+[ ${#parts[@]} -gt 0 ] || parts=(steps steps7b specbench hf batch lazy)
 for name in "${parts[@]}"; do
   case $name in
-    steps | steps7b | specbench | hf | batch) ;;
-    *) echo "error: unknown part '$name' (parts: steps steps7b specbench hf batch)" >&2; exit 2 ;;
+    steps | steps7b | specbench | hf | batch | lazy) ;;
+    *) echo "error: unknown part '$name' (parts: steps steps7b specbench hf batch lazy)" >&2; exit 2 ;;
   esac
 done
 if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
@@ -50,6 +53,10 @@ model=${MODEL:-smollm2-135m}
 questions=${QUESTIONS:-}
 for candidate in {/work/shared,../shared,shared}/data/spec_bench/question.jsonl .device-model/question.jsonl; do
   if [ -z "$questions" ] && [ -f "$candidate" ]; then questions=$candidate; fi
+done
+xsum=${XSUM:-}
+for candidate in {/work/shared,../shared,shared}/data/xsum/test.jsonl .device-model/xsum.jsonl; do
+  if [ -z "$xsum" ] && [ -f "$candidate" ]; then xsum=$candidate; fi
 done
 mkdir -p "$out" || exit 2
 export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1
@@ -73,22 +80,27 @@ skip() {  # skip NAME WHY: a run that cannot start here, reported in the summary
   failed=1
 }
 
-missing_inputs() {  # why the real model or the questions are not usable here, or nothing
-  if [ -z "$questions" ] || [ ! -f "$questions" ]; then
+missing_inputs() {  # missing_inputs PART: why the real model or the part's data are not usable here, or nothing
+  if [ "$1" != lazy ] && { [ -z "$questions" ] || [ ! -f "$questions" ]; }; then
     echo "no Spec-Bench question file (set QUESTIONS=.../question.jsonl)"
+  elif [ "$1" = lazy ] && { [ -z "$xsum" ] || [ ! -f "$xsum" ]; }; then
+    echo "no XSum file (set XSUM=.../test.jsonl)"
   elif ! "$py" -c "import gguf; from hdjax.api import resolve_path; resolve_path('$model')" >/dev/null 2>&1; then
     echo "model $model or the gguf package is not here: run \`source .device-model/assemble.sh partN\` for N = 1, 2, 3 (parts written by ../shared/device/model_parts.sh)"
   fi
 }
 
-echo "device suite: parts ${parts[*]}$([ $dry_run = 1 ] && echo ' (dry run)'); python $py; model $model; questions ${questions:-none}; logs in $out"
+echo "device suite: parts ${parts[*]}$([ $dry_run = 1 ] && echo ' (dry run)'); python $py; model $model;" \
+  "questions ${questions:-none}; xsum ${xsum:-none}; logs in $out"
 if [ $dry_run = 1 ]; then
-  steps_small=(--model=tiny --random_weights --dtype=bfloat16 --nodes=1,2 --prefix=16 --warmup=1 --repeats=2 --profile=2)
+  steps_small=(--model=tiny --random_weights --dtype=bfloat16 --nodes=1,2 --prefix=16 --warmup=1 --repeats=2
+               --profile=2)
   steps_batch=("${steps_small[@]}" --batch=2 --profile=0)
   steps_large=("${steps_small[@]}")
   spec=(--limit=1 --max_turns=1 --max_new_tokens=8 --methods=ar,pld)
   peers=(--dtypes=float32 --limit=2 --max_new_tokens=4)  # HF computes a bf16 GGUF model in fp32 on a CPU: slow
   batch=(--batches=1,2 --max_new_tokens=8)
+  lazy=(--lengths=256 --num=1 --max_new_tokens=4)
   limit=300
 else
   steps_small=(--model=smollm2-135m --random_weights --dtype=bfloat16 --nodes=1,4,16,64 --profile=32)
@@ -97,19 +109,21 @@ else
   spec=(--limit=3 --subset=stratified --max_turns=1 --max_new_tokens=128 --methods=ar,pld,hd,adadecode,hd+adadecode)
   peers=(--dtypes=bfloat16 --limit=4 --max_new_tokens=128)
   batch=(--batches=1,8,16 --max_new_tokens=64)
+  lazy=(--lengths=4096,8000 --num=2 --max_new_tokens=16)
   limit=0
 fi
 for name in "${parts[@]}"; do
   case $name in
     steps)
-      run steps_smollm2 $((limit ? limit : 90)) experiments.bench_steps "${steps_small[@]}" --out="$out/steps_smollm2.json"
+      run steps_smollm2 $((limit ? limit : 90)) experiments.bench_steps "${steps_small[@]}" \
+        --out="$out/steps_smollm2.json"
       run steps_smollm2_b8 $((limit ? limit : 60)) experiments.bench_steps "${steps_batch[@]}" \
         --out="$out/steps_smollm2_b8.json" ;;
     steps7b)
       run steps_llama2_7b $((limit ? limit : 120)) experiments.bench_steps "${steps_large[@]}" \
         --out="$out/steps_llama2_7b.json" ;;
-    specbench | hf | batch)
-      why=$(missing_inputs)
+    specbench | hf | batch | lazy)
+      why=$(missing_inputs "$name")
       if [ -n "$why" ]; then
         skip "$name" "$why"
         continue
@@ -124,6 +138,9 @@ for name in "${parts[@]}"; do
         batch)
           run batch $((limit ? limit : 120)) experiments.bench_batch --model="$model" --questions="$questions" \
             --dtype=bfloat16 --methods=hd "${batch[@]}" --out="$out/batch.json" ;;
+        lazy)
+          run lazy $((limit ? limit : 150)) experiments.longctx --model="$model" --xsum="$xsum" --build=passkey \
+            --methods=full,lazy --hf "${lazy[@]}" --out_dir="$out/lazy" ;;
       esac ;;
   esac
 done

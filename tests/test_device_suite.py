@@ -20,6 +20,7 @@ RUNS = {
     "specbench": ("specbench", r"^pld\s+speedup [\d.]+x .* identical 1\.00"),
     "hf": ("bench_peers", r"^float32\s+hf_prompt_lookup\s+[\d.]+ .* to hf$"),
     "batch": ("bench_batch", r"^B=2\s+hd\s+[\d.]+ tok/s .* identical 1\.00"),
+    "lazy": ("longctx", r"^lazy passkey@256 \{.*'ttft_speedup_vs_base': [\d.]+.*'ttft_speedup_vs_hf': [\d.]+"),
 }
 
 
