@@ -8,8 +8,8 @@ import collections
 import jax
 import pytest
 
-from hdjax.adadecode.heads import ExitHeads
 from hdjax import config
+from hdjax.adadecode.heads import ExitHeads
 from hdjax.config import engine_settings
 from hdjax.decoding import autoregressive as ar, device_loop, speculative
 from tests.test_device_hd import PROMPTS, tiny_hd_model

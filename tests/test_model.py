@@ -298,7 +298,7 @@ def test_engine_layout_per_backend():
 @pytest.mark.parametrize("dtype, backend", [("bfloat16", "gpu"), ("float32", "cpu"), ("bfloat16", "cpu")])
 def test_timing_params_have_the_loaded_params_tree(dtype, backend):
   """`model.timing_params` gives the tree, shapes and dtypes that a model's params have in the config's layout
-  (norm scales fp32), weights of the asked spread, and runs a step."""
+  (norm scales fp32), weights of the asked spread, and a forward over them is finite."""
   cfg = hdjax.PRESETS["tiny"].replace(dtype=dtype, engine=engine_settings(dtype, backend))
   want = jax.eval_shape(lambda: api.params_to_device(model.init_params(cfg.replace(dtype="float32"),
                                                                        jax.random.key(0)), cfg))
