@@ -26,8 +26,8 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import (at_least, check_output_dir, each_shape, int_list, median_ms, print_start, pyplot,
-                                read_questions, require, run_main, speed_dtype, write_json_atomic)
+from experiments.common import (SPEC_BENCH_QUESTIONS, at_least, check_output_dir, each_shape, int_list, median_ms,
+                                print_start, pyplot, read_questions, require, run_main, speed_dtype, write_json_atomic)
 from hdjax import model
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
@@ -40,7 +40,7 @@ from hdjax.kvcache import init_cache
 # exchanges; the heads' training, held-out and vocabulary text ends before it (docs/results/adadecode.md)
 VAL_SKIP = 2200
 VAL_CHARS = (20, 600)
-flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file")
+flags.DEFINE_string("questions", SPEC_BENCH_QUESTIONS, "Spec-Bench question file")
 flags.DEFINE_integer("sharegpt_val", 0, "> 0: run on that many ShareGPT validation prompts instead of --questions "
                      f"(first user turns of {VAL_CHARS[0]}-{VAL_CHARS[1]} characters of the exchanges from {VAL_SKIP} "
                      "on, after all the exit heads' training and vocabulary text)")

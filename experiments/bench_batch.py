@@ -23,14 +23,14 @@ import numpy as np
 from absl import flags
 
 import hdjax
-from experiments.common import (at_least, check_output_file, compiled_text, device_name, int_list, print_start, pyplot,
-                                read_questions, require, run_main, speed_dtype, write_json_atomic)
+from experiments.common import (SPEC_BENCH_QUESTIONS, at_least, check_output_file, compiled_text, device_name, int_list,
+                                print_start, pyplot, read_questions, require, run_main, speed_dtype, write_json_atomic)
 from experiments.specbench_lib import spec_bench_category
 from hdjax import compilation
 from hdjax.decoding import speculative
 from hdjax.errors import HdjaxError
 
-flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file.")
+flags.DEFINE_string("questions", SPEC_BENCH_QUESTIONS, "Spec-Bench question file.")
 flags.DEFINE_list("batches", ["1", "4", "8", "16"], "Batch sizes B.")
 flags.DEFINE_list("methods", ["hd"], "Methods compared with batched `ar`.")
 flags.DEFINE_list("categories", [], "Spec-Bench categories to draw prompts from (default: all six).")

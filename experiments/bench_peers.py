@@ -26,23 +26,20 @@ from typing import Any, Callable
 
 from absl import flags
 
-from experiments.common import (at_least, check_output_file, int_list, print_start, pyplot, read_questions,
-                                read_records, require, run_main, write_json_atomic)
+from experiments.common import (SPEC_BENCH_QUESTIONS, XSUM_ARTICLES, at_least, check_output_file, int_list, print_start,
+                                pyplot, read_questions, read_records, require, run_main, write_json_atomic)
 from hdjax.errors import HdjaxError
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_enum("stage", "decode", ["decode", "prefill"], "what to compare")
 flags.DEFINE_string("model", "smollm2-135m", "model name or GGUF path (HF loads the same file)")
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "dtypes, each run by both systems")
 flags.DEFINE_list("methods", ["ar", "pld", "hd"], "decode: hdjax methods (ar first is the reference)")
-flags.DEFINE_string("questions", os.path.join(_ROOT, "..", "shared", "data", "spec_bench", "question.jsonl"),
-                    "decode: Spec-Bench question file")
+flags.DEFINE_string("questions", SPEC_BENCH_QUESTIONS, "decode: Spec-Bench question file")
 flags.DEFINE_integer("limit", 10, "decode: questions, spread over the file (int >= 2)")
 flags.DEFINE_integer("max_new_tokens", 128, "decode: new tokens per question (int >= 1)")
 flags.DEFINE_list("lengths", ["512", "2048", "4096", "8192"], "prefill: prompt lengths in tokens (ints >= 1; "
                   "capped at the context minus one)")
-flags.DEFINE_string("articles", os.path.join(_ROOT, "..", "shared", "data", "xsum", "test.jsonl"),
-                    "prefill: JSONL with a 'document' field whose text makes the prompts")
+flags.DEFINE_string("articles", XSUM_ARTICLES, "prefill: JSONL with a 'document' field whose text makes the prompts")
 flags.DEFINE_integer("repeats", 3, "prefill: timed repeats per system and length (int >= 1)")
 flags.DEFINE_string("out", None, "also write the results to this JSON file")
 flags.DEFINE_string("plot", None, "prefill: also draw TTFT against prompt length to this PNG")

@@ -30,6 +30,16 @@ flags.DEFINE_bool("compile_cache", True,
                   "~/.cache/hdjax/jax) or turns it off (0).")
 
 
+def data_path(*parts: str) -> str:
+  """A file of the repository's `data/` folder (data/README.md: sources and licenses), found from this file, so
+  that a clone anywhere finds its own copy."""
+  return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", *parts)
+
+
+SPEC_BENCH_QUESTIONS = data_path("spec_bench", "question.jsonl")  # Spec-Bench's 480 questions
+XSUM_ARTICLES = data_path("xsum", "test.jsonl")  # 1,000 XSum articles {document, summary, id}
+
+
 def run_main(main: Callable[[list[str]], Any]) -> None:
   """`app.run(main)` with the persistent compilation cache on (unless --compile_cache=false), turning user-facing
   errors into one line on stderr and exit status 2."""

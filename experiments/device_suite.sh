@@ -22,12 +22,11 @@
 # --dry_run: the same parts with tiny settings (the tiny preset for the step tables, 1-2 questions, 8 tokens,
 # B = 1, 2; HF in fp32) that run on a CPU in a few minutes; the test suite runs it (tests/test_device_suite.py).
 #
-# Environment: MODEL (default smollm2-135m), QUESTIONS (default: the first of /work/shared, ../shared and shared
-# whose data/spec_bench/question.jsonl exists, else .device-model/question.jsonl: ../shared does not travel to a
-# device machine, so copy the file there and carry it), XSUM (likewise for data/xsum/test.jsonl and
-# .device-model/xsum.jsonl), PYTHON (default .venv/bin/python where it exists, else
-# python3). specbench, hf and batch need the real model: on a machine without it, upload the parts that
-# ../shared/device/model_parts.sh writes and `source .device-model/assemble.sh partN` for N = 1, 2, 3.
+# Environment: MODEL (default smollm2-135m), QUESTIONS (default: the repository's data/spec_bench/question.jsonl),
+# XSUM (default: its data/xsum/test.jsonl), PYTHON (default .venv/bin/python where it exists, else python3).
+# specbench, hf and batch need the real model: on a machine without it, upload the parts that the project's upload
+# helper (device/model_parts.sh, a development aid kept outside the repository) writes and
+# `source .device-model/assemble.sh partN` for N = 1, 2, 3.
 set -u
 dry_run=0
 if [ "${1:-}" = --dry_run ]; then
@@ -50,14 +49,9 @@ for name in "${parts[@]}"; do
 done
 if [ -x .venv/bin/python ]; then py=${PYTHON:-.venv/bin/python}; else py=${PYTHON:-python3}; fi
 model=${MODEL:-smollm2-135m}
-questions=${QUESTIONS:-}
-for candidate in {/work/shared,../shared,shared}/data/spec_bench/question.jsonl .device-model/question.jsonl; do
-  if [ -z "$questions" ] && [ -f "$candidate" ]; then questions=$candidate; fi
-done
-xsum=${XSUM:-}
-for candidate in {/work/shared,../shared,shared}/data/xsum/test.jsonl .device-model/xsum.jsonl; do
-  if [ -z "$xsum" ] && [ -f "$candidate" ]; then xsum=$candidate; fi
-done
+data=$(cd "$(dirname "$0")/.." && pwd)/data
+questions=${QUESTIONS:-$data/spec_bench/question.jsonl}
+xsum=${XSUM:-$data/xsum/test.jsonl}
 mkdir -p "$out" || exit 2
 export PYTHONUNBUFFERED=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 summary=()
@@ -81,17 +75,17 @@ skip() {  # skip NAME WHY: a run that cannot start here, reported in the summary
 }
 
 missing_inputs() {  # missing_inputs PART: why the real model or the part's data are not usable here, or nothing
-  if [ "$1" != lazy ] && { [ -z "$questions" ] || [ ! -f "$questions" ]; }; then
+  if [ "$1" != lazy ] && [ ! -f "$questions" ]; then
     echo "no Spec-Bench question file (set QUESTIONS=.../question.jsonl)"
-  elif [ "$1" = lazy ] && { [ -z "$xsum" ] || [ ! -f "$xsum" ]; }; then
+  elif [ "$1" = lazy ] && [ ! -f "$xsum" ]; then
     echo "no XSum file (set XSUM=.../test.jsonl)"
   elif ! "$py" -c "import gguf; from hdjax.api import resolve_path; resolve_path('$model')" >/dev/null 2>&1; then
-    echo "model $model or the gguf package is not here: run \`source .device-model/assemble.sh partN\` for N = 1, 2, 3 (parts written by ../shared/device/model_parts.sh)"
+    echo "model $model or the gguf package is not here: run \`source .device-model/assemble.sh partN\` for N = 1, 2, 3 (parts written by the upload helper device/model_parts.sh)"
   fi
 }
 
 echo "device suite: parts ${parts[*]}$([ $dry_run = 1 ] && echo ' (dry run)'); python $py; model $model;" \
-  "questions ${questions:-none}; xsum ${xsum:-none}; logs in $out"
+  "questions $questions; xsum $xsum; logs in $out"
 if [ $dry_run = 1 ]; then
   steps_small=(--model=tiny --random_weights --dtype=bfloat16 --nodes=1,2 --prefix=16 --warmup=1 --repeats=2
                --profile=2)

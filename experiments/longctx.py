@@ -42,7 +42,7 @@ flags.DEFINE_list("build", [], "build sets from --xsum instead: passkey, multido
 flags.DEFINE_list("lengths", ["2048", "4096", "7500"], "integers >= 1: prompt lengths in tokens (upper bounds) for "
                   "--build")
 flags.DEFINE_integer("num", 8, "prompts per set and length for --build (>= 1)")
-flags.DEFINE_string("xsum", "/work/shared/data/xsum/test.jsonl", "XSum JSONL {document, summary}")
+flags.DEFINE_string("xsum", common.XSUM_ARTICLES, "XSum JSONL {document, summary}")
 flags.DEFINE_list("methods", ["full", "lazy"], "methods; agreement is measured against the first one. A lazy* "
                   "method may carry its own schedule, e.g. lazy@3-6-10-16:0.7-0.5-0.35-0.2 (layers:keep ratios), with "
                   "optional :wW:pP:sS:kK (score_window, score_pool, score_skip, keep_sinks)")

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from absl import flags
 import tqdm
 
-from experiments.common import check_output_dir, run_main
+from experiments.common import SPEC_BENCH_QUESTIONS, check_output_dir, run_main
 from hdjax.errors import HdjaxError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,7 +44,7 @@ _OUT = flags.DEFINE_string("out_dir", "results", "Where every stage writes its o
 _STAGES = flags.DEFINE_list("stages", list(STAGES), f"Stages to run, in this order: {', '.join(STAGES)}.")
 _BUDGET = flags.DEFINE_enum("budget", "default", ["default", "tiny"],
                             "default: the settings of `make run`; tiny: seconds of work per stage (a smoke test).")
-_QUESTIONS = flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl",
+_QUESTIONS = flags.DEFINE_string("questions", SPEC_BENCH_QUESTIONS,
                                  "Spec-Bench question file (the Spec-Bench and batched stages).")
 
 

@@ -1,8 +1,8 @@
 """Spec-Bench: every method over the same questions in one process, interleaved question by question (the methods'
 order rotates per question), so that the machine's drift over a long run does not bias one method's ratio.
 
-  python -m experiments.specbench --questions=/work/shared/data/spec_bench/question.jsonl \
-      --methods=ar,pld,hd --limit=5 --subset=stratified --max_new_tokens=256 --out_dir=results/specbench
+  python -m experiments.specbench --methods=ar,pld,hd --limit=5 --subset=stratified --max_new_tokens=256 \
+      --out_dir=results/specbench
   python experiments/specbench.py ...     (the same, from any directory)
 
 Writes DIR/<method>.jsonl (Spec-Bench answer format plus token ids and the method's stats per turn),
@@ -28,16 +28,16 @@ from typing import Any, Sequence
 from absl import flags
 import hdjax
 from experiments import multihost
-from experiments.common import (at_least, check_memory_maps, check_output_dir, device_name, each_shape,
-                                parse_method_options, print_start, read_questions, require, run_main, speed_dtype,
-                                write_json_atomic, write_jsonl_atomic)
+from experiments.common import (SPEC_BENCH_QUESTIONS, at_least, check_memory_maps, check_output_dir, device_name,
+                                each_shape, parse_method_options, print_start, read_questions, require, run_main,
+                                speed_dtype, write_json_atomic, write_jsonl_atomic)
 from hdjax.decoding import autoregressive as ar, speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
     plot_accept_lengths
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("questions", "/work/shared/data/spec_bench/question.jsonl", "Spec-Bench question file.")
+flags.DEFINE_string("questions", SPEC_BENCH_QUESTIONS, "Spec-Bench question file.")
 flags.DEFINE_string("methods", "ar,pld,hd", "Comma-separated decoding methods; `ar` is the reference.")
 flags.DEFINE_integer("limit", None, "Questions to run, >= 1 (default: all); with --subset=stratified, per category.")
 flags.DEFINE_enum("subset", "first", ["first", "stratified"], "first: the first N; stratified: N per category.")

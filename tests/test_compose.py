@@ -160,8 +160,9 @@ def test_real_model_lazy_compositions_equal_lazy_with_revival(smollm, method):
   """SmolLM2 on two ~2k-token passkey prompts (the launcher's seed-0 set), a schedule that prunes hard (5% from
   layer 4) and revives often (16 tokens every 2 steps): revival changes lazy's answer on the first prompt, and the
   compositions follow lazy with revival, not the frozen set."""
+  from experiments.common import XSUM_ARTICLES  # pylint: disable=import-outside-toplevel
   from experiments.longctx_lib import build_sets  # pylint: disable=import-outside-toplevel
-  rows = build_sets(smollm, ["passkey"], [2048], 2, "/work/shared/data/xsum/test.jsonl", 0)
+  rows = build_sets(smollm, ["passkey"], [2048], 2, XSUM_ARTICLES, 0)
   ids = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}]) for r in rows]
   cfg = dataclasses.replace(lazy.LazyConfig(), prune_layers=(4,), keep_ratios=(0.05,), reselect_every=2,
                             revive_budget=16)

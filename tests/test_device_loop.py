@@ -201,9 +201,9 @@ def test_real_model_pld_equals_ar(smollm):
 def test_spec_bench_questions_greedy_equal_ar(smollm):
   """First turns of 20 Spec-Bench questions (stratified): device pld and hd_context against ar, at batch 1 and
   as batches of 4."""
-  from experiments.common import read_jsonl  # pylint: disable=import-outside-toplevel
+  from experiments.common import SPEC_BENCH_QUESTIONS, read_jsonl  # pylint: disable=import-outside-toplevel
   from experiments.specbench import select_questions  # pylint: disable=import-outside-toplevel
-  questions = select_questions(read_jsonl("/work/shared/data/spec_bench/question.jsonl"), 4, "stratified")[:20]
+  questions = select_questions(read_jsonl(SPEC_BENCH_QUESTIONS), 4, "stratified")[:20]
   prompts = chat(smollm, [q["turns"][0] for q in questions])
   refs = [smollm.generate([p], max_new_tokens=64)[0].token_ids for p in prompts]
   for method in ("pld", "hd_context"):

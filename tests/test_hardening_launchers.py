@@ -78,10 +78,7 @@ def test_question_records_are_checked_with_file_and_line(tmp_path, rows, message
 
 
 def test_real_spec_bench_questions_pass():
-  path = "/work/shared/data/spec_bench/question.jsonl"
-  if not os.path.isfile(path):
-    pytest.skip("no Spec-Bench question file here")
-  assert len(common.read_questions(path)) == 480
+  assert len(common.read_questions(common.SPEC_BENCH_QUESTIONS)) == 480
 
 
 def test_invalid_utf8_input_is_one_error(tmp_path):

@@ -21,12 +21,12 @@ def _launch(*args, module="experiments.longctx"):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--prompts=/nonexistent/p.jsonl", "--out_dir=/tmp/x"], "file not found"),
-    (["--build=passkey", "--methods=full,nope", "--out_dir=/tmp/x"], "unknown method"),
+    (["--prompts=/nonexistent/p.jsonl", "--out_dir={out}"], "file not found"),
+    (["--build=passkey", "--methods=full,nope", "--out_dir={out}"], "unknown method"),
     (["--build=passkey", "--out_dir="], "--out_dir is required"),
 ])
-def test_bad_input_is_one_line_exit_2(args, message):
-  _assert_one_line_error(_launch(*args), message)
+def test_bad_input_is_one_line_exit_2(tmp_path, args, message):
+  _assert_one_line_error(_launch(*(a.format(out=tmp_path) for a in args)), message)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -185,9 +185,9 @@ def test_real_model_greedy_equals_ar(smollm):
 @pytest.mark.slow
 def test_spec_bench_questions_greedy_equal_ar(smollm):
   """First turns of 20 Spec-Bench questions (stratified), every speculative method whose sources exist."""
-  from experiments.common import read_jsonl  # pylint: disable=import-outside-toplevel
+  from experiments.common import SPEC_BENCH_QUESTIONS, read_jsonl  # pylint: disable=import-outside-toplevel
   from experiments.specbench import select_questions  # pylint: disable=import-outside-toplevel
-  questions = select_questions(read_jsonl("/work/shared/data/spec_bench/question.jsonl"), 4, "stratified")[:20]
+  questions = select_questions(read_jsonl(SPEC_BENCH_QUESTIONS), 4, "stratified")[:20]
   prompts = [smollm.tokenizer.apply_chat_template([{"role": "user", "content": q["turns"][0]}]) for q in questions]
   for prompt in prompts:
     ref = smollm.generate([prompt], max_new_tokens=64)[0].token_ids

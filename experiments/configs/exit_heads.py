@@ -23,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.warmup_frac = 0.03
   c.weight_decay = 0.0
   c.seed = 0
-  c.workdir = "/tmp/hdjax_exit_heads"  # orbax checkpoints (resumable) and metrics.jsonl
+  c.workdir = "results/exit_heads"  # orbax checkpoints (resumable) and metrics.jsonl
   c.ckpt_every = 10
   c.stop_after = -1  # > 0: stop after that many steps (simulates a killed run; rerun to resume)
   c.export_dir = "checkpoints/adadecode/smollm2-135m"  # final heads (orbax) + heads.json + vocab.json; "" to skip
