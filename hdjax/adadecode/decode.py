@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import weakref
 from typing import Any, NamedTuple, Protocol
 
@@ -48,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import model
+from hdjax import assets, model
 from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_logits, identity_heads, load_heads,
                                    load_vocab, read_once, reduced_heads, reduced_logits)
 from hdjax.attention import causal_mask
@@ -64,8 +63,7 @@ from hdjax.decoding.state import DecodeState, start_state
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
 
-DEFAULT_HEADS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                 "checkpoints", "adadecode", "smollm2-135m")
+DEFAULT_HEADS_DIR = str(assets.checkpoints_dir() / "adadecode" / "smollm2-135m")
 DEFAULT_LAYERS = (26,)  # of the committed heads, chosen by measurement (checkpoints/adadecode/README.md)
 DEFAULT_HEAD_VOCAB = 2048  # candidates of the committed heads' checks (checkpoints/adadecode/README.md)
 

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from hdjax import assets
 from hdjax.errors import HdjaxError
 
 FORMAT_VERSION = 1
@@ -26,8 +27,8 @@ BUILD_HINT = "build it with `python -m experiments.build_datastores`"
 
 
 def default_dir() -> Path:
-  """`checkpoints/hd` in the repository that holds this package (hdjax/drafting/store.py -> repo root)."""
-  return Path(__file__).resolve().parents[2] / "checkpoints" / "hd"
+  """`hd/` of the checkpoints directory (`hdjax.assets`: the checkout's `checkpoints/` or an install's copy)."""
+  return assets.checkpoints_dir() / "hd"
 
 
 def default_path(kind: str) -> Path:
