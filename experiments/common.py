@@ -10,6 +10,7 @@ Every launcher runs both as `python -m experiments.X` (from the repository root)
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -289,8 +290,12 @@ def int_list(name: str, values: Sequence[str], low: int = 1) -> list[int]:
 
 def parse_method_options(text: str, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
   """`--method_options`: a JSON object {method: {option: value}} over the run's methods, each option one that its
-  method reads, with a value of the right kind (`hdjax.api.check_options`), checked before any model work."""
-  from hdjax.api import check_options  # pylint: disable=import-outside-toplevel  (launchers' --help stays fast)
+  method reads, with a value of the right kind (`hdjax.api.check_options`), and none that the launcher passes to
+  `LM.generate` itself (its arguments, and the streaming and warm-up options of `hdjax.methods.COMMON`), so that
+  every option given lands in `generate`'s keyword arguments; checked before any model work."""
+  # pylint: disable=import-outside-toplevel  (launchers' --help stays fast)
+  from hdjax.api import LM, check_options
+  from hdjax.methods import COMMON
   try:
     options = json.loads(text)
   except json.JSONDecodeError as e:
@@ -300,7 +305,12 @@ def parse_method_options(text: str, methods: Sequence[str]) -> dict[str, dict[st
   extra = sorted(set(options) - set(methods))
   if extra:
     raise HdjaxError(f"--method_options names method(s) {', '.join(extra)} not in --methods={','.join(methods)}")
+  reserved = (set(inspect.signature(LM.generate).parameters) - {"self", "options"}) | set(COMMON)
   for method, opts in options.items():
+    taken = sorted(reserved & set(opts))
+    if taken:
+      raise HdjaxError(f"--method_options: the launcher sets {', '.join(taken)} itself (method {method!r}); use its "
+                       "flags")
     check_options(method, opts)
   return options
 

@@ -150,6 +150,8 @@ def test_every_launcher_bootstraps_the_repository_path():
 @pytest.mark.parametrize("name, args, message, script", [
     ("generate", ["--prompt=hi", "--max_new_tokens=4", "--chunk_tokens=0"], "--chunk_tokens must be >= 1", True),
     ("generate", ["--prompt=hi", "--temperature=nan"], "--temperature must be >= 0, got nan", False),
+    ("generate", ["--prompt=hi", "--method=hd", '--method_options={{"hd": {{"chunk_tokens": 4}}}}'],
+     "the launcher sets chunk_tokens itself", False),
     ("specbench", ["--questions={q_turns_text}"], "q_turns_text.jsonl:1: bad 'turns'", True),
     ("specbench", ["--questions={q_empty}"], "no records", False),
     ("specbench", ["--method_options=[1]"], "--method_options must be a JSON object", True),

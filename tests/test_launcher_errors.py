@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -63,9 +64,13 @@ def test_generate_launcher_bad_input(files, case):
 
 
 def test_generate_launcher_runs(files):
-  proc = _run(f"--model={files['good']}", "--prompt=hi", "--max_new_tokens=5")
+  """With a method's options; start-up (load and the compiling warm-up), ttft and decoding reported apart."""
+  proc = _run(f"--model={files['good']}", "--prompt=hi", "--max_new_tokens=5", "--method=pld",
+              '--method_options={"pld": {"max_depth": 3}}')
   assert proc.returncode == 0, proc.stderr[-2000:]
-  assert "[ar] 5 tokens" in proc.stderr
+  assert "max_depth=3" in proc.stderr and "[pld] 5 tokens: start-up " in proc.stderr
+  assert re.search(r"warm-up [\d.]+ s; compile [\d.]+ s: \d+ programs compiled.*\), ttft \d+ ms, decode [\d.]+ "
+                   r"tok/s \(4 tokens after the first in [\d.]+ s\)", proc.stderr), proc.stderr[-2000:]
 
 
 def test_unsupported_quant_type_message(files, tmp_path):
