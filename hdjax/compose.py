@@ -134,18 +134,19 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: De
     new = new._replace(cache=cache)
     if spec.head_layer is not None:
       new = run_if(jnp.any(due_b), functools.partial(_redraft_roots, params, cfg, spec.head_layer, head_t_dd, due_b,
-                                                     revival.visible_lbs(revived)), new)
+                                                     revival.visible_lbs(revived), sampling), new)
     return new._replace(method=carry.method._replace(spec=new.method, revival=revived))
 
   return jax.lax.while_loop(lambda st: device_loop.continues(st, stop_at), body, state)
 
 
 def _redraft_roots(params, cfg: LlamaConfig, head_layer: int, head_t_dd: jax.Array, due_b: jax.Array,
-                   visible_lbs: jax.Array, st: DecodeState) -> DecodeState:
+                   visible_lbs: jax.Array, sampling: SamplingConfig, st: DecodeState) -> DecodeState:
   """The roots of the rows `due_b` through the layers below the head again, seeing `visible_lbs`, and the head's
   new drafts (the other rows keep theirs)."""
   ms = st.method
-  cache, h_bd, draft_b = head_draft(params, cfg, st.cache, last_tokens(st), due_b, head_layer, head_t_dd, visible_lbs)
+  cache, h_bd, draft_b = head_draft(params, cfg, st.cache, last_tokens(st), due_b, head_layer, head_t_dd, visible_lbs,
+                                    sampling, st.key, st.new_b)
   return st._replace(cache=cache, method=ms._replace(head_h_bd=jnp.where(due_b[:, None], h_bd, ms.head_h_bd),
                                                      head_draft_b=jnp.where(due_b, draft_b, ms.head_draft_b)))
 
@@ -170,7 +171,7 @@ class RevivingLoop(driver.DecodeLoop):
             key: jax.Array) -> DecodeState:
     revival = LazyRevival(self.lazy_cfg).start(prefilled)  # before `start_head` donates the prefill's cache
     st = device_loop.initial_state(lm.cfg, request, first_b, prefilled.cache, key, self.spec)
-    st = device_loop.start_exit_head(lm, self.spec, self.head_t_dd, st, prefilled.visible_lbs)
+    st = device_loop.start_exit_head(lm, self.spec, self.head_t_dd, st, prefilled.visible_lbs, request.sampling)
     return st._replace(method=RevivingState(st.method, revival,
                                             jnp.sum(prefilled.state.computed_lbs > 0, axis=(0, 2))))
 

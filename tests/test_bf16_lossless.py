@@ -44,12 +44,12 @@ def _prompts(lm: hdjax.LM, questions: list[str]) -> list[list[int]]:
   return [lm.tokenizer.apply_chat_template([{"role": "user", "content": q}]) for q in questions]
 
 
-def _check_identical(lm: hdjax.LM, questions: list[str], methods: list[str], max_new_tokens: int) -> None:
-  for ids in _prompts(lm, questions):
-    ref = lm.generate([ids], method="ar", max_new_tokens=max_new_tokens)[0].token_ids
+def _check_identical(lm: hdjax.LM, questions: list[str], methods: list[str], max_new_tokens: int, **sampling) -> None:
+  for n, ids in enumerate(_prompts(lm, questions)):
+    ref = lm.generate([ids], method="ar", max_new_tokens=max_new_tokens, seed=n, **sampling)[0].token_ids
     for method in methods:
-      out = lm.generate([ids], method=method, max_new_tokens=max_new_tokens)[0].token_ids
-      assert out == ref, f"{method} differs from ar in bf16 at token {_first_difference(out, ref)}"
+      out = lm.generate([ids], method=method, max_new_tokens=max_new_tokens, seed=n, **sampling)[0].token_ids
+      assert out == ref, f"{method} differs from ar in bf16 at token {_first_difference(out, ref)} ({sampling})"
 
 
 def _first_difference(a: list[int], b: list[int]) -> int:
@@ -62,6 +62,17 @@ def test_bf16_engine_pads_steps(smollm_bf16):
 
 def test_speculative_methods_identical_to_ar_in_bf16(smollm_bf16):
   _check_identical(smollm_bf16, QUESTIONS, ["pld", "hd"], 64)
+
+
+def test_sampled_methods_identical_to_ar_in_bf16(smollm_bf16):
+  _check_identical(smollm_bf16, QUESTIONS, ["pld", "hd"], 48, temperature=0.8, top_k=40, top_p=0.9)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [dict(temperature=0.8, top_k=40, top_p=0.9), dict(temperature=1.0)], ids=str)
+def test_sampled_methods_identical_to_ar_in_bf16_more(smollm_bf16, sampling):
+  _check_identical(smollm_bf16, QUESTIONS + MORE_QUESTIONS, ["pld", "hd", "rest", "adadecode", "hd+adadecode"], 64,
+                   **sampling)
 
 
 def test_a_layer_run_on_its_own_computes_what_the_decode_step_does(smollm_bf16):

@@ -109,7 +109,7 @@ def test_tiny_model_equals_ar_and_the_host_loop(lm, method, max_new):
 
 @pytest.mark.parametrize("method", [pytest.param("pld", marks=pytest.mark.slow), "hd_context"])
 def test_sampling_takes_the_host_loops_samples(lm, method):
-  """Same trees and the same `fold_in(key, step)` draws: sampled ids equal the host loop's."""
+  """Same trees and the same position-keyed noise: sampled ids equal the host loop's."""
   out = lm.generate(PROMPTS, method=method, max_new_tokens=24, temperature=1.0, seed=1)
   host = lm.generate(PROMPTS, method=f"{method}_host", max_new_tokens=24, temperature=1.0, seed=1)
   assert [o.token_ids for o in out] == [h.token_ids for h in host]

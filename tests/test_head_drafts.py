@@ -65,7 +65,7 @@ def test_head_step_equals_plain_step(lm8):
   first_b, cache = prefilled()
   tree = jax.device_put(stack_trees([build_tree(int(first_b[b]), chains[b], 8, 4) for b in range(2)]))
   active_b = jnp.ones((2,), bool)
-  step_args = (tree, active_b, jax.random.key(0), jnp.int32(1), SamplingConfig(0.0), 4)
+  step_args = (tree, active_b, jax.random.key(0), jnp.ones((2,), jnp.int32), SamplingConfig(0.0), 4)
   plain = verify_step(params, cfg, cache, *step_args)
 
   first_b, cache = prefilled()

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 from hdjax.config import EngineLayout
 from hdjax.decoding.tree import (build_tree, bucket_for, engine_buckets, engine_tree, merge_chains, pad_tree,
                                  stack_trees)
-from hdjax.decoding.verify import greedy_accept, rejection_accept, trusted_nodes
+from hdjax.decoding.verify import greedy_accept, trusted_nodes
 
 
 def test_merge_shares_prefixes_and_respects_budget_and_depth():
@@ -90,39 +90,6 @@ def test_trusted_nodes_are_those_read_in_the_same_attention_block():
   np.testing.assert_array_equal(at(252, 260), [1, 1, 1, 1, 1, 1, 0, 0])
   for length in (100, 252):
     np.testing.assert_array_equal(at(length, 512, 1), [1, 1, 1, 0, 0, 0, 0, 0])
-
-
-def test_rejection_with_one_hot_target_is_greedy():
-  tree = build_tree(3, [[1, 2, 3], [1, 4], [5, 1]], 8, max_depth=4)
-  rng = np.random.default_rng(0)
-  for _ in range(20):
-    target = rng.integers(0, 6, size=8).astype(np.int32)
-    probs = np.eye(8, dtype=np.float32)[target]
-    acc = jax.jit(rejection_accept, static_argnames="max_depth")(
-        tree.tokens, tree.parents, tree.valid, jnp.asarray(probs), jax.random.key(1), max_depth=4)
-    expected = reference_greedy(tree.tokens, tree.parents, tree.valid, target)
-    assert [int(t) for t in acc.tokens_d1[:int(acc.num_accepted) + 1]] == expected
-
-
-def test_rejection_sampling_output_distribution_equals_target():
-  """First emitted token ~ p(root); second token given first == child token ~ p(that child)."""
-  vocab, num = 6, 40000
-  tree = build_tree(0, [[1, 2], [3], [1, 4], [5, 5]], 8, max_depth=2)  # root children 1, 3, 5
-  rng = np.random.default_rng(0)
-  probs = rng.dirichlet(np.ones(vocab), size=8).astype(np.float32)
-  probs[0] = [0.05, 0.4, 0.05, 0.3, 0.0, 0.2]  # a drafted token (5) and undrafted ones share the mass
-  keys = jax.random.split(jax.random.key(0), num)
-  acc = jax.jit(jax.vmap(lambda k: rejection_accept(tree.tokens, tree.parents, tree.valid, jnp.asarray(probs), k,
-                                                    max_depth=2)))(keys)
-  tokens = np.asarray(acc.tokens_d1)
-  first = np.bincount(tokens[:, 0], minlength=vocab) / num
-  tol = 4 * np.sqrt(probs[0] * (1 - probs[0]) / num) + 1e-3
-  assert np.all(np.abs(first - probs[0]) < tol), (first, probs[0])
-  # after accepting token 1 (node 1), the next token is drawn through node 1's children (2, 4) from probs[1]
-  second = tokens[tokens[:, 0] == 1, 1]
-  freq = np.bincount(second, minlength=vocab) / len(second)
-  tol = 4 * np.sqrt(probs[1] * (1 - probs[1]) / len(second)) + 1e-3
-  assert np.all(np.abs(freq - probs[1]) < tol), (freq, probs[1])
 
 
 def test_pad_tree_appends_padding_nodes():

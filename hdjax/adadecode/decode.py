@@ -58,7 +58,7 @@ from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.registry import register_method
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel
-from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
+from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, position_keys, row_keys, sample_tokens
 from hdjax.decoding.state import DecodeState, start_state
 from hdjax.errors import HdjaxError
 from hdjax.kvcache import KVCache
@@ -119,7 +119,6 @@ class Window(NamedTuple):
   tok_w: jax.Array  # [W] window tokens at positions length + i
   depth_w: jax.Array  # [W] layers each has run
   h_wd: jax.Array  # [W, D] hidden state after depth_w layers
-  q_wv: jax.Array  # [W, V] head distribution that proposed tok_w[i + 1]
   n: jax.Array  # tokens in the window (>= 1)
   accept_n: jax.Array  # [out_len] tokens emitted by each verification
   counters: Counters
@@ -236,6 +235,16 @@ def _check_logits(params, cfg: LlamaConfig, head_w, head_ids, head, h_bd):
   return reduced_logits(params, cfg, head_w[head], h_bd[:, None])[:, 0]
 
 
+def accepted_early(tok_w: jax.Array, best_w: jax.Array, n: jax.Array, checked) -> jax.Array:
+  """AdaDecode's acceptance rule: how many of the window's early tokens (slots 1 .. n - 1, each the early
+  prediction of the slot before it) are accepted, in order up to the first that differs from the full model's
+  token `best_w` at the slot before it (its argmax, or its sample under that position's noise). Without `checked`
+  (the paper's ablation), all of them."""
+  w_idx = jnp.arange(tok_w.shape[0])
+  ok_w = (w_idx < n - 1) & ((jnp.roll(tok_w, -1) == best_w) | ~checked)
+  return jnp.sum(jnp.cumprod(ok_w.astype(jnp.int32))).astype(jnp.int32)
+
+
 def embed_one(params, cfg: LlamaConfig, tok: jax.Array) -> jax.Array:
   """One token's embedding [D]."""
   return model.embed(params, cfg, tok[None, None])[0, 0]
@@ -252,7 +261,7 @@ def initial_state(params, cfg: LlamaConfig, cache: KVCache, first_b: jax.Array, 
                         jnp.zeros((n_heads,), jnp.int32), zero, zero, zero, zero)
     h_wd = jnp.zeros((window, cfg.d_model), jnp.float32).at[0].set(embed_one(params, cfg, first))
     return Window(jnp.zeros((window,), jnp.int32).at[0].set(first), jnp.zeros((window,), jnp.int32), h_wd,
-                  jnp.zeros((window, cfg.vocab_size), jnp.float32), jnp.int32(1), jnp.zeros((out_len,), jnp.int32),
+                  jnp.int32(1), jnp.zeros((out_len,), jnp.int32),
                   counters, prompt, jnp.bool_(False))
 
   win = jax.vmap(start)(first_b, cache.lengths)
@@ -322,16 +331,13 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     win = win._replace(h_wd=h_bwd, depth_w=jnp.where(in_group_bw, end, win.depth_w), counters=c)
     return s._replace(cache=cache, method=s.method._replace(win=win))
 
-  def exit_one(w: Window, y, q_v, head, eligible, go) -> Window:
-    """The head at the newest token's layer proposed `y` from `q_v` [V] (None when greedy: never read); it enters
-    the window if `go`."""
-    front = w.n - 1
+  def exit_one(w: Window, y, head, eligible, go) -> Window:
+    """The head at the newest token's layer proposed `y`; it enters the window if `go`."""
     c = w.counters._replace(head_evals_i=w.counters.head_evals_i.at[head].add(eligible.astype(jnp.int32)),
                             exits_i=w.counters.exits_i.at[head].add(go.astype(jnp.int32)))
     slot = jnp.where(go, w.n, window)  # dropped unless exiting
-    q_wv = w.q_wv if q_v is None else w.q_wv.at[jnp.where(go, front, window)].set(q_v, mode="drop")
     return w._replace(tok_w=w.tok_w.at[slot].set(y, mode="drop"), depth_w=w.depth_w.at[slot].set(0, mode="drop"),
-                      h_wd=w.h_wd.at[slot].set(embed_one(params, cfg, y), mode="drop"), q_wv=q_wv,
+                      h_wd=w.h_wd.at[slot].set(embed_one(params, cfg, y), mode="drop"),
                       n=w.n + go.astype(jnp.int32), counters=c)
 
   def try_exit(s: DecodeState, layer, taking_b, order_b) -> DecodeState:
@@ -346,44 +352,27 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
     go_b = eligible_b & (jnp.max(jax.nn.softmax(logits_bn, axis=-1), axis=-1) >= gamma)
     if in_step:  # all or none: the batch stays in step
       go_b &= jnp.all(go_b | ~taking_b)
-    key_b = s.key
     if sampling.greedy:  # the top candidate; verification compares it with the full model's argmax
-      y_b, q_bv = greedy_tokens(logits_bn), None
+      y_b = greedy_tokens(logits_bn)
       y_b = y_b if head_ids is None else head_ids[y_b]
-    else:  # the proposal distribution over the vocabulary (zero outside the candidates)
+    else:  # the head's sample under the noise the full model's token there gets (the front's prediction)
       logits_bv = logits_bn if head_ids is None else jnp.full(
           (logits_bn.shape[0], cfg.vocab_size), -jnp.inf, jnp.float32).at[:, head_ids].set(logits_bn)
-      key_b, sub_b = jnp.moveaxis(jax.vmap(jax.random.split)(s.key), 1, 0)
-      q_bv = target_probs(logits_bv, sampling)
-      y_b = jax.vmap(lambda k, q_v: jax.random.categorical(k, jnp.log(q_v)).astype(jnp.int32))(sub_b, q_bv)
-    win = jax.vmap(exit_one, in_axes=(0, 0, 0, None, 0, 0))(win, y_b, q_bv, head, eligible_b, go_b)
-    return s._replace(key=key_b, method=s.method._replace(win=win))
+      y_b = sample_tokens(logits_bv, position_keys(s.key, s.new_b + win.n - 1), sampling)
+    win = jax.vmap(exit_one, in_axes=(0, 0, None, 0, 0))(win, y_b, head, eligible_b, go_b)
+    return s._replace(method=s.method._replace(win=win))
 
   def verify_one(w: Window, out_n, num, done, key, logits_wv, taking):
-    """Checks the window's early tokens in order against the full model; returns it restarted at the full model's
-    token (unchanged unless `taking`), the sequence's emitted tokens `out_n`, their count, its done flag and key
-    after the emitted ones, how far the cache cursor moves, and whether the full model's token (the last committed
+    """Checks the window's early tokens in order against the full model's tokens (`accepted_early`); returns it
+    restarted at the full model's token (unchanged unless `taking`), the sequence's emitted tokens `out_n`, their
+    count, its done flag, how far the cache cursor moves, and whether the full model's token (the last committed
     token's prediction) was emitted."""
-    key, k_acc, k_next = jax.random.split(key, 3)
-    proposed_w = jnp.roll(w.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
-    if sampling.greedy:  # exact argmax (sampling's rule with one-hot p*: accepted iff p* is 1 at the proposal)
-      best_w = greedy_tokens(logits_wv)
-      ok_w = (w_idx < w.n - 1) & ((proposed_w == best_w) | ~checked)
-    else:
-      p_wv = target_probs(logits_wv, sampling)
-      p_prop_w = jnp.take_along_axis(p_wv, proposed_w[:, None], axis=1)[:, 0]
-      q_prop_w = jnp.take_along_axis(w.q_wv, proposed_w[:, None], axis=1)[:, 0]
-      u_w = jax.random.uniform(k_acc, (window,))
-      ok_w = (w_idx < w.n - 1) & ((u_w * q_prop_w < p_prop_w) | ~checked)
-    n_acc = jnp.sum(jnp.cumprod(ok_w.astype(jnp.int32))).astype(jnp.int32)
+    # slot i's prediction is emitted token num + i: its argmax, or its sample under that token's noise
+    best_w = sample_tokens(logits_wv, position_keys(key[None], (num + w_idx)[None])[0], sampling)
+    n_acc = accepted_early(w.tok_w, best_w, w.n, checked)
     rejected = n_acc < w.n - 1
-    if sampling.greedy:
-      nxt = best_w[n_acc]
-    else:
-      residual_v = jnp.maximum(p_wv[n_acc] - w.q_wv[n_acc], 0.0)
-      residual_v = jnp.where(jnp.sum(residual_v) > 0, residual_v, p_wv[n_acc])
-      probs_v = jnp.where(rejected, residual_v / jnp.sum(residual_v), p_wv[n_acc])
-      nxt = jax.random.categorical(k_next, jnp.log(probs_v)).astype(jnp.int32)
+    nxt = best_w[n_acc]
+    proposed_w = jnp.roll(w.tok_w, -1)  # early prediction of slot i is the token in slot i + 1
     # emitted now: the accepted early tokens (slots 1..n_acc), then the full model's token
     emit_w = jnp.where(w_idx < n_acc, proposed_w, nxt)
     count = n_acc + 1
@@ -403,19 +392,19 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
                                                                                                mode="drop"),
                    counters=c)
     done = done | (taking & (jnp.any(is_eos_w) | (new_num >= max_new)))
-    return w, out_n.at[dst_w].set(emit_w, mode="drop"), new_num, done, key, t * (n_acc + 1), next_emitted
+    return w, out_n.at[dst_w].set(emit_w, mode="drop"), new_num, done, t * (n_acc + 1), next_emitted
 
   def verify(s: DecodeState, layer, taking_b, order_b) -> DecodeState:
     del layer
     win = s.method.win
     branches = [functools.partial(_final_rows, params, cfg, r, p) for p, r in combos]
     logits_bwv = jax.lax.switch(combo(taking_b, jnp.max(jnp.where(taking_b, win.n, 1))), branches, win.h_wd, order_b)
-    win, tokens_bs, new_b, done_b, key_b, advance_b, next_b = jax.vmap(verify_one)(
+    win, tokens_bs, new_b, done_b, advance_b, next_b = jax.vmap(verify_one)(
         win, s.tokens_bs, s.new_b, s.done_b, s.key, logits_bwv, taking_b)
     if revival is not None:
       win = win._replace(revive_due=taking_b & (advance_b > 0) & next_b
                          & revival.reselects(s.cache.lengths + advance_b - 1, win.prompt))
-    return s._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b, key=key_b,
+    return s._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b,
                       cache=s.cache.replace(lengths=s.cache.lengths + advance_b), method=s.method._replace(win=win))
 
   def body(s: DecodeState) -> DecodeState:
@@ -552,7 +541,7 @@ class AdaLoop(driver.DecodeLoop):
 
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
             key: jax.Array) -> DecodeState:
-    state = initial_state(lm.params, lm.cfg, prefilled.cache, first_b, jax.random.split(key, first_b.shape[0]),
+    state = initial_state(lm.params, lm.cfg, prefilled.cache, first_b, row_keys(key, first_b.shape[0]),
                         jnp.int32(request.max_new_tokens), len(self.heads.layers), self.extra_slots,
                         ar.next_pow2(request.max_new_tokens))
     if self.revival is not None:
@@ -570,7 +559,7 @@ class AdaLoop(driver.DecodeLoop):
 
   def report(self, state: DecodeState) -> tuple[Window, Any]:
     ms = state.method
-    return (ms.win._replace(h_wd=None, q_wv=None),
+    return (ms.win._replace(h_wd=None),
             None if self.revival is None else self.revival.report(ms.revival))
 
   def row_stats(self, report, b: int, new_tokens: int) -> dict:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from hdjax import model
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
-from hdjax.decoding.sampling import SamplingConfig, select_token
+from hdjax.decoding.sampling import SamplingConfig, position_keys, row_keys, sample_tokens
 from hdjax.decoding.state import DecodeState, cache_room, is_eos, last_tokens, start_state
 from hdjax.kvcache import KVCache, init_cache
 
@@ -98,14 +98,13 @@ def token_loop(step: Step, state: DecodeState, eos_ids: tuple[int, ...], max_new
     return jnp.any(~st.done_b & (st.new_b < stop_at)) & (cache_room(st) >= 1)
 
   def body(st: DecodeState) -> DecodeState:
-    key, sub = jax.random.split(st.key)
     active_b = ~st.done_b
     logits_bv, cache, method = step(st.cache, st.method, last_tokens(st), active_b, st.steps)
-    nxt_b = select_token(logits_bv, sub, sampling)
+    nxt_b = sample_tokens(logits_bv, position_keys(row_keys(st.key, batch), st.new_b), sampling)
     tokens_bs = st.tokens_bs.at[jnp.arange(batch), jnp.where(st.done_b, out_len, st.new_b)].set(nxt_b, mode="drop")
     new_b = st.new_b + active_b.astype(jnp.int32)
     done_b = st.done_b | is_eos(nxt_b, eos_ids) | (new_b >= max_new)
-    return st._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b, cache=cache, key=key, steps=st.steps + 1,
+    return st._replace(tokens_bs=tokens_bs, new_b=new_b, done_b=done_b, cache=cache, steps=st.steps + 1,
                        method=method)
 
   return jax.lax.while_loop(cond, body, state)

@@ -135,7 +135,7 @@ def speculative_step(params, cfg: LlamaConfig, st: DecodeState, max_new: jax.Arr
   bucket = jnp.argmax(buckets_k == jnp.minimum(wanted, fitting))
 
   def verify(num_nodes: int, carry):
-    out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, st.key, st.steps, sampling,
+    out = verify_tree(params, cfg, carry[2], truncate_tree(tree, num_nodes), active_b, st.key, st.new_b, sampling,
                       spec.max_depth, visible_lbs, spec.head_layer, ms.head_h_bd)
     return out.tokens_bd, out.num_b, out.cache
 
@@ -155,7 +155,7 @@ def speculative_step(params, cfg: LlamaConfig, st: DecodeState, max_new: jax.Arr
   if spec.head_layer is not None:
     next_root_b = jnp.take_along_axis(tokens_bd, num_b[:, None], axis=1)[:, 0]
     cache, head_h_bd, head_draft_b = head_draft(params, cfg, cache, next_root_b, active_b, spec.head_layer, head_t_dd,
-                                                visible_lbs)
+                                                visible_lbs, sampling, st.key, new_b)
     head = dict(head_h_bd=head_h_bd, head_draft_b=head_draft_b,
                 head_hits_b=ms.head_hits_b + (active_b & (tokens_bd[:, 0] == ms.head_draft_b)))
   ms = ms._replace(accept_bs=ms.accept_bs.at[:, st.steps].set(emit_b, mode="drop"),
@@ -215,7 +215,7 @@ class DeviceLoop(driver.DecodeLoop):
   def start(self, lm: LoadedModel, request: GenerateRequest, prefilled: Prefilled, first_b: jax.Array,
             key: jax.Array) -> DecodeState:
     state = initial_state(lm.cfg, request, first_b, prefilled.cache, key, self.spec, prefilled.visible_lbs)
-    return start_exit_head(lm, self.spec, self.head_t_dd, state, prefilled.visible_lbs)
+    return start_exit_head(lm, self.spec, self.head_t_dd, state, prefilled.visible_lbs, request.sampling)
 
   def run(self, lm: LoadedModel, request: GenerateRequest, state: DecodeState, stop_at: jax.Array) -> DecodeState:
     return decode_chunk(lm.params, lm.cfg, state, jnp.int32(request.max_new_tokens), stop_at, self.spec,
@@ -276,13 +276,13 @@ def initial_state(cfg: LlamaConfig, request: GenerateRequest, first_b: jax.Array
 
 
 def start_exit_head(lm: LoadedModel, spec: DeviceSpec, head_t_dd: jax.Array | None, st: DecodeState,
-                    visible_lbs: jax.Array | None) -> DecodeState:
+                    visible_lbs: jax.Array | None, sampling: SamplingConfig) -> DecodeState:
   """With an exit head (`spec.head_layer`), the first roots' layers below it, seeing `visible_lbs`, and its
   drafts; the state unchanged without one."""
   if spec.head_layer is None:
     return st
   active_b = jnp.ones(st.new_b.shape, bool)
   cache, head_h_bd, head_draft_b = start_head(lm.params, lm.cfg, st.cache, last_tokens(st), active_b,
-                                              spec.head_layer, head_t_dd, visible_lbs)
+                                              spec.head_layer, head_t_dd, visible_lbs, sampling, st.key, st.new_b)
   return st._replace(cache=cache, method=st.method._replace(head_h_bd=head_h_bd, head_draft_b=head_draft_b,
                                                             head_hits_b=jnp.zeros(st.new_b.shape, jnp.int32)))

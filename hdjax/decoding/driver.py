@@ -24,7 +24,7 @@ import numpy as np
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.request import (GenerateRequest, GenerationResult, LoadedModel, cache_slots_for, make_results,
                                     padded_rows)
-from hdjax.decoding.sampling import select_token
+from hdjax.decoding.sampling import position_keys, row_keys, sample_tokens
 from hdjax.decoding.state import DecodeState, cache_room
 
 
@@ -84,10 +84,12 @@ def generate(lm: LoadedModel, request: GenerateRequest, method: str, loop: Decod
   """Runs `request` with `prefill` then `loop` (see the module docstring); each result's stats hold the method,
   token counts, times, host syncs, the prefill's stats and the loop's `row_stats`."""
   num_slots = cache_slots_for(lm.cfg, request, extra=loop.extra_slots)
-  key, first_key = jax.random.split(jax.random.key(request.seed))
+  key = jax.random.key(request.seed)
   start = time.perf_counter()
   prefilled = prefill(lm, request, num_slots)
-  first_b = select_token(prefilled.logits_bv, first_key, request.sampling).block_until_ready()
+  batch = len(request.prompts)
+  first_keys_b = position_keys(row_keys(key, batch), jnp.zeros((batch,), jnp.int32))
+  first_b = sample_tokens(prefilled.logits_bv, first_keys_b, request.sampling).block_until_ready()
   ttft = time.perf_counter() - start
   host_syncs = 1
   state = loop.start(lm, request, prefilled, first_b, key)

@@ -81,22 +81,22 @@ class StepOut(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("cfg", "sampling", "max_depth", "head_layer"),
                    donate_argnames=("cache",))
 def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, active_b: jax.Array, key: jax.Array,
-                step: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None,
+                emitted_b: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None,
                 head_layer: int | None = None, t_dd: jax.Array | None = None,
                 root_h_bd: jax.Array | None = None) -> StepOut:
-  """Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, and accepts (sampling draws
-  from `fold_in(key, step)`). `visible_lbs` restricts each layer to the slots that hold K/V there (after a
+  """Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, and accepts (a sampled target
+  draws with the noise of its emitted token's index, after `emitted_b` tokens, under `key`). `visible_lbs` restricts each layer to the slots that hold K/V there (after a
   pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below it is in
   the cache) and the step ends by drafting from the exit head `t_dd` (see the module docstring).
   """
   ar.TRACE_COUNTS["verify_step"] += 1
-  tokens_bd, num_b, cache = verify_tree(params, cfg, cache, tree, active_b, key, step, sampling, max_depth,
+  tokens_bd, num_b, cache = verify_tree(params, cfg, cache, tree, active_b, key, emitted_b, sampling, max_depth,
                                         visible_lbs, head_layer, root_h_bd)
   if head_layer is None:
     return StepOut(tokens_bd, num_b, cache, None, None)
   next_root_b = jnp.take_along_axis(tokens_bd, num_b[:, None], axis=1)[:, 0]
   return StepOut(tokens_bd, num_b, *head_draft(params, cfg, cache, next_root_b, active_b, head_layer, t_dd,
-                                                   visible_lbs))
+                                                   visible_lbs, sampling, key, emitted_b + num_b + 1))
 
 
 
@@ -157,7 +157,8 @@ class HostLoop(driver.DecodeLoop):
     if self.head_layer is not None:
       state.cache, state.root_h_bd, head_draft_b = start_head(lm.params, lm.cfg, state.cache, first_b,
                                                               jnp.ones((batch,), bool), self.head_layer,
-                                                              self.head_t_dd, state.visible_lbs)
+                                                              self.head_t_dd, state.visible_lbs, request.sampling,
+                                                              key, jnp.ones((batch,), jnp.int32))
       state.head_draft_b, state.head_hits_b = np.asarray(head_draft_b), np.zeros(batch, np.int64)
       state.waits += 1
     return state
@@ -168,7 +169,7 @@ class HostLoop(driver.DecodeLoop):
     for num_nodes in self.spec.buckets:
       tree = stack_trees([build_tree(0, [], num_nodes, self.spec.max_depth)] * batch)
       state.cache = verify_step(lm.params, lm.cfg, state.cache, jax.device_put(tree), jnp.zeros((batch,), bool),
-                                jax.random.key(0), jnp.int32(0), request.sampling, self.spec.max_depth,
+                                state.key, jnp.zeros((batch,), jnp.int32), request.sampling, self.spec.max_depth,
                                 state.visible_lbs, self.head_layer, self.head_t_dd, state.root_h_bd).cache
     return state
 
@@ -187,10 +188,11 @@ class HostLoop(driver.DecodeLoop):
       num_nodes = min(bucket_for(max(tr.num_real for tr in full_trees), spec.buckets),
                       max(x for x in spec.buckets if x <= room))
       active_b = np.asarray([not d for d in state.done])
-      tree_dev, active_dev, step_dev = jax.device_put(
-          (stack_trees([truncate_tree(tr, num_nodes) for tr in full_trees]), active_b, np.int32(state.steps)))
+      tree_dev, active_dev, emitted_dev = jax.device_put(
+          (stack_trees([truncate_tree(tr, num_nodes) for tr in full_trees]), active_b,
+           np.asarray([len(row) for row in state.rows], np.int32)))
       t1 = time.perf_counter()
-      out = verify_step(lm.params, cfg, state.cache, tree_dev, active_dev, state.key, step_dev, request.sampling,
+      out = verify_step(lm.params, cfg, state.cache, tree_dev, active_dev, state.key, emitted_dev, request.sampling,
                         spec.max_depth, state.visible_lbs, self.head_layer, self.head_t_dd, state.root_h_bd)
       state.cache, state.root_h_bd = out.cache, out.root_h_bd
       out_bd, num_b, next_draft_b = jax.device_get((out.tokens_bd, out.num_b, out.head_draft_b))  # one host wait

@@ -1,7 +1,9 @@
 """Lossless acceptance of one draft tree (jittable, one sequence; vmap over the batch), and `verify_tree`: the
 whole verify step (model call, acceptance, commit) as one traceable function.
 
-Both rules return `Accepted(path_d1, num_accepted, tokens_d1)`: path_d1[d] is the accepted node at depth d
+Greedy and sampled steps accept by one rule, `greedy_accept`, against each node's target token: its logits' argmax,
+or when sampling its sample under the noise of the token's position (`sampling.sample_tokens`), the token `ar`
+draws there. It returns `Accepted(path_d1, num_accepted, tokens_d1)`: path_d1[d] is the accepted node at depth d
 (path_d1[0] = root), `num_accepted` the number of accepted draft nodes n, and tokens_d1[:n + 1] the tokens the
 step emits: the n accepted draft tokens then the bonus token drawn at the deepest accepted node.
 """
@@ -19,7 +21,7 @@ from hdjax import model
 from hdjax.adadecode.heads import head_logits
 from hdjax.attention import causal_mask, key_block_of, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
-from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, target_probs
+from hdjax.decoding.sampling import SamplingConfig, position_keys, row_keys, sample_tokens
 from hdjax.decoding.tree import DraftTree, engine_tree
 from hdjax.kvcache import KVCache, commit_rows
 
@@ -78,44 +80,6 @@ def trusted_nodes(tree: DraftTree, lengths_b: jax.Array, num_slots: int, exact_s
   return tree.valid & ~jnp.any(tree.ancestors & ~same_block_bt[:, None, :], axis=-1)
 
 
-def rejection_accept(tokens_t: jax.Array, parents_t: jax.Array, valid_t: jax.Array, probs_tv: jax.Array,
-                     key: jax.Array, max_depth: int) -> Accepted:
-  """Multi-draft recursive rejection sampling with deterministic drafts.
-
-  At the current node with target distribution p (probs_tv[node]), its children are tried in index order:
-  child x is accepted with probability p(x) / sum(p); on rejection p(x) = 0. When every child is rejected
-  (or there is none), the bonus token is sampled from the normalised residual p. The emitted tokens are then
-  distributed exactly as sampling from the target one token at a time.
-  """
-  tokens_t, parents_t, valid_t = jnp.asarray(tokens_t), jnp.asarray(parents_t), jnp.asarray(valid_t)
-  num_nodes = tokens_t.shape[0]
-
-  def try_child(j, carry):
-    cur, p_v, chosen, key_d = carry
-    is_child = valid_t[j] & (parents_t[j] == cur) & (j > 0) & (chosen < 0)
-    u = jax.random.uniform(jax.random.fold_in(key_d, j))
-    tok = tokens_t[j]
-    accept = is_child & (u * jnp.sum(p_v) < p_v[tok])
-    p_v = jnp.where(is_child & ~accept, p_v.at[tok].set(0.0), p_v)
-    return cur, p_v, jnp.where(accept, j, chosen), key_d
-
-  def step(d, carry):
-    cur, num, path_d1, bonus, done = carry
-    key_d = jax.random.fold_in(key, d)
-    _, p_v, chosen, _ = jax.lax.fori_loop(0, num_nodes, try_child, (cur, probs_tv[cur], jnp.int32(-1), key_d))
-    advance = ~done & (chosen >= 0)
-    stop = ~done & (chosen < 0)
-    residual = jax.random.categorical(jax.random.fold_in(key_d, num_nodes), jnp.log(p_v))
-    path_d1 = jnp.where(advance, path_d1.at[d + 1].set(chosen), path_d1)
-    return (jnp.where(advance, chosen, cur), num + advance.astype(jnp.int32), path_d1,
-            jnp.where(stop, residual.astype(jnp.int32), bonus), done | stop)
-
-  init = (jnp.int32(0), jnp.int32(0), jnp.zeros((max_depth + 2,), jnp.int32), jnp.int32(0), jnp.bool_(False))
-  _, num, path_d2, bonus, _ = jax.lax.fori_loop(0, max_depth + 1, step, init)
-  path_d1 = path_d2[:max_depth + 1]
-  return Accepted(path_d1, num, _emitted(tokens_t, path_d1, num, bonus))
-
-
 class Verified(NamedTuple):
   tokens_bd: jax.Array  # [B, max_depth + 1] emitted tokens; the first num_b + 1 are real
   num_b: jax.Array  # [B] accepted draft tokens (0 for inactive rows)
@@ -123,12 +87,13 @@ class Verified(NamedTuple):
 
 
 def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, active_b: jax.Array, key: jax.Array,
-                step: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None,
+                emitted_b: jax.Array, sampling: SamplingConfig, max_depth: int, visible_lbs: jax.Array | None = None,
                 head_layer: int | None = None, root_h_bd: jax.Array | None = None) -> Verified:
   """One verify step, traceable (the host loop's jitted `verify_step` and the device loop both call it).
 
-  Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, accepts (greedy longest path, or
-  recursive rejection sampling drawing from `fold_in(key, step)`) and commits the root and the accepted path.
+  Runs the [B, T] trees at slots lengths + i, RoPE positions lengths + depth, accepts the longest path whose tokens
+  are their parents' targets (a node at depth d draws with the noise of emitted token `emitted_b + d` under the
+  request's `key`) and commits the root and the accepted path.
   Inactive rows write and commit nothing. `visible_lbs` restricts each layer to the slots that hold K/V there
   (after a pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below
   it is already in the cache) and the draft nodes run layers [0, head_layer) first.
@@ -159,37 +124,35 @@ def verify_tree(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
     above = model.run_layers(params, cfg, h_btd, positions_bt, mask_bts, cache, slots_bt, head_layer,
                              visible_lbs=visible_lbs)
     logits_btv, cache = model.unembed(params, cfg, above.h_btd), above.cache
-  if sampling.greedy:
-    target_bt = greedy_tokens(logits_btv)
-    trusted_bt = (trusted_nodes(tree, lengths_b, cache.num_slots, cfg.engine.exact_span) if cfg.bitwise_steps
-                  else tree.valid)
-    acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
-        tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt, trusted_t=trusted_bt)
-  else:
-    probs_btv = target_probs(logits_btv, sampling)
-    acc = jax.vmap(functools.partial(rejection_accept, max_depth=max_depth))(
-        tree.tokens, tree.parents, tree.valid, probs_btv, jax.random.split(jax.random.fold_in(key, step), batch))
+  keys_bt = position_keys(row_keys(key, batch), emitted_b[:, None] + tree.depths)
+  target_bt = sample_tokens(logits_btv, keys_bt, sampling)
+  trusted_bt = (trusted_nodes(tree, lengths_b, cache.num_slots, cfg.engine.exact_span) if cfg.bitwise_steps
+                else tree.valid)
+  acc = jax.vmap(functools.partial(greedy_accept, max_depth=max_depth))(
+      tree.tokens, tree.parents, tree.depths, tree.valid, tree.ancestors, target_bt, trusted_t=trusted_bt)
   num_b = jnp.where(active_b, acc.num_accepted, 0)
   cache = commit_rows(cache, lengths_b[:, None] + acc.path_d1, jnp.where(active_b, num_b + 1, 0))
   return Verified(acc.tokens_d1, num_b, cache)
 
 
 def head_draft(params, cfg: LlamaConfig, cache: KVCache, root_b: jax.Array, active_b: jax.Array, head_layer: int,
-               t_dd: jax.Array, visible_lbs: jax.Array | None = None
+               t_dd: jax.Array, visible_lbs: jax.Array | None = None, sampling: SamplingConfig = SamplingConfig(),
+               key: jax.Array | None = None, index_b: jax.Array | None = None
                ) -> tuple[KVCache, jax.Array, jax.Array]:
   """Runs each active row's root (the next token, not yet cached) through layers [0, head_layer) at slot
-  `lengths`. Returns the cache with those K/V rows, the root's state [B, D] and the head's argmax [B]: the draft
-  of the token after the root (deterministic, so tree acceptance stays lossless under sampling too)."""
+  `lengths`. Returns the cache with those K/V rows, the root's state [B, D] and the head's draft [B] of the token
+  after the root: its argmax, or when sampling its sample under the noise that token (emitted token `index_b`
+  under `key`) gets at verification, so the draft is the verify step's target whenever head and model agree."""
   positions_b1 = cache.lengths[:, None]
   slots_b1 = jnp.where(active_b[:, None], positions_b1, cache.num_slots)
   below = model.run_layers(params, cfg, model.embed(params, cfg, root_b[:, None]), positions_b1,
                            causal_mask(positions_b1, cache.num_slots), cache, slots_b1, 0, head_layer,
                            visible_lbs=visible_lbs)
-  draft_b = greedy_tokens(head_logits(params, cfg, t_dd, below.h_btd)[:, 0])
+  keys_b = None if sampling.greedy else position_keys(row_keys(key, root_b.shape[0]), index_b)
+  draft_b = sample_tokens(head_logits(params, cfg, t_dd, below.h_btd)[:, 0], keys_b, sampling)
   return below.cache, below.h_btd[:, 0], draft_b
 
 
-
 # the first head draft of a request, after its prefill
-start_head = functools.partial(jax.jit, static_argnames=("cfg", "head_layer"), donate_argnames=("cache",))(
-    head_draft)
+start_head = functools.partial(jax.jit, static_argnames=("cfg", "head_layer", "sampling"),
+                               donate_argnames=("cache",))(head_draft)
