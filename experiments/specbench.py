@@ -44,6 +44,8 @@ flags.DEFINE_enum("subset", "first", ["first", "stratified"], "first: the first 
 flags.DEFINE_integer("max_new_tokens", 256, "New tokens per turn (>= 1).")
 flags.DEFINE_integer("max_turns", None, "Turns per question, >= 1 (default: all; 1 = first turn only).")
 flags.DEFINE_float("temperature", 0.0, "Finite, >= 0; 0 is greedy.")
+flags.DEFINE_integer("top_k", 0, "Sample among the top k tokens, in [0, vocabulary size]; 0 = off.")
+flags.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens holding this mass, in (0, 1]; 1 = off.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (per question: seed + question index).")
 flags.DEFINE_string("model", "smollm2-135m", "Model name or path.")
 flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
@@ -65,7 +67,11 @@ def main(argv: Sequence[str]) -> None:
     raise HdjaxError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(sorted(hdjax.METHODS))}")
   require(limit=(1 if FLAGS.limit is None else FLAGS.limit, at_least(1)),
           max_turns=(1 if FLAGS.max_turns is None else FLAGS.max_turns, at_least(1)),
-          max_new_tokens=(FLAGS.max_new_tokens, at_least(1)), temperature=(FLAGS.temperature, at_least(0)))
+          max_new_tokens=(FLAGS.max_new_tokens, at_least(1)), temperature=(FLAGS.temperature, at_least(0)),
+          top_k=(FLAGS.top_k, at_least(0)))
+  if not 0 < FLAGS.top_p <= 1:
+    raise HdjaxError(f"--top_p must be in (0, 1], got {FLAGS.top_p}")
+  sampling = dict(temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p)
   method_options = parse_method_options(FLAGS.method_options, methods)
   questions = select_questions(read_questions(FLAGS.questions), FLAGS.limit, FLAGS.subset)
   check_output_dir(FLAGS.out_dir, [f"{m}.jsonl" for m in methods] + ["summary.json", "speedup.png",
@@ -79,8 +85,8 @@ def main(argv: Sequence[str]) -> None:
   print(f"warm-up: {len(prompts)} prompt shapes for each of {len(methods)} methods", flush=True)
 
   def warm(method: str, prompt: list[int]) -> None:
-    lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                seed=FLAGS.seed, warmup=True, **method_options.get(method, {}))
+    lm.generate([prompt], method=method, max_new_tokens=FLAGS.max_new_tokens, seed=FLAGS.seed, warmup=True,
+                **sampling, **method_options.get(method, {}))
     check_memory_maps()
 
   compiled = {}
@@ -95,8 +101,8 @@ def main(argv: Sequence[str]) -> None:
     for method in methods[n % len(methods):] + methods[:n % len(methods)]:
       traces = sum(ar.TRACE_COUNTS.values())
       with speculative.database_scope(method):
-        turns = answer(lm, method, q["turns"][:FLAGS.max_turns], FLAGS.max_new_tokens, FLAGS.temperature,
-                       FLAGS.seed + n, method_options.get(method, {}))
+        turns = answer(lm, method, q["turns"][:FLAGS.max_turns], FLAGS.max_new_tokens, sampling, FLAGS.seed + n,
+                       method_options.get(method, {}))
       rows[method] = row = answer_row(q, method, model_id, turns)
       c = row["choices"][0]
       c["compiled_during_timing"] = sum(ar.TRACE_COUNTS.values()) != traces
@@ -116,7 +122,7 @@ def main(argv: Sequence[str]) -> None:
   summary["compile"] = {method: count.as_dict() for method, count in compiled.items()}  # the warm-up's, per method
   summary["settings"] = dict(questions=FLAGS.questions, methods=methods, limit=FLAGS.limit, subset=FLAGS.subset,
                              max_new_tokens=FLAGS.max_new_tokens, max_turns=FLAGS.max_turns,
-                             temperature=FLAGS.temperature, model=FLAGS.model, dtype=dtype,
+                             **sampling, model=FLAGS.model, dtype=dtype,
                              device=device_name(),
                              method_options=method_options, num_questions=len(questions))
   if info.is_main:

@@ -39,16 +39,16 @@ def select_questions(questions: list[dict[str, Any]], limit: int | None, subset:
   return out
 
 
-def answer(lm: hdjax.LM, method: str, turns: Sequence[str], max_new_tokens: int, temperature: float, seed: int,
+def answer(lm: hdjax.LM, method: str, turns: Sequence[str], max_new_tokens: int, sampling: dict[str, Any], seed: int,
            options: dict[str, Any]) -> list[tuple[hdjax.GenerationResult, float]]:
-  """All turns of one question; turn k's prompt holds the model's own earlier answers."""
+  """All turns of one question; turn k's prompt holds the model's own earlier answers. `sampling`: `generate`'s
+  temperature, top_k and top_p."""
   messages, out = [], []
   for turn in turns:
     messages.append({"role": "user", "content": turn})
     ids = lm.tokenizer.apply_chat_template(messages)
     start = time.perf_counter()
-    res = lm.generate([ids], method=method, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-                      **options)[0]
+    res = lm.generate([ids], method=method, max_new_tokens=max_new_tokens, seed=seed, **sampling, **options)[0]
     out.append((res, time.perf_counter() - start))
     messages.append({"role": "assistant", "content": res.text})
   return out
