@@ -30,7 +30,8 @@ from experiments.common import (SPEC_BENCH_QUESTIONS, at_least, check_output_dir
                                 print_start, pyplot, read_questions, require, run_main, speed_dtype, write_json_atomic)
 from hdjax import model
 from hdjax.adadecode import decode
-from hdjax.adadecode.heads import head_logits, load_heads, reduced_logits
+from hdjax.adadecode.heads import load_heads
+from hdjax.exit_heads import head_logits, reduced_logits
 from hdjax.adadecode.train import first_exchanges
 from hdjax.decoding.autoregressive import next_pow2
 from hdjax.attention import causal_mask

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 import hdjax
 from experiments.common import at_least, check_output_dir, print_start, require, run_main, write_json_atomic
+from hdjax import exit_heads
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
 from hdjax.drafting import model_db
@@ -188,8 +189,8 @@ def main(argv):
   t0 = time.perf_counter()
   print_start("train_exit_heads", model=c.model, dtype="float32", layers=c.layers, steps=c.steps, workdir=c.workdir)
   lm = hdjax.load(c.model, dtype="float32")
-  layers = heads_lib.check_layers(lm.cfg, c.layers)
-  table_layers = tuple(sorted(set(heads_lib.check_layers(lm.cfg, c.table_layers)) | set(layers)))
+  layers = exit_heads.check_layers(lm.cfg, c.layers)
+  table_layers = tuple(sorted(set(exit_heads.check_layers(lm.cfg, c.table_layers)) | set(layers)))
   if not c.vocab_only:
     check_run(c.workdir, dict({k: c[k] for k in RUN_KEYS}, layers=list(layers)))
   texts = text_sets(c, lm.tokenizer)
@@ -218,7 +219,7 @@ def main(argv):
   train_set = train.HiddenSet(np.concatenate([human_train.inputs_inrd, greedy_train.inputs_inrd], axis=1),
                               np.concatenate([human_train.final_rd, greedy_train.final_rd], axis=0))
   t_hidden = time.perf_counter() - t0
-  table = agreement_table(lm.params, lm.cfg, heads_lib.identity_heads(lm.cfg, table_layers).t_idd, "identity",
+  table = agreement_table(lm.params, lm.cfg, exit_heads.identity_heads(lm.cfg, table_layers).t_idd, "identity",
                           held_out, table_layers, table_layers)
 
   with tqdm(total=c.steps, desc="train", unit="step") as bar:
@@ -247,7 +248,7 @@ def main(argv):
   write_json_atomic(os.path.join(c.workdir, "summary.json"), summary)
   print(json.dumps(table, indent=1))
   if c.export_dir:
-    heads_lib.save_heads(c.export_dir, heads_lib.ExitHeads(layers, state.t_idd, vocab), lm.tokenizer.identity,
+    heads_lib.save_heads(c.export_dir, exit_heads.ExitHeads(layers, state.t_idd, vocab), lm.tokenizer.identity,
                          info=dict(table=table, train_rows=summary["train_rows"],
                                    greedy_train_rows=summary["greedy_train_rows"], steps=c.steps, vocab=vocab_info))
 

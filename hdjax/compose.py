@@ -37,7 +37,7 @@ import jax.numpy as jnp
 
 from hdjax import lazy
 from hdjax.adadecode.decode import adadecode_generate, resolve_heads
-from hdjax.adadecode.heads import ExitHeads
+from hdjax.exit_heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hdjax.adadecode import decode
-from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads, load_heads, reduced_heads, reduced_logits
+from hdjax.adadecode.heads import load_heads
+from hdjax.exit_heads import ExitHeads, head_logits, identity_heads, reduced_heads, reduced_logits
 from hdjax.api import LM
 from hdjax.decoding.autoregressive import TRACE_COUNTS
 from hdjax.errors import HdjaxError

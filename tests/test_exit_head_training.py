@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from hdjax.adadecode import decode, heads as heads_lib, train
-from hdjax.adadecode.heads import (ExitHeads, head_logits, identity_heads, load_heads, load_vocab, rank_vocab,
-                                   save_heads)
 from hdjax import model
+from hdjax.adadecode.heads import load_heads, load_vocab, rank_vocab, save_heads
 from hdjax.decoding.request import GenerateRequest
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.errors import HdjaxError
+from hdjax.exit_heads import ExitHeads, head_logits, identity_heads
 from tests.conftest import make_tiny_lm
 
 LAYERS = (1, 2, 3)

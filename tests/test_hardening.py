@@ -14,6 +14,7 @@ import pytest
 
 import hdjax
 from hdjax import api
+from hdjax import exit_heads
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
 from hdjax.drafting import model_db, stats_db, store
@@ -253,7 +254,7 @@ def test_any_jax_mesh_with_the_two_axis_names_works(tmp_path):
 # ------------------------------------------------------------------------------------------------ exit heads
 def test_exit_heads_partial_bad_meta_or_nan(tmp_path):
   cfg = hdjax.PRESETS["tiny"]
-  good = heads_lib.identity_heads(cfg, (1, 2))
+  good = exit_heads.identity_heads(cfg, (1, 2))
   path = tmp_path / "heads"
   heads_lib.save_heads(str(path), good, "tok")
   assert heads_lib.load_heads(str(path), cfg).layers == (1, 2)
@@ -274,7 +275,7 @@ def test_exit_heads_partial_bad_meta_or_nan(tmp_path):
   (partial / heads_lib.PARAMS_DIR).mkdir()
   with pytest.raises(hdjax.HdjaxError, match="cannot restore the exit heads"):
     heads_lib.load_heads(str(partial), cfg)
-  nan = heads_lib.ExitHeads((1, 2), np.full((2, cfg.d_model, cfg.d_model), np.nan, np.float32))
+  nan = exit_heads.ExitHeads((1, 2), np.full((2, cfg.d_model, cfg.d_model), np.nan, np.float32))
   heads_lib.save_heads(str(tmp_path / "nan"), nan, "tok")
   with pytest.raises(hdjax.HdjaxError, match="non-finite"):
     heads_lib.load_heads(str(tmp_path / "nan"), cfg)

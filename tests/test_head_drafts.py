@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from hdjax import model
-from hdjax.adadecode.heads import ExitHeads, head_logits, identity_heads
+from hdjax.exit_heads import ExitHeads, head_logits, identity_heads
 from hdjax.attention import causal_mask
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.sampling import SamplingConfig

@@ -28,9 +28,11 @@ TIERS = (
     ("hdjax.config",),
     ("hdjax.sharding",),
     ("hdjax.kvcache",),
-    ("hdjax.attention", "hdjax.model", "hdjax.weights"),
-    ("hdjax.decoding", "hdjax.drafting", "hdjax.adadecode"),
-    ("hdjax.lazy", "hdjax.compose", "hdjax.methods", "hdjax.streaming"),
+    ("hdjax.attention", "hdjax.model", "hdjax.exit_heads", "hdjax.weights"),
+    ("hdjax.drafting",),
+    ("hdjax.decoding",),
+    ("hdjax.adadecode", "hdjax.lazy"),
+    ("hdjax.compose", "hdjax.methods", "hdjax.streaming"),
     ("hdjax.api",),
 )
 TOP = len(TIERS) - 1  # the package's __init__, which re-exports the public API

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdjax.adadecode.heads import ExitHeads
+from hdjax.exit_heads import ExitHeads
 from hdjax.decoding.sampling import SamplingConfig, position_keys, row_keys, sample_tokens, top_p_cutoff
 from tests.conftest import make_tiny_lm
 from tests.test_speculative import REPETITIVE, total_variation_bound

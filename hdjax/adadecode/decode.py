@@ -48,8 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hdjax import assets, model
-from hdjax.adadecode.heads import (ExitHeads, candidate_ids, check_layers, head_logits, identity_heads, load_heads,
-                                   load_vocab, read_once, reduced_heads, reduced_logits)
+from hdjax.adadecode.heads import candidate_ids, load_heads, load_vocab, read_once
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig, is_int
 from hdjax.control import switch_in_place
@@ -61,6 +60,7 @@ from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedMode
 from hdjax.decoding.sampling import SamplingConfig, greedy_tokens, position_keys, row_keys, sample_tokens
 from hdjax.decoding.state import DecodeState, start_state
 from hdjax.errors import HdjaxError
+from hdjax.exit_heads import ExitHeads, check_layers, head_logits, identity_heads, reduced_heads, reduced_logits
 from hdjax.kvcache import KVCache
 
 DEFAULT_HEADS_DIR = str(assets.checkpoints_dir() / "adadecode" / "smollm2-135m")

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from hdjax import model
-from hdjax.adadecode.heads import head_logits
+from hdjax.exit_heads import head_logits
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.drafting import sharegpt

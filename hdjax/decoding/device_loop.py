@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hdjax.adadecode.heads import ExitHeads
+from hdjax.exit_heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.control import switch_in_place
 from hdjax.decoding import autoregressive as ar

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax.adadecode.heads import ExitHeads
+from hdjax.exit_heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop

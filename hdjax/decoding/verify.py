@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from hdjax import model
-from hdjax.adadecode.heads import head_logits
+from hdjax.exit_heads import head_logits
 from hdjax.attention import causal_mask, key_block_of, prefix_plus_block_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, position_keys, row_keys, sample_tokens
