@@ -37,7 +37,6 @@ import jax.numpy as jnp
 
 from hdjax import lazy
 from hdjax.adadecode.decode import adadecode_generate, resolve_heads
-from hdjax.exit_heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.control import run_if
 from hdjax.decoding import autoregressive as ar
@@ -49,7 +48,9 @@ from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.speculative import HD_DEFAULTS, SpecConfig, device_method, spec_method
 from hdjax.decoding.state import DecodeState, buffer_lengths, last_tokens
 from hdjax.decoding.verify import head_draft
+from hdjax.drafting.hierarchy import HD_SOURCES
 from hdjax.errors import HdjaxError
+from hdjax.exit_heads import ExitHeads
 
 # The head's draft is one node: a 2-node tree (root + head draft) is the common step when no database matches.
 HEAD_DRAFT_DEFAULTS = dataclasses.replace(HD_DEFAULTS, buckets=(1, 2, 4, 8))
@@ -221,7 +222,7 @@ def reviving_method(method: str, source: str,
 
 
 register_method("lazy+pld")(reviving_method("lazy+pld", "pld"))
-register_method("lazy+hd")(reviving_method("lazy+hd", "context,model,stats"))
+register_method("lazy+hd")(reviving_method("lazy+hd", HD_SOURCES))
 register_method("lazy+rest")(reviving_method("lazy+rest", "stats"))
 
 
@@ -235,9 +236,9 @@ def lazy_adadecode(lm: LoadedModel, request: GenerateRequest) -> list[Generation
                             LazyRevival(lazy_cfg) if revives else None)
 
 
-register_method("hd+adadecode")(device_method("hd+adadecode", "context,model,stats", full_prefill, one_exit_head,
+register_method("hd+adadecode")(device_method("hd+adadecode", HD_SOURCES, full_prefill, one_exit_head,
                                               HEAD_DRAFT_DEFAULTS))
-register_method("lazy+hd+adadecode")(reviving_method("lazy+hd+adadecode", "context,model,stats", one_exit_head,
+register_method("lazy+hd+adadecode")(reviving_method("lazy+hd+adadecode", HD_SOURCES, one_exit_head,
                                                      HEAD_DRAFT_DEFAULTS))
 for _prefill, _name in ((full_prefill, "hd+adadecode"), (lazy.pruned_prefill, "lazy+hd+adadecode")):
-  register_method(f"{_name}_host")(spec_method(_name, _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))
+  register_method(f"{_name}_host")(spec_method(f"{_name}_host", _prefill, one_exit_head, HEAD_DRAFT_DEFAULTS))

@@ -17,6 +17,7 @@ from hdjax import api
 from hdjax import exit_heads
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
+from hdjax.decoding.registry import METHODS, register_method
 from hdjax.drafting import model_db, stats_db, store
 from hdjax.streaming import stream_generate
 from hdjax.weights import checkpoint, convert, gguf, safetensors_dir
@@ -333,3 +334,10 @@ def test_a_database_that_cannot_load_warns_once_on_stderr(tmp_path, capsys):
       model_db.ModelDB.load(FakeTokenizer(), path)
   warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: ")]
   assert len(warnings) == 1 and "model_db unavailable" in warnings[0] and str(path) in warnings[0]
+
+
+def test_a_method_name_is_registered_once():
+  before = METHODS["ar"]
+  with pytest.raises(hdjax.HdjaxError, match="already registered"):
+    register_method("ar")
+  assert METHODS["ar"] is before

@@ -162,3 +162,4 @@ def test_imports_point_down_the_tiers(graph):
   upward = sorted(f"{name} (tier {tier_of(name)}) -> {dep} (tier {tier_of(dep)})"
                   for name, deps in graph.items() for dep in deps if tier_of(dep) > tier_of(name))
   assert not upward, "imports that point up the layering:\n" + "\n".join(upward)
+

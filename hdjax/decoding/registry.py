@@ -21,6 +21,10 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {}
 
 
 def register_method(name: str, options: dict[str, Any] | None = None) -> Callable[[Method], Method]:
+  """Registers a method under `name`, which no other method may hold."""
+  if name in METHODS:
+    raise HdjaxError(f"a method named {name!r} is already registered")
+
   def wrap(fn: Method) -> Method:
     METHODS[name] = fn
     if options is not None:

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax.exit_heads import ExitHeads
 from hdjax.config import LlamaConfig
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop
@@ -43,10 +42,11 @@ from hdjax.decoding.tree import DraftTree, bucket_for, build_tree, stack_trees, 
 from hdjax.decoding.verify import head_draft, start_head, verify_tree
 from hdjax.drafting.base import Drafter
 from hdjax.drafting import device_tables
-from hdjax.drafting.hierarchy import HierarchyDrafter
+from hdjax.drafting.hierarchy import HD_SOURCES, HierarchyDrafter
 from hdjax.drafting.model_db import ModelDB
 from hdjax.drafting.pld import PLD_MAX_TOKENS
 from hdjax.errors import HdjaxError
+from hdjax.exit_heads import ExitHeads
 from hdjax.kvcache import KVCache
 
 
@@ -329,10 +329,10 @@ PLD_DEFAULTS = SpecConfig(max_depth=PLD_MAX_TOKENS, max_chains=1)  # the 8-node 
 def spec_method(method: str, prefill: Prefill = full_prefill,
                 exit_head: Callable[[LoadedModel, GenerateRequest], ExitHeads] | None = None,
                 defaults: SpecConfig | None = None) -> Method:
-  """The generate function of a drafting method (its first "+"-part that is a key of SPEC_METHODS) after
-  `prefill`: the sources named in the `order` option (comma-separated) are asked in that order, after the exit
-  head that `exit_head` resolves for the request, if any (then `order` may be empty)."""
-  order, base_defaults = SPEC_METHODS[next(p for p in method.split("+") if p in SPEC_METHODS)]
+  """The host loop's generate function of a drafting method (its first "+"-part that, less a `_host` suffix, is a
+  key of SPEC_METHODS) after `prefill`: the sources named in the `order` option (comma-separated) are asked in
+  that order, after the exit head that `exit_head` resolves for the request, if any (then `order` may be empty)."""
+  order, base_defaults = SPEC_METHODS[next(p for p in method.removesuffix("_host").split("+") if p in SPEC_METHODS)]
   defaults = defaults or base_defaults
 
   def generate(lm: LoadedModel, request: GenerateRequest) -> list[GenerationResult]:
@@ -348,16 +348,14 @@ def spec_method(method: str, prefill: Prefill = full_prefill,
   return generate
 
 
+# The drafting methods: their sources in order and defaults. Each runs in the on-device loop under its name, and
+# in the host loop under `<name>_host` (the reference for tests and timing).
 SPEC_METHODS: dict[str, tuple[str, SpecConfig]] = {
-    "pld": ("pld", PLD_DEFAULTS), "rest": ("stats", HD_DEFAULTS), "hd": ("context,model,stats", HD_DEFAULTS),
-    "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS),
-    # the host loops of the methods that now run on the device (`device_loop.py`): references for tests and timing
-    "pld_host": ("pld", PLD_DEFAULTS), "hd_context_host": ("context", HD_DEFAULTS),
-    "hd_host": ("context,model,stats", HD_DEFAULTS), "rest_host": ("stats", HD_DEFAULTS),
-    "hd_model_host": ("model", HD_DEFAULTS), "hd_stats_host": ("stats", HD_DEFAULTS)}
+    "pld": ("pld", PLD_DEFAULTS), "rest": ("stats", HD_DEFAULTS), "hd": (HD_SOURCES, HD_DEFAULTS),
+    "hd_context": ("context", HD_DEFAULTS), "hd_model": ("model", HD_DEFAULTS), "hd_stats": ("stats", HD_DEFAULTS)}
 
 for _method in SPEC_METHODS:
-  register_method(_method)(spec_method(_method))
+  register_method(f"{_method}_host")(spec_method(f"{_method}_host"))
 
 
 def device_method(method: str, source: str, prefill: Prefill = full_prefill,
@@ -429,6 +427,5 @@ def learn_outputs(model_db: ModelDB | None, prompts, rows: list[list[int]]) -> N
 
 
 # On the device: every step's draft, tree, verify and stop check inside one jitted loop.
-for _method, _source in (("pld", "pld"), ("hd_context", "context"), ("hd", "context,model,stats"),
-                         ("rest", "stats"), ("hd_model", "model"), ("hd_stats", "stats")):
+for _method, (_source, _) in SPEC_METHODS.items():
   register_method(_method)(device_method(_method, _source))

@@ -6,6 +6,8 @@ from typing import Sequence
 
 from hdjax.drafting.base import Drafter
 
+HD_SOURCES = "context,model,stats"  # HD's databases in the order it asks them: by temporal locality
+
 
 class HierarchyDrafter:
   """A `Drafter` that concatenates its sources' chains, in order, until `max_chains` distinct chains or
