@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 from hdjax import compilation
 from hdjax.errors import HdjaxError
+from hdjax.files import atomic_write
 
 flags.DEFINE_bool("compile_cache", True,
                   "Keep compiled programs in jax's persistent compilation cache, so that a second run loads them "
@@ -341,17 +342,11 @@ def check_output_file(path: str) -> None:
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict[str, Any]]) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_write(path) as f:
     for row in rows:
       f.write(json.dumps(row) + "\n")
-  os.replace(tmp, path)
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_write(path) as f:
     json.dump(obj, f, indent=1)
-  os.replace(tmp, path)

@@ -47,6 +47,7 @@ from hdjax import exit_heads
 from hdjax.adadecode import heads as heads_lib
 from hdjax.adadecode import train
 from hdjax.drafting import model_db
+from hdjax.files import atomic_write
 from hdjax.errors import HdjaxError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -90,9 +91,8 @@ def truncate_log(path: str, last_step: int) -> None:
       continue  # a line cut short by the kill
     if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
       keep.append(line)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  with atomic_write(path) as f:
     f.writelines(keep)
-  os.replace(path + ".tmp", path)
 
 
 def user_turn(exchange) -> dict:

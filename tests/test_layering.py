@@ -24,7 +24,7 @@ MAY_IMPORT_API = {"hdjax", "hdjax.api"}
 # Tiers, lowest first; an import may only point to the same tier or a lower one. A module's tier is the one of
 # its longest listed prefix; a new top-level module must be placed here.
 TIERS = (
-    ("hdjax.errors", "hdjax.control", "hdjax.compilation", "hdjax.profiling", "hdjax.assets"),
+    ("hdjax.errors", "hdjax.control", "hdjax.compilation", "hdjax.profiling", "hdjax.assets", "hdjax.files"),
     ("hdjax.config",),
     ("hdjax.sharding",),
     ("hdjax.kvcache",),

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from hdjax.config import LlamaConfig, is_int
 from hdjax.errors import HdjaxError
 from hdjax.exit_heads import ExitHeads, check_layers
+from hdjax.files import atomic_write
 
 META_FILE = "heads.json"
 PARAMS_DIR = "t_idd"
@@ -50,12 +51,9 @@ def rank_vocab(token_seqs, starts, vocab_size: int, first_ids=()) -> tuple[int, 
 
 
 def save_vocab(path: str, vocab_ids, info: dict | None = None) -> None:
-  """Writes `path/vocab.json` atomically (a temporary file, then `os.replace`)."""
-  os.makedirs(path, exist_ok=True)
-  tmp = os.path.join(path, VOCAB_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
+  """Writes `path/vocab.json` atomically (`files.atomic_write`)."""
+  with atomic_write(os.path.join(path, VOCAB_FILE)) as f:
     json.dump(dict(info or {}, ids=[int(i) for i in vocab_ids]), f)
-  os.replace(tmp, os.path.join(path, VOCAB_FILE))
 
 
 def save_heads(path: str, heads: ExitHeads, model_identity: str, info: dict | None = None) -> None:

@@ -2,8 +2,8 @@
 
 A file holds named numpy arrays plus one `__meta__` array with a JSON header: `kind` (which database), `format`
 (the layout version), `tokenizer` (`HdTokenizer.identity`) and free-form build information. Writes go to a temp
-file in the same directory, are fsynced and then `os.replace`d, so a reader sees the old file or the new one, never
-half of one. Every failure to read (missing, truncated, corrupt, wrong kind/version/tokenizer) is an `HdjaxError`.
+file in the same directory, are fsynced and then renamed over the old one (`files.atomic_write`), so a reader sees the
+old file or the new one, never half of one. Every failure to read (missing, truncated, corrupt, wrong kind/version/tokenizer) is an `HdjaxError`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +19,7 @@ import numpy as np
 
 from hdjax import assets
 from hdjax.errors import HdjaxError
+from hdjax.files import atomic_write
 
 FORMAT_VERSION = 1
 _META = "__meta__"
@@ -38,33 +38,11 @@ def default_path(kind: str) -> Path:
 
 def save_arrays(path: str | os.PathLike, kind: str, tokenizer_identity: str, arrays: Mapping[str, np.ndarray],
                 info: Mapping[str, Any] | None = None, compress: bool = True) -> None:
-  """Writes `arrays` and a header atomically: temp file in the target directory, fsync, `os.replace`."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """Writes `arrays` and a header atomically (`files.atomic_write`)."""
   header = dict(kind=kind, format=FORMAT_VERSION, tokenizer=tokenizer_identity, info=dict(info or {}))
   payload = {_META: np.frombuffer(json.dumps(header).encode(), np.uint8), **arrays}
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      (np.savez_compressed if compress else np.savez)(f, **payload)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a database is a shareable artifact
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  dir_fd = os.open(path.parent, os.O_RDONLY)
-  try:
-    os.fsync(dir_fd)
-  finally:
-    os.close(dir_fd)
-
-
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-  """The JSON header of a database file (no tokenizer check)."""
-  return _read(Path(path), header_only=True)[0]
+  with atomic_write(path, "wb") as f:
+    (np.savez_compressed if compress else np.savez)(f, **payload)
 
 
 def load_arrays(path: str | os.PathLike, kind: str, tokenizer_identity: str | None
