@@ -18,12 +18,12 @@ statistics databases from device tables (`drafting/device_tables.py`: sorted key
 a snapshot taken when the request starts; the model database learns the request's outputs, one sequence per row,
 when it ends, through `DeviceLoop.learn`). `stats["source_chains"]` counts the chains each source gave a row.
 
-`speculative.py` registers `pld` (prompt lookup, window 3 -> 1, one chain of up to 10 tokens), `hd_context`
-(HD's context database alone: keys of 2 then 1 tokens, up to 7 chains of 4) and `hd` (context -> model ->
-statistics) on this loop, with any other `order` of the sources, and `compose.py` `hd+adadecode` and
-`lazy+hd+adadecode`, whose exit head drafts first (`DeviceSpec.head_layer`; the loop's `SpecState` carries the
-roots' states at that layer and the head's drafts). The host loops stay registered as `pld_host`, `hd_context_host`,
-`hd_host`, `hd+adadecode_host`, ..., the reference for identity tests and speed comparisons.
+`speculative.py` registers every drafting method on this loop: `pld` (prompt lookup, window 3 -> 1, one chain of
+up to 10 tokens), `rest` (the statistics database), `hd` (context -> model -> statistics, or any other `order` of
+the sources) and its single-source ablations `hd_context`, `hd_model`, `hd_stats`; `compose.py` adds `hd+adadecode`
+and `lazy+hd+adadecode`, whose exit head drafts first (`DeviceSpec.head_layer`; the loop's `SpecState` carries the
+roots' states at that layer and the head's drafts), and the `lazy+` revivals. The host loops stay registered as
+`<name>_host`, the reference for identity tests and speed comparisons.
 """
 
 from __future__ import annotations

@@ -2,20 +2,21 @@
 
 The host loop (`HostLoop`, run by the driver like every other loop), per step: host drafters propose chains -> one
 static-shape prefix tree per sequence (`tree.py`) -> ONE jitted, cache-donating verify step that runs the root
-(last accepted token, not yet cached) and every tree node, accepts inside the same jit (greedy longest path, or
-recursive rejection sampling) and compacts the accepted path's K/V into place. The tree's node count is picked per
+(last accepted token, not yet cached) and every tree node, accepts inside the same jit (the longest path of the
+nodes' argmax, or of their draws under each position's sampling noise) and compacts the accepted path's K/V into
+place. The tree's node count is picked per
 step from a small set of buckets, so compiles stay bounded.
 
 With an exit head at layer l (`hd+adadecode`, AdaDecode's heads), the same step also drafts: after accepting, it
 runs the next root (the token the full model chose) through layers [0, l) at its own slot, and the head's argmax
-on that state joins the next step's tree as a depth-1 chain, ahead of the database chains. The root's layers
+(or draw) on that state joins the next step's tree as a depth-1 chain, ahead of the database chains. The root's layers
 [0, l) are then never run again: the next step runs the draft nodes through [0, l), appends the root's stored
 state, and runs all of them through [l, L) together (AdaDecode's deferred layers, batched with the later tokens).
 Every K/V row is the exact one, so the output is still lossless.
 
-`pld`, `hd_context` and `hd` run in the on-device loop instead (`device_loop.py`, registered at the end of this
-file); this host loop serves the other methods and, as `pld_host`, `hd_context_host` and `hd_host`, is their
-reference.
+Every drafting method (`pld`, `rest`, `hd`, `hd_context`, `hd_model`, `hd_stats`) runs in the on-device loop
+(`device_loop.py`, registered at the end of this file); this host loop runs each of them as `<name>_host` (and
+`hd+adadecode_host`, `lazy+hd+adadecode_host`), their reference for identity tests and timing.
 """
 
 from __future__ import annotations
