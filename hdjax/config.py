@@ -24,12 +24,18 @@ class RopeScaling:
 
 
 # Every weight's axes in its two layouts, (input-major, output-major), in the letters of `hdjax.model` (D d_model,
-# N heads, K kv heads, H head_dim, F ffn_dim, V vocab); its param is named f"{weight}_{axes.lower()}". The tied
-# LM head is the embedding [V, D], already output-major.
+# N heads, K kv heads, H head_dim, F ffn_dim, V vocab, and C the parts of a fused weight); its param is named
+# f"{weight}_{axes.lower()}". The tied LM head is the embedding [V, D], already output-major.
 WEIGHT_AXES: dict[str, tuple[str, str]] = {
     "q": ("DNH", "NHD"), "k": ("DKH", "KHD"), "v": ("DKH", "KHD"), "o": ("NHD", "DNH"),
     "gate": ("DF", "FD"), "up": ("DF", "FD"), "down": ("FD", "DF"), "lm_head": ("DV", "VD"),
+    # fused weights (`EngineLayout.fused_qkv`, `fused_gate_up`), one contraction for their parts: "qkv" holds each
+    # kv head's group, its G query heads then its key and its value (C = G + 2; query head n = k * G + g, the
+    # order attention reads), so sharding K splits whole groups; "gate_up" holds gate then up (C = 2)
+    "qkv": ("DKCH", "KCHD"), "gate_up": ("DCF", "CFD"),
 }
+# Each fused weight's parts, in their order along C.
+FUSED_WEIGHTS: dict[str, tuple[str, ...]] = {"qkv": ("q", "k", "v"), "gate_up": ("gate", "up")}
 
 
 def is_int(x: Any) -> bool:
@@ -60,6 +66,17 @@ class EngineLayout:
   #                     slots: prompts up to it share one compiled prefill and one decoding loop per method
   exhaustive_lookup: bool = False  # HD's database lookups compare the query with every key in one pass instead of
   #                                  bisecting the sorted keys (`device_tables.lookup`)
+  fused_qkv: bool = False  # q, k and v stored as one weight (`WEIGHT_AXES["qkv"]`, fused once at load by
+  #                          `model.with_layout`; checkpoints stay unfused): one GEMM per layer for the three
+  #                          (MaxText `fused_qkv`, gpt-fast `wqkv`), not a concatenation inside every step (XLA's
+  #                          DotMerger). On in the accelerator layout by kernel count alone: it awaits a device A/B
+  #                          (`bench_steps --ab=fused,unfused`); the CPU layouts keep it off, as measured there
+  fused_gate_up: bool = False  # gate and up stored as one weight (`WEIGHT_AXES["gate_up"]`): one GEMM for both;
+  #                              on in the accelerator layout, awaiting the same A/B as `fused_qkv`
+
+  def fuses(self, weight: str) -> bool:
+    """Whether this layout stores `weight` (a key of `FUSED_WEIGHTS`) as one fused weight."""
+    return {"qkv": self.fused_qkv, "gate_up": self.fused_gate_up}[weight]
 
   def __post_init__(self):
     for name in ("row_multiple", "feature_major_rows", "key_block", "min_rows"):
@@ -99,12 +116,17 @@ def engine_settings(dtype: str, backend: str | None = None) -> EngineLayout:
     Prompts pad to at least ACCELERATOR_MIN_ROWS rows and caches to as many slots: one program per method for
     every prompt up to it (an XLA:GPU compile takes tens of seconds; 512 padded rows cost a GPU next to nothing).
     HD's database lookups read the whole table in one pass: bisection is a chain of dependent gathers, ~70 steps
-    one after another per speculative step for SmolLM2's databases (docs/results/accelerators.md).
+    one after another per speculative step for SmolLM2's databases (docs/results/accelerators.md). q/k/v and
+    gate/up are fused weights, four projection GEMMs per layer instead of seven: SmolLM2's step is launch-bound
+    there (548 kernels per token on an H200). Chosen by GEMM count (counted on CPU), not yet by a device
+    measurement: `bench_steps --ab=layout,unfused,untied,no_triton` is that A/B, with the untied LM head and
+    XLA:GPU's cuBLAS GEMMs.
   """
   backend = backend or jax.default_backend()
   if backend != "cpu":
     return EngineLayout(cache_dtype=dtype, row_multiple=ACCELERATOR_ROWS, one_step_shape=True, layer_programs=False,
-                        key_block=0, min_rows=ACCELERATOR_MIN_ROWS, exhaustive_lookup=True)
+                        key_block=0, min_rows=ACCELERATOR_MIN_ROWS, exhaustive_lookup=True, fused_qkv=True,
+                        fused_gate_up=True)
   if dtype == "bfloat16":
     return EngineLayout(row_multiple=8, untie_head=True)
   if dtype == "float32":
@@ -163,11 +185,17 @@ class LlamaConfig:
   def weight_name(self, weight: str) -> str:
     return f"{weight}_{self.weight_axes(weight).lower()}"
 
+  def weight_shape(self, weight: str) -> tuple[int, ...]:
+    """The shape of `weight` (a key of `WEIGHT_AXES`) in this config's layout."""
+    dims = dict(D=self.d_model, N=self.n_heads, K=self.n_kv_heads, H=self.head_dim, F=self.ffn_dim,
+                V=self.vocab_size, C=self.q_per_kv + 2 if weight == "qkv" else len(FUSED_WEIGHTS.get(weight, ())))
+    return tuple(dims[a] for a in self.weight_axes(weight))
+
   def input_major(self) -> "LlamaConfig":
-    """This config with its weights in the input-major layout and no extra LM-head copy: the layout of loaders'
-    and HF exports' params, and the one random params are drawn in."""
+    """This config with its weights in the input-major layout, none fused and no extra LM-head copy: the layout of
+    loaders', checkpoints' and HF exports' params, and the one random params are drawn in."""
     return self.replace(engine=dataclasses.replace(self.engine, weights_out_major=False, feature_major_rows=0,
-                                                   untie_head=False))
+                                                   untie_head=False, fused_qkv=False, fused_gate_up=False))
 
   @property
   def q_per_kv(self) -> int:

@@ -142,7 +142,7 @@ def _norm_qk(cfg: LlamaConfig, p_layer, h_btd: jax.Array, positions_bt: jax.Arra
   x_btd = model.RMSNorm(cfg.rms_eps).apply({"params": p_layer["attn_norm"]}, h_btd)
   sin_bth, cos_bth = rope_sin_cos(cfg, positions_bt)
   heads_axes = cfg.weight_axes(weight).replace("D", "")  # NH or KH
-  q_or_k = model.project(cfg, weight, p_layer[cfg.weight_name(weight)], x_btd, "BTD", "BT" + heads_axes)
+  q_or_k = model.project(cfg, weight, model.layer_weight(cfg, p_layer, weight), x_btd, "BTD", "BT" + heads_axes)
   return apply_rope(q_or_k, sin_bth, cos_bth)
 
 

@@ -22,10 +22,11 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from hdjax import sharding
 from hdjax.attention import apply_rope, attend, blocked_causal_attention, rope_sin_cos
-from hdjax.config import WEIGHT_AXES, LlamaConfig
+from hdjax.config import FUSED_WEIGHTS, WEIGHT_AXES, LlamaConfig
 from hdjax.control import run_if
 from hdjax.kvcache import KVCache
 
@@ -73,7 +74,56 @@ def write_kv(k_lbksh: jax.Array, v_lbksh: jax.Array, layer_idx, slots_bt: jax.Ar
           v_lbksh.at[layer_idx, b_idx, :, slots_bt].set(v_btkh.astype(v_lbksh.dtype), mode="drop"))
 
 
-LAYER_WEIGHTS = ("q", "k", "v", "o", "gate", "up", "down")
+def layer_weights(cfg: LlamaConfig) -> tuple[str, ...]:
+  """The weights each decoder layer stores in the config's layout (`config.WEIGHT_AXES` keys): q/k/v and gate/up
+  apart, or each set as one fused weight (`EngineLayout.fused_qkv`, `fused_gate_up`)."""
+  qkv = ("qkv",) if cfg.engine.fuses("qkv") else FUSED_WEIGHTS["qkv"]
+  gate_up = ("gate_up",) if cfg.engine.fuses("gate_up") else FUSED_WEIGHTS["gate_up"]
+  return qkv + ("o",) + gate_up + ("down",)
+
+
+def fuse(cfg: LlamaConfig, fused: str, parts: list[jax.Array]) -> jax.Array:
+  """The fused weight `fused` (a key of `config.FUSED_WEIGHTS`) from its parts, all in the config's axes: the query
+  heads N split into (K, G), each other part one entry of C. numpy parts give a numpy result."""
+  axes = cfg.weight_axes(fused)
+  c = axes.index("C")
+  xp = np if all(isinstance(w, np.ndarray) for w in parts) else jnp
+  pieces = []
+  for weight, w in zip(FUSED_WEIGHTS[fused], parts):
+    if "N" in cfg.weight_axes(weight):  # N sits where K, C sit in the fused axes
+      pieces.append(w.reshape(w.shape[:c - 1] + (cfg.n_kv_heads, cfg.q_per_kv) + w.shape[c:]))
+    else:
+      pieces.append(w[(slice(None),) * c + (None,)])
+  return xp.concatenate(pieces, axis=c)
+
+
+def unfuse(cfg: LlamaConfig, fused: str, w: jax.Array) -> dict[str, jax.Array]:
+  """The parts of the fused weight `w` (config's axes), each in the config's axes: `fuse`'s inverse."""
+  c = cfg.weight_axes(fused).index("C")
+  parts, start = {}, 0
+  for weight in FUSED_WEIGHTS[fused]:
+    if "N" in cfg.weight_axes(weight):
+      part = w[(slice(None),) * c + (slice(start, start + cfg.q_per_kv),)]
+      parts[weight] = part.reshape(part.shape[:c - 1] + (cfg.n_heads,) + part.shape[c + 1:])
+      start += cfg.q_per_kv
+    else:
+      parts[weight] = w[(slice(None),) * c + (start,)]
+      start += 1
+  return parts
+
+
+def fused_holder(cfg: LlamaConfig, weight: str) -> str | None:
+  """The fused weight that holds `weight` in the config's layout, or None when it is stored on its own."""
+  return next((f for f, parts in FUSED_WEIGHTS.items() if weight in parts and cfg.engine.fuses(f)), None)
+
+
+def layer_weight(cfg: LlamaConfig, layer: Params, weight: str) -> jax.Array:
+  """`weight` of one layer's params in the config's axes, cut out of the fused weight that holds it if any (a
+  reader of one part, e.g. LazyLLM's scoring of keys)."""
+  fused = fused_holder(cfg, weight)
+  if fused is None:
+    return layer[cfg.weight_name(weight)]
+  return unfuse(cfg, fused, layer[cfg.weight_name(fused)])[weight]
 
 
 def project(cfg: LlamaConfig, weight: str, w: jax.Array, x: jax.Array, x_axes: str, out_axes: str) -> jax.Array:
@@ -92,9 +142,7 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     dtype = jnp.dtype(cfg.dtype)
     init = nn.initializers.normal(0.02)
-    dims = dict(D=cfg.d_model, N=cfg.n_heads, K=cfg.n_kv_heads, H=cfg.head_dim, F=cfg.ffn_dim)
-    self.weights = {w: self.param(cfg.weight_name(w), init, tuple(dims[a] for a in cfg.weight_axes(w)), dtype)
-                    for w in LAYER_WEIGHTS}
+    self.weights = {w: self.param(cfg.weight_name(w), init, cfg.weight_shape(w), dtype) for w in layer_weights(cfg)}
     self.attn_norm = RMSNorm(cfg.rms_eps)
     self.mlp_norm = RMSNorm(cfg.rms_eps)
 
@@ -103,10 +151,18 @@ class DecoderLayer(nn.Module):
 
   def project_qkv(self, h_btd, sin_bth, cos_bth):
     """Queries [B, T, N, H] and keys [B, T, K, H] after RoPE, values [B, T, K, H]; all fp32."""
-    x_btd = self.attn_norm(h_btd)
-    q_btnh = apply_rope(self.project("q", x_btd, "BTD", "BTNH"), sin_bth, cos_bth)
-    k_btkh = apply_rope(self.project("k", x_btd, "BTD", "BTKH"), sin_bth, cos_bth)
-    return q_btnh, k_btkh, self.project("v", x_btd, "BTD", "BTKH")
+    x_btd, g = self.attn_norm(h_btd), self.cfg.q_per_kv
+    if self.cfg.engine.fused_qkv:
+      # [B, T, K, G + 2, H]: each kv head's G queries, its key, its value
+      qkv_btkch = self.project("qkv", x_btd, "BTD", "BTKCH")
+      b, t, k, _, h = qkv_btkch.shape
+      q_btnh = qkv_btkch[:, :, :, :g].reshape(b, t, k * g, h)
+      k_btkh, v_btkh = qkv_btkch[:, :, :, g], qkv_btkch[:, :, :, g + 1]
+    else:
+      q_btnh = self.project("q", x_btd, "BTD", "BTNH")
+      k_btkh = self.project("k", x_btd, "BTD", "BTKH")
+      v_btkh = self.project("v", x_btd, "BTD", "BTKH")
+    return apply_rope(q_btnh, sin_bth, cos_bth), apply_rope(k_btkh, sin_bth, cos_bth), v_btkh
 
   def finish(self, h_btd, attn_btnh):
     """The output projection's residual, then the MLP's."""
@@ -119,8 +175,13 @@ class DecoderLayer(nn.Module):
     h_btd = h_btd + contract(f"BTE,{o_axes}->BTD", attn_btnh.reshape(b, t, n * hd), o_e,
                              self.cfg.engine.feature_major_rows)
     x_btd = self.mlp_norm(h_btd)
-    gate_btf = self.project("gate", x_btd, "BTD", "BTF")
-    up_btf = self.project("up", x_btd, "BTD", "BTF")
+    if self.cfg.engine.fused_gate_up:
+      # [B, T, 2, F]: gate, up
+      gate_up_btcf = self.project("gate_up", x_btd, "BTD", "BTCF")
+      gate_btf, up_btf = gate_up_btcf[:, :, 0], gate_up_btcf[:, :, 1]
+    else:
+      gate_btf = self.project("gate", x_btd, "BTD", "BTF")
+      up_btf = self.project("up", x_btd, "BTD", "BTF")
     return h_btd + self.project("down", jax.nn.silu(gate_btf) * up_btf, "BTF", "BTD")
 
   def prefill(self, h_btd, sin_bth, cos_bth, positions_bt, k_lbksh, v_lbksh, slots_bt, layer_idx, block):
@@ -161,9 +222,8 @@ class Embedder(nn.Module):
                                    dtype)
     self.final_norm = RMSNorm(cfg.rms_eps)
     if has_own_head(cfg):
-      dims = dict(D=cfg.d_model, V=cfg.vocab_size)
       self.lm_head = self.param(cfg.weight_name("lm_head"), nn.initializers.normal(0.02),
-                                tuple(dims[a] for a in cfg.weight_axes("lm_head")), dtype)
+                                cfg.weight_shape("lm_head"), dtype)
 
   def encode(self, tokens_bt):
     return jnp.take(self.embedding_vd, tokens_bt, axis=0).astype(jnp.float32)
@@ -197,10 +257,11 @@ def head_weight(cfg: LlamaConfig, embedder: Params) -> tuple[jax.Array, str]:
 
 
 def with_layout(cfg: LlamaConfig, params: Params) -> Params:
-  """Params in the config's weight layout, from params in either (each weight transposed and renamed where its
-  stored layout differs; `config.WEIGHT_AXES`), with the LM head a tied model keeps as its own copy exactly when
-  the config wants one (`cfg.engine.untie_head`: the embedding's transpose, added or dropped here). Loaders and
-  checkpoints may hold either layout; the engine's steps expect the config's."""
+  """Params in the config's weight layout, from params in any (each weight transposed and renamed where its
+  stored layout differs; `config.WEIGHT_AXES`), q/k/v and gate/up fused or split as the config stores them
+  (`fuse`, `unfuse`; once, at load), with the LM head a tied model keeps as its own copy exactly when the config
+  wants one (`cfg.engine.untie_head`: the embedding's transpose, added or dropped here). Loaders and checkpoints
+  hold the input-major unfused layout, or any other; the engine's steps expect the config's."""
   def relayout(tree: Params) -> Params:
     out = {}
     for name, x in tree.items():
@@ -212,13 +273,22 @@ def with_layout(cfg: LlamaConfig, params: Params) -> Params:
       out[name] = x
     return out
 
+  def fuse_or_split(layer: Params) -> Params:
+    for fused, parts in FUSED_WEIGHTS.items():
+      name = cfg.weight_name(fused)
+      if cfg.engine.fuses(fused) and name not in layer:
+        layer[name] = fuse(cfg, fused, [layer.pop(cfg.weight_name(p)) for p in parts])
+      elif not cfg.engine.fuses(fused) and name in layer:
+        layer.update({cfg.weight_name(p): w for p, w in unfuse(cfg, fused, layer.pop(name)).items()})
+    return layer
+
   embedder = relayout(params["embedder"])
   if cfg.tie_embeddings:
     embedder = {k: v for k, v in embedder.items() if not k.startswith("lm_head_")}
     if cfg.engine.untie_head:
       embedder[cfg.weight_name("lm_head")] = embedder["embedding_vd"].transpose(
           ["VD".index(a) for a in cfg.weight_axes("lm_head")])
-  return dict(params, embedder=embedder, layers=tuple(relayout(layer) for layer in params["layers"]))
+  return dict(params, embedder=embedder, layers=tuple(fuse_or_split(relayout(layer)) for layer in params["layers"]))
 
 
 def pad_rows(x_bt: jax.Array, multiple: int) -> jax.Array:

@@ -44,10 +44,11 @@ RULES: tuple[tuple[str, str | None], ...] = (
     ("kv_heads", "model"),
     ("head_dim", None),
     ("mlp", "model"),
+    ("fused", None),  # a fused weight's parts (a kv head's q/k/v, gate/up), kept together on each device
 )
 
 # The logical axis of each of `model.py`'s axis letters.
-AXIS_LETTERS = {"D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp", "V": "vocab"}
+AXIS_LETTERS = {"D": "embed", "N": "heads", "K": "kv_heads", "H": "head_dim", "F": "mlp", "V": "vocab", "C": "fused"}
 
 # Logical axes of every param, by its name in `model.py` (each decoder layer has its own params), in both weight
 # layouts (`config.WEIGHT_AXES`).

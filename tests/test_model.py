@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 import hdjax
 
-from hdjax import api, attention, kvcache, model
+from hdjax import api, attention, kvcache, lazy, model
 from hdjax.api import resolve_path
 from hdjax.config import EngineLayout, RopeScaling, engine_settings
 from hdjax.errors import HdjaxError
@@ -280,9 +282,44 @@ def test_both_weight_layouts_compute_the_same_logits(tie):
     np.testing.assert_allclose(hdjax.LM(out_major, params_om, None).logits(ids[:n]), lm.logits(ids[:n]), atol=2e-5)
 
 
+@pytest.mark.parametrize("backend", ["gpu", "cpu"])
+def test_fused_projections_compute_the_unfused_logits(backend):
+  """q/k/v and gate/up fused once at load (`EngineLayout.fused_qkv`, `fused_gate_up`), on the accelerator layout
+  and on the CPU's fp32 [out, in] one: `with_layout` fuses and splits back without changing a value, a reader of
+  one part (`model.layer_weight`) gets that part, and LazyLLM's scores, the fp32 logits of a full forward and the
+  greedy tokens of `ar` are the unfused layout's."""
+  unfused = dataclasses.replace(engine_settings("float32", backend), fused_qkv=False, fused_gate_up=False)
+  lm = make_tiny_lm(seed=3, engine=unfused)
+  cfg = lm.cfg.replace(engine=dataclasses.replace(unfused, fused_qkv=True, fused_gate_up=True))
+  params = api.params_to_device(jax.device_get(lm.params), cfg)
+  layer = params["layers"][1]
+  assert set(layer) == {"attn_norm", "mlp_norm", cfg.weight_name("qkv"), cfg.weight_name("o"),
+                        cfg.weight_name("gate_up"), cfg.weight_name("down")}
+  d, k, c, h = cfg.d_model, cfg.n_kv_heads, cfg.q_per_kv + 2, cfg.head_dim  # C: a group's G queries, key, value
+  assert layer[cfg.weight_name("qkv")].shape == cfg.weight_shape("qkv") == ((k, c, h, d) if backend == "cpu"
+                                                                             else (d, k, c, h))
+  for weight in ("q", "k", "v", "gate", "up"):
+    np.testing.assert_array_equal(model.layer_weight(cfg, layer, weight),
+                                  lm.params["layers"][1][lm.cfg.weight_name(weight)])
+  for x, y in zip(jax.tree.leaves(model.with_layout(lm.cfg, params)), jax.tree.leaves(lm.params)):
+    np.testing.assert_array_equal(x, y)
+  h_bnd = jax.random.normal(jax.random.key(0), (1, 12, cfg.d_model))
+  positions_bn, valid_bn = jnp.arange(12)[None], jnp.ones((1, 12), bool)
+  scores = [np.asarray(lazy.score_tokens(p, config, 1, h_bnd, positions_bn, valid_bn, jnp.asarray([11]))[0])
+            for config, p in ((lm.cfg, lm.params), (cfg, params))]
+  np.testing.assert_allclose(scores[1], scores[0], atol=1e-6, rtol=0)
+  fused_lm = hdjax.LM(cfg, params, None)
+  ids = [5, 9, 1, 77, 3, 3, 100, 42, 8, 17]
+  np.testing.assert_allclose(fused_lm.logits(ids), lm.logits(ids), atol=1e-5, rtol=0)
+  prompts = [ids, ids[:4]]
+  assert ([r.token_ids for r in fused_lm.generate(prompts, max_new_tokens=8)]
+          == [r.token_ids for r in lm.generate(prompts, max_new_tokens=8)])
+
+
 def test_engine_layout_per_backend():
   """The CPU keeps per-layer programs and blocked attention (out-major fp32, padded bf16 rows); GPU and TPU run one
-  step shape of straight-line layers and one-pass attention, the cache in the weights' dtype."""
+  step shape of straight-line layers and one-pass attention, the cache in the weights' dtype, q/k/v and gate/up
+  fused."""
   for dtype, backend, out_major in [("float32", "cpu", True), ("bfloat16", "cpu", False), ("float32", "gpu", False),
                                     ("bfloat16", "tpu", False)]:
     layout = engine_settings(dtype, backend)
@@ -292,6 +329,7 @@ def test_engine_layout_per_backend():
     assert (layout.key_block == 0) == accelerator and layout.exact_span == (1 if accelerator else 128)
     assert layout.cache_dtype == (dtype if accelerator else "float32")
     assert layout.exhaustive_lookup == accelerator and layout.min_rows == (512 if accelerator else 16)
+    assert layout.fused_qkv == layout.fused_gate_up == accelerator
     hdjax.PRESETS["tiny"].replace(dtype=dtype, engine=layout)  # a valid config
 
 

@@ -53,16 +53,23 @@ def spec(*axes):
   return PartitionSpec(*axes)
 
 
-def test_rules_cover_every_param_of_the_model():
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+def test_rules_cover_every_param_of_the_model(backend):
+  """Every param of each layout has its specs; a fused q/k/v weight is split over its kv heads (each device holds
+  whole groups: their queries, key and value) and a fused gate/up weight over F."""
   import jax  # pylint: disable=import-outside-toplevel
   import hdjax  # pylint: disable=import-outside-toplevel
   from hdjax import model, sharding  # pylint: disable=import-outside-toplevel
-  for cfg in (hdjax.PRESETS["tiny"], hdjax.PRESETS["smollm2-135m"], hdjax.PRESETS["llama-2-7b"]):
-    shapes = model.param_shapes(cfg.replace(n_layers=1))
+  for name in ("tiny", "smollm2-135m", "llama-2-7b"):
+    cfg = hdjax.PRESETS[name].replace(n_layers=1, engine=hdjax.engine_settings("float32", backend))
+    shapes = model.param_shapes(cfg)
     specs = sharding.param_specs(shapes, jax.sharding.AbstractMesh((2, 4), sharding.MESH_AXES))
     leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert len(leaves) == len(jax.tree.leaves(shapes))
     assert all(isinstance(s, jax.sharding.PartitionSpec) for s in leaves)
+    if backend == "gpu" and name == "llama-2-7b":
+      assert specs["layers"][0]["qkv_dkch"] == spec(None, "model", None, None)
+      assert specs["layers"][0]["gate_up_dcf"] == spec(None, None, "model")
 
 
 def test_collision_fails_loudly():
@@ -109,9 +116,9 @@ def test_accelerator_dtype_survives_sharding():
   params_np = jax.device_get(jax.jit(model.init_params, static_argnums=0)(cfg.replace(dtype="float32"),
                                                                           jax.random.key(0)))
   params = params_to_device(params_np, cfg, mesh)
-  assert params["layers"][0]["q_dnh"].dtype == jnp.bfloat16
+  assert params["layers"][0]["qkv_dkch"].dtype == jnp.bfloat16
   assert params["layers"][0]["attn_norm"]["scale"].dtype == jnp.float32
-  assert isinstance(params["layers"][0]["q_dnh"].sharding, jax.sharding.NamedSharding)
+  assert isinstance(params["layers"][0]["qkv_dkch"].sharding, jax.sharding.NamedSharding)
   with sharding.use_mesh(mesh):
     cache = kvcache.init_cache(cfg, 2, 16)
   assert cache.k.dtype == jnp.bfloat16 and cache.k.sharding.mesh.shape == mesh.shape
@@ -188,6 +195,20 @@ def check_method_result(out: dict, method: str, mesh: str = "2x4"):
   assert res[mesh]["retraces_on_second_call"] == 0
 
 
+@pytest.mark.slow  # ~60 s; test_rules_cover_every_param_of_the_model checks the fused weights' specs by default
+def test_fused_accelerator_layout_sharded():
+  """The accelerator layout (q/k/v and gate/up fused) on a 2x4 mesh: the fused weights split over kv heads and F,
+  logits equal one device's, `ar` returns one device's tokens."""
+  out = worker(model="divisible", backend="gpu", layers=2, meshes=[[2, 4]], methods=["ar"], gen_meshes=["2x4"],
+               max_new_tokens=10, batch=4)
+  got = out["meshes"]["2x4"]
+  assert got["param_specs"]["layers/qkv_dkch"] == [None, "model", None, None]
+  assert got["param_specs"]["layers/gate_up_dcf"] == [None, None, "model"]
+  assert got["param_specs"]["layers/o_nhd"] == ["model", None, None]
+  assert got["logits_max_abs_err"] < 1e-5 and got["logits_argmax_equal"]
+  check_method_result(out, "ar")
+
+
 # ------------------------------------------------------------------------------ SmolLM2: 9 / 3 heads
 SMOL_MESH = (4, 2)
 
@@ -244,6 +265,8 @@ def _worker_main(job: dict) -> dict:
 
   if job["model"] == "divisible":
     cfg = hdjax.PRESETS["tiny"].replace(n_layers=job["layers"], **DIVISIBLE)
+    if "backend" in job:
+      cfg = cfg.replace(engine=hdjax.engine_settings(cfg.dtype, job["backend"]))
     params_np = jax.device_get(model.init_params(cfg, jax.random.key(0)))
     tok = tokenizer.from_gguf_fields(gguf.read_fields(gguf.open_reader(resolve_path("smollm2-135m"))))
     reference = LM(cfg, params_to_device(params_np, cfg), tok, name="divisible")

@@ -70,6 +70,21 @@ def test_orbax_round_trip(tmp_path):
   np.testing.assert_allclose(loaded.logits(IDS), lm.logits(IDS), atol=1e-6)
 
 
+def test_orbax_checkpoint_of_a_fused_layout_holds_the_weights_unfused(tmp_path):
+  """Params in the accelerator layout (q/k/v and gate/up fused) are saved input-major and unfused, and load into the
+  CPU layout with the same values."""
+  lm = make_tiny_lm(seed=7)
+  gpu = lm.cfg.replace(engine=hdjax.engine_settings("float32", "gpu"))
+  checkpoint.save_params(str(tmp_path / "ckpt"), gpu, hdjax.api.params_to_device(jax.device_get(lm.params), gpu))
+  cfg, params = checkpoint.restore_params(str(tmp_path / "ckpt"))
+  assert not (cfg.engine.fused_qkv or cfg.engine.fused_gate_up or cfg.engine.weights_out_major)
+  assert set(params["layers"][0]) == {"attn_norm", "mlp_norm", "q_dnh", "k_dkh", "v_dkh", "o_nhd", "gate_df", "up_df",
+                                      "down_fd"}
+  loaded = hdjax.load(str(tmp_path / "ckpt"), dtype="float32")
+  assert loaded.cfg.replace(eos_ids=lm.cfg.eos_ids) == lm.cfg
+  _leaves_close(loaded.params, lm.params, 0)
+
+
 def test_hf_dir_tokenizer_and_templates(tmp_path, smollm):
   lm = make_tiny_lm(seed=8)
   safetensors_dir.save_hf_dir(str(tmp_path), lm.cfg, convert.hf_state_from_params(lm.cfg, lm.params))

@@ -11,17 +11,20 @@ import orbax.checkpoint as ocp
 
 from hdjax.config import EngineLayout, LlamaConfig, RopeScaling
 from hdjax.errors import HdjaxError
-from hdjax.model import Params, param_shapes
+from hdjax.model import Params, param_shapes, with_layout
 from hdjax.weights.safetensors_dir import read_json
 
 CONFIG_FILE = "hdjax_config.json"
 
 
 def save_params(path: str, cfg: LlamaConfig, params: Params) -> None:
-  """Writes params with orbax (atomic: orbax commits through a temporary directory) plus the config JSON."""
+  """Writes params with orbax (atomic: orbax commits through a temporary directory) plus the config JSON, in the
+  input-major unfused layout (`LlamaConfig.input_major`) whatever layout they run in: a checkpoint reads the same
+  on every backend, and `hdjax.load` puts it in the engine's layout (`model.with_layout`)."""
   path = os.path.abspath(path)
+  cfg = cfg.input_major()
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(path, "params"), params, force=True)
+    ckptr.save(os.path.join(path, "params"), with_layout(cfg, params), force=True)
   tmp = os.path.join(path, CONFIG_FILE + ".tmp")
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(dataclasses.asdict(cfg), f, indent=1)
