@@ -8,6 +8,9 @@ On a GPU the trace's device plane holds one line per CUDA stream with one event 
 
 and wall minus busy is time the device sat idle: launches, host round trips (a `while` predicate read back),
 Python. On a CPU the trace has no device plane: the figures are None and only the wall time is read.
+
+`hlo_counts` reads a compiled program's HLO text instead, on any backend: GEMMs, and the loops and branches whose
+predicate XLA:GPU reads on the host.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import collections
 import dataclasses
 import glob
 import os
+import re
 import tempfile
 import time
 from typing import Any, Callable
@@ -95,3 +99,23 @@ def summarise(events: list[tuple[str, int, int]], calls: int, wall_ms: float, tr
     by_name[name] += d
   shares = tuple((name, d / max(busy, 1)) for name, d in by_name.most_common(top))
   return DeviceProfile(calls, wall_ms, len(events) / calls, busy / 1e6 / calls, shares, trace)
+
+
+@dataclasses.dataclass(frozen=True)
+class HloCounts:
+  """What one compiled program holds, counted in its HLO text (`jax.stages.Compiled.as_text()`)."""
+
+  gemms: int  # `dot` ops (projections, the LM head, attention's contractions; inside fusions too) and library
+  #             GEMM calls (cuBLAS, oneDNN)
+  unknown_trip_loops: int  # `while` ops without a trip count known to XLA: XLA:GPU reads their predicate on the host
+  #                          every iteration (a `scan` or a static `fori_loop` has one)
+  conditionals: int  # `conditional` ops: XLA:GPU reads their branch index on the host
+
+
+def hlo_counts(hlo_text: str) -> HloCounts:
+  """The `HloCounts` of a compiled program's HLO text."""
+  ops = [line for line in hlo_text.splitlines() if " = " in line]
+  return HloCounts(
+      gemms=sum(bool(re.search(r"\sdot\(|custom_call_target=\"[^\"]*(gemm|matmul)", op)) for op in ops),
+      unknown_trip_loops=sum(bool(re.search(r"\swhile\(", op)) and "known_trip_count" not in op for op in ops),
+      conditionals=sum(bool(re.search(r"\sconditional\(", op)) for op in ops))
