@@ -46,6 +46,7 @@ def test_notebook_cells_are_valid_python():
     sources = "".join("".join(c["source"]) for c in json.load(f)["cells"])
   assert "pip install" in sources and "make_mesh" in sources and "hdjax.METHODS" in sources
   assert "HDJAX_SOURCE" in sources and "github.com" not in sources  # no repository URL that may not exist
+  assert "engine == hdjax.engine_settings(lm.cfg.dtype, backend)" in sources  # a TPU runs the accelerator layout
 
 
 def install_cell() -> str:
@@ -101,7 +102,7 @@ def test_install_cell_keeps_an_installed_hdjax_and_says_what_to_set_otherwise(mo
 @pytest.mark.slow
 def test_notebook_runs_end_to_end_on_cpu(tmp_path):
   out = run_notebook(tmp_path, "ar,pld", max_new_tokens=6, num_prompts=1)
-  assert "backend=cpu" in out and "mesh={'data': 1, 'model': 1}" in out
+  assert "backend=cpu" in out and "mesh={'data': 1, 'model': 1}" in out and "engine layout: cpu" in out
   assert "-> running: ['ar', 'pld']" in out
   rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("ar ", "pld "))}
   assert rows["ar"][-1] == "True" and rows["pld"][-1] == "True"  # pld is lossless: same ids as ar
