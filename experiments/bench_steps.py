@@ -3,10 +3,15 @@
   python -m experiments.bench_steps --model=smollm2-135m
   python -m experiments.bench_steps --model=llama-2-7b --layers=2      # random weights; fewer layers on CPU
   python -m experiments.bench_steps --model=smollm2-135m --summary=results/specbench/summary.json --method=hd
+  python -m experiments.bench_steps --model=smollm2-135m --random_weights --nodes=16 --ab=layout,unfused,no_triton
 
 A tree-verify step runs T tree nodes written at slots lengths + i (RoPE positions lengths + depth) through
 every layer with `attention.prefix_plus_block_mask`, and the LM head over all T nodes; the cache cursor does
 not move. Both steps are jitted, donate the cache, and are timed as medians after warm-up.
+
+`--ab` compares variants of the engine layout and of XLA's compile options instead (fused or unfused projections,
+a tied or untied LM head, XLA:GPU's Triton GEMMs or cuBLAS): one decode and one verify step of the largest T per
+variant, all timed in alternation in one process, with the GEMMs XLA left in each compiled decode step.
 
 The projected speedup of a speculative method at tree size T is  tau(T) * t_decode / t_verify(T),  with tau
 the mean tokens emitted per step measured by specbench. It leaves out drafting time and host overhead, so it
@@ -20,9 +25,10 @@ import sys
 
 if __package__ in (None, ""):  # started as `python experiments/X.py`: make the repository importable
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import functools
+import dataclasses
 import json
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -60,9 +66,24 @@ flags.DEFINE_integer("summary_nodes", 16, "the tree size T that --method verifie
 flags.DEFINE_integer("profile", 0, "trace this many decode calls and verify calls at the largest T with "
                      "jax.profiler and print kernels per call and device busy time against wall time (0: off)")
 flags.DEFINE_string("trace_dir", None, "where --profile writes its traces (default: a temporary directory)")
+flags.DEFINE_list("ab", [], "variants to compare instead of the T sweep, each names joined by '+' (e.g. "
+                  "--ab=layout,unfused,untied,no_triton): layout (the backend's engine layout), fused / unfused "
+                  "(q/k/v and gate/up as one GEMM each, or apart), tied / untied (the LM head as the embedding, or "
+                  "its own [D, V] copy), no_triton (XLA:GPU: cuBLAS for every GEMM, "
+                  "--xla_gpu_enable_triton_gemm=false); decode and verify at the largest --nodes")
 flags.DEFINE_string("out", None, "also write the results to this JSON file")
 
 FLAGS = flags.FLAGS
+
+# --ab's variant names: (changes to the engine layout, XLA compile options)
+AB_VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "layout": ({}, {}),
+    "fused": (dict(fused_qkv=True, fused_gate_up=True), {}),
+    "unfused": (dict(fused_qkv=False, fused_gate_up=False), {}),
+    "tied": (dict(untie_head=False), {}),
+    "untied": (dict(untie_head=True), {}),
+    "no_triton": ({}, dict(xla_gpu_enable_triton_gemm=False)),
+}
 
 
 def chain_tree_mask(num_nodes: int, depth: int) -> np.ndarray:
@@ -76,20 +97,26 @@ def chain_tree_mask(num_nodes: int, depth: int) -> np.ndarray:
   return mask, depths
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def decode_step(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array) -> tuple[jax.Array, KVCache]:
+def step_jit(step, compiler_options: dict[str, Any] | None = None):
+  """`step(params, cfg, cache, ...)` jitted with `cfg` static and the cache donated, under XLA `compiler_options`."""
+  return jax.jit(step, static_argnames=("cfg",), donate_argnames=("cache",), compiler_options=compiler_options)
+
+
+def decode(params, cfg: LlamaConfig, cache: KVCache, tokens_b: jax.Array) -> tuple[jax.Array, KVCache]:
   return ar.decode_one(params, cfg, cache, tokens_b, jnp.ones(tokens_b.shape, bool))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def tree_verify_step(params, cfg: LlamaConfig, cache: KVCache, tokens_bt: jax.Array, depths_t: jax.Array,
-                     tree_mask_tt: jax.Array) -> tuple[jax.Array, KVCache]:
+def tree_verify(params, cfg: LlamaConfig, cache: KVCache, tokens_bt: jax.Array, depths_t: jax.Array,
+                tree_mask_tt: jax.Array) -> tuple[jax.Array, KVCache]:
   """T tree nodes at slots lengths + i, positions lengths + depth; logits [B, T, V] for every node."""
   batch, t = tokens_bt.shape
   slots_bt = cache.lengths[:, None] + jnp.arange(t)[None, :]
   positions_bt = cache.lengths[:, None] + depths_t[None, :]
   mask_bts = prefix_plus_block_mask(cache.lengths, jnp.broadcast_to(tree_mask_tt, (batch, t, t)), cache.num_slots)
   return model.step_logits(params, cfg, tokens_bt, positions_bt, mask_bts, cache, slots_bt)
+
+
+decode_step, tree_verify_step = step_jit(decode), step_jit(tree_verify)
 
 
 def interleaved_ms(steps, caches: list[KVCache], warmup: int, repeats: int) -> tuple[np.ndarray, list[KVCache]]:
@@ -155,6 +182,59 @@ def build_model(name: str, layers: int, dtype: str, mesh, random_weights: bool =
   return cfg, params, "real weights"
 
 
+def at_prefix(cache: KVCache) -> KVCache:
+  """`cache` with --prefix committed tokens per sequence (a fresh lengths array: the old one is donated with it)."""
+  return cache.replace(lengths=jnp.full((FLAGS.batch,), FLAGS.prefix, jnp.int32))
+
+
+def ab_changes(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """An --ab variant's changes to the engine layout and its XLA compile options."""
+  layout, options = {}, {}
+  for part in name.split("+"):
+    if part not in AB_VARIANTS:
+      raise HdjaxError(f"--ab variant {name!r}: {part!r} is not one of {', '.join(AB_VARIANTS)}")
+    layout.update(AB_VARIANTS[part][0])
+    options.update(AB_VARIANTS[part][1])
+  return layout, options
+
+
+def run_ab(cfg: LlamaConfig, params: model.Params, mesh, num_slots: int, t: int, rng,
+           variants: dict[str, tuple[dict[str, Any], dict[str, Any]]]) -> list[dict]:
+  """--ab: each variant's decode step and verify step of `t` nodes (its params the same values in its layout),
+  compiled ahead of time (the GEMMs of the compiled decode step counted), then all of them timed in alternation;
+  prints one row per variant."""
+  mask_tt, depths_t = (jnp.asarray(x) for x in chain_tree_mask(t, FLAGS.depth))
+  tokens_b = jnp.asarray(rng.integers(3, cfg.vocab_size, FLAGS.batch), jnp.int32)
+  tokens_bt = jnp.asarray(rng.integers(3, cfg.vocab_size, (FLAGS.batch, t)), jnp.int32)
+  fields = ("fused_qkv", "fused_gate_up", "untie_head")
+  print(f"# --ab: the {jax.default_backend()} layout has " + ", ".join(f"{f}={getattr(cfg.engine, f)}" for f in fields)
+        + f"; verify of T={t} nodes; GEMMs: dot ops and GEMM calls in the compiled decode step", flush=True)
+  steps, caches, rows = [], [], []
+  for name, (layout, options) in variants.items():
+    variant_cfg = cfg.replace(engine=dataclasses.replace(cfg.engine, **layout))
+    variant_params = model.with_layout(variant_cfg, params)
+    variant_params = sharding.shard_params(variant_params, mesh) if mesh is not None else variant_params
+    caches += [at_prefix(init_cache(variant_cfg, FLAGS.batch, num_slots)) for _ in range(2)]
+    with compilation.track() as compiled:
+      dec = step_jit(decode, options).lower(variant_params, variant_cfg, caches[-2], tokens_b).compile()
+      ver = step_jit(tree_verify, options).lower(variant_params, variant_cfg, caches[-1], tokens_bt, depths_t,
+                                                 mask_tt).compile()
+    steps += [lambda c, dec=dec, p=variant_params: dec(p, c, tokens_b),
+              lambda c, ver=ver, p=variant_params: ver(p, c, tokens_bt, depths_t, mask_tt)]
+    rows.append(dict(variant=name, **{f: getattr(variant_cfg.engine, f) for f in fields}, xla_options=options,
+                     gemms=profiling.hlo_counts(dec.as_text()).gemms, compile_s=compiled.seconds))
+  times, _ = interleaved_ms(steps, caches, FLAGS.warmup, FLAGS.repeats)
+  print(f"{'variant':<28} {'decode ms':>10} {'verify ms':>10} {'decode/first':>13} {'verify/first':>13} "
+        f"{'GEMMs':>6} {'compile s':>10}  (medians; ratios: medians of paired ratios to the first variant)")
+  for i, r in enumerate(rows):
+    r.update(decode_ms=float(np.median(times[:, 2 * i])), verify_ms=float(np.median(times[:, 2 * i + 1])),
+             decode_over_first=float(np.median(times[:, 2 * i] / times[:, 0])),
+             verify_over_first=float(np.median(times[:, 2 * i + 1] / times[:, 1])))
+    print(f"{r['variant']:<28} {r['decode_ms']:>10.2f} {r['verify_ms']:>10.2f} {r['decode_over_first']:>13.2f} "
+          f"{r['verify_over_first']:>13.2f} {r['gemms']:>6} {r['compile_s']:>10.1f}", flush=True)
+  return rows
+
+
 def read_tau() -> tuple[dict[int, float], str]:
   if FLAGS.summary:
     if not os.path.isfile(FLAGS.summary):
@@ -181,6 +261,7 @@ def main(argv):
   if FLAGS.profile < 0:
     raise HdjaxError(f"--profile must be >= 0 (0: off), got {FLAGS.profile}")
   tau, tau_source = read_tau()
+  variants = {name: ab_changes(name) for name in FLAGS.ab}
   dtype = FLAGS.dtype or api.default_dtype()
   print_start("bench_steps", model=FLAGS.model, dtype=dtype, nodes=",".join(map(str, nodes)), prefix=FLAGS.prefix,
               batch=FLAGS.batch)
@@ -192,14 +273,20 @@ def main(argv):
   print(f"# {FLAGS.model}, {weights}, {note}, {dtype}, batch {FLAGS.batch}, prefix {FLAGS.prefix}, "
         f"device {device}, mesh {dict(mesh.shape) if mesh else None}; medians of {FLAGS.repeats} after warm-up, "
         f"decode and verify timed in alternation")
-  print(f"{'T':>4} {'decode ms':>10} {'verify ms':>10} {'verify/decode':>14}  (median of paired ratios; compile s "
-        "and programs of the row)", flush=True)
 
   rng = np.random.default_rng(0)
+  if FLAGS.ab:
+    with sharding.use_mesh(mesh), compilation.track() as compiled:
+      rows = run_ab(cfg, params, mesh, num_slots, nodes[-1], rng, variants)
+    print(f"bench_steps: {compiled_text(compiled.count())}")
+    if FLAGS.out:
+      write_json_atomic(FLAGS.out, dict(model=FLAGS.model, weights=weights, layers=cfg.n_layers, dtype=dtype,
+                                        device=device, batch=FLAGS.batch, prefix=FLAGS.prefix, nodes=nodes[-1],
+                                        ab=rows, compile=compiled.count().as_dict()))
+    return
+  print(f"{'T':>4} {'decode ms':>10} {'verify ms':>10} {'verify/decode':>14}  (median of paired ratios; compile s "
+        "and programs of the row)", flush=True)
   with sharding.use_mesh(mesh), compilation.track() as compiled:
-    def at_prefix(cache: KVCache) -> KVCache:  # a fresh lengths array: the old one is donated with the cache
-      return cache.replace(lengths=jnp.full((FLAGS.batch,), FLAGS.prefix, jnp.int32))
-
     caches = [at_prefix(init_cache(cfg, FLAGS.batch, num_slots)) for _ in range(2)]
     tokens_b = jnp.asarray(rng.integers(3, cfg.vocab_size, FLAGS.batch), jnp.int32)
     rows = []
