@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 
 from hdjax.config import EngineLayout, LlamaConfig, RopeScaling
 from hdjax.errors import HdjaxError
+from hdjax.files import atomic_write
 from hdjax.model import Params, param_shapes, with_layout
 from hdjax.weights.safetensors_dir import read_json
 
@@ -25,10 +26,8 @@ def save_params(path: str, cfg: LlamaConfig, params: Params) -> None:
   cfg = cfg.input_major()
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(path, "params"), with_layout(cfg, params), force=True)
-  tmp = os.path.join(path, CONFIG_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
+  with atomic_write(os.path.join(path, CONFIG_FILE)) as f:
     json.dump(dataclasses.asdict(cfg), f, indent=1)
-  os.replace(tmp, os.path.join(path, CONFIG_FILE))
 
 
 def is_checkpoint(path: str) -> bool:
