@@ -204,12 +204,6 @@ class LlamaConfig:
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
 
-  def num_params(self) -> int:
-    per_layer = (2 * self.d_model + self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-                 + 3 * self.d_model * self.ffn_dim)
-    head = 0 if self.tie_embeddings else self.vocab_size * self.d_model
-    return self.vocab_size * self.d_model + self.n_layers * per_layer + self.d_model + head
-
   @classmethod
   def from_gguf_fields(cls, fields: Mapping[str, Any], has_output_weight: bool) -> "LlamaConfig":
     """Builds a config from GGUF key/values (already decoded to Python values)."""

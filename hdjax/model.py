@@ -343,11 +343,6 @@ def param_shapes(cfg: LlamaConfig) -> Params:
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
 
 
-def stack_layers(params: Params) -> Params:
-  """The per-layer weights stacked on a leading L axis, for code that picks a layer by a traced index."""
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *params["layers"])
-
-
 def embed(params: Params, cfg: LlamaConfig, tokens_bt: jax.Array) -> jax.Array:
   """Embeddings [B, T, D] in fp32 (the residual stream's dtype)."""
   return Embedder(cfg).apply({"params": params["embedder"]}, tokens_bt, method=Embedder.encode)
