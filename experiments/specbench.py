@@ -31,7 +31,8 @@ from experiments import multihost
 from experiments.common import (SPEC_BENCH_QUESTIONS, at_least, check_memory_maps, check_output_dir, device_name,
                                 each_shape, parse_method_options, print_start, read_questions, require, run_main,
                                 speed_dtype, write_json_atomic, write_jsonl_atomic)
-from hdjax.decoding import autoregressive as ar, speculative
+from hdjax import compilation
+from hdjax.decoding import speculative
 from hdjax.errors import HdjaxError
 from experiments.specbench_lib import select_questions, answer, warmup_prompts, answer_row, summarize, plot_speedups, \
     plot_accept_lengths
@@ -99,13 +100,13 @@ def main(argv: Sequence[str]) -> None:
     """Every method on question n, in an order rotated per question, each with its own model database."""
     rows = {}
     for method in methods[n % len(methods):] + methods[:n % len(methods)]:
-      traces = sum(ar.TRACE_COUNTS.values())
+      traces = sum(compilation.TRACE_COUNTS.values())
       with speculative.database_scope(method):
         turns = answer(lm, method, q["turns"][:FLAGS.max_turns], FLAGS.max_new_tokens, sampling, FLAGS.seed + n,
                        method_options.get(method, {}))
       rows[method] = row = answer_row(q, method, model_id, turns)
       c = row["choices"][0]
-      c["compiled_during_timing"] = sum(ar.TRACE_COUNTS.values()) != traces
+      c["compiled_during_timing"] = sum(compilation.TRACE_COUNTS.values()) != traces
       print(f"{method} {q['category']} q{q['question_id']}: {sum(c['new_tokens'])} tokens "
             f"{sum(c['new_tokens']) / sum(c['wall_time']):.1f} tok/s", flush=True)
     return rows

@@ -20,6 +20,7 @@ report their own durations, counted in `seconds` with the backend's.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -35,6 +36,10 @@ from jax.experimental.compilation_cache import compilation_cache
 CACHE_ENV = "HDJAX_COMPILE_CACHE"
 OFF_VALUES = frozenset({"0", "false", "off", "no"})
 DEFAULT_VALUES = frozenset({"", "1", "true", "on", "yes"})
+
+# How many times each jitted step was traced (a trace is what precedes every compile): tests assert recompiles stay
+# bounded, and launchers check that nothing compiled while they timed.
+TRACE_COUNTS: collections.Counter = collections.Counter()
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # one per program, compiled or loaded
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"  # one per program loaded from the persistent cache

@@ -35,11 +35,10 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hdjax import lazy
+from hdjax import compilation, lazy
 from hdjax.adadecode.decode import adadecode_generate, resolve_heads
 from hdjax.config import LlamaConfig
 from hdjax.control import run_if
-from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop, driver, speculative
 from hdjax.decoding.prefill import Prefilled, full_prefill
 from hdjax.decoding.registry import Method, register_method
@@ -117,7 +116,7 @@ def reviving_loop(params, cfg: LlamaConfig, lazy_cfg: lazy.LazyConfig, state: De
   `device_loop.decode_chunk` does, each step cut at the next re-selection point and followed by revival where
   one was reached. With an exit head (`spec.head_layer`, `head_t_dd`), a revival also reruns the next root's
   layers below the head over the revived set, which `lazy` computes that token with."""
-  ar.TRACE_COUNTS["lazy_reviving_loop"] += 1
+  compilation.TRACE_COUNTS["lazy_reviving_loop"] += 1
   every = lazy_cfg.reselect_every
 
   def body(carry: DecodeState) -> DecodeState:

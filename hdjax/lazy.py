@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import model
+from hdjax import compilation, model
 from hdjax.attention import apply_rope, causal_mask, rope_sin_cos
 from hdjax.config import LlamaConfig
 from hdjax.control import run_if
@@ -287,7 +287,7 @@ def lazy_prefill(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, tokens_bt: jax.
                  num_slots: int, gathered: bool = True) -> tuple[jax.Array, LazyState]:
   """Pruned prefill of right-padded prompts [B, T]. Returns the last-token logits [B, V] and the LazyState
   (cache lengths = prompt lengths). `gathered=False` runs the masked reference with the same semantics."""
-  ar.TRACE_COUNTS["lazy_prefill"] += 1
+  compilation.TRACE_COUNTS["lazy_prefill"] += 1
   batch, t = tokens_bt.shape
   state = _empty_state(cfg, batch, num_slots)
   last_pos_b = lengths_b - 1
@@ -399,7 +399,7 @@ def lazy_decode_chunk(params, cfg: LlamaConfig, lazy_cfg: LazyConfig, state: Dec
                       stop_at: jax.Array, sampling: SamplingConfig) -> DecodeState:
   """Decoding where each layer's attention sees only that layer's computed K/V, with revival every
   `reselect_every` steps (`state.method` is a `LazyInner`); stops as `ar.token_loop`."""
-  ar.TRACE_COUNTS["lazy_decode_loop"] += 1
+  compilation.TRACE_COUNTS["lazy_decode_loop"] += 1
   batch = state.new_b.shape[0]
 
   def step(cache, inner: LazyInner, cur_b, active_b, steps):

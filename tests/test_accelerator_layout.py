@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import pytest
 
 import hdjax
-from hdjax import config, model, profiling
+from hdjax import compilation, config, model, profiling
 from hdjax.exit_heads import ExitHeads
 from hdjax.config import engine_settings
 from hdjax.decoding import autoregressive as ar, device_loop, speculative
@@ -177,10 +177,10 @@ def test_prompts_up_to_the_accelerator_min_rows_share_one_prefill_and_one_loop()
   for backend, prefills in (("gpu", 1), ("cpu", 4)):
     for lm, _ in tiny_hd_model(dtype="float32", n_layers=2, engine=engine_settings("float32", backend)):
       jax.clear_caches()
-      before = dict(ar.TRACE_COUNTS)
+      before = dict(compilation.TRACE_COUNTS)
       for n in (8, 40, 150, 400):
         lm.generate([[5 + i % 7 for i in range(n)]], method="ar", max_new_tokens=4)
-      traced = {k: ar.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode_loop")}
+      traced = {k: compilation.TRACE_COUNTS[k] - before.get(k, 0) for k in ("prefill", "decode_loop")}
       assert traced["prefill"] == prefills, (backend, traced)
       if backend == "gpu":
         assert traced["decode_loop"] == 1 and lm.cfg.engine.min_rows == config.ACCELERATOR_MIN_ROWS

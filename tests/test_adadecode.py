@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from hdjax import compilation
 from hdjax.adadecode import decode
 from hdjax.adadecode.heads import load_heads
 from hdjax.exit_heads import ExitHeads, head_logits, identity_heads, reduced_heads, reduced_logits
 from hdjax.api import LM
-from hdjax.decoding.autoregressive import TRACE_COUNTS
 from hdjax.errors import HdjaxError
 from tests.conftest import make_tiny_lm
 
@@ -182,11 +182,11 @@ def test_no_recompile_per_token_or_prompt(deep_tiny):
   heads = _random_heads(0, 64, 1.0)
   # the warm-up has the batch size of the calls below (the compile depends on it), so the test holds when run alone
   deep_tiny.generate(_prompts(99, 128), method="adadecode", max_new_tokens=20, heads=heads, gamma=0.3, max_pending=3)
-  before = TRACE_COUNTS["adadecode_loop"]
+  before = compilation.TRACE_COUNTS["adadecode_loop"]
   for seed in range(3):
     deep_tiny.generate(_prompts(seed, 128), method="adadecode", max_new_tokens=17 + seed, heads=heads,
                        gamma=0.1 * seed, max_pending=3)
-  assert TRACE_COUNTS["adadecode_loop"] == before
+  assert compilation.TRACE_COUNTS["adadecode_loop"] == before
 
 
 def test_bad_options(deep_tiny):

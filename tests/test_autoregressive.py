@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdjax import HdjaxError
+from hdjax import HdjaxError, compilation
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.sampling import SamplingConfig, greedy_tokens
 from tests.conftest import make_tiny_lm
@@ -95,10 +95,10 @@ def test_recompiles_are_bounded():
   lm = make_tiny_lm(seed=9)
   for n in (3, 5, 9, 14):  # same prompt bucket (16) and same new-token bucket
     lm.generate([list(range(1, n + 1))], max_new_tokens=10)
-  before = ar.TRACE_COUNTS.copy()
+  before = compilation.TRACE_COUNTS.copy()
   for n in (2, 4, 11, 15):
     lm.generate([list(range(1, n + 1))], max_new_tokens=10)
-  assert ar.TRACE_COUNTS == before
+  assert compilation.TRACE_COUNTS == before
 
 
 def test_cache_full_guard_stops_cleanly(tiny_lm):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from hdjax import compilation
 from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.tree import build_tree, device_tree
 from hdjax.drafting import device_ngram
@@ -161,12 +162,12 @@ def test_streaming_runs_the_loop_per_chunk(lm):
 def test_recompiles_are_bounded(lm):
   """One trace per (method, batch, cache size, sampling): prompts, lengths and max_new_tokens do not retrace."""
   lm.generate([REPETITIVE[:20]], method="pld", max_new_tokens=20, warmup=True)
-  before = ar.TRACE_COUNTS["device_loop"]
+  before = compilation.TRACE_COUNTS["device_loop"]
   for n, prompt in enumerate([REPETITIVE[:20], REPETITIVE[:15], REPETITIVE[3:20], [7, 7, 7, 7]]):
     lm.generate([prompt], method="pld", max_new_tokens=21 + n)
   got: list[int] = []
   lm.generate([REPETITIVE[:20]], method="pld", max_new_tokens=24, on_tokens=got.extend, chunk_tokens=4)
-  assert ar.TRACE_COUNTS["device_loop"] == before  # the warm-up traced the one loop all of these use
+  assert compilation.TRACE_COUNTS["device_loop"] == before  # the warm-up traced the one loop all of these use
 
 
 def test_unknown_or_empty_orders_are_errors(lm):

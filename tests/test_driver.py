@@ -10,8 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from hdjax import lazy
-from hdjax.decoding import autoregressive as ar
+from hdjax import compilation, lazy
 from hdjax.decoding import driver
 from hdjax.decoding.state import DecodeState
 from tests.conftest import make_tiny_lm
@@ -60,9 +59,9 @@ def test_warmup_compiles_and_runs_no_step(lm, name):
   prompt = prompts(1, (41,))
   warm = lm.generate(prompt, method=method, max_new_tokens=19, warmup=True, **options)[0]
   assert len(warm.token_ids) == 1 and warm.stats["accept_lengths"] == [1]
-  before = ar.TRACE_COUNTS.copy()
+  before = compilation.TRACE_COUNTS.copy()
   out = lm.generate(prompts(2, (44,)), method=method, max_new_tokens=17, **options)[0]
-  assert ar.TRACE_COUNTS == before and len(out.token_ids) == 17  # same cache shape: nothing traced again
+  assert compilation.TRACE_COUNTS == before and len(out.token_ids) == 17  # same cache shape: nothing traced again
 
 
 # ar, pld and adadecode batches: also tests/test_autoregressive.py and tests/test_compose.py

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdjax import model
+from hdjax import compilation, model
 from hdjax.exit_heads import ExitHeads, head_logits, identity_heads
 from hdjax.attention import causal_mask
 from hdjax.decoding import autoregressive as ar
@@ -134,11 +134,11 @@ def test_recompiles_are_bounded_and_one_head_is_required(lm8, method, counter, b
   """Within one cache size the device loop is traced once; the host loop once per bucket (1, 2, 4, 8)."""
   prompts = _prompts([(7, 30)])
   lm8.generate(prompts, method=method, max_new_tokens=4, heads="identity", head_layers=(7,))
-  before = ar.TRACE_COUNTS[counter]
+  before = compilation.TRACE_COUNTS[counter]
   for n, (seed, length) in enumerate([(8, 25), (9, 30), (10, 28)]):  # 64 cache slots each, like the warm-up
     lm8.generate(_prompts([(seed, length)]), method=method, max_new_tokens=20 + n, heads="identity",
                  head_layers=(7,))
-  assert ar.TRACE_COUNTS[counter] - before <= bound
+  assert compilation.TRACE_COUNTS[counter] - before <= bound
   with pytest.raises(HdjaxError, match="one exit head"):
     lm8.generate(prompts, method=method, max_new_tokens=4, heads="identity", head_layers=(3, 5))
 

@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from hdjax import lazy
+from hdjax import compilation, lazy
 from hdjax.api import pad_prompts
-from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.prefill import Prefilled
 from hdjax.decoding.request import GenerateRequest
 from hdjax.decoding.sampling import SamplingConfig
@@ -155,13 +154,13 @@ def test_fallback_below_threshold(lm8):
 @pytest.mark.slow
 def test_recompiles_bounded_and_baselines_share_budget(lm8):
   lm8.generate(_prompts(seed=11, lengths=(140,)), method="lazy", max_new_tokens=8, lazy_config=SCHEDULE)
-  before = dict(ar.TRACE_COUNTS)
+  before = dict(compilation.TRACE_COUNTS)
   stats = {}
   for seed, n in ((12, 150), (13, 131), (14, 170)):  # same bucket (192), different prompts and revivals
     stats[n] = lm8.generate(_prompts(seed=seed, lengths=(n,)), method="lazy", max_new_tokens=8,
                             lazy_config=SCHEDULE)[0].stats
-  assert ar.TRACE_COUNTS["lazy_prefill"] == before["lazy_prefill"]
-  assert ar.TRACE_COUNTS["lazy_decode_loop"] == before["lazy_decode_loop"]
+  assert compilation.TRACE_COUNTS["lazy_prefill"] == before["lazy_prefill"]
+  assert compilation.TRACE_COUNTS["lazy_decode_loop"] == before["lazy_decode_loop"]
   budget = {m: lm8.generate(_prompts(seed=12, lengths=(150,)), method=m, max_new_tokens=4,
                             lazy_config=SCHEDULE)[0].stats["computed_fraction_prefill"]
             for m in ("lazy_random", "lazy_static", "lazy_single", "full")}

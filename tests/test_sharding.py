@@ -254,6 +254,7 @@ def _worker_main(job: dict) -> dict:
   from hdjax import kvcache, model, sharding
   from hdjax.api import LM, pad_prompts, params_to_device, resolve_path
   from hdjax.weights import gguf, tokenizer
+  from hdjax import compilation
   from hdjax.decoding import autoregressive as ar
   from hdjax.errors import HdjaxError
 
@@ -291,10 +292,10 @@ def _worker_main(job: dict) -> dict:
 
   def run(lm, method):
     res = lm.generate(prompts, method=method, max_new_tokens=job["max_new_tokens"], temperature=0.0)
-    before = sum(ar.TRACE_COUNTS.values())
+    before = sum(compilation.TRACE_COUNTS.values())
     again = lm.generate(prompts, method=method, max_new_tokens=job["max_new_tokens"], temperature=0.0)
     assert [r.token_ids for r in again] == [r.token_ids for r in res]
-    return {"token_ids": [r.token_ids for r in res], "retraces_on_second_call": sum(ar.TRACE_COUNTS.values()) - before}
+    return {"token_ids": [r.token_ids for r in res], "retraces_on_second_call": sum(compilation.TRACE_COUNTS.values()) - before}
 
   for method in job["methods"]:
     try:

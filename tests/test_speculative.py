@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from hdjax import compilation
 from hdjax.api import GenerateRequest
-from hdjax.decoding import autoregressive as ar
 from hdjax.decoding.sampling import SamplingConfig
 from hdjax.decoding.speculative import SpecConfig, speculative_generate
 from hdjax.drafting.hierarchy import HierarchyDrafter
@@ -118,12 +118,12 @@ def test_adversarial_trees_never_change_greedy_output(lm, kind, seed, depth, buc
 
 
 def test_recompiles_are_bounded(lm):
-  before = ar.TRACE_COUNTS["verify_step"]
+  before = compilation.TRACE_COUNTS["verify_step"]
   for n, prompt in enumerate([REPETITIVE[:20], REPETITIVE[:15], REPETITIVE[3:20], [7, 7, 7, 7]]):
     lm.generate([prompt], method="hd_context_host", max_new_tokens=21 + n)
   lm.generate([REPETITIVE[:20]], method="hd_context_host", max_new_tokens=24, warmup=True)
   # one cache size (64 slots), one batch size, one depth: at most one trace per bucket
-  assert ar.TRACE_COUNTS["verify_step"] - before <= len(SpecConfig().buckets)
+  assert compilation.TRACE_COUNTS["verify_step"] - before <= len(SpecConfig().buckets)
 
 
 def exact_joint(lm, prompt, temperature, length):

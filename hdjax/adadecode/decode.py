@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hdjax import assets, model
+from hdjax import assets, compilation, model
 from hdjax.adadecode.heads import candidate_ids, load_heads, load_vocab, read_once
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig, is_int
@@ -282,7 +282,7 @@ def adadecode_loop(params, cfg: LlamaConfig, head_w, head_ids, head_layers: tupl
   `reduced_heads` with its candidate ids `head_ids` [N]. `checked` (a bool scalar): False keeps every early token
   unchecked (the paper's ablation). Layers see the slots of `AdaState.visible_lbs` (None: all), or with a
   `revival` those its state says."""
-  ar.TRACE_COUNTS["adadecode_loop"] += 1
+  compilation.TRACE_COUNTS["adadecode_loop"] += 1
   n_layers = cfg.n_layers
   batch, window = state.method.win.tok_w.shape
   out_len = state.tokens_bs.shape[1]

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import collections
 import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from hdjax import model
+from hdjax import compilation, model
 from hdjax.attention import causal_mask
 from hdjax.config import LlamaConfig
 from hdjax.decoding.sampling import SamplingConfig, position_keys, row_keys, sample_tokens
 from hdjax.decoding.state import DecodeState, cache_room, is_eos, last_tokens, start_state
 from hdjax.kvcache import KVCache, init_cache
 
-# How many times each jitted step was traced: tests assert recompiles stay bounded.
-TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 PREFILL_BLOCK = 256  # query and key rows per block of a prefill's blocked attention
@@ -50,7 +47,7 @@ def prefill(params, cfg: LlamaConfig, tokens_bt: jax.Array, lengths_b: jax.Array
   Padding rows go to an out-of-range slot, so they are never written. Attention is blocked and causal
   (`model.run_layers`' prefill blocks of PREFILL_BLOCK rows, or half that for a 3 * 2^k bucket; T <= num_slots).
   """
-  TRACE_COUNTS["prefill"] += 1
+  compilation.TRACE_COUNTS["prefill"] += 1
   batch, t = tokens_bt.shape
   # half blocks tile a 3 * 2^k bucket (384 rows: 3 x 128, not 512 padded); any other T pads to whole blocks
   block = PREFILL_BLOCK // 2 if t > PREFILL_BLOCK and t % PREFILL_BLOCK else PREFILL_BLOCK
@@ -114,7 +111,7 @@ def token_loop(step: Step, state: DecodeState, eos_ids: tuple[int, ...], max_new
 def decode_chunk(params, cfg: LlamaConfig, state: DecodeState, max_new: jax.Array, stop_at: jax.Array,
                  sampling: SamplingConfig) -> DecodeState:
   """Plain decoding of a `token_state` until EOS, `max_new` tokens, `stop_at` tokens or a full cache."""
-  TRACE_COUNTS["decode_loop"] += 1
+  compilation.TRACE_COUNTS["decode_loop"] += 1
 
   def step(cache, method, cur_b, active_b, steps):
     del steps

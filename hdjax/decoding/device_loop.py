@@ -35,10 +35,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from hdjax.exit_heads import ExitHeads
+from hdjax import compilation
 from hdjax.config import LlamaConfig
 from hdjax.control import switch_in_place
-from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
 from hdjax.decoding.request import GenerateRequest, GenerationResult, LoadedModel, pad_prompts
@@ -52,6 +51,7 @@ from hdjax.drafting.device_ngram import DeviceNgramConfig, device_draft
 from hdjax.drafting.hierarchy import device_hierarchy_one
 from hdjax.drafting.pld import pld_drafter
 from hdjax.errors import HdjaxError
+from hdjax.exit_heads import ExitHeads
 from hdjax.kvcache import KVCache
 
 
@@ -171,7 +171,7 @@ def decode_chunk(params, cfg: LlamaConfig, state: DecodeState, max_new: jax.Arra
   """Steps `initial_state`'s state until every row is done, the cache has no room, or every active row has
   `stop_at` new tokens. `tables` are the device tables of `spec.sources` other than the n-gram ones, in order;
   `head_t_dd` the exit head of `spec.head_layer`."""
-  ar.TRACE_COUNTS["device_loop"] += 1
+  compilation.TRACE_COUNTS["device_loop"] += 1
   step = functools.partial(speculative_step, params, cfg, max_new=max_new, spec=spec, sampling=sampling,
                            visible_lbs=state.method.visible_lbs, tables=tables, head_t_dd=head_t_dd)
   return jax.lax.while_loop(lambda st: continues(st, stop_at), lambda st: step(st=st), state)

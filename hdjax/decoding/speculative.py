@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from hdjax import compilation
 from hdjax.config import LlamaConfig
-from hdjax.decoding import autoregressive as ar
 from hdjax.decoding import device_loop
 from hdjax.decoding import driver
 from hdjax.decoding.prefill import Prefill, Prefilled, full_prefill
@@ -90,7 +90,7 @@ def verify_step(params, cfg: LlamaConfig, cache: KVCache, tree: DraftTree, activ
   pruned prefill). With `head_layer`, the roots resume from `root_h_bd` at that layer (their K/V below it is in
   the cache) and the step ends by drafting from the exit head `t_dd` (see the module docstring).
   """
-  ar.TRACE_COUNTS["verify_step"] += 1
+  compilation.TRACE_COUNTS["verify_step"] += 1
   tokens_bd, num_b, cache = verify_tree(params, cfg, cache, tree, active_b, key, emitted_b, sampling, max_depth,
                                         visible_lbs, head_layer, root_h_bd)
   if head_layer is None:
