@@ -64,7 +64,7 @@ def top_p_within(scores_xk: jax.Array, top_p: float) -> jax.Array:
 def candidates(logits_xv: jax.Array, sampling: SamplingConfig) -> tuple[jax.Array, jax.Array | None]:
   """The tokens a sample may take and their scores (temperature-scaled logits, -inf where filtered out):
   `(scores [..., k], ids [..., k])` for the top-k candidates when top-k is set (top-p then filters within them),
-  else `(scores [..., V], None)` over the whole vocabulary (top-p by one sort)."""
+  else `(scores [..., V], None)` over the whole vocabulary (top-p by `top_p_cutoff`, no sort)."""
   logits_xv = logits_xv.astype(jnp.float32)
   inv_t = 1.0 / max(sampling.temperature, 1e-6)
   if 0 < sampling.top_k < logits_xv.shape[-1]:
